@@ -1,0 +1,52 @@
+"""The `merge` command line: one click group; each area registers its commands from its module."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from merge.errors import MergeError
+
+
+class MergeGroup(click.Group):
+    """Maps MergeError to one clear message and its exit code; `--debug` shows the traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MergeError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo("Interrupted; the partial output was removed and the inputs are untouched.", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=MergeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for merge errors.")
+@click.version_option(package_name="mergewright", prog_name="merge")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Merge models and do task-vector arithmetic, from the command line or YAML recipes."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _register_all() -> None:
+    from merge.cli import align, core, evaluate, lora, methods
+
+    for module in (core, methods, lora, align, evaluate):
+        module.register(cli)
+
+
+_register_all()
+
+
+def main() -> None:
+    cli(prog_name="merge", args=sys.argv[1:])

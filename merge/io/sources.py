@@ -1,0 +1,134 @@
+"""The TensorSource contract: a lazy tensor dict (headers first, tensors on demand)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What a header says about one tensor: enough to plan without reading data."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str = ""  # the file holding it ("" for in-memory sources)
+    offset: int = 0  # byte offset of its data in `file`, for sequential read order
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+class TensorSource:
+    """A lazy mapping name -> tensor. Subclasses implement `keys`, `meta` and `read_range`.
+
+    `kind` is "checkpoint" (full weights) or "delta" (a difference, e.g. a LoRA); the planner
+    tracks checkpoint coefficients and treats deltas as already-differenced.
+    """
+
+    kind: str = "checkpoint"
+    path: str = "<memory>"
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def meta(self, name: str) -> TensorMeta:
+        raise NotImplementedError
+
+    def read_range(self, name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+        """Elements [start, stop) of the flattened tensor, in its own dtype, on the CPU.
+
+        When `out` (a 1-D tensor of that dtype with stop-start elements) is given, the data is
+        read into it, so a caller can reuse buffers. The result never aliases a file mapping.
+        """
+        raise NotImplementedError
+
+    def read(self, name: str) -> Tensor:
+        m = self.meta(name)
+        return self.read_range(name, 0, m.numel).view(m.shape)
+
+    def __contains__(self, name: object) -> bool:
+        return name in set(self.keys())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def files(self) -> list[Path]:
+        """Tensor files behind this source (for fingerprints and the output-path checks)."""
+        return []
+
+    def root(self) -> Path | None:
+        """The folder or file the user named, where non-tensor files (config.json...) live."""
+        return None
+
+    def fingerprint(self) -> dict[str, object]:
+        """Hashes of the headers and sizes of the files: identifies the input without reading data."""
+        h = hashlib.sha256()
+        for k in sorted(self.keys()):
+            m = self.meta(k)
+            h.update(f"{k}|{m.dtype}|{m.shape}".encode())
+        size = sum(f.stat().st_size for f in self.files())
+        return {"path": self.path, "tensors": len(self.keys()), "bytes": size, "header_sha256": h.hexdigest()[:16]}
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MemorySource(TensorSource):
+    """A dict of tensors (or an `nn.Module`'s state dict) seen through the TensorSource contract."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], name: str = "<memory>", kind: str = "checkpoint"):
+        self._t = {k: v.detach() for k, v in tensors.items()}
+        self.path = name
+        self.kind = kind
+
+    def keys(self) -> list[str]:
+        return list(self._t)
+
+    def meta(self, name: str) -> TensorMeta:
+        t = self._t[name]
+        return TensorMeta(tuple(t.shape), t.dtype)
+
+    def read_range(self, name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+        flat = self._t[name].reshape(-1)[start:stop].cpu()
+        if out is not None:
+            return out.copy_(flat)
+        return flat.clone()
+
+    def fingerprint(self) -> dict[str, object]:
+        fp = super().fingerprint()
+        fp["bytes"] = sum(self.meta(k).nbytes for k in self.keys())
+        return fp
+
+
+def json_dumps_compact(obj: object) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True, default=str)
