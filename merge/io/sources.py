@@ -7,10 +7,15 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from merge.io.writer import FilePlan, OutputTensor
+
+SUPPORT_SUFFIXES = {".json", ".txt", ".model", ".tiktoken", ".jinja", ".py", ".md"}
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -83,6 +88,36 @@ class TensorSource:
     def root(self) -> Path | None:
         """The folder or file the user named, where non-tensor files (config.json...) live."""
         return None
+
+    def support_files(self) -> list[tuple[str, Path]]:
+        """Non-tensor files an output copies when this input is `copy_files_from`: (relpath, source).
+
+        The default takes a Hugging Face model folder's config, tokenizer and generation files;
+        layouts such as diffusers pipelines override it.
+        """
+        root = self.root()
+        if root is None or not root.is_dir() or not self.files() or self.files()[0].parent != root:
+            return []
+        tensor_files = {f.name for f in self.files()}
+        out = []
+        for f in sorted(root.iterdir()):
+            if f.is_file() and f.name not in tensor_files and not f.name.endswith(".index.json") \
+                    and f.suffix in SUPPORT_SUFFIXES and not f.name.startswith("."):
+                out.append((f.name, f))
+        return out
+
+    def plan_output(
+        self, tensors: list[OutputTensor], *, shard_size: int, metadata: dict[str, str]
+    ) -> tuple[list[FilePlan], dict[str, object]]:
+        """How an output shaped like this input is laid out in a folder: (file plans, {relpath: index JSON}).
+
+        The default is a Hugging Face folder (`model-0000k-of-0000n.safetensors` + index);
+        diffusers pipelines override it to write one folder per component.
+        """
+        from merge.io.writer import plan_files
+
+        plans, index = plan_files(tensors, shard_size=shard_size, metadata=metadata)
+        return plans, ({"model.safetensors.index.json": index} if index else {})
 
     def fingerprint(self) -> dict[str, object]:
         """Hashes of the headers and sizes of the files: identifies the input without reading data."""
