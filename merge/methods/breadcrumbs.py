@@ -1,0 +1,95 @@
+"""Model Breadcrumbs: mask both magnitude tails of each task vector, then add them up."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from merge.methods._checks import check_compat, check_density, check_fraction
+from merge.methods._gta import combine
+from merge.methods._registry import register
+from merge.methods.sparsify import breadcrumbs_band
+
+_REF = "Davari & Belilovsky 2024, Model Breadcrumbs (arXiv:2312.06795)"
+
+
+def _banded(
+    name: str,
+    tensors: Sequence[Tensor],
+    base: Tensor,
+    density: Sequence[float],
+    gamma: Sequence[float],
+    compat: str,
+) -> list[Tensor]:
+    check_density(name, density)
+    check_compat(name, compat)
+    for g in gamma:
+        check_fraction(name, "gamma", float(g))
+    return [
+        breadcrumbs_band(x - base, float(d), float(g), compat=compat)
+        for x, d, g in zip(tensors, density, gamma)
+    ]
+
+
+@register(
+    "breadcrumbs",
+    reference=_REF,
+    per_model={"weight": 1.0, "density": 1.0, "gamma": 0.01},
+    properties={"idempotent"},
+)
+def breadcrumbs(
+    tensors: Sequence[Tensor],
+    *,
+    base: Tensor,
+    weight: Sequence[float],
+    density: Sequence[float],
+    gamma: Sequence[float],
+    normalize: bool = False,
+    scale: float = 1.0,
+    compat: str = "paper",
+) -> Tensor:
+    """base + λ Σ w_i m_i⊙δ_i, m_i keeps magnitude ranks (γ, γ+density] of each row of δ_i."""
+    deltas = _banded("breadcrumbs", tensors, base, density, gamma, compat)
+    return combine(
+        "breadcrumbs",
+        base,
+        deltas,
+        weight,
+        elect=None,
+        normalize=normalize,
+        scale=scale,
+        compat=compat,
+    )
+
+
+@register(
+    "breadcrumbs_ties",
+    reference=_REF,
+    per_model={"weight": 1.0, "density": 1.0, "gamma": 0.01},
+    properties={"idempotent"},
+)
+def breadcrumbs_ties(
+    tensors: Sequence[Tensor],
+    *,
+    base: Tensor,
+    weight: Sequence[float],
+    density: Sequence[float],
+    gamma: Sequence[float],
+    elect: str = "sum",
+    normalize: bool = False,
+    scale: float = 1.0,
+    compat: str = "paper",
+) -> Tensor:
+    """Breadcrumbs masks, then TIES sign election and disjoint merge."""
+    deltas = _banded("breadcrumbs_ties", tensors, base, density, gamma, compat)
+    return combine(
+        "breadcrumbs_ties",
+        base,
+        deltas,
+        weight,
+        elect=elect,
+        normalize=normalize,
+        scale=scale,
+        compat=compat,
+    )

@@ -1,0 +1,16 @@
+"""Importing this module registers every method of the catalogue (beyond linear and TA)."""
+
+from merge.methods import (  # noqa: F401  (each import registers its methods)
+    breadcrumbs,
+    consensus,
+    dare,
+    della,
+    fisher,
+    karcher,
+    model_stock,
+    passthrough,
+    regmean,
+    slerp,
+    svd_merge,
+    ties,
+)

@@ -1,0 +1,100 @@
+"""DARE: drop each task-vector entry with probability 1 − density and rescale the rest."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from merge.methods._checks import check_compat, check_density
+from merge.methods._gta import combine
+from merge.methods._registry import register
+from merge.methods.sparsify import dare_drop
+
+_REF = "Yu et al. 2024, Language Models are Super Mario (DARE, arXiv:2311.03099)"
+
+
+def _dropped(
+    tensors: Sequence[Tensor],
+    base: Tensor,
+    density: Sequence[float],
+    rescale: bool,
+    compat: str,
+    generator: torch.Generator | None,
+) -> list[Tensor]:
+    return [
+        dare_drop(x - base, float(d), rescale=rescale, compat=compat, generator=generator)
+        for x, d in zip(tensors, density)
+    ]
+
+
+@register(
+    "dare_linear",
+    reference=_REF,
+    per_model={"weight": 1.0, "density": 1.0},
+    elementwise=True,
+    properties={"idempotent"},
+)
+def dare_linear(
+    tensors: Sequence[Tensor],
+    *,
+    base: Tensor,
+    weight: Sequence[float],
+    density: Sequence[float],
+    rescale: bool = True,
+    normalize: bool = False,
+    scale: float = 1.0,
+    compat: str = "paper",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """base + λ Σ w_i m_i⊙δ_i/d_i, m_i ~ Bernoulli(d_i) (mergekit: L1-norm rescale)."""
+    check_density("dare_linear", density)
+    check_compat("dare_linear", compat)
+    deltas = _dropped(tensors, base, density, rescale, compat, generator)
+    return combine(
+        "dare_linear",
+        base,
+        deltas,
+        weight,
+        elect=None,
+        normalize=normalize,
+        scale=scale,
+        compat=compat,
+    )
+
+
+@register(
+    "dare_ties",
+    reference=_REF,
+    per_model={"weight": 1.0, "density": 1.0},
+    elementwise=True,
+    properties={"idempotent"},
+)
+def dare_ties(
+    tensors: Sequence[Tensor],
+    *,
+    base: Tensor,
+    weight: Sequence[float],
+    density: Sequence[float],
+    elect: str = "sum",
+    rescale: bool = True,
+    normalize: bool = False,
+    scale: float = 1.0,
+    compat: str = "paper",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """DARE drop-and-rescale, then TIES sign election and disjoint merge (dis-sum by default)."""
+    check_density("dare_ties", density)
+    check_compat("dare_ties", compat)
+    deltas = _dropped(tensors, base, density, rescale, compat, generator)
+    return combine(
+        "dare_ties",
+        base,
+        deltas,
+        weight,
+        elect=elect,
+        normalize=normalize,
+        scale=scale,
+        compat=compat,
+    )

@@ -1,0 +1,114 @@
+"""DELLA: drop task-vector entries with magnitude-ranked probabilities, rescale, then merge."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from merge.errors import UsageError
+from merge.methods._checks import check_compat, check_density
+from merge.methods._gta import combine
+from merge.methods._registry import register
+from merge.methods.sparsify import della_drop
+
+_REF = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
+
+
+def _dropped(
+    name: str,
+    tensors: Sequence[Tensor],
+    base: Tensor,
+    density: Sequence[float],
+    epsilon: Sequence[float],
+    rescale: bool,
+    compat: str,
+    generator: torch.Generator | None,
+) -> list[Tensor]:
+    check_density(name, density)
+    check_compat(name, compat)
+    for i, (d, e) in enumerate(zip(density, epsilon)):
+        d, e = float(d), float(e)
+        if d >= 1.0:
+            continue
+        upper_ok = d + e < 1.0 if compat == "mergekit" else d + e <= 1.0
+        if not (e >= 0 and d - e > 0 and upper_ok):
+            raise UsageError(
+                f"method `{name}`: model {i + 1} has density {d} and epsilon {e}, so the keep "
+                f"probabilities span [{d - e:.3g}, {d + e:.3g}], which must lie inside (0, 1]; "
+                "lower `epsilon` or move `density` away from 0 and 1"
+            )
+    return [
+        della_drop(
+            x - base, float(d), float(e), rescale=rescale, compat=compat, generator=generator
+        )
+        for x, d, e in zip(tensors, density, epsilon)
+    ]
+
+
+@register(
+    "della",
+    reference=_REF,
+    per_model={"weight": 1.0, "density": 1.0, "epsilon": 0.15},
+    properties={"idempotent"},
+)
+def della(
+    tensors: Sequence[Tensor],
+    *,
+    base: Tensor,
+    weight: Sequence[float],
+    density: Sequence[float],
+    epsilon: Sequence[float],
+    elect: str = "sum",
+    rescale: bool = True,
+    normalize: bool = True,
+    scale: float = 1.0,
+    compat: str = "paper",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """MagPrune (p_i from row magnitude ranks, δ_i/p_i), TIES election, disjoint mean, λ."""
+    deltas = _dropped("della", tensors, base, density, epsilon, rescale, compat, generator)
+    return combine(
+        "della",
+        base,
+        deltas,
+        weight,
+        elect=elect,
+        normalize=normalize,
+        scale=scale,
+        compat=compat,
+    )
+
+
+@register(
+    "della_linear",
+    reference=_REF,
+    per_model={"weight": 1.0, "density": 1.0, "epsilon": 0.15},
+    properties={"idempotent"},
+)
+def della_linear(
+    tensors: Sequence[Tensor],
+    *,
+    base: Tensor,
+    weight: Sequence[float],
+    density: Sequence[float],
+    epsilon: Sequence[float],
+    rescale: bool = True,
+    normalize: bool = False,
+    scale: float = 1.0,
+    compat: str = "paper",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """MagPrune then a plain weighted sum of the task vectors (no sign election)."""
+    deltas = _dropped("della_linear", tensors, base, density, epsilon, rescale, compat, generator)
+    return combine(
+        "della_linear",
+        base,
+        deltas,
+        weight,
+        elect=None,
+        normalize=normalize,
+        scale=scale,
+        compat=compat,
+    )
