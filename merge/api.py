@@ -1,0 +1,137 @@
+"""The Python API: build a merge from an expression or a recipe, stream it to disk or memory.
+
+    from merge.api import merge_expression
+    merge_expression("base + 0.7 * (math - base) - 0.4 * (toxic - base)",
+                     {"base": "llama/", "math": "llama-math/", "toxic": "llama-toxic/"}, "out/")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from merge.execute import Engine, write_plan
+from merge.io.detect import open_checkpoint
+from merge.io.sources import TensorSource
+from merge.plan import Plan, build_plan, open_inputs
+from merge.recipe import Program, load_recipe
+
+
+def _split_inputs(inputs: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, TensorSource]]:
+    """Paths go into the recipe; in-memory objects (dicts, modules, sources) are opened here."""
+    paths: dict[str, str] = {}
+    opened: dict[str, TensorSource] = {}
+    for name, value in inputs.items():
+        if isinstance(value, str | os.PathLike):
+            paths[name] = str(value)
+        else:
+            opened[name] = open_checkpoint(value)
+            paths[name] = f"<memory:{name}>"
+    return paths, opened
+
+
+def plan_recipe(
+    recipe: str | Path | Mapping[str, Any] | Program,
+    *,
+    vars: Mapping[str, float] | None = None,
+    dtype: str | None = None,
+    keys: str | None = None,
+    unsafe_pickle: bool = False,
+    preopened: Mapping[str, TensorSource] | None = None,
+    passthrough_from: str | None = None,
+) -> Plan:
+    """Validate a recipe and plan it from the inputs' headers (no tensor is read)."""
+    program = recipe if isinstance(recipe, Program) else load_recipe(recipe, vars=vars)
+    if keys is not None:
+        program.recipe.options.keys = keys  # type: ignore[assignment]
+    sources = open_inputs(program, unsafe_pickle=unsafe_pickle, preopened=preopened)
+    return build_plan(program, sources, dtype=dtype, passthrough_from=passthrough_from)
+
+
+def run_recipe(
+    recipe: str | Path | Mapping[str, Any] | Program,
+    output: str | Path | None = None,
+    *,
+    vars: Mapping[str, float] | None = None,
+    force: bool = False,
+    quiet: bool = False,
+    device: str = "cpu",
+    dtype: str | None = None,
+    shard_size: str | int | None = None,
+    keys: str | None = None,
+    unsafe_pickle: bool = False,
+    preopened: Mapping[str, TensorSource] | None = None,
+    passthrough_from: str | None = None,
+) -> Path:
+    """Plan and execute a recipe into `output` (default: the recipe's `output.path`)."""
+    plan = plan_recipe(recipe, vars=vars, dtype=dtype, keys=keys, unsafe_pickle=unsafe_pickle, preopened=preopened, passthrough_from=passthrough_from)
+    try:
+        target = output or plan.program.recipe.output.path
+        if target is None:
+            from merge.errors import UsageError
+
+            raise UsageError("no output path: pass -o/--output or set `output.path` in the recipe")
+        out = Path(target)
+        if output is None and not out.is_absolute():
+            out = plan.program.base_dir / out
+        return write_plan(plan, out, force=force, shard_size=shard_size, device=device, quiet=quiet)
+    finally:
+        plan.close()
+
+
+def evaluate_recipe_in_memory(
+    recipe: str | Path | Mapping[str, Any] | Program,
+    vars: Mapping[str, float] | None = None,
+    *,
+    preopened: Mapping[str, TensorSource] | None = None,
+    device: str = "cpu",
+) -> dict[str, Tensor]:
+    """The recipe's output as an in-memory tensor dict (for sweeps and evaluation of small models)."""
+    plan = plan_recipe(recipe, vars=vars, preopened=preopened)
+    try:
+        return Engine(plan, device=device, quiet=True).to_memory()
+    finally:
+        plan.close()
+
+
+def expression_recipe(expression: str, inputs: Mapping[str, str], **output: Any) -> dict[str, Any]:
+    return {"version": 1, "inputs": dict(inputs), "steps": {"result": expression}, "output": {k: v for k, v in output.items() if v is not None}}
+
+
+def merge_expression(
+    expression: str,
+    inputs: Mapping[str, Any],
+    output: str | Path | None = None,
+    *,
+    dtype: str | None = None,
+    shard_size: str | int = "5GB",
+    copy_files_from: str | None = None,
+    force: bool = False,
+    quiet: bool = True,
+    device: str = "cpu",
+    keys: str = "strict",
+    seed: int = 0,
+) -> Path | dict[str, Tensor]:
+    """Evaluate a task-vector expression over named inputs; write to `output`, or return tensors if None."""
+    paths, opened = _split_inputs(inputs)
+    recipe = expression_recipe(expression, paths, dtype=dtype, shard_size=shard_size, copy_files_from=copy_files_from)
+    recipe["options"] = {"keys": keys, "seed": seed}
+    if output is None:
+        return evaluate_recipe_in_memory(recipe, preopened=opened, device=device)
+    return run_recipe(recipe, output, force=force, quiet=quiet, device=device, preopened=opened)
+
+
+def linear_recipe(paths: Sequence[str], weights: Sequence[float] | None, *, normalize: bool = True) -> dict[str, Any]:
+    """`merge linear` as a recipe: the `linear` method over inputs named m0, m1, ..."""
+    names = [f"m{i}" for i in range(len(paths))]
+    w = list(weights) if weights is not None else [1.0] * len(paths)
+    return {
+        "version": 1,
+        "inputs": dict(zip(names, paths)),
+        "steps": {"soup": {"method": "linear", "models": {n: {"weight": wi} for n, wi in zip(names, w)}, "normalize": normalize}},
+        "output": {"copy_files_from": names[0]},
+    }

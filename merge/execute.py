@@ -1,0 +1,332 @@
+"""The one streaming loop: read the few tensors an output tensor needs, compute in float32, write.
+
+Weighted sums ("affine" jobs) and plain copies stream in chunks through two reused buffer
+slots: a reader thread fills one slot while the main thread computes the other, so memory is
+a few chunks whatever the tensor or model size. Jobs with method calls ("graph" jobs) read
+whole tensors, since methods such as TIES or SLERP need the whole tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from merge import __version__
+from merge.errors import ExecutionError, MergeError, PlanError
+from merge.expr import Affine
+from merge.io.sources import TensorSource
+from merge.io.writer import (
+    DEFAULT_SHARD_SIZE,
+    FilePlan,
+    OutputTensor,
+    StagedOutput,
+    TensorFileWriter,
+    check_free_space,
+    parse_size,
+    plan_files,
+    write_json,
+)
+from merge.methods import get_method
+from merge.plan import Job, Plan, ResolvedCall
+
+CHUNK_ELEMENTS = 1 << 23  # 8M elements: 32 MiB of float32 per buffer, large enough to stream at memory speed
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PlanError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+    return torch.device(device)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A seed for one tensor from (seed, name): independent of order, threads and Python's hash salt."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+def estimate_peak_bytes(plan: Plan, chunk: int = CHUNK_ELEMENTS) -> int:
+    """Rough peak of our own buffers: two read slots and the accumulators, or whole fp32 tensors."""
+    peak = 0
+    for j in plan.jobs:
+        if j.mode == "graph":
+            peak = max(peak, (len(j.inputs) * 2 + 3) * j.numel * 4)
+        else:
+            n = min(j.numel, chunk)
+            peak = max(peak, 2 * len(j.inputs) * n * 8 + n * 8 + n * 8)
+    return peak
+
+
+@dataclass
+class _Item:
+    job: Job
+    start: int
+    stop: int
+
+
+class _Slots:
+    """Two sets of reused byte buffers, one per input position, grown on demand."""
+
+    def __init__(self) -> None:
+        self._bufs: list[list[Tensor]] = [[], []]
+
+    def view(self, slot: int, pos: int, n: int, dtype: torch.dtype) -> Tensor:
+        bufs = self._bufs[slot]
+        while len(bufs) <= pos:
+            bufs.append(torch.empty(0, dtype=torch.uint8))
+        need = n * dtype.itemsize
+        if bufs[pos].numel() < need:
+            bufs[pos] = torch.empty(need, dtype=torch.uint8)
+        return bufs[pos][:need].view(dtype)
+
+
+class Engine:
+    """Runs a Plan into a TensorFileWriter-like sink (`write(name, chunk)`)."""
+
+    def __init__(self, plan: Plan, *, device: str = "cpu", seed: int | None = None, chunk: int = CHUNK_ELEMENTS, quiet: bool = False):
+        self.plan = plan
+        self.device = pick_device(device)
+        self.seed = plan.program.recipe.options.seed if seed is None else seed
+        self.chunk = chunk
+        self.quiet = quiet
+        self._slots = _Slots()
+        self._acc: Tensor | None = None
+        self._out: Tensor | None = None
+
+    # -- reading -----------------------------------------------------------------------------------
+    def _items(self) -> Iterator[_Item]:
+        for j in self.plan.jobs:
+            if j.mode == "graph" or j.numel == 0:
+                yield _Item(j, 0, j.numel)
+            else:
+                for s in range(0, j.numel, self.chunk):
+                    yield _Item(j, s, min(j.numel, s + self.chunk))
+
+    def _load(self, item: _Item, slot: int) -> dict[str, Tensor]:
+        job = item.job
+        out: dict[str, Tensor] = {}
+        for pos, name in enumerate(job.inputs):
+            src = self.plan.sources[name]
+            meta = src.meta(job.name)
+            if job.mode == "graph":
+                out[name] = src.read(job.name)
+            else:
+                buf = self._slots.view(slot, pos, item.stop - item.start, meta.dtype)
+                out[name] = src.read_range(job.name, item.start, item.stop, out=buf)
+        return out
+
+    # -- computing ---------------------------------------------------------------------------------
+    def _buffer(self, attr: str, n: int, dtype: torch.dtype) -> Tensor:
+        buf: Tensor | None = getattr(self, attr)
+        need = n * dtype.itemsize
+        if buf is None or buf.numel() < need:
+            buf = torch.empty(max(need, 8 * min(self.chunk, n)), dtype=torch.uint8, device=self.device if attr == "_acc" else "cpu")
+            setattr(self, attr, buf)
+        return buf[:need].view(dtype)
+
+    def _compute_chunk(self, item: _Item, data: dict[str, Tensor]) -> Tensor:
+        job = item.job
+        n = item.stop - item.start
+        if job.mode == "copy":
+            (name,) = job.inputs
+            x = data[name]
+            if x.dtype == job.out_dtype:
+                return x
+            out = self._buffer("_out", n, job.out_dtype)
+            return out.copy_(x)
+        work = torch.float64 if job.out_dtype == torch.float64 else torch.float32
+        acc = self._buffer("_acc", n, work)
+        first = True
+        for leaf, c in job.form.terms:
+            x = data[leaf]  # type: ignore[index]
+            if self.device.type != "cpu":
+                x = x.to(self.device, non_blocking=True)
+            if first:
+                acc.copy_(x)
+                if c != 1.0:
+                    acc.mul_(c)
+                first = False
+            else:
+                acc.add_(x, alpha=c)
+        if first:
+            acc.zero_()
+        out = self._buffer("_out", n, job.out_dtype)
+        return out.copy_(acc)
+
+    def _compute_graph(self, job: Job, data: dict[str, Tensor]) -> Tensor:
+        work = torch.float64 if job.out_dtype == torch.float64 else torch.float32
+        cache: dict[str, Tensor] = {k: v.to(device=self.device, dtype=work).reshape(job.shape) for k, v in data.items()}
+        result = self._eval_form(job.form, cache, job)
+        return result.to(job.out_dtype).cpu()
+
+    def _eval_form(self, form: Affine, cache: dict[str, Tensor], job: Job) -> Tensor:
+        total: Tensor | None = None
+        for leaf, c in form.terms:
+            if isinstance(leaf, str):
+                value = cache[leaf]
+            else:
+                value = self._call(leaf, cache, job)  # type: ignore[arg-type]
+            term = value if c == 1.0 else value * c
+            total = term.clone() if total is None and term is value else (term if total is None else total + term)
+        if total is None:
+            return torch.zeros(job.shape, dtype=torch.float32, device=self.device)
+        return total
+
+    def _call(self, call: ResolvedCall, cache: dict[str, Tensor], job: Job) -> Tensor:
+        spec = get_method(call.method)
+        models = [self._eval_form(m, cache, job) for m in call.models]
+        kwargs: dict[str, Any] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in call.params}
+        if call.base is not None:
+            kwargs["base"] = self._eval_form(call.base, cache, job)
+        if spec.random:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(tensor_seed(self.seed, job.name))
+            kwargs["generator"] = g
+        if "tensor_name" in spec.signature.parameters:
+            kwargs["tensor_name"] = job.name
+        try:
+            return spec.fn(models, **kwargs)
+        except MergeError:
+            raise
+        except Exception as e:
+            raise ExecutionError(f"while merging tensor `{job.name}` in step `{call.step}` with `{call.method}`: {type(e).__name__}: {e}") from e
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self, write: Callable[[str, Tensor], None]) -> None:
+        items = list(self._items())
+        total = sum(
+            sum(self.plan.sources[i].meta(it.job.name).dtype.itemsize for i in it.job.inputs) * (it.stop - it.start)
+            + it.job.out_dtype.itemsize * (it.stop - it.start)
+            for it in items
+        )
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", disable=self.quiet, leave=False, dynamic_ncols=True)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-prefetch")
+        try:
+            future: Future[dict[str, Tensor]] | None = pool.submit(self._load, items[0], 0) if items else None
+            for i, item in enumerate(items):
+                assert future is not None
+                data = future.result()
+                future = pool.submit(self._load, items[i + 1], (i + 1) % 2) if i + 1 < len(items) else None
+                job = item.job
+                try:
+                    out = self._compute_graph(job, data) if job.mode == "graph" else self._compute_chunk(item, data)
+                except MergeError:
+                    raise
+                except Exception as e:
+                    raise ExecutionError(f"while merging tensor `{job.name}`: {type(e).__name__}: {e}") from e
+                write(job.name, out)
+                bar.update(sum(v.numel() * v.element_size() for v in data.values()) + out.numel() * out.element_size())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+
+    def to_memory(self) -> dict[str, Tensor]:
+        """Run the plan into an in-memory dict (for sweeps and tests on small models)."""
+        parts: dict[str, list[Tensor]] = {}
+        self.run(lambda name, t: parts.setdefault(name, []).append(t.detach().clone()))
+        shapes = {j.name: j.shape for j in self.plan.jobs}
+        return {k: torch.cat([p.reshape(-1) for p in v]).reshape(shapes[k]) for k, v in parts.items()}
+
+
+# ---- output ----------------------------------------------------------------------------------------
+
+
+def check_output_path(output: Path, sources: dict[str, TensorSource]) -> None:
+    """Refuse an output that is, contains, or lies inside an input."""
+    out = output.resolve()
+    for name, s in sources.items():
+        paths = [p.resolve() for p in s.files()]
+        if Path(s.path).exists():  # the file or folder the user named
+            paths.append(Path(s.path).resolve())
+        for p in paths:
+            if out == p or p.is_relative_to(out) or out.is_relative_to(p):
+                raise PlanError(
+                    f"refusing to write the output to {output}: it {'is' if out == p else 'overlaps'} input `{name}` ({p}); "
+                    "choose an output path outside every input"
+                )
+
+
+def output_metadata(plan: Plan) -> dict[str, str]:
+    recipe = plan.program.recipe.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return {
+        "format": "pt",
+        "merge_version": __version__,
+        "merge_recipe": json.dumps(recipe, sort_keys=True, separators=(",", ":")),
+        "merge_inputs": json.dumps({n: s.fingerprint() for n, s in plan.sources.items()}, sort_keys=True, separators=(",", ":")),
+    }
+
+
+def write_plan(
+    plan: Plan,
+    output: str | Path,
+    *,
+    force: bool = False,
+    shard_size: int | str | None = None,
+    device: str = "cpu",
+    quiet: bool = False,
+) -> Path:
+    """Execute `plan` into `output` (`x.safetensors`: one file; otherwise a sharded folder), atomically."""
+    output = Path(output)
+    check_output_path(output, plan.sources)
+    recipe = plan.program.recipe
+    size = parse_size(shard_size if shard_size is not None else recipe.output.shard_size or DEFAULT_SHARD_SIZE)
+    tensors = [OutputTensor(j.name, j.shape, j.out_dtype) for j in plan.jobs]
+    meta = output_metadata(plan)
+    single = output.suffix == ".safetensors"
+    layout = plan.sources[plan.layout_input]
+    indexes: dict[str, object] = {}
+    if single:
+        plans, _ = plan_files(tensors, single_file="", metadata=meta)
+    else:
+        plans, indexes = layout.plan_output(tensors, shard_size=size, metadata=meta)
+    engine = Engine(plan, device=device, quiet=quiet)
+    with StagedOutput(output, is_dir=not single, force=force) as staged:
+        check_free_space(output, sum(p.data_bytes for p in plans))
+        writer = TensorFileWriter(staged.path(), plans)
+        engine.run(writer.write)
+        writer.finish()
+        if not single:
+            for rel, obj in indexes.items():
+                write_json(staged.path(rel), obj)
+            _copy_support_files(layout, staged.path(), _uniform_dtype(plans))
+        return staged.commit()
+
+
+def _uniform_dtype(plans: list[FilePlan]) -> torch.dtype | None:
+    floats = {t.dtype for p in plans for t in p.tensors if t.dtype.is_floating_point}
+    return floats.pop() if len(floats) == 1 else None
+
+
+def _copy_support_files(layout: TensorSource, dest: Path, dtype: torch.dtype | None) -> None:
+    for rel, src in layout.support_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.name == "config.json" and dtype is not None:
+            try:
+                config = json.loads(src.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                shutil.copy2(src, target)
+                continue
+            name = str(dtype).replace("torch.", "")
+            if "dtype" in config:
+                config["dtype"] = name
+            else:
+                config["torch_dtype"] = name
+            target.write_text(json.dumps(config, indent=2) + "\n")
+        else:
+            shutil.copy2(src, target)
+
+
+def env_summary() -> dict[str, str]:
+    return {"torch": torch.__version__, "threads": str(torch.get_num_threads()), "pid": str(os.getpid())}

@@ -1,0 +1,1 @@
+"""LoRA deltas: per-module formulas, name maps, and the bake/combine/extract/convert operations."""

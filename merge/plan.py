@@ -1,0 +1,375 @@
+"""Recipe + input headers -> one job per output tensor. Reads no tensor data.
+
+Key sets are reconciled, shapes checked and dtypes decided from headers alone, and every
+mismatch is reported at once. Per-tensor parameters (overrides, layer gradients) are resolved
+here, and the weighted-sum methods are folded into affine forms so the engine can stream them
+chunk by chunk into reused buffers.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merge.errors import MergeWarning, PlanError, UsageError
+from merge.expr import Affine, Call
+from merge.io.detect import open_checkpoint
+from merge.io.sources import TensorSource
+from merge.methods import get_method
+from merge.methods.linear import normalized_weights
+from merge.recipe import Program, all_calls
+
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+AFFINE_METHODS = ("linear", "task_arithmetic")
+
+
+@dataclass(frozen=True)
+class ResolvedCall:
+    """A method call with every parameter resolved for one tensor."""
+
+    method: str
+    models: tuple[Affine, ...]
+    base: Affine | None
+    params: tuple[tuple[str, Any], ...]
+    step: str
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output tensor: what to read, how to combine it, and how to store it."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    mode: str  # "copy" (bytes as they are), "affine" (chunked Σ c·x), "graph" (method calls)
+    form: Affine  # resolved: leaves are input names or ResolvedCall objects
+    inputs: tuple[str, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.out_dtype.itemsize
+
+
+@dataclass
+class Plan:
+    program: Program
+    sources: dict[str, TensorSource]
+    jobs: list[Job]
+    layout_input: str  # whose folder layout and support files the output follows
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(self.sources[i].meta(j.name).nbytes for j in self.jobs for i in j.inputs if j.name in self.sources[i].keys_set)  # type: ignore[attr-defined]
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(j.nbytes for j in self.jobs)
+
+    def close(self) -> None:
+        for s in self.sources.values():
+            s.close()
+
+
+def open_inputs(program: Program, *, unsafe_pickle: bool = False, preopened: Mapping[str, TensorSource] | None = None) -> dict[str, TensorSource]:
+    """Open every input the output uses: checkpoints first, then deltas (LoRAs) against the base."""
+    from merge.io import lora_hook
+
+    sources: dict[str, TensorSource] = dict(preopened or {})
+    used = program.used_inputs()
+    layout = program.recipe.output.copy_files_from
+    if layout and layout not in used:
+        used.append(layout)
+    missing: list[str] = []
+    deferred: list[str] = []
+    for name in used:
+        if name in sources:
+            continue
+        path = program.input_path(name)
+        if lora_hook.looks_like_lora(path):
+            deferred.append(name)
+            continue
+        if not Path(path).exists() and "/" not in path:
+            missing.append(f"inputs.{name}: {path} does not exist")
+            continue
+        sources[name] = open_checkpoint(path, unsafe_pickle=unsafe_pickle)
+    if missing:
+        raise UsageError("missing inputs:\n  " + "\n  ".join(missing))
+    base = sources.get("base") or next((s for s in sources.values() if s.kind == "checkpoint"), None)
+    for name in deferred:
+        sources[name] = lora_hook.open_lora(program.input_path(name), base)
+    for s in sources.values():
+        s.keys_set = set(s.keys())  # type: ignore[attr-defined]
+    return sources
+
+
+def layer_index(name: str) -> int | None:
+    m = LAYER_INDEX.search(name)
+    return int(m.group(1)) if m else None
+
+
+def gradient_value(anchors: Sequence[float], t: float) -> float:
+    """mergekit's rule: anchors spread evenly over [0, 1], linear between neighbours."""
+    n = len(anchors)
+    if n == 1:
+        return float(anchors[0])
+    s = t * (n - 1)
+    i0 = int(s)
+    i1 = min(n - 1, i0 + 1)
+    f = s - i0
+    return (1 - f) * float(anchors[i0]) + f * float(anchors[i1])
+
+
+def build_plan(
+    program: Program,
+    sources: dict[str, TensorSource],
+    *,
+    dtype: str | None = None,
+    passthrough_from: str | None = None,
+) -> Plan:
+    """Check headers and produce one Job per output tensor, in sequential-read order."""
+    recipe = program.recipe
+    out_form = program.output
+    used = program.used_inputs()
+    checkpoints = [n for n in used if sources[n].kind == "checkpoint"]
+    deltas = [n for n in used if sources[n].kind != "checkpoint"]
+    problems: list[str] = []
+    notes: list[str] = []
+    if not checkpoints and not deltas:
+        raise PlanError("the output uses no input")
+    layout = recipe.output.copy_files_from or ("base" if "base" in checkpoints else (checkpoints or deltas)[0])
+    keys_by = {n: sources[n].keys_set for n in used}  # type: ignore[attr-defined]
+
+    # Key reconciliation among checkpoints; deltas may cover any subset of them.
+    mode = recipe.options.keys
+    if checkpoints:
+        first = keys_by[checkpoints[0]]
+        all_keys = set().union(*(keys_by[n] for n in checkpoints))
+        common = set(first).intersection(*(keys_by[n] for n in checkpoints))
+        if mode == "strict":
+            for n in checkpoints:
+                extra = sorted(keys_by[n] - common)
+                if extra:
+                    problems.append(
+                        f"`{n}` ({sources[n].path}) has {len(extra)} tensor(s) that other inputs lack: "
+                        + ", ".join(extra[:6]) + (" ..." if len(extra) > 6 else "")
+                    )
+            if problems:
+                problems.append("use `options: {keys: intersection}` (or --keys intersection) to merge only the common tensors, or `union` to pass the others through")
+        names = [k for k in sources[checkpoints[0]].keys() if k in common]
+        if mode == "union":
+            names += sorted(all_keys - common)
+    else:
+        names = list(sources[deltas[0]].keys())
+    for d in deltas:
+        if checkpoints:
+            stray = sorted(keys_by[d] - set(names))
+            if stray:
+                problems.append(f"delta `{d}` ({sources[d].path}) targets {len(stray)} tensor(s) the checkpoints lack: {', '.join(stray[:6])}")
+
+    layers = [i for i in (layer_index(n) for n in names) if i is not None]
+    num_layers = max(layers) + 1 if layers else 1
+    out_dtype_forced = DTYPE_NAMES[dtype or recipe.output.dtype] if (dtype or recipe.output.dtype) else None
+    passthrough_from = passthrough_from or ("base" if "base" in checkpoints else (checkpoints[0] if checkpoints else None))
+    jobs: list[Job] = []
+    for name in names:
+        have = [n for n in used if name in keys_by[n]]
+        metas = {n: sources[n].meta(name) for n in have}
+        shapes = {n: m.shape for n, m in metas.items()}
+        if len(set(shapes.values())) > 1:
+            problems.append(f"`{name}` has different shapes: " + ", ".join(f"{n} {list(s)}" for n, s in shapes.items()))
+            continue
+        first_ckpt = next((n for n in checkpoints if n in have), None)
+        ref = metas[first_ckpt] if first_ckpt else metas[have[0]]
+        if not ref.is_float:
+            src = passthrough_from if passthrough_from in have else first_ckpt or have[0]
+            jobs.append(Job(name, ref.shape, ref.dtype, "copy", Affine.leaf(src), (src,)))
+            continue
+        missing_ckpts = [n for n in checkpoints if n not in have]
+        if missing_ckpts:
+            # union mode: a tensor some checkpoints lack passes through from the first that has it.
+            src = first_ckpt or have[0]
+            jobs.append(Job(name, ref.shape, out_dtype_forced or ref.dtype, "copy", Affine.leaf(src), (src,)))
+            continue
+        t = (layer_index(name) or 0) / max(num_layers - 1, 1) if layer_index(name) is not None else 0.0
+        try:
+            form = resolve_form(out_form, name, t, program, set(have))
+        except (ValueError, UsageError) as e:
+            problems.append(f"`{name}`: {e}")
+            continue
+        form_inputs = tuple(sorted(form_inputs_of(form), key=used.index))
+        single = form.single_input()
+        out_dt = out_dtype_forced or ref.dtype
+        if single is not None:
+            mode_ = "copy"
+        elif all(isinstance(x, str) for x, _ in form.terms):
+            mode_ = "affine"
+        else:
+            mode_ = "graph"
+        jobs.append(Job(name, ref.shape, out_dt, mode_, form, form_inputs))
+    if problems:
+        raise PlanError(f"cannot merge these inputs ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n  " + "\n  ".join(problems))
+
+    # Sequential reads: follow the first read input's file and offset.
+    def order(j: Job) -> tuple[str, int]:
+        if not j.inputs:
+            return ("", 0)
+        m = sources[j.inputs[0]].meta(j.name)
+        return (m.file, m.offset)
+
+    jobs.sort(key=order)
+    _check_coefficients(program, sources, notes)
+    return Plan(program, sources, jobs, layout, notes)
+
+
+def form_inputs_of(form: Affine) -> set[str]:
+    out: set[str] = set()
+    for x, _ in form.terms:
+        if isinstance(x, str):
+            out.add(x)
+        elif isinstance(x, ResolvedCall):
+            for m in (*x.models, *([x.base] if x.base else [])):
+                out |= form_inputs_of(m)
+    return out
+
+
+def _param(value: Any, t: float) -> Any:
+    return gradient_value(value, t) if isinstance(value, tuple) else value
+
+
+def resolve_form(form: Affine, tensor: str, t: float, program: Program, present: set[str]) -> Affine:
+    """The form for one tensor: overrides and gradients applied, weighted sums folded in.
+
+    Delta inputs that do not cover this tensor contribute zero and are dropped.
+    """
+    out = Affine()
+    for leaf, c in form.terms:
+        if isinstance(leaf, str):
+            if leaf in present:
+                out = out.plus(Affine(((leaf, c),)))
+            continue
+        assert isinstance(leaf, Call)
+        out = out.plus(_resolve_call(leaf, tensor, t, program, present).scaled(c))
+    return Affine(tuple((x, c) for x, c in out.terms if c != 0.0))
+
+
+def _resolve_call(call: Call, tensor: str, t: float, program: Program, present: set[str]) -> Affine:
+    spec = get_method(call.method)
+    params = dict(call.params)
+    model_params = [dict(mp) for mp in call.model_params]
+    for i in range(len(model_params)):
+        for k, d in spec.per_model.items():
+            model_params[i].setdefault(k, d)
+    for ov in program.recipe.overrides:
+        if (ov.step is not None and ov.step != call.step) or not ov.matches(tensor):
+            continue
+        for k, v in ov.params().items():
+            v = tuple(v) if isinstance(v, list) else v
+            if k in spec.per_model:
+                for i, name in enumerate(call.model_names):
+                    if ov.input is None or ov.input == name:
+                        model_params[i][k] = v
+            elif k in spec.global_params:
+                params[k] = v
+    params = {k: _param(v, t) for k, v in params.items()}
+    per_model = {k: [_param(mp[k], t) for mp in model_params] for k in spec.per_model}
+    if "compat" in spec.global_params and "compat" not in params:
+        params["compat"] = program.recipe.options.compat
+    models = tuple(resolve_form(m, tensor, t, program, present) for m in call.models)
+    base = resolve_form(call.base, tensor, t, program, present) if call.base is not None else None
+    if call.method == "linear":
+        w = normalized_weights(per_model["weight"], params.get("normalize", True))
+        acc = Affine()
+        for m, wi in zip(models, w):
+            acc = acc.plus(m.scaled(wi))
+        return acc
+    if call.method == "task_arithmetic" and base is not None:
+        lam = float(params.get("scale", 1.0))
+        acc = base
+        for m, wi in zip(models, per_model["weight"]):
+            acc = acc.plus(m.plus(base.scaled(-1.0)).scaled(lam * wi))
+        return acc
+    all_params = tuple(sorted({**params, **{k: tuple(v) for k, v in per_model.items()}}.items()))
+    return Affine.leaf(ResolvedCall(call.method, models, base, all_params, call.step))  # type: ignore[arg-type]
+
+
+def checkpoint_weight(form: Affine, kinds: Mapping[str, str]) -> float:
+    """Σ of the checkpoints' coefficients in a form (deltas count 0; a call counts as its inputs')."""
+    total = 0.0
+    for leaf, c in form.terms:
+        if isinstance(leaf, str):
+            total += c if kinds.get(leaf) == "checkpoint" else 0.0
+        else:
+            inner = [checkpoint_weight(m, kinds) for m in leaf.models]
+            total += c * (1.0 if any(abs(w) > 1e-9 for w in inner) or leaf.base is not None else 0.0)
+    return total
+
+
+def _check_coefficients(program: Program, sources: Mapping[str, TensorSource], notes: list[str]) -> None:
+    kinds = {n: s.kind for n, s in sources.items()}
+    for step, form in program.steps.items():
+        if not form.inputs() <= set(kinds):
+            continue
+        w = checkpoint_weight(form, kinds)
+        if abs(w - 1.0) > 1e-6 and abs(w) > 1e-6:
+            msg = (
+                f"step `{step}`: the checkpoints' coefficients sum to {w:g}, not 1, so its result is "
+                "scaled away from the models (did you mean a task vector such as `a - base`?)"
+            )
+            notes.append(msg)
+            warnings.warn(msg, MergeWarning, stacklevel=3)
+
+
+def describe_plan(plan: Plan, limit: int = 12) -> str:
+    """A human-readable summary: inputs, steps as affine forms, jobs by mode, bytes, memory."""
+    from merge.execute import estimate_peak_bytes
+
+    lines = ["inputs:"]
+    for n, s in plan.sources.items():
+        lines.append(f"  {n}: {s.path} ({s.kind}, {len(s.keys())} tensors)")
+    lines.append("steps:")
+    for name, form in plan.program.steps.items():
+        lines.append(f"  {name} = {format_form(form)}")
+    by_mode: dict[str, int] = {}
+    for j in plan.jobs:
+        by_mode[j.mode] = by_mode.get(j.mode, 0) + 1
+    lines.append(f"output: {len(plan.jobs)} tensors (" + ", ".join(f"{v} {k}" for k, v in sorted(by_mode.items())) + ")")
+    for j in plan.jobs[:limit]:
+        lines.append(f"  {j.name} {list(j.shape)} {str(j.out_dtype).replace('torch.', '')} [{j.mode}] = {format_form(j.form)}")
+    if len(plan.jobs) > limit:
+        lines.append(f"  ... {len(plan.jobs) - limit} more")
+    lines.append(f"read {plan.bytes_read / 1e9:.3f} GB, write {plan.bytes_written / 1e9:.3f} GB, estimated peak memory {estimate_peak_bytes(plan) / 2**20:.0f} MiB")
+    lines += [f"warning: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def format_form(form: Affine) -> str:
+    parts = []
+    for leaf, c in form.terms:
+        if isinstance(leaf, str):
+            what = leaf
+        elif isinstance(leaf, Call):
+            what = f"{leaf.method}({', '.join(format_form(m) for m in leaf.models)}{', base=' + format_form(leaf.base) if leaf.base else ''})"
+        else:
+            ps = ", ".join(f"{k}={v}" for k, v in leaf.params)
+            what = f"{leaf.method}({', '.join(format_form(m) for m in leaf.models)}{', base=' + format_form(leaf.base) if leaf.base else ''}{', ' + ps if ps else ''})"
+        parts.append(what if c == 1.0 else f"{c:g}*{what}")
+    return " + ".join(parts).replace("+ -", "- ") or "0"
+
+
+def all_program_calls(program: Program) -> list[Call]:
+    return all_calls(program.output)
