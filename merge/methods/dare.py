@@ -1,4 +1,8 @@
-"""DARE: drop each task-vector entry with probability 1 − density and rescale the rest."""
+"""DARE: drop each task-vector entry with probability 1 − density and rescale the rest.
+
+Not `elementwise`: the random mask is drawn for the whole tensor from one seeded generator, so
+chunking a tensor would change which entries are dropped.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +37,6 @@ def _dropped(
     "dare_linear",
     reference=_REF,
     per_model={"weight": 1.0, "density": 1.0},
-    elementwise=True,
     properties={"idempotent"},
 )
 def dare_linear(
@@ -68,7 +71,6 @@ def dare_linear(
     "dare_ties",
     reference=_REF,
     per_model={"weight": 1.0, "density": 1.0},
-    elementwise=True,
     properties={"idempotent"},
 )
 def dare_ties(

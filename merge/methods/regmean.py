@@ -31,7 +31,7 @@ def compute_grams(
         def hook(_mod: nn.Module, args: tuple[Tensor, ...]) -> None:
             x = args[0].detach().reshape(-1, module.in_features).double()  # (positions, in)
             g = x.T @ x
-            key = f"{name}.weight"
+            key = f"{name}.weight" if name else "weight"
             grams[key] = grams[key] + g if key in grams else g
 
         return hook

@@ -43,7 +43,9 @@ def test_slerp_parallel_and_zero_vectors_fall_back_to_lerp():
 
 
 def test_slerp_model_count_errors():
-    with pytest.raises(UsageError, match="method `slerp` takes exactly 2 models besides the base, got 3"):
+    with pytest.raises(
+        UsageError, match="method `slerp` takes exactly 2 models besides the base, got 3"
+    ):
         slerp([torch.ones(2)] * 3)
     with pytest.raises(UsageError, match="takes exactly 1 model besides the base, got 2"):
         slerp([torch.ones(2)] * 2, base=torch.ones(2))

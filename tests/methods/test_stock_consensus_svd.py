@@ -34,7 +34,9 @@ def test_model_stock_filter_wise_rows():
 
 
 def test_model_stock_needs_two_models():
-    with pytest.raises(UsageError, match="method `model_stock` takes at least 2 models besides the base, got 1"):
+    with pytest.raises(
+        UsageError, match="method `model_stock` takes at least 2 models besides the base, got 1"
+    ):
         model_stock([torch.ones(3)], base=torch.zeros(3))
 
 
@@ -59,7 +61,9 @@ def test_consensus_k0_is_task_arithmetic_and_large_k_is_base():
     xs = [base + torch.randn(20, generator=g) for _ in range(3)]
     w = [1.0, 0.5, 0.3]
     ta = task_arithmetic(xs, base=base, weight=w, scale=0.7)
-    torch.testing.assert_close(consensus(xs, base=base, weight=w, tall_lambda=[0.6] * 3, k=0, scale=0.7), ta)
+    torch.testing.assert_close(
+        consensus(xs, base=base, weight=w, tall_lambda=[0.6] * 3, k=0, scale=0.7), ta
+    )
     torch.testing.assert_close(consensus(xs, base=base, weight=w, tall_lambda=[0.6] * 3, k=4), base)
 
 

@@ -98,7 +98,11 @@ def test_dare_ties_matches_peft_with_the_same_masks(monkeypatch):
     base = torch.randn(20, 10, generator=g)
     xs = [base + torch.randn(20, 10, generator=g) for _ in range(3)]
     ours = dare_ties(
-        xs, base=base, weight=[1.0, 0.5, 0.8], density=[0.4] * 3, normalize=True,
+        xs,
+        base=base,
+        weight=[1.0, 0.5, 0.8],
+        density=[0.4] * 3,
+        normalize=True,
         generator=torch.Generator().manual_seed(9),
     )
     masks = iter([torch.rand(20, 10, generator=(gm := torch.Generator().manual_seed(9))) < 0.4])
@@ -112,8 +116,10 @@ def test_dare_is_unbiased_monte_carlo():
     delta = T([0.5, -1.0, 2.0])
     g = torch.Generator().manual_seed(5)
     runs = torch.stack(
-        [dare_linear([delta], base=torch.zeros(3), weight=[1.0], density=[0.3], generator=g)
-         for _ in range(20_000)]
+        [
+            dare_linear([delta], base=torch.zeros(3), weight=[1.0], density=[0.3], generator=g)
+            for _ in range(20_000)
+        ]
     )
     # std of one draw is |δ|·sqrt((1−d)/d) ≈ 1.53|δ|; of the mean ≈ 0.011|δ|
     torch.testing.assert_close(runs.mean(0), delta, atol=0.06, rtol=0.0)
@@ -122,20 +128,36 @@ def test_dare_is_unbiased_monte_carlo():
 def test_dare_mergekit_rescale_matches_l1_norm():
     x = T([1.0, -2.0, 3.0, 4.0])
     out = dare_linear(
-        [x], base=torch.zeros(4), weight=[1.0], density=[0.5], compat="mergekit",
+        [x],
+        base=torch.zeros(4),
+        weight=[1.0],
+        density=[0.5],
+        compat="mergekit",
         generator=torch.Generator().manual_seed(1),
     )
     kept = out != 0
     torch.testing.assert_close(out.abs().sum(), x.abs().sum())
-    torch.testing.assert_close(out[kept] / x[kept], torch.full((int(kept.sum()),), 10 / float(x[kept].abs().sum())))
+    torch.testing.assert_close(
+        out[kept] / x[kept], torch.full((int(kept.sum()),), 10 / float(x[kept].abs().sum()))
+    )
 
 
 def test_dare_seeded_is_deterministic():
     x = torch.randn(100)
-    a = dare_ties([x, -x], base=torch.zeros(100), weight=[1, 1], density=[0.5, 0.5],
-                  generator=torch.Generator().manual_seed(3))
-    b = dare_ties([x, -x], base=torch.zeros(100), weight=[1, 1], density=[0.5, 0.5],
-                  generator=torch.Generator().manual_seed(3))
+    a = dare_ties(
+        [x, -x],
+        base=torch.zeros(100),
+        weight=[1, 1],
+        density=[0.5, 0.5],
+        generator=torch.Generator().manual_seed(3),
+    )
+    b = dare_ties(
+        [x, -x],
+        base=torch.zeros(100),
+        weight=[1, 1],
+        density=[0.5, 0.5],
+        generator=torch.Generator().manual_seed(3),
+    )
     assert torch.equal(a, b)
 
 
@@ -162,8 +184,14 @@ def test_breadcrumbs_mergekit_edge_cases():
 def test_breadcrumbs_method_sums_masked_vectors():
     base = torch.ones(1, 10)
     d = T([[1.0, -2.0, 3.0, 4.0, -5.0, 6.0, 7.0, -8.0, 9.0, 10.0]])
-    out = breadcrumbs([base + d, base + d], base=base, weight=[1.0, 0.5], density=[0.5] * 2,
-                      gamma=[0.1] * 2, scale=2.0)
+    out = breadcrumbs(
+        [base + d, base + d],
+        base=base,
+        weight=[1.0, 0.5],
+        density=[0.5] * 2,
+        gamma=[0.1] * 2,
+        scale=2.0,
+    )
     band = T([[0.0, 0, 0, 0, -5.0, 6.0, 7.0, -8.0, 9.0, 0.0]])
     torch.testing.assert_close(out, base + 2.0 * 1.5 * band)
 
@@ -178,16 +206,23 @@ def test_della_paper_rescales_by_one_over_p():
     x = T([0.1, -3.0, 2.0])
     g = torch.Generator().manual_seed(7)
     keep = torch.rand(3, generator=torch.Generator().manual_seed(7)) < T([0.3, 0.7, 0.5])
-    out = della_linear([x], base=torch.zeros(3), weight=[1.0], density=[0.5], epsilon=[0.2],
-                       generator=g)
+    out = della_linear(
+        [x], base=torch.zeros(3), weight=[1.0], density=[0.5], epsilon=[0.2], generator=g
+    )
     torch.testing.assert_close(out, torch.where(keep, x / T([0.3, 0.7, 0.5]), 0.0))
 
 
 def test_della_is_unbiased_monte_carlo():
     x = T([0.1, -3.0, 2.0])
     g = torch.Generator().manual_seed(8)
-    runs = torch.stack([della_linear([x], base=torch.zeros(3), weight=[1.0], density=[0.5],
-                                     epsilon=[0.2], generator=g) for _ in range(20_000)])
+    runs = torch.stack(
+        [
+            della_linear(
+                [x], base=torch.zeros(3), weight=[1.0], density=[0.5], epsilon=[0.2], generator=g
+            )
+            for _ in range(20_000)
+        ]
+    )
     torch.testing.assert_close(runs.mean(0), x, atol=0.08, rtol=0.0)
 
 
@@ -203,7 +238,9 @@ def test_density_outside_unit_interval_is_refused(density):
 
 
 def test_unknown_election_and_compat_are_named():
-    with pytest.raises(UsageError, match=r"`elect: summ` is not one of sum, count \(did you mean `sum`\?\)"):
+    with pytest.raises(
+        UsageError, match=r"`elect: summ` is not one of sum, count \(did you mean `sum`\?\)"
+    ):
         ties([torch.ones(3)], base=torch.zeros(3), weight=[1.0], density=[1.0], elect="summ")
     with pytest.raises(UsageError, match=r"`compat: mergkit` is not one of paper, mergekit"):
         ties([torch.ones(3)], base=torch.zeros(3), weight=[1.0], density=[1.0], compat="mergkit")
