@@ -29,8 +29,11 @@ def _split_inputs(inputs: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, 
         if isinstance(value, str | os.PathLike):
             paths[name] = str(value)
         else:
-            opened[name] = open_checkpoint(value)
-            paths[name] = f"<memory:{name}>"
+            src = open_checkpoint(value)
+            if src.path == "<memory>" or src.path == type(value).__name__:
+                src.path = f"<memory:{name}>"
+            opened[name] = src
+            paths[name] = src.path
     return paths, opened
 
 

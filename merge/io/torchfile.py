@@ -38,7 +38,10 @@ HARMLESS_GLOBALS: list[object] = [
 try:  # numpy scalars and arrays appear in Lightning and optimizer states
     import numpy as np
 
-    HARMLESS_GLOBALS += [np.dtype, np.ndarray, np.core.multiarray._reconstruct] if hasattr(np, "core") else []  # type: ignore[attr-defined]
+    _core = getattr(np, "_core", None)
+    HARMLESS_GLOBALS += [np.dtype, np.ndarray]
+    if _core is not None:
+        HARMLESS_GLOBALS.append(_core.multiarray._reconstruct)
     HARMLESS_GLOBALS += [type(np.dtype(np.float32)), type(np.dtype(np.int64)), np.float64, np.float32, np.int64]
 except Exception:  # pragma: no cover
     pass

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from merge.errors import FormatError, UsageError
+from merge.io import load_state_dict, open_checkpoint
+
+
+def sd() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {"w": torch.randn(4, 3, generator=g).bfloat16(), "b": torch.randn(3, generator=g), "steps": torch.tensor(7)}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return list(a) == list(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pt_file_with_nested_state_dict(tmp_path: Path) -> None:
+    torch.save({"epoch": 3, "state_dict": sd()}, tmp_path / "x.ckpt")
+    assert same(load_state_dict(tmp_path / "x.ckpt"), sd())
+
+
+def test_legacy_non_zip_pickle_loads_without_mmap(tmp_path: Path) -> None:
+    torch.save(sd(), tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert same(load_state_dict(tmp_path / "old.pt"), sd())
+
+
+def test_sharded_bin_index(tmp_path: Path) -> None:
+    d = sd()
+    torch.save({"w": d["w"]}, tmp_path / "pytorch_model-00001-of-00002.bin")
+    torch.save({"b": d["b"], "steps": d["steps"]}, tmp_path / "pytorch_model-00002-of-00002.bin")
+    index = {"weight_map": {"w": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin", "steps": "pytorch_model-00002-of-00002.bin"}}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    src = open_checkpoint(tmp_path)
+    assert sorted(src.keys()) == ["b", "steps", "w"]
+    assert same({k: src.read(k) for k in d}, d)
+
+
+def test_pickle_with_unknown_globals_is_refused_with_their_names(tmp_path: Path) -> None:
+    torch.save({"state_dict": sd(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "train.ckpt")
+    with pytest.raises(FormatError) as e:
+        open_checkpoint(tmp_path / "train.ckpt")
+    assert "refusing to unpickle objects beyond tensors; globals found: argparse.Namespace" in str(e.value)
+    assert "--unsafe-pickle" in str(e.value)
+    # The explicit opt-in loads it.
+    assert same({k: open_checkpoint(tmp_path / "train.ckpt", unsafe_pickle=True).read(k) for k in sd()}, sd())
+
+
+def test_hub_id_resolves_from_the_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "hub"
+    snap = cache / "models--org--tiny" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    save_file({"w": torch.ones(2)}, snap / "model.safetensors")
+    (snap / "config.json").write_text("{}")
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    src = open_checkpoint("org/tiny")
+    assert torch.equal(src.read("w"), torch.ones(2))
+    with pytest.raises(UsageError, match="`org/missing` is neither a local path nor in the Hugging Face cache"):
+        open_checkpoint("org/missing")
+
+
+@pytest.mark.parametrize(
+    ("tensors", "config", "fmt"),
+    [
+        ({"l.weight": torch.zeros(2, dtype=torch.float8_e4m3fn)}, None, "fp8-quantized"),
+        ({"l.qweight": torch.zeros(2, dtype=torch.int32), "l.scales": torch.zeros(2)}, None, "GPTQ/AWQ"),
+        ({"l.weight": torch.zeros(2, dtype=torch.int8), "l.SCB": torch.zeros(2)}, None, "bitsandbytes int8"),
+        ({"l.weight": torch.zeros(2)}, {"quantization_config": {"quant_method": "awq"}}, "quantized checkpoint (awq"),
+    ],
+)
+def test_quantized_checkpoints_are_refused(tmp_path: Path, tensors: dict, config: dict | None, fmt: str) -> None:
+    save_file(tensors, tmp_path / "model.safetensors")
+    if config:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FormatError, match=fmt.replace("(", r"\(")):
+        open_checkpoint(tmp_path)
+
+
+def test_gguf_refused(tmp_path: Path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(20))
+    with pytest.raises(FormatError, match="GGUF is a quantized llama.cpp format"):
+        open_checkpoint(tmp_path / "m.gguf")
+
+
+def test_unknown_folder_and_missing_path(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(FormatError, match=r"no checkpoint found .*found: notes.txt"):
+        open_checkpoint(tmp_path)
+    with pytest.raises(UsageError, match="does not exist; check the path"):
+        open_checkpoint(tmp_path / "nope")
+
+
+def test_module_and_dict_inputs() -> None:
+    m = torch.nn.Linear(3, 2)
+    src = open_checkpoint(m)
+    assert torch.equal(src.read("weight"), m.weight.detach())
+    with pytest.raises(UsageError, match="must map names to torch tensors"):
+        open_checkpoint({"a": 1})

@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import sha256_tree, tensors
+from merge.api import evaluate_recipe_in_memory, merge_expression, plan_recipe, run_recipe
+from merge.errors import MergeWarning, PlanError
+from merge.execute import Engine
+from merge.io import load_state_dict, save_state_dict
+from merge.methods import register
+
+
+def test_hand_worked_task_arithmetic() -> None:
+    base = {"w": torch.tensor([1.0, 2.0, 3.0])}
+    a = {"w": torch.tensor([2.0, 2.0, 2.0])}
+    b = {"w": torch.tensor([0.0, 0.0, 0.0])}
+    out = merge_expression("base + 0.5 * (a - base) - 0.5 * (b - base)", {"base": base, "a": a, "b": b})
+    # 1 + 0.5 - (-0.5) ... = [1 + 0.5, 2 + 0, 3 - 0.5] + [0.5, 1, 1.5] = [2, 3, 4]
+    assert torch.equal(out["w"], torch.tensor([2.0, 3.0, 4.0]))
+    neg = merge_expression("base - (a - base)", {"base": base, "a": a})
+    assert torch.equal(neg["w"], torch.tensor([0.0, 2.0, 4.0]))
+    analogy = merge_expression("a - b + base", {"base": base, "a": a, "b": b})
+    assert torch.equal(analogy["w"], torch.tensor([3.0, 4.0, 5.0]))
+    scaled = merge_expression("base + 2 * (a - base) / 4", {"base": base, "a": a})
+    assert torch.equal(scaled["w"], torch.tensor([1.5, 2.0, 2.5]))
+
+
+def test_streamed_file_equals_in_memory_reference(three_models: dict[str, Path], tmp_path: Path) -> None:
+    expr = "base + 0.7 * (a - base) - 0.4 * (b - base)"
+    out = merge_expression(expr, three_models, tmp_path / "out", shard_size="1KB")
+    got = load_state_dict(out)
+    t = {n: tensors(i) for i, n in enumerate(["base", "a", "b"])}
+    for k, v in got.items():
+        if not v.is_floating_point():
+            assert torch.equal(v, t["base"][k])  # integer tensors pass through from the base
+            continue
+        ref = t["base"][k] + 0.7 * (t["a"][k] - t["base"][k]) - 0.4 * (t["b"][k] - t["base"][k])
+        torch.testing.assert_close(v, ref, rtol=1e-6, atol=1e-6)
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    # Support files follow the base, and the recipe and input fingerprints are in the metadata.
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    with safe_open(next(out.glob("model-00001-*.safetensors")), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["merge_recipe"])["steps"]["result"] == expr
+    fps = json.loads(meta["merge_inputs"])
+    assert set(fps) == {"base", "a", "b"} and len(fps["a"]["header_sha256"]) == 16
+
+
+def test_chunked_streaming_equals_whole_tensors(three_models: dict[str, Path]) -> None:
+    recipe = {"inputs": {k: str(v) for k, v in three_models.items()}, "steps": {"r": "0.2 * base + 0.3 * a + 0.5 * b"}}
+    whole = Engine(plan_recipe(recipe), chunk=1 << 20, quiet=True).to_memory()
+    chunked = Engine(plan_recipe(recipe), chunk=7, quiet=True).to_memory()
+    assert whole.keys() == chunked.keys()
+    assert all(torch.equal(whole[k], chunked[k]) for k in whole)
+
+
+def test_same_recipe_gives_the_same_bytes(three_models: dict[str, Path], tmp_path: Path) -> None:
+    r = {"inputs": {k: str(v) for k, v in three_models.items()}, "steps": {"r": "base + 0.3 * (a - base) + 0.3 * (b - base)"}}
+    one = run_recipe(r, tmp_path / "one", quiet=True)
+    two = run_recipe(r, tmp_path / "two", quiet=True)
+    assert sha256_tree(one) == sha256_tree(two)
+
+
+def test_output_dtype_policy(tmp_path: Path) -> None:
+    save_state_dict(tensors(0, torch.bfloat16), tmp_path / "x")
+    save_state_dict(tensors(1, torch.float16), tmp_path / "y")
+    out = load_state_dict(merge_expression("0.5 * x + 0.5 * y", {"x": tmp_path / "x", "y": tmp_path / "y"}, tmp_path / "o"))
+    assert out["model.embed_tokens.weight"].dtype == torch.bfloat16  # the first checkpoint's dtype
+    assert out["model.position_ids"].dtype == torch.int64
+    ref = (0.5 * tensors(0, torch.bfloat16)["model.embed_tokens.weight"].float() + 0.5 * tensors(1, torch.float16)["model.embed_tokens.weight"].float()).bfloat16()
+    assert torch.equal(out["model.embed_tokens.weight"], ref)
+    out32 = load_state_dict(merge_expression("0.5 * x + 0.5 * y", {"x": tmp_path / "x", "y": tmp_path / "y"}, tmp_path / "o32", dtype="float32"))
+    assert out32["model.embed_tokens.weight"].dtype == torch.float32
+
+
+def test_key_and_shape_mismatches_are_listed_together() -> None:
+    a = tensors(0)
+    b = dict(tensors(1))
+    b.pop("model.layers.0.mlp.up_proj.weight")
+    b["extra.weight"] = torch.zeros(2)
+    b["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    with pytest.raises(PlanError) as e:
+        merge_expression("0.5 * a + 0.5 * b", {"a": a, "b": b})
+    text = str(e.value)
+    assert "`a` (<memory:a>) has 1 tensor(s) that other inputs lack: model.layers.0.mlp.up_proj.weight" in text
+    assert "`b` (<memory:b>) has 1 tensor(s) that other inputs lack: extra.weight" in text
+    assert "use `options: {keys: intersection}`" in text
+    inter = merge_expression("0.5 * a + 0.5 * b", {"a": a, "b": {k: v for k, v in b.items() if k != "model.layers.1.mlp.up_proj.weight"} | {"model.layers.1.mlp.up_proj.weight": a["model.layers.1.mlp.up_proj.weight"]}}, keys="intersection")
+    assert "extra.weight" not in inter and "model.layers.0.mlp.up_proj.weight" not in inter
+    with pytest.raises(PlanError, match=r"`model.layers.1.mlp.up_proj.weight` has different shapes: a \[12, 8\], b \[3, 3\]"):
+        merge_expression("0.5 * a + 0.5 * b", {"a": a, "b": b}, keys="intersection")
+    union = merge_expression("0.5 * a + 0.5 * b", {"a": a, "b": {k: v for k, v in b.items() if k != "model.layers.1.mlp.up_proj.weight"}}, keys="union")
+    assert torch.equal(union["extra.weight"], b["extra.weight"])  # passes through from the input that has it
+
+
+def test_zero_sum_weights_are_an_error_not_nan() -> None:
+    r = {"inputs": {"a": "<memory:a>", "b": "<memory:b>"}, "steps": {"s": {"method": "linear", "models": {"a": {"weight": 1.0}, "b": {"weight": -1.0}}}}}
+    from merge.io import open_checkpoint
+
+    srcs = {"a": open_checkpoint(tensors(0)), "b": open_checkpoint(tensors(1))}
+    with pytest.raises(PlanError, match=r"weights \[1.0, -1.0\] sum to zero, so they cannot be normalized; change a weight or set `normalize: false`"):
+        evaluate_recipe_in_memory(r, preopened=srcs)
+    r["steps"]["s"]["normalize"] = False  # type: ignore[index]
+    out = evaluate_recipe_in_memory(r, preopened=srcs)
+    k = "model.embed_tokens.weight"
+    assert torch.equal(out[k], tensors(0)[k] - tensors(1)[k])
+
+
+def test_coefficients_not_summing_to_one_warn_naming_the_step() -> None:
+    with pytest.warns(MergeWarning, match=r"step `result`: the checkpoints' coefficients sum to 2"):
+        merge_expression("a + b", {"a": tensors(0), "b": tensors(1)})
+
+
+def test_overrides_and_layer_gradients() -> None:
+    a, b = tensors(0), tensors(1)
+    r = {
+        "inputs": {"a": "<memory:a>", "b": "<memory:b>"},
+        "steps": {"s": {"method": "linear", "models": {"a": {"weight": 1.0}, "b": {"weight": [0.0, 1.0]}}, "normalize": False}},
+        "overrides": [{"glob": "*.q_proj.*", "input": "a", "weight": 0.0}],
+    }
+    from merge.io import open_checkpoint
+
+    out = evaluate_recipe_in_memory(r, preopened={"a": open_checkpoint(a), "b": open_checkpoint(b)})
+    for i, t in enumerate([0.0, 0.5, 1.0]):  # layers 0..2 -> t = i / 2
+        k = f"model.layers.{i}.mlp.up_proj.weight"
+        torch.testing.assert_close(out[k], a[k] + t * b[k])
+        q = f"model.layers.{i}.self_attn.q_proj.weight"
+        torch.testing.assert_close(out[q], t * b[q])
+    k = "model.embed_tokens.weight"  # outside the layers: the first anchor
+    torch.testing.assert_close(out[k], a[k])
+
+
+@register("_test_elementwise_max", reference="test only", properties={"idempotent"})
+def _max(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """max_i x_i (a non-linear method, to exercise whole-tensor jobs)."""
+    return torch.stack(list(tensors)).amax(0)
+
+
+def test_method_calls_inside_expressions() -> None:
+    a, b, c = tensors(0), tensors(1), tensors(2)
+    out = merge_expression("c + 0.5 * (_test_elementwise_max(a, b) - c)", {"a": a, "b": b, "c": c})
+    k = "model.layers.2.mlp.up_proj.weight"
+    torch.testing.assert_close(out[k], c[k] + 0.5 * (torch.maximum(a[k], b[k]) - c[k]))
+
+
+def test_method_errors_name_the_tensor_and_step() -> None:
+    @register("_test_fails", reference="test only")
+    def fails(tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Always fails."""
+        raise RuntimeError("boom")
+
+    from merge.errors import ExecutionError
+
+    with pytest.raises(ExecutionError, match=r"while merging tensor `model.embed_tokens.weight` in step `result` with `_test_fails`: RuntimeError: boom"):
+        merge_expression("_test_fails(a)", {"a": tensors(0)})
