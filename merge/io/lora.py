@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from merge.errors import FormatError, MergeError, MergeWarning, PlanError
-from merge.io.lora_read import ADAPTER_FILES, PEFT_PREFIX, ROLE_PATTERNS, Adapter, read_adapter
+from merge.io.lora_read import ADAPTER_FILES, ROLE_PATTERNS, Adapter, read_adapter
 from merge.io.sources import TensorMeta, TensorSource
 from merge.lora.modules import LoraModule, dora_axis, dora_weight, module_delta
 from merge.lora.names import BaseIndex
@@ -299,4 +299,3 @@ def _leaf(m: LoraModule) -> str:
     return tail.rsplit("_blocks_", 1)[-1]
 
 
-_ = PEFT_PREFIX

@@ -284,7 +284,7 @@ def _build_module(comp: str, path: str, dotted: bool, r: dict[str, str], src: Te
         mod = LoraModule(comp, path, dotted, "loha", keys)
         mod.rank = src.meta(r["w1b"]).shape[0]
     elif any(x.startswith("k_") for x in r):
-        keys = {x[2:]: r[x] for x in r if x.startswith("k_")}  # noqa: F841
+        keys = {x[2:]: r[x] for x in r if x.startswith("k_")}
         if "w1" not in keys and not {"w1a", "w1b"} <= set(keys):
             raise _Missing("lacks lokr_w1 (or lokr_w1_a and lokr_w1_b)")
         if "w2" not in keys and not {"w2a", "w2b"} <= set(keys):

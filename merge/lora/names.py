@@ -156,6 +156,8 @@ class BaseIndex:
         self.dotted: dict[tuple[str, str], str] = {}
         self.kohya: dict[str, str] = {}
         self.layout = "plain"
+        self.ldm_lpb = 2
+        self.unet_like = False
         modules = [k[: -len(".weight")] for k in self.keys if k.endswith(".weight")]
         if any(k.startswith(LDM_UNET) for k in self.keys):
             self.layout = "ldm"
@@ -167,15 +169,20 @@ class BaseIndex:
             self._index_plain(modules)
 
     def _add(self, component: str, path: str, target: str, kohya_prefixes: Iterable[str]) -> None:
-        self.dotted.setdefault((component, path), target)
-        for p in kohya_prefixes:
-            self.kohya.setdefault(p + underscored(path), target)
+        paths = [path]
+        if component.startswith("text_encoder") or any(p.startswith("lora_te") for p in kohya_prefixes):
+            # CLIP: transformers 5 saves `encoder.layers…`, kohya and LDM files say `text_model.encoder.layers…`
+            paths.append(path[len("text_model.") :] if path.startswith("text_model.") else "text_model." + path)
+        for q in paths:
+            self.dotted.setdefault((component, q), target)
+            for p in kohya_prefixes:
+                self.kohya.setdefault(p + underscored(q), target)
 
     def _index_unet(self, unet_paths: list[tuple[str, str]], ldm: bool) -> None:
         """unet_paths: (path in that naming, target). Registers both diffusers and LDM spellings."""
         names = [p for p, _ in unet_paths]
         if ldm:
-            lpb = ldm_layers_per_block(names)
+            lpb = self.ldm_lpb = ldm_layers_per_block(names)
             for p, t in unet_paths:
                 self._add("unet", p, t, ["lora_unet_"])
                 d = ldm_unet_to_diffusers(p, lpb)
@@ -214,11 +221,27 @@ class BaseIndex:
                 self._add(comp, path, m, [])
 
     def _index_plain(self, modules: list[str]) -> None:
-        unet_like = any(m.startswith(("down_blocks.", "conv_in", "transformer_blocks.")) for m in modules)
+        unet_like = self.unet_like = any(m.startswith(("down_blocks.", "conv_in", "transformer_blocks.")) for m in modules)
         if unet_like:
             self._index_unet([(m, m) for m in modules], ldm=False)
         for m in modules:
             self._add("", m, m, ["lora_", "lora_unet_", "lora_te_", "lora_transformer_"])
+
+    def name_of(self, target: str) -> tuple[str, str]:
+        """(component, dotted diffusers/transformers path) of a base module prefix."""
+        if self.layout == "pipeline":
+            comp, _, path = target.partition("/")
+            return comp, path
+        if self.layout == "ldm":
+            if target.startswith(LDM_UNET):
+                raw = target[len(LDM_UNET) :]
+                d = ldm_unet_to_diffusers(raw + ".weight", self.ldm_lpb)
+                return "unet", (d[: -len(".weight")] if d else raw)
+            for p in LDM_TE:
+                if target.startswith(p):
+                    return "text_encoder", target[len(p) :]
+            return "", target
+        return ("unet" if self.unet_like else ""), target
 
     def resolve(self, component: str, path: str, dotted: bool) -> str | None:
         """The base module prefix an adapter module applies to, or None."""

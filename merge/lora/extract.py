@@ -1,0 +1,166 @@
+"""Extract a LoRA from a fine-tune: per module, the truncated SVD of ΔW = W_tuned − W_base.
+
+Fixed rank (capped by the matrix) or an energy threshold (smallest k with Σ kept σ² ≥ e·Σ σ²).
+The randomized SVD (`torch.svd_lowrank`, q = rank + 10, 2 power iterations) is used for a fixed
+rank when the matrix is much larger than the rank; its reported energy is exact for the factors
+it returns (they are an orthogonal projection of ΔW). Output: a PEFT adapter (with
+`rank_pattern` when ranks differ), a diffusers LoRA file (pipelines) or a kohya file.
+1-D deltas: biases of adapted modules are dropped and listed; other changed modules (norms)
+go to `modules_to_save` in a PEFT adapter, else they are listed as dropped. Embeddings use
+peft's embedding LoRA.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from merge.errors import PlanError, UsageError
+from merge.io.detect import open_checkpoint
+from merge.io.sources import TensorSource
+from merge.lora.factor import Factored, choose_rank
+from merge.lora.names import BaseIndex
+from merge.lora.write import OutModule, write_adapter
+
+EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_embedding|position_embedding|embed_positions|shared|tok_embeddings)$")
+OVERSAMPLE = 10  # extra columns for the randomized range finder
+POWER_ITERS = 2
+
+
+@dataclass
+class ExtractReport:
+    modules: dict[str, tuple[int, float]] = field(default_factory=dict)  # name -> (rank, retained energy)
+    kept: float = 0.0
+    total: float = 0.0
+    dropped: list[str] = field(default_factory=list)
+    saved_full: list[str] = field(default_factory=list)
+    randomized: int = 0
+    output: Path | None = None
+
+    @property
+    def overall_energy(self) -> float:
+        return self.kept / self.total if self.total > 0 else 1.0
+
+    def summary(self) -> str:
+        ranks = sorted({r for r, _ in self.modules.values()})
+        worst = min(self.modules.items(), key=lambda kv: kv[1][1]) if self.modules else ("-", (0, 1.0))
+        lines = [
+            f"extracted {len(self.modules)} modules (ranks {ranks[0] if ranks else 0}..{ranks[-1] if ranks else 0}, "
+            f"{self.randomized} by randomized SVD); retained energy {self.overall_energy:.4%} overall, "
+            f"lowest {worst[1][1]:.4%} at {worst[0]} -> {self.output}"
+        ]
+        if self.saved_full:
+            lines.append(f"modules_to_save: {', '.join(self.saved_full[:8])}" + (" ..." if len(self.saved_full) > 8 else ""))
+        if self.dropped:
+            lines.append(f"dropped (not representable): {', '.join(self.dropped[:8])}" + (" ..." if len(self.dropped) > 8 else ""))
+        return "\n".join(lines)
+
+
+def low_rank(m: Tensor, rank: int | None, energy: float | None, method: str = "auto") -> tuple[Tensor, Tensor, float, float, bool]:
+    """(B, A, kept Σσ², total Σσ², randomized?) with B@A the truncated SVD of m."""
+    total = float(m.double().pow(2).sum())
+    small = min(m.shape)
+    use_rand = method == "randomized" or (
+        method == "auto" and energy is None and rank is not None and small >= 4 * (rank + OVERSAMPLE)
+    )
+    if use_rand and rank is not None:
+        q = min(rank + OVERSAMPLE, small)
+        u, s, v = torch.svd_lowrank(m, q=q, niter=POWER_ITERS)
+        k = min(rank, q)
+        vh = v.T
+    else:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        k = choose_rank(s, rank, energy)
+        use_rand = False
+    kept = float(s[:k].double().pow(2).sum())
+    return u[:, :k] * s[:k], vh[:k], kept, total, use_rand
+
+
+def extract(
+    base: str | Path | TensorSource,
+    tuned: str | Path | TensorSource,
+    output: str | Path | None,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    fmt: str | None = None,
+    svd: str = "auto",
+    min_diff: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+    force: bool = False,
+) -> tuple[ExtractReport, dict[tuple[str, str], Factored]]:
+    """A LoRA whose delta approximates tuned − base; returns the report and the factors."""
+    if (rank is None) == (energy is None):
+        raise UsageError("give exactly one of --rank and --energy")
+    if energy is not None and not 0 < energy <= 1:
+        raise UsageError(f"--energy must be in (0, 1], got {energy}")
+    if svd not in ("auto", "full", "randomized"):
+        raise UsageError(f"--svd must be auto, full or randomized, not `{svd}`")
+    b = base if isinstance(base, TensorSource) else open_checkpoint(base)
+    t = tuned if isinstance(tuned, TensorSource) else open_checkpoint(tuned)
+    tkeys = set(t.keys())
+    common = [k for k in b.keys() if k in tkeys]  # noqa: SIM118
+    if not common:
+        raise PlanError(f"{t.path} and {b.path} share no tensor names; extract needs the fine-tune of this base")
+    index = BaseIndex(b.keys())
+    report = ExtractReport()
+    result: dict[tuple[str, str], Factored] = {}
+    changed_1d: list[str] = []
+    shape_problems = []
+    for k in common:
+        mb, mt = b.meta(k), t.meta(k)
+        if not (mb.is_float and mt.is_float):
+            continue
+        if mb.shape != mt.shape:
+            shape_problems.append(f"`{k}`: base {list(mb.shape)}, tuned {list(mt.shape)}")
+            continue
+        d = t.read(k).float() - b.read(k).float()
+        if float(d.abs().max()) <= min_diff if d.numel() else True:
+            continue
+        module, _, param = k.rpartition(".")
+        if param != "weight" or d.dim() not in (2, 4):
+            changed_1d.append(k)
+            continue
+        emb = bool(EMBEDDING.search(module))
+        m = d.T if emb else d.reshape(d.shape[0], -1)  # product space: embedding ΔWᵀ [dim, num]
+        bb, aa, kept, total, rand = low_rank(m.contiguous(), rank, energy, svd)
+        f = Factored(bb, aa, tuple(d.shape), transposed=emb, embedding=emb, from_lora=False)
+        name = index.name_of(module)
+        result[name] = f
+        label = f"{name[0]}/{name[1]}" if name[0] else name[1]
+        report.modules[label] = (f.rank, kept / total if total > 0 else 1.0)
+        report.kept += kept
+        report.total += total
+        report.randomized += int(rand)
+    if shape_problems:
+        raise PlanError(f"{t.path} does not have the base's shapes ({len(shape_problems)}):\n  " + "\n  ".join(shape_problems[:20]))
+    out = Path(output) if output is not None else None
+    layout = index.layout
+    fmt = fmt or ("kohya" if layout == "ldm" or (out is not None and out.suffix == ".safetensors") else "diffusers" if layout == "pipeline" else "peft")
+    adapted = {m for (_, m) in result}
+    full: dict[str, Tensor] = {}
+    save_modules: list[str] = []
+    for k in changed_1d:
+        module = k.rpartition(".")[0]
+        if module in adapted or fmt != "peft" or index.name_of(module)[0]:
+            report.dropped.append(k)
+            continue
+        if module not in save_modules:
+            save_modules.append(module)
+    for module in save_modules:
+        for k in b.keys():  # noqa: SIM118
+            if k.rpartition(".")[0] == module and k in tkeys:
+                full[k] = t.read(k)
+        report.saved_full.append(module)
+    if out is not None:
+        mods: list[OutModule] = [f.to_out(c, p) for (c, p), f in result.items()]
+        base_name = str(Path(b.path).resolve()) if Path(b.path).exists() else b.path
+        kw: dict[str, object] = {"dtype": dtype, "force": force}
+        if fmt == "peft":
+            kw |= {"full": full, "modules_to_save": save_modules, "base_name": base_name}
+        report.output = write_adapter(fmt, out, mods, **kw)
+    return report, result
