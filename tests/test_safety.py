@@ -1,0 +1,89 @@
+"""Nothing is ever lost: interrupted, failed or refused runs leave no output and untouched inputs."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from conftest import sha256_tree
+from merge.api import merge_expression
+from merge.errors import DiskFullError, PlanError
+from merge.io import writer as writer_mod
+
+EXPR = "base + 0.5 * (a - base)"
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def test_interrupt_removes_the_partial_output(three_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = {k: sha256_tree(v) for k, v in three_models.items()}
+    calls = {"n": 0}
+    real = writer_mod.TensorFileWriter.write
+
+    def interrupted(self: writer_mod.TensorFileWriter, name: str, data: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real(self, name, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer_mod.TensorFileWriter, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        merge_expression(EXPR, three_models, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert leftovers(tmp_path) == []
+    assert {k: sha256_tree(v) for k, v in three_models.items()} == before
+
+
+def test_full_disk_removes_the_partial_output(three_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = {k: sha256_tree(v) for k, v in three_models.items()}
+    written = {"bytes": 0}
+    real = writer_mod.TensorFileWriter._raw_write
+
+    def filling(self: writer_mod.TensorFileWriter, data: bytes | memoryview) -> None:
+        written["bytes"] += len(memoryview(data))
+        if written["bytes"] > 1500:
+            # What the OS raises when the disk is full, seen through the real code path.
+            self._fh.write = lambda _: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))  # type: ignore[attr-defined]
+        real(self, data)
+
+    monkeypatch.setattr(writer_mod.TensorFileWriter, "_raw_write", filling)
+    with pytest.raises(DiskFullError, match="the disk filled up while writing to .*; the partial output was removed"):
+        merge_expression(EXPR, three_models, tmp_path / "out", shard_size="1KB")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    assert {k: sha256_tree(v) for k, v in three_models.items()} == before
+
+
+def test_free_space_is_checked_before_writing(three_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 100))
+    with pytest.raises(DiskFullError, match=r"not enough disk space for the output at .*: need 0.00 GB, 0.00 GB free"):
+        merge_expression(EXPR, three_models, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_existing_output_needs_force(three_models: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(PlanError, match="already exists; pass --force to replace it"):
+        merge_expression(EXPR, three_models, tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    merge_expression(EXPR, three_models, tmp_path / "out", force=True)
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "keep.txt").exists()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "contains"])
+def test_output_overlapping_an_input_is_refused(three_models: dict[str, Path], where: str) -> None:
+    base = three_models["base"]
+    target = {"same": base, "inside": base / "sub", "contains": base.parent}[where]
+    before = sha256_tree(base)
+    with pytest.raises(PlanError, match="refusing to write the output to .*input `"):
+        merge_expression(EXPR, three_models, target, force=True)
+    assert sha256_tree(base) == before
