@@ -1,0 +1,311 @@
+"""Translate a mergekit YAML config into a merge recipe (implies `options.compat: mergekit`).
+
+    recipe, problems = translate(yaml.safe_load(open("config.yml")))
+
+`problems` names every key that cannot be translated (empty when the translation is faithful).
+What maps and how (mergekit's semantics, see docs/methods.md):
+
+- `models[*].model` and `base_model` become `inputs` (the base is named `base`, the others after
+  the last component of their path); `merge_method` becomes one step `merged`.
+- parameters: scalars and gradient lists pass through (our gradients follow mergekit's rule);
+  `lambda` becomes `scale`, `nuslerp_flatten`/`nuslerp_row_wise` become `flatten`/`row_wise`,
+  `int8_mask` is dropped (it only changes the dtype of mergekit's sign mask).
+- filters (`[{filter, value}, ...]`, first substring match wins, then the next level:
+  model → slice → top level) become `overrides` with `regex:` on the escaped substring,
+  emitted in reverse order because in a recipe the last matching override wins.
+- `dtype`/`out_dtype` become `output.dtype` (we compute in float32 whatever the dtype);
+  `tokenizer_source: base` (or a model) becomes `output.copy_files_from`.
+- one `slices` entry whose sources share a `layer_range` starting at 0 is treated as `models`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+# mergekit method -> (our method, how the base model is used)
+#   "base": base_model is our `base`;  "peer": the base joins the models;  "none": not used.
+_METHODS: dict[str, tuple[str, str]] = {
+    "linear": ("linear", "none"),
+    "task_arithmetic": ("task_arithmetic", "base"),
+    "ties": ("ties", "base"),
+    "dare_ties": ("dare_ties", "base"),
+    "dare_linear": ("dare_linear", "base"),
+    "breadcrumbs": ("breadcrumbs", "base"),
+    "breadcrumbs_ties": ("breadcrumbs_ties", "base"),
+    "della": ("della", "base"),
+    "della_linear": ("della_linear", "base"),
+    "model_stock": ("model_stock", "base"),
+    "slerp": ("slerp", "base"),
+    "nuslerp": ("nuslerp", "base"),
+    "multislerp": ("multislerp", "base"),
+    "karcher": ("karcher", "peer"),
+    "passthrough": ("passthrough", "none"),
+}
+_RENAME = {"lambda": "scale", "nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}
+_DROP = {"int8_mask"}  # no effect on the values
+_DTYPES = {"bfloat16", "float16", "float32", "float64"}
+_TOP_KEYS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "name",
+}
+STEP = "merged"
+
+
+def is_mergekit_config(d: Mapping[str, Any]) -> bool:
+    """A mergekit config names `merge_method` and has none of a recipe's `steps`/`inputs`."""
+    return isinstance(d, Mapping) and "merge_method" in d and "steps" not in d and "inputs" not in d
+
+
+def _model_path(ref: Any, where: str, problems: list[str]) -> str | None:
+    if isinstance(ref, Mapping):
+        if ref.get("lora"):
+            problems.append(
+                f"{where}: LoRA model references (`lora:`) are not translated; merge the LoRA first or list it as a delta input"
+            )
+            return None
+        inner = ref.get("model")
+        ref = inner.get("path") if isinstance(inner, Mapping) else inner
+    if not isinstance(ref, str) or not ref:
+        problems.append(f"{where}: expected a model path, got {ref!r}")
+        return None
+    if "+" in ref:
+        problems.append(
+            f"{where}: `{ref}` applies a LoRA (`model+lora`), which is not translated; merge the LoRA first"
+        )
+        return None
+    return ref.split("@", 1)[0]  # a revision cannot be honoured for a local path
+
+
+def _input_name(path: str, taken: set[str]) -> str:
+    stem = (
+        re.sub(r"[^0-9a-zA-Z_]+", "_", path.rstrip("/").rsplit("/", 1)[-1]).strip("_").lower()
+        or "model"
+    )
+    if stem[0].isdigit():
+        stem = f"m_{stem}"
+    name, i = stem, 2
+    while name in taken:
+        name, i = f"{stem}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def _entries(value: Any, where: str, problems: list[str]) -> list[tuple[str | None, Any]] | None:
+    """A parameter setting as [(filter or None, value)], or None when it cannot be translated."""
+    if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+        out: list[tuple[str | None, Any]] = []
+        for i, cond in enumerate(value):
+            f = cond.get("filter")
+            v = _value(cond.get("value"), f"{where}[{i}].value", problems)
+            if v is None:
+                return None
+            out.append((None if f in (None, "*") else str(f), v))
+        return out
+    v = _value(value, where, problems)
+    return None if v is None else [(None, v)]
+
+
+def _value(v: Any, where: str, problems: list[str]) -> Any:
+    if isinstance(v, bool | int | float | str):
+        return v
+    if (
+        isinstance(v, list)
+        and v
+        and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+    ):
+        return [float(x) for x in v]
+    problems.append(
+        f"{where}: value {v!r} cannot be translated (only numbers, booleans, strings and lists of numbers)"
+    )
+    return None
+
+
+def _resolve(levels: list[list[tuple[str | None, Any]]]) -> tuple[Any, list[tuple[str, Any]]]:
+    """First-match-wins across levels -> (fallback value or None, [(filter, value)] in priority order)."""
+    filtered: list[tuple[str, Any]] = []
+    for entries in levels:
+        for f, v in entries:
+            if f is None:
+                return v, filtered
+            filtered.append((f, v))
+    return None, filtered
+
+
+def translate(d: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """mergekit config -> (recipe dict, messages naming every key that cannot be translated)."""
+    problems: list[str] = []
+    for key in d:
+        if key not in _TOP_KEYS:
+            problems.append(f"`{key}`: not a mergekit key this translator knows; remove it")
+    mk_method = str(d.get("merge_method", ""))
+    if mk_method not in _METHODS:
+        problems.append(
+            f"merge_method `{mk_method}` has no counterpart in merge "
+            f"(translated: {', '.join(sorted(_METHODS))})"
+        )
+        return {}, problems
+    method, base_role = _METHODS[mk_method]
+
+    sources: list[tuple[Any, Mapping[str, Any]]] = []  # (model ref, its parameters)
+    slice_params: Mapping[str, Any] = {}
+    if "modules" in d:
+        problems.append("`modules`: multi-module configs are not translated")
+    if "slices" in d and "models" in d:
+        problems.append("give `models` or `slices`, not both")
+    if "models" in d:
+        for m in d.get("models") or []:
+            m = m if isinstance(m, Mapping) else {"model": m}
+            sources.append((m.get("model"), m.get("parameters") or {}))
+    elif "slices" in d:
+        slices = d.get("slices") or []
+        ranges = {tuple(s.get("layer_range") or ()) for sl in slices for s in sl.get("sources", [])}
+        if len(slices) != 1 or len(ranges) != 1 or next(iter(ranges))[:1] != (0,):
+            problems.append(
+                "`slices`: layer stacking or partial layer ranges (frankenmerges) cannot be "
+                "expressed in a recipe yet; only one slice whose sources all use the same "
+                "`layer_range` starting at 0 is translated"
+            )
+            return {}, problems
+        slice_params = slices[0].get("parameters") or {}
+        if slices[0].get("base_model"):
+            problems.append(
+                "`slices[0].base_model`: a per-slice base model is not translated; use the top-level `base_model`"
+            )
+        for s in slices[0].get("sources", []):
+            sources.append((s.get("model"), s.get("parameters") or {}))
+    else:
+        problems.append("a mergekit config needs `models` or `slices`")
+
+    taken: set[str] = set()
+    inputs: dict[str, str] = {}
+    base_path = None
+    if d.get("base_model") is not None:
+        base_path = _model_path(d["base_model"], "base_model", problems)
+        if base_path is not None:
+            inputs["base"] = base_path
+            taken.add("base")
+    models: list[tuple[str, Mapping[str, Any]]] = []
+    for i, (ref, params) in enumerate(sources):
+        path = _model_path(ref, f"models[{i}].model", problems)
+        if path is None:
+            continue
+        if path == base_path:
+            if base_role == "base" or base_role == "peer":
+                continue  # the base listed among the models (mergekit lists it too)
+            models.append(("base", params))
+            continue
+        name = _input_name(path, taken)
+        inputs[name] = path
+        models.append((name, params))
+    if base_role == "peer" and base_path is not None:
+        models.append(("base", {}))
+
+    from merge.methods import get_method  # late: importing the registry loads every method
+
+    spec = get_method(method)
+    per_model = set(spec.per_model)
+    valid = per_model | set(spec.global_params)
+
+    def our_name(key: str, where: str) -> str | None:
+        if key in _DROP:
+            return None
+        name = _RENAME.get(key, key)
+        if name not in valid:
+            problems.append(
+                f"{where}: parameter `{key}` has no counterpart in `{method}` (it takes: {', '.join(sorted(valid))})"
+            )
+            return None
+        return name
+
+    def parsed(params: Mapping[str, Any], where: str) -> dict[str, list[tuple[str | None, Any]]]:
+        out = {}
+        for k, v in params.items():
+            n = our_name(k, f"{where}.{k}")
+            if n is None:
+                continue
+            e = _entries(v, f"{where}.{k}", problems)
+            if e is not None:
+                out[n] = e
+        return out
+
+    top = parsed(d.get("parameters") or {}, "parameters")
+    sliced = parsed(slice_params, "slices[0].parameters")
+    step: dict[str, Any] = {"method": method}
+    if base_role == "base" and base_path is not None:
+        step["base"] = "base"
+    overrides: list[dict[str, Any]] = []
+    global_overrides: list[dict[str, Any]] = []
+    for name_ in sorted(set(top) | set(sliced)):
+        if name_ in per_model:
+            continue
+        fallback, filters = _resolve([sliced.get(name_, []), top.get(name_, [])])
+        if fallback is not None:
+            step[name_] = fallback
+        for f, v in reversed(filters):
+            global_overrides.append({"regex": re.escape(f), "step": STEP, name_: v})
+    model_map: dict[str, dict[str, Any]] = {}
+    for i, (name, params) in enumerate(models):
+        own = parsed(params, f"models[{i}].parameters")
+        mp: dict[str, Any] = {}
+        for p in sorted(per_model & (set(own) | set(sliced) | set(top))):
+            fallback, filters = _resolve([own.get(p, []), sliced.get(p, []), top.get(p, [])])
+            if fallback is not None:
+                mp[p] = fallback
+            for f, v in reversed(filters):
+                overrides.append({"regex": re.escape(f), "step": STEP, "input": name, p: v})
+        model_map[name] = mp
+    step["models"] = model_map
+
+    recipe: dict[str, Any] = {
+        "version": 1,
+        "description": f"translated from a mergekit `{mk_method}` config",
+        "inputs": inputs,
+        "steps": {STEP: step},
+        "output": {"from": STEP},
+        "options": {"compat": "mergekit"},
+    }
+    dtype = d.get("out_dtype") or d.get("dtype")
+    if dtype is not None:
+        dt = str(dtype).removeprefix("torch.")
+        if dt in _DTYPES:
+            recipe["output"]["dtype"] = dt
+        else:
+            problems.append(f"dtype `{dtype}`: not one of {', '.join(sorted(_DTYPES))}")
+    tok = d.get("tokenizer_source")
+    if isinstance(d.get("tokenizer"), Mapping):
+        t = d["tokenizer"]
+        tok = t.get("source")
+        extra = sorted(set(t) - {"source"})
+        if extra:
+            problems.append(
+                f"tokenizer.{', tokenizer.'.join(extra)}: per-token sources and padding are not translated"
+            )
+    if tok is not None:
+        if tok == "base" and "base" in inputs:
+            recipe["output"]["copy_files_from"] = "base"
+        elif tok == "union":
+            problems.append(
+                "tokenizer_source: union builds a merged vocabulary and re-maps embedding rows, "
+                "which merge does not do; merge models that share a vocabulary, or use "
+                "`tokenizer_source: base`"
+            )
+        else:
+            path = _model_path(tok, "tokenizer_source", problems)
+            match = [n for n, p in inputs.items() if p == path]
+            if match:
+                recipe["output"]["copy_files_from"] = match[0]
+            elif path is not None:
+                problems.append(f"tokenizer_source `{tok}` is not one of the merged models")
+    if global_overrides or overrides:
+        recipe["overrides"] = global_overrides + overrides
+    return recipe, problems

@@ -1,0 +1,213 @@
+"""mergekit configs translated into recipes: exact dict equality and named refusals."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from merge.mergekit_import import is_mergekit_config, translate
+
+TIES_YML = """
+models:
+  - model: psmathur/orca_mini_v3_13b
+    parameters:
+      density: [1, 0.7, 0.1] # density gradient
+      weight: 1.0
+  - model: garage-bAInd/Platypus2-13B
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1] # weight gradient
+  - model: WizardLM/WizardMath-13B-V1.0
+    parameters:
+      density: 0.33
+      weight:
+        - filter: mlp
+          value: 0.5
+        - value: 0
+merge_method: ties
+base_model: TheBloke/Llama-2-13B-fp16
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float16
+"""
+
+SLERP_YML = """
+slices:
+  - sources:
+      - model: psmathur/orca_mini_v3_13b
+        layer_range: [0, 40]
+      - model: garage-bAInd/Platypus2-13B
+        layer_range: [0, 40]
+merge_method: slerp
+base_model: psmathur/orca_mini_v3_13b
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5 # fallback for rest of tensors
+dtype: float16
+"""
+
+FRANKEN_YML = """
+slices:
+  - sources:
+    - model: psmathur/orca_mini_v3_13b
+      layer_range: [0, 24]
+  - sources:
+    - model: garage-bAInd/Platypus2-13B
+      layer_range: [20, 40]
+merge_method: passthrough
+dtype: float16
+"""
+
+
+def test_ties_example_translates_exactly():
+    d = yaml.safe_load(TIES_YML)
+    assert is_mergekit_config(d)
+    recipe, problems = translate(d)
+    assert problems == []
+    assert recipe == {
+        "version": 1,
+        "description": "translated from a mergekit `ties` config",
+        "inputs": {
+            "base": "TheBloke/Llama-2-13B-fp16",
+            "orca_mini_v3_13b": "psmathur/orca_mini_v3_13b",
+            "platypus2_13b": "garage-bAInd/Platypus2-13B",
+            "wizardmath_13b_v1_0": "WizardLM/WizardMath-13B-V1.0",
+        },
+        "steps": {
+            "merged": {
+                "method": "ties",
+                "base": "base",
+                "normalize": True,
+                "models": {
+                    "orca_mini_v3_13b": {"density": [1.0, 0.7, 0.1], "weight": 1.0},
+                    "platypus2_13b": {"density": 0.5, "weight": [0.0, 0.3, 0.7, 1.0]},
+                    "wizardmath_13b_v1_0": {"density": 0.33, "weight": 0},
+                },
+            }
+        },
+        "output": {"from": "merged", "dtype": "float16"},
+        "options": {"compat": "mergekit"},
+        "overrides": [
+            {"regex": "mlp", "step": "merged", "input": "wizardmath_13b_v1_0", "weight": 0.5}
+        ],
+    }
+
+
+def test_slerp_slices_with_filters_become_overrides_in_reverse_order():
+    recipe, problems = translate(yaml.safe_load(SLERP_YML))
+    assert problems == []
+    assert recipe["inputs"] == {
+        "base": "psmathur/orca_mini_v3_13b",
+        "platypus2_13b": "garage-bAInd/Platypus2-13B",
+    }
+    assert recipe["steps"]["merged"] == {
+        "method": "slerp",
+        "base": "base",
+        "t": 0.5,
+        "models": {"platypus2_13b": {}},
+    }
+    # mergekit: first matching filter wins; recipe: last matching override wins
+    assert recipe["overrides"] == [
+        {"regex": "mlp", "step": "merged", "t": [1.0, 0.5, 0.7, 0.3, 0.0]},
+        {"regex": "self_attn", "step": "merged", "t": [0.0, 0.5, 0.3, 0.7, 1.0]},
+    ]
+
+
+def test_model_level_fallback_shadows_top_level_filters():
+    recipe, problems = translate(
+        {
+            "merge_method": "dare_ties",
+            "base_model": "/m/base",
+            "models": [
+                {"model": "/m/a", "parameters": {"weight": 1.0, "density": 0.4}},
+                {
+                    "model": "/m/b",
+                    "parameters": {"weight": 0.5, "density": [{"filter": "attn", "value": 0.9}]},
+                },
+            ],
+            "parameters": {
+                "density": [{"filter": "mlp", "value": 0.2}, {"value": 0.6}],
+                "lambda": 0.8,
+            },
+        }
+    )
+    assert problems == []
+    step = recipe["steps"]["merged"]
+    assert step["scale"] == 0.8
+    assert step["models"] == {
+        "a": {"density": 0.4, "weight": 1.0},
+        "b": {"density": 0.6, "weight": 0.5},
+    }
+    assert recipe["overrides"] == [
+        {"regex": "mlp", "step": "merged", "input": "b", "density": 0.2},
+        {"regex": "attn", "step": "merged", "input": "b", "density": 0.9},
+    ]
+
+
+def test_karcher_takes_the_base_as_a_peer_and_tokenizer_base_copies_files():
+    recipe, problems = translate(
+        {
+            "merge_method": "karcher",
+            "base_model": "/m/base",
+            "models": [{"model": "/m/a"}, {"model": "/m/b"}],
+            "parameters": {"max_iter": 20},
+            "tokenizer_source": "base",
+        }
+    )
+    assert problems == []
+    assert recipe["steps"]["merged"] == {
+        "method": "karcher",
+        "max_iter": 20,
+        "models": {"a": {}, "b": {}, "base": {}},
+    }
+    assert recipe["output"] == {"from": "merged", "copy_files_from": "base"}
+
+
+def test_untranslatable_keys_are_each_named():
+    _, problems = translate(yaml.safe_load(FRANKEN_YML))
+    assert len(problems) == 1 and problems[0].startswith(
+        "`slices`: layer stacking or partial layer ranges"
+    )
+    _, problems = translate(
+        {
+            "merge_method": "ties",
+            "base_model": "/m/base",
+            "models": [{"model": "/m/a", "parameters": {"densty": 0.5}}],
+            "tokenizer_source": "union",
+            "chat_template": "chatml",
+        }
+    )
+    assert problems == [
+        "`chat_template`: not a mergekit key this translator knows; remove it",
+        "models[0].parameters.densty: parameter `densty` has no counterpart in `ties` (it takes: compat, density, elect, normalize, scale, weight)",
+        "tokenizer_source: union builds a merged vocabulary and re-maps embedding rows, which merge does not do; merge models that share a vocabulary, or use `tokenizer_source: base`",
+    ]
+    _, problems = translate({"merge_method": "sce", "models": [{"model": "/m/a"}]})
+    assert problems[0].startswith("merge_method `sce` has no counterpart in merge")
+
+
+def test_lora_references_are_refused():
+    _, problems = translate(
+        {
+            "merge_method": "linear",
+            "models": [{"model": "/m/a+/l/lora", "parameters": {"weight": 1}}],
+        }
+    )
+    assert "applies a LoRA (`model+lora`)" in problems[0]
+
+
+@pytest.mark.parametrize("text", [TIES_YML, SLERP_YML])
+def test_translations_validate_as_recipes(text):
+    recipe_mod = pytest.importorskip("merge.recipe")
+    recipe, _ = translate(yaml.safe_load(text))
+    program = recipe_mod.compile_recipe(recipe_mod.Recipe.model_validate(recipe))
+    assert program.output_step == "merged"
+
+
+def test_recipes_are_not_mergekit_configs():
+    assert not is_mergekit_config({"version": 1, "inputs": {}, "steps": {}})
