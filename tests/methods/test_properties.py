@@ -33,9 +33,8 @@ def call(
         kwargs[p] = [1.0 if default is None else default] * len(tensors)
     if "density" in spec.per_model:
         kwargs["density"] = [0.5] * len(tensors)  # exercise the sparsifiers
-    if "statistics" in spec.signature.parameters and "needs_statistics" in spec.properties:
-        if spec.name == "fisher":
-            kwargs["statistics"] = [torch.ones_like(t) for t in tensors]
+    if spec.name == "fisher":  # regmean without statistics is the weighted mean
+        kwargs["statistics"] = [torch.ones_like(t) for t in tensors]
     if spec.random:
         kwargs["generator"] = torch.Generator().manual_seed(seed)
     return spec.fn(tensors, **kwargs)
