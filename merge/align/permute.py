@@ -39,7 +39,9 @@ def permute_tensor(
     return t
 
 
-def apply_permutation(spec: PermutationSpec, perms: Mapping[str, np.ndarray], state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def apply_permutation(
+    spec: PermutationSpec, perms: Mapping[str, np.ndarray], state: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
     """π(state): every member axis gathered by its group's permutation; other tensors as they are.
 
     `perms[g][i]` is the index of the unit of `state` that lands at position i (Git Re-Basin's
@@ -52,7 +54,9 @@ def apply_permutation(spec: PermutationSpec, perms: Mapping[str, np.ndarray], st
         size = spec.groups[name].size
         p = np.asarray(p)
         if p.shape != (size,) or not np.array_equal(np.sort(p), np.arange(size)):
-            raise SpecError(f"the permutation for group `{name}` is not a permutation of range({size})")
+            raise SpecError(
+                f"the permutation for group `{name}` is not a permutation of range({size})"
+            )
     spec.check(state)
     out = dict(state)
     for tensor, axes in spec.axes_to_groups().items():

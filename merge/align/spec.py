@@ -124,7 +124,9 @@ class PermutationSpec:
                 s = shapes[m.tensor]
                 shape = tuple(s.shape) if isinstance(s, Tensor) else tuple(s)
                 if not -len(shape) <= m.axis < len(shape):
-                    problems.append(f"group `{g.name}`: `{m.tensor}` has shape {shape}, no axis {m.axis}")
+                    problems.append(
+                        f"group `{g.name}`: `{m.tensor}` has shape {shape}, no axis {m.axis}"
+                    )
                     continue
                 need = m.offset + g.size * m.block
                 if need > shape[m.axis] or m.block < 1 or m.offset < 0:
@@ -205,11 +207,15 @@ def spec_from_dict(data: Mapping[str, Any], *, source: str = "hand-written") -> 
         raise SpecError(f"permutation spec {source}: expected a mapping with a `groups:` key")
     unknown = set(data) - {"groups", "buffers", "fixed"}
     if unknown:
-        problems.append(f"unknown top-level keys: {', '.join(sorted(unknown))} (expected groups, buffers, fixed)")
+        problems.append(
+            f"unknown top-level keys: {', '.join(sorted(unknown))} (expected groups, buffers, fixed)"
+        )
     groups: dict[str, Group] = {}
     raw_groups = data["groups"]
     if not isinstance(raw_groups, Mapping):
-        raise SpecError(f"permutation spec {source}: `groups` must map group names to {{size, members}}")
+        raise SpecError(
+            f"permutation spec {source}: `groups` must map group names to {{size, members}}"
+        )
     for name, raw in raw_groups.items():
         where = f"groups.{name}"
         if not isinstance(raw, Mapping) or "members" not in raw or "size" not in raw:
@@ -278,5 +284,7 @@ def load_spec(path: str | Path) -> PermutationSpec:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise SpecError(f"permutation spec {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from e
+        raise SpecError(
+            f"permutation spec {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}"
+        ) from e
     return spec_from_dict(data, source=str(path))

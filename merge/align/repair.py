@@ -1,0 +1,197 @@
+"""BatchNorm statistics reset and REPAIR for interpolated models (Jordan et al., ICLR 2023).
+
+Interpolating two aligned networks shrinks the variance of hidden activations ("variance
+collapse"). `reset_batchnorm` recomputes BatchNorm running statistics on data (cumulative
+average, `momentum=None`); `repair` rescales every channel of the interpolated model so that its
+mean and standard deviation equal the interpolation of the endpoints':
+
+    μ_goal = (1−α) μ_A + α μ_B,   σ_goal = (1−α) σ_A + α σ_B
+    y' = (y − μ) · σ_goal/σ + μ_goal       (folded into the layer's weight and bias)
+
+Both work in place on in-memory modules and return the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from merge.align.trace import eval_mode, split_batch
+from merge.errors import UsageError
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+def _batches(data: Iterable[Any], num_batches: int | None) -> Iterable[Any]:
+    for i, batch in enumerate(data):
+        if num_batches is not None and i >= num_batches:
+            return
+        yield batch
+
+
+def _run(model: nn.Module, data: Iterable[Any], num_batches: int | None) -> int:
+    seen = 0
+    for batch in _batches(data, num_batches):
+        args, kwargs = split_batch(batch)
+        model(*args, **kwargs)
+        seen += 1
+    if not seen:
+        raise UsageError("the data yielded no batches")
+    return seen
+
+
+@torch.no_grad()
+def reset_batchnorm(
+    model: nn.Module, data: Iterable[Any], num_batches: int | None = None
+) -> nn.Module:
+    """Recompute every BatchNorm's running mean/var as the average over `data` (all other modules
+    in eval mode, so dropout is off); momentum and train/eval flags are restored afterwards."""
+    bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+    if not bns:
+        return model
+    momenta = [bn.momentum for bn in bns]
+    with eval_mode(model):
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative moving average: every batch weighs the same
+            bn.train()
+        try:
+            _run(model, data, num_batches)
+        finally:
+            for bn, m in zip(bns, momenta):
+                bn.momentum = m
+    return model
+
+
+def _channel_axis(module: nn.Module, x: Tensor) -> int:
+    return x.dim() - 1 if isinstance(module, nn.Linear) else 1
+
+
+def repair_points(model: nn.Module) -> list[str]:
+    """Where REPAIR corrects: BatchNorm layers (affine) and Linear/Conv layers with a bias, except
+    the last Linear/Conv (the classifier, whose output order and scale are the function)."""
+    layers = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear | nn.modules.conv._ConvNd)
+    ]
+    last = layers[-1][0] if layers else None
+    out = []
+    for name, m in model.named_modules():
+        if (isinstance(m, _BN) and m.affine) or (
+            isinstance(m, nn.Linear | nn.modules.conv._ConvNd)
+            and m.bias is not None
+            and name != last
+        ):
+            out.append(name)
+    return out
+
+
+class _Stats:
+    """Per-channel running sums of one module's output, in float64."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.s: Tensor | None = None
+        self.ss: Tensor | None = None
+
+    def add(self, x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+        x = x.movedim(axis, -1).reshape(-1, x.shape[axis]).double()  # (samples, C)
+        s, ss = x.sum(0), (x * x).sum(0)
+        self.n += x.shape[0]
+        self.s = s if self.s is None else self.s + s
+        self.ss = ss if self.ss is None else self.ss + ss
+        return s / x.shape[0], ((ss / x.shape[0]) - (s / x.shape[0]) ** 2).clamp_min(0).sqrt()
+
+    def mean_std(self) -> tuple[Tensor, Tensor]:
+        assert self.s is not None and self.ss is not None
+        mean = self.s / self.n
+        return mean, (self.ss / self.n - mean**2).clamp_min(0).sqrt()
+
+
+def _endpoint_stats(
+    model: nn.Module, points: list[str], data: Iterable[Any], num_batches: int | None
+) -> dict[str, _Stats]:
+    stats = {p: _Stats() for p in points}
+    mods = dict(model.named_modules())
+    hooks = [
+        mods[p].register_forward_hook(
+            lambda m, i, o, p=p: stats[p].add(o, _channel_axis(m, o)) and None
+        )
+        for p in points
+    ]
+    try:
+        with eval_mode(model):
+            _run(model, data, num_batches)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+@torch.no_grad()
+def repair(
+    model: nn.Module,
+    model_a: nn.Module,
+    model_b: nn.Module,
+    alpha: float,
+    data: Iterable[Any],
+    *,
+    num_batches: int | None = None,
+    eps: float = 1e-5,
+) -> nn.Module:
+    """REPAIR `model` (the interpolation (1−α)·A + α·B of aligned `model_a`, `model_b`) in place.
+
+    One pass over `data` per endpoint collects each point's channel statistics; one pass over the
+    interpolated model, with each point already corrected by its batch statistics (as REPAIR's
+    reset layers do), measures what to fold into the weights. See `repair_points` for where.
+    """
+    points = repair_points(model)
+    if not points:
+        return model
+    sa = _endpoint_stats(model_a, points, data, num_batches)
+    sb = _endpoint_stats(model_b, points, data, num_batches)
+    goal = {}
+    for p in points:
+        (ma, da), (mb, db) = sa[p].mean_std(), sb[p].mean_std()
+        goal[p] = ((1 - alpha) * ma + alpha * mb, (1 - alpha) * da + alpha * db)
+    stats = {p: _Stats() for p in points}
+    mods = dict(model.named_modules())
+
+    def correct(p: str, m: nn.Module, out: Tensor) -> Tensor:
+        axis = _channel_axis(m, out)
+        mean, std = stats[p].add(out, axis)
+        mu, sd = goal[p]
+        shape = [1] * out.dim()
+        shape[axis] = -1
+        scale = (sd / (std + eps)).to(out.dtype).view(shape)
+        return (out - mean.to(out.dtype).view(shape)) * scale + mu.to(out.dtype).view(shape)
+
+    hooks = [mods[p].register_forward_hook(lambda m, i, o, p=p: correct(p, m, o)) for p in points]
+    try:
+        with eval_mode(model):
+            _run(model, data, num_batches)
+    finally:
+        for h in hooks:
+            h.remove()
+    for p in points:
+        m = mods[p]
+        mean, std = stats[p].mean_std()
+        mu, sd = goal[p]
+        scale = sd / (std + eps)
+        shift = mu - mean * scale  # y' = y·scale + shift
+        if isinstance(m, _BN):
+            m.weight.mul_(scale.to(m.weight.dtype))
+            m.bias.mul_(scale.to(m.bias.dtype)).add_(shift.to(m.bias.dtype))
+        else:
+            w = m.weight
+            if isinstance(m, nn.modules.conv._ConvTransposeNd):
+                view = [1, -1] + [1] * (w.dim() - 2)  # (C_in, C_out/groups, ...)
+            else:
+                view = [-1] + [1] * (w.dim() - 1)
+            w.mul_(scale.to(w.dtype).view(view))
+            m.bias.mul_(scale.to(m.bias.dtype)).add_(shift.to(m.bias.dtype))
+    return model
