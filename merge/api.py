@@ -1,8 +1,8 @@
 """The Python API: build a merge from an expression or a recipe, stream it to disk or memory.
 
-    from merge.api import merge_expression
-    merge_expression("base + 0.7 * (math - base) - 0.4 * (toxic - base)",
-                     {"base": "llama/", "math": "llama-math/", "toxic": "llama-toxic/"}, "out/")
+from merge.api import merge_expression
+merge_expression("base + 0.7 * (math - base) - 0.4 * (toxic - base)",
+                 {"base": "llama/", "math": "llama-math/", "toxic": "llama-toxic/"}, "out/")
 """
 
 from __future__ import annotations
@@ -71,7 +71,15 @@ def run_recipe(
     passthrough_from: str | None = None,
 ) -> Path:
     """Plan and execute a recipe into `output` (default: the recipe's `output.path`)."""
-    plan = plan_recipe(recipe, vars=vars, dtype=dtype, keys=keys, unsafe_pickle=unsafe_pickle, preopened=preopened, passthrough_from=passthrough_from)
+    plan = plan_recipe(
+        recipe,
+        vars=vars,
+        dtype=dtype,
+        keys=keys,
+        unsafe_pickle=unsafe_pickle,
+        preopened=preopened,
+        passthrough_from=passthrough_from,
+    )
     try:
         target = output or plan.program.recipe.output.path
         if target is None:
@@ -102,7 +110,12 @@ def evaluate_recipe_in_memory(
 
 
 def expression_recipe(expression: str, inputs: Mapping[str, str], **output: Any) -> dict[str, Any]:
-    return {"version": 1, "inputs": dict(inputs), "steps": {"result": expression}, "output": {k: v for k, v in output.items() if v is not None}}
+    return {
+        "version": 1,
+        "inputs": dict(inputs),
+        "steps": {"result": expression},
+        "output": {k: v for k, v in output.items() if v is not None},
+    }
 
 
 def merge_expression(
@@ -121,20 +134,30 @@ def merge_expression(
 ) -> Path | dict[str, Tensor]:
     """Evaluate a task-vector expression over named inputs; write to `output`, or return tensors if None."""
     paths, opened = _split_inputs(inputs)
-    recipe = expression_recipe(expression, paths, dtype=dtype, shard_size=shard_size, copy_files_from=copy_files_from)
+    recipe = expression_recipe(
+        expression, paths, dtype=dtype, shard_size=shard_size, copy_files_from=copy_files_from
+    )
     recipe["options"] = {"keys": keys, "seed": seed}
     if output is None:
         return evaluate_recipe_in_memory(recipe, preopened=opened, device=device)
     return run_recipe(recipe, output, force=force, quiet=quiet, device=device, preopened=opened)
 
 
-def linear_recipe(paths: Sequence[str], weights: Sequence[float] | None, *, normalize: bool = True) -> dict[str, Any]:
+def linear_recipe(
+    paths: Sequence[str], weights: Sequence[float] | None, *, normalize: bool = True
+) -> dict[str, Any]:
     """`merge linear` as a recipe: the `linear` method over inputs named m0, m1, ..."""
     names = [f"m{i}" for i in range(len(paths))]
     w = list(weights) if weights is not None else [1.0] * len(paths)
     return {
         "version": 1,
         "inputs": dict(zip(names, paths)),
-        "steps": {"soup": {"method": "linear", "models": {n: {"weight": wi} for n, wi in zip(names, w)}, "normalize": normalize}},
+        "steps": {
+            "soup": {
+                "method": "linear",
+                "models": {n: {"weight": wi} for n, wi in zip(names, w)},
+                "normalize": normalize,
+            }
+        },
         "output": {"copy_files_from": names[0]},
     }

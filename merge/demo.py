@@ -28,7 +28,11 @@ LAMBDA_GRID = (0.4, 0.6, 0.8, 1.0)
 def make_demo_model() -> nn.Module:
     """The demo's network: 32 inputs -> 2 hidden layers -> 4 tasks x 4 classes."""
     return nn.Sequential(
-        nn.Linear(TASKS * BLOCK, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, TASKS * CLASSES)
+        nn.Linear(TASKS * BLOCK, HIDDEN),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, HIDDEN),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, TASKS * CLASSES),
     )
 
 
@@ -53,7 +57,9 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> list[float]:
     return [100.0 * float((pred[:, t] == y[:, t]).float().mean()) for t in range(TASKS)]
 
 
-def train(model: nn.Module, x: Tensor, y: Tensor, tasks: list[int], steps: int, lr: float, seed: int) -> nn.Module:
+def train(
+    model: nn.Module, x: Tensor, y: Tensor, tasks: list[int], steps: int, lr: float, seed: int
+) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
@@ -96,7 +102,9 @@ def run_demo(workdir: Path, *, force: bool = False, quiet: bool = False) -> str:
     workdir = Path(workdir)
     if workdir.exists():
         if not force and any(workdir.iterdir()):
-            raise PlanError(f"demo folder {workdir} already exists; pass --force to replace it, or --workdir elsewhere")
+            raise PlanError(
+                f"demo folder {workdir} already exists; pass --force to replace it, or --workdir elsewhere"
+            )
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     torch.manual_seed(0)
@@ -125,10 +133,24 @@ def run_demo(workdir: Path, *, force: bool = False, quiet: bool = False) -> str:
     rows: list[tuple[str, list[float]]] = [("base", score(workdir / "base"))]
     rows += [(f"fine-tune task{t}", score(workdir / f"task{t}")) for t in range(TASKS)]
     tvs = " + ".join(f"(task{t} - base)" for t in range(TASKS))
-    recipes = {
-        "average": (_recipe(workdir, "average.yaml", " + ".join(f"{1 / TASKS:g} * task{t}" for t in range(TASKS)), 0.0), {}),
-        "task arithmetic": (_recipe(workdir, "task-arithmetic.yaml", f"base + lam * ({tvs})", 1.0), {}),
-        "negate task0": (_recipe(workdir, "negate-task0.yaml", "base - lam * (task0 - base)", 1.0), {}),
+    recipes: dict[str, tuple[Path, dict[str, float]]] = {
+        "average": (
+            _recipe(
+                workdir,
+                "average.yaml",
+                " + ".join(f"{1 / TASKS:g} * task{t}" for t in range(TASKS)),
+                0.0,
+            ),
+            {},
+        ),
+        "task arithmetic": (
+            _recipe(workdir, "task-arithmetic.yaml", f"base + lam * ({tvs})", 1.0),
+            {},
+        ),
+        "negate task0": (
+            _recipe(workdir, "negate-task0.yaml", "base - lam * (task0 - base)", 1.0),
+            {},
+        ),
     }
     # Choose the task-arithmetic coefficient on held-out data, as the paper does, with in-memory merges.
     x_val, y_val = make_tasks(2048, seed=3)
@@ -136,23 +158,31 @@ def run_demo(workdir: Path, *, force: bool = False, quiet: bool = False) -> str:
     best_lam, best_acc = 1.0, -1.0
     for lam in LAMBDA_GRID:
         model.load_state_dict(evaluate_recipe_in_memory(ta_recipe, vars={"lam": lam}))
-        acc = sum(accuracy(model, x_val, y_val)) / TASKS
-        if acc > best_acc:
-            best_lam, best_acc = lam, acc
+        val_acc = sum(accuracy(model, x_val, y_val)) / TASKS
+        if val_acc > best_acc:
+            best_lam, best_acc = lam, val_acc
     say(f"task arithmetic: lam = {best_lam} chosen on validation data from {list(LAMBDA_GRID)}")
     say("merging with the engine: " + ", ".join(str(p.name) for p, _ in recipes.values()))
     for label, (recipe, _) in recipes.items():
         chosen = {"lam": best_lam} if label == "task arithmetic" else None
-        out = run_recipe(recipe, workdir / f"merged-{recipe.stem}", vars=chosen, quiet=True, force=True)
+        out = run_recipe(
+            recipe, workdir / f"merged-{recipe.stem}", vars=chosen, quiet=True, force=True
+        )
         rows.append((label if chosen is None else f"{label} ({best_lam:g})", score(out)))
 
     lines = [f"per-task test accuracy (%), {TASKS} synthetic tasks; files in {workdir}/", ""]
-    lines.append(f"{'model':<22}" + "".join(f"{'task' + str(t):>8}" for t in range(TASKS)) + f"{'mean':>8}")
+    lines.append(
+        f"{'model':<22}" + "".join(f"{'task' + str(t):>8}" for t in range(TASKS)) + f"{'mean':>8}"
+    )
     for label, acc in rows:
-        lines.append(f"{label:<22}" + "".join(f"{a:8.1f}" for a in acc) + f"{sum(acc) / len(acc):8.1f}")
+        lines.append(
+            f"{label:<22}" + "".join(f"{a:8.1f}" for a in acc) + f"{sum(acc) / len(acc):8.1f}"
+        )
     neg = dict(rows)["negate task0"]
     lines.append("")
-    lines.append(f"task arithmetic vs average: {sum(rows[-2][1]) / TASKS:.1f} vs {sum(dict(rows)['average']) / TASKS:.1f} mean accuracy")
+    lines.append(
+        f"task arithmetic vs average: {sum(rows[-2][1]) / TASKS:.1f} vs {sum(dict(rows)['average']) / TASKS:.1f} mean accuracy"
+    )
     b = dict(rows)["base"]
     lines.append("")
     lines.append(
@@ -164,5 +194,7 @@ def run_demo(workdir: Path, *, force: bool = False, quiet: bool = False) -> str:
         alignment_act = None  # type: ignore[assignment]
     if alignment_act is not None:
         lines += ["", alignment_act(workdir / "alignment", quiet=quiet)]
-    lines.append(f"done in {time.perf_counter() - start:.1f} s; recipes: {', '.join(p.name for p, _ in recipes.values())}")
+    lines.append(
+        f"done in {time.perf_counter() - start:.1f} s; recipes: {', '.join(p.name for p, _ in recipes.values())}"
+    )
     return "\n".join(lines)

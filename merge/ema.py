@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 
 from merge.errors import UsageError
@@ -51,10 +52,12 @@ def step_decays(steps: Sequence[int], step_decay: float) -> list[float]:
     from checkpoints alone.
     """
     _check_decay(step_decay, "--step-decay")
-    for a, b in zip(steps, steps[1:]):
+    for a, b in pairwise(steps):
         if b <= a:
-            raise UsageError(f"checkpoint steps must increase: got {a} then {b}; list checkpoints in training order")
-    return [1.0] + [step_decay ** (b - a) for a, b in zip(steps, steps[1:])]
+            raise UsageError(
+                f"checkpoint steps must increase: got {a} then {b}; list checkpoints in training order"
+            )
+    return [1.0] + [step_decay ** (b - a) for a, b in pairwise(steps)]
 
 
 def warmup_decay(step: float, decay: float, gamma: float, power: float) -> float:
@@ -68,7 +71,9 @@ def steps_from_names(paths: Sequence[str | Path]) -> list[int]:
     for p in paths:
         m = STEP_IN_NAME.search(Path(p).name.split(".")[0]) or STEP_IN_NAME.search(str(p))
         if m is None:
-            raise UsageError(f"cannot read a training step from the name `{p}`; pass --every N instead")
+            raise UsageError(
+                f"cannot read a training step from the name `{p}`; pass --every N instead"
+            )
         out.append(int(m.group(1)))
     return out
 
@@ -78,19 +83,34 @@ def _check_decay(d: float, flag: str) -> None:
         raise UsageError(f"{flag} must be in [0, 1); got {d}")
 
 
-def ema_recipe(paths: Sequence[str], weights: Sequence[float], *, buffers: str = "average") -> dict[str, object]:
+def ema_recipe(
+    paths: Sequence[str], weights: Sequence[float], *, buffers: str = "average"
+) -> dict[str, object]:
     """A recipe for the weighted sum; float buffers are averaged, or taken from the last checkpoint."""
     names = [f"ckpt{i}" for i in range(len(paths))]
     overrides: list[dict[str, object]] = []
     if buffers == "last":
         for i, n in enumerate(names):
-            overrides.append({"regex": BUFFER_NAMES, "step": "ema", "input": n, "weight": 1.0 if i == len(names) - 1 else 0.0})
+            overrides.append(
+                {
+                    "regex": BUFFER_NAMES,
+                    "step": "ema",
+                    "input": n,
+                    "weight": 1.0 if i == len(names) - 1 else 0.0,
+                }
+            )
     elif buffers != "average":
         raise UsageError(f"--buffers must be `average` or `last`, not `{buffers}`")
     return {
         "version": 1,
         "inputs": dict(zip(names, paths)),
-        "steps": {"ema": {"method": "linear", "models": {n: {"weight": w} for n, w in zip(names, weights)}, "normalize": False}},
+        "steps": {
+            "ema": {
+                "method": "linear",
+                "models": {n: {"weight": w} for n, w in zip(names, weights)},
+                "normalize": False,
+            }
+        },
         "output": {"copy_files_from": names[-1]},
         "overrides": overrides,
     }

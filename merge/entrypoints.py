@@ -66,7 +66,9 @@ def _import(module_part: str, what: str, spec: str) -> Any:
             loader_spec.loader.exec_module(module)
         except Exception as e:
             del sys.modules[name]
-            raise UsageError(f"{what} `{spec}`: importing `{module_part}` failed: {type(e).__name__}: {e}") from e
+            raise UsageError(
+                f"{what} `{spec}`: importing `{module_part}` failed: {type(e).__name__}: {e}"
+            ) from e
         finally:
             sys.path.pop(0)
         return module
@@ -87,7 +89,9 @@ def make_model(spec: str | Callable[[], nn.Module]) -> nn.Module:
     except Exception as e:
         raise UsageError(f"--model `{_name(spec)}` raised {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
-        raise UsageError(f"--model `{_name(spec)}` returned {type(model).__name__}, not a torch.nn.Module")
+        raise UsageError(
+            f"--model `{_name(spec)}` returned {type(model).__name__}, not a torch.nn.Module"
+        )
     return model
 
 
@@ -99,15 +103,21 @@ def make_data(spec: str | Callable[[], Iterable[Any]]) -> Iterable[Any]:
     except Exception as e:
         raise UsageError(f"--data `{_name(spec)}` raised {type(e).__name__}: {e}") from e
     if not isinstance(data, Iterable):
-        raise UsageError(f"--data `{_name(spec)}` returned {type(data).__name__}, which is not iterable")
+        raise UsageError(
+            f"--data `{_name(spec)}` returned {type(data).__name__}, which is not iterable"
+        )
     return data
 
 
-def make_evaluator(spec: str | Callable[[nn.Module], Mapping[str, float]]) -> Callable[[nn.Module], Mapping[str, float]]:
+def make_evaluator(
+    spec: str | Callable[[nn.Module], Mapping[str, float]],
+) -> Callable[[nn.Module], Mapping[str, float]]:
     return resolve(spec, "--eval")
 
 
-def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> None:
+def load_weights(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor], *, source: str = "checkpoint"
+) -> None:
     """Copy `tensors` into `model` in place; every missing, unexpected or mis-shaped name is listed."""
     state = model.state_dict()
     missing = sorted(set(state) - set(tensors))
@@ -120,13 +130,18 @@ def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], *, sourc
     if missing or unexpected or shapes:
         parts = []
         if missing:
-            parts.append(f"missing from {source} ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+            parts.append(
+                f"missing from {source} ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+            )
         if unexpected:
-            parts.append(f"not in the model ({len(unexpected)}): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+            parts.append(
+                f"not in the model ({len(unexpected)}): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
+            )
         if shapes:
             parts.append("shape mismatches: " + "; ".join(shapes[:8]))
         raise FormatError(
-            f"the model from --model does not match {source}:\n  " + "\n  ".join(parts)
+            f"the model from --model does not match {source}:\n  "
+            + "\n  ".join(parts)
             + "\n  check that --model builds the architecture the checkpoint was saved from"
         )
     with torch.no_grad():

@@ -40,20 +40,26 @@ from merge.io.writer import (
 from merge.methods import get_method
 from merge.plan import Job, Plan, ResolvedCall
 
-CHUNK_ELEMENTS = 1 << 23  # 8M elements: 32 MiB of float32 per buffer, large enough to stream at memory speed
+CHUNK_ELEMENTS = (
+    1 << 23
+)  # 8M elements: 32 MiB of float32 per buffer, large enough to stream at memory speed
 
 
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PlanError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+        raise PlanError(
+            "--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto"
+        )
     return torch.device(device)
 
 
 def tensor_seed(seed: int, name: str) -> int:
     """A seed for one tensor from (seed, name): independent of order, threads and Python's hash salt."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
+    return int.from_bytes(
+        hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "little"
+    ) & ((1 << 63) - 1)
 
 
 def estimate_peak_bytes(plan: Plan, chunk: int = CHUNK_ELEMENTS) -> int:
@@ -94,7 +100,15 @@ class _Slots:
 class Engine:
     """Runs a Plan into a TensorFileWriter-like sink (`write(name, chunk)`)."""
 
-    def __init__(self, plan: Plan, *, device: str = "cpu", seed: int | None = None, chunk: int = CHUNK_ELEMENTS, quiet: bool = False):
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        device: str = "cpu",
+        seed: int | None = None,
+        chunk: int = CHUNK_ELEMENTS,
+        quiet: bool = False,
+    ):
         self.plan = plan
         self.device = pick_device(device)
         self.seed = plan.program.recipe.options.seed if seed is None else seed
@@ -102,6 +116,7 @@ class Engine:
         self.quiet = quiet
         self._slots = _Slots()
         self._acc: Tensor | None = None
+        self._tmp: Tensor | None = None
         self._out: Tensor | None = None
 
     # -- reading -----------------------------------------------------------------------------------
@@ -131,7 +146,11 @@ class Engine:
         buf: Tensor | None = getattr(self, attr)
         need = n * dtype.itemsize
         if buf is None or buf.numel() < need:
-            buf = torch.empty(max(need, 8 * min(self.chunk, n)), dtype=torch.uint8, device=self.device if attr == "_acc" else "cpu")
+            buf = torch.empty(
+                max(need, 8 * min(self.chunk, n)),
+                dtype=torch.uint8,
+                device=self.device if attr in ("_acc", "_tmp") else "cpu",
+            )
             setattr(self, attr, buf)
         return buf[:need].view(dtype)
 
@@ -157,8 +176,12 @@ class Engine:
                 if c != 1.0:
                     acc.mul_(c)
                 first = False
-            else:
+            elif x.dtype == work:
                 acc.add_(x, alpha=c)
+            else:
+                # A mixed-dtype add_ is ~5x slower than converting into a reused buffer first.
+                tmp = self._buffer("_tmp", n, work)
+                acc.add_(tmp.copy_(x), alpha=c)
         if first:
             acc.zero_()
         out = self._buffer("_out", n, job.out_dtype)
@@ -166,7 +189,9 @@ class Engine:
 
     def _compute_graph(self, job: Job, data: dict[str, Tensor]) -> Tensor:
         work = torch.float64 if job.out_dtype == torch.float64 else torch.float32
-        cache: dict[str, Tensor] = {k: v.to(device=self.device, dtype=work).reshape(job.shape) for k, v in data.items()}
+        cache: dict[str, Tensor] = {
+            k: v.to(device=self.device, dtype=work).reshape(job.shape) for k, v in data.items()
+        }
         result = self._eval_form(job.form, cache, job)
         return result.to(job.out_dtype).cpu()
 
@@ -178,7 +203,11 @@ class Engine:
             else:
                 value = self._call(leaf, cache, job)  # type: ignore[arg-type]
             term = value if c == 1.0 else value * c
-            total = term.clone() if total is None and term is value else (term if total is None else total + term)
+            total = (
+                term.clone()
+                if total is None and term is value
+                else (term if total is None else total + term)
+            )
         if total is None:
             return torch.zeros(job.shape, dtype=torch.float32, device=self.device)
         return total
@@ -186,7 +215,9 @@ class Engine:
     def _call(self, call: ResolvedCall, cache: dict[str, Tensor], job: Job) -> Tensor:
         spec = get_method(call.method)
         models = [self._eval_form(m, cache, job) for m in call.models]
-        kwargs: dict[str, Any] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in call.params}
+        kwargs: dict[str, Any] = {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in call.params
+        }
         if call.base is not None:
             kwargs["base"] = self._eval_form(call.base, cache, job)
         if spec.random:
@@ -200,33 +231,60 @@ class Engine:
         except MergeError:
             raise
         except Exception as e:
-            raise ExecutionError(f"while merging tensor `{job.name}` in step `{call.step}` with `{call.method}`: {type(e).__name__}: {e}") from e
+            raise ExecutionError(
+                f"while merging tensor `{job.name}` in step `{call.step}` with `{call.method}`: {type(e).__name__}: {e}"
+            ) from e
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, write: Callable[[str, Tensor], None]) -> None:
         items = list(self._items())
         total = sum(
-            sum(self.plan.sources[i].meta(it.job.name).dtype.itemsize for i in it.job.inputs) * (it.stop - it.start)
+            sum(self.plan.sources[i].meta(it.job.name).dtype.itemsize for i in it.job.inputs)
+            * (it.stop - it.start)
             + it.job.out_dtype.itemsize * (it.stop - it.start)
             for it in items
         )
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", disable=self.quiet, leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="merging",
+            disable=self.quiet,
+            leave=False,
+            dynamic_ncols=True,
+        )
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-prefetch")
         try:
-            future: Future[dict[str, Tensor]] | None = pool.submit(self._load, items[0], 0) if items else None
+            future: Future[dict[str, Tensor]] | None = (
+                pool.submit(self._load, items[0], 0) if items else None
+            )
             for i, item in enumerate(items):
                 assert future is not None
                 data = future.result()
-                future = pool.submit(self._load, items[i + 1], (i + 1) % 2) if i + 1 < len(items) else None
+                future = (
+                    pool.submit(self._load, items[i + 1], (i + 1) % 2)
+                    if i + 1 < len(items)
+                    else None
+                )
                 job = item.job
                 try:
-                    out = self._compute_graph(job, data) if job.mode == "graph" else self._compute_chunk(item, data)
+                    out = (
+                        self._compute_graph(job, data)
+                        if job.mode == "graph"
+                        else self._compute_chunk(item, data)
+                    )
                 except MergeError:
                     raise
                 except Exception as e:
-                    raise ExecutionError(f"while merging tensor `{job.name}`: {type(e).__name__}: {e}") from e
+                    raise ExecutionError(
+                        f"while merging tensor `{job.name}`: {type(e).__name__}: {e}"
+                    ) from e
                 write(job.name, out)
-                bar.update(sum(v.numel() * v.element_size() for v in data.values()) + out.numel() * out.element_size())
+                bar.update(
+                    sum(v.numel() * v.element_size() for v in data.values())
+                    + out.numel() * out.element_size()
+                )
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
@@ -236,7 +294,9 @@ class Engine:
         parts: dict[str, list[Tensor]] = {}
         self.run(lambda name, t: parts.setdefault(name, []).append(t.detach().clone()))
         shapes = {j.name: j.shape for j in self.plan.jobs}
-        return {k: torch.cat([p.reshape(-1) for p in v]).reshape(shapes[k]) for k, v in parts.items()}
+        return {
+            k: torch.cat([p.reshape(-1) for p in v]).reshape(shapes[k]) for k, v in parts.items()
+        }
 
 
 # ---- output ----------------------------------------------------------------------------------------
@@ -263,7 +323,11 @@ def output_metadata(plan: Plan) -> dict[str, str]:
         "format": "pt",
         "merge_version": __version__,
         "merge_recipe": json.dumps(recipe, sort_keys=True, separators=(",", ":")),
-        "merge_inputs": json.dumps({n: s.fingerprint() for n, s in plan.sources.items()}, sort_keys=True, separators=(",", ":")),
+        "merge_inputs": json.dumps(
+            {n: s.fingerprint() for n, s in plan.sources.items()},
+            sort_keys=True,
+            separators=(",", ":"),
+        ),
     }
 
 
@@ -280,7 +344,9 @@ def write_plan(
     output = Path(output)
     check_output_path(output, plan.sources)
     recipe = plan.program.recipe
-    size = parse_size(shard_size if shard_size is not None else recipe.output.shard_size or DEFAULT_SHARD_SIZE)
+    size = parse_size(
+        shard_size if shard_size is not None else recipe.output.shard_size or DEFAULT_SHARD_SIZE
+    )
     tensors = [OutputTensor(j.name, j.shape, j.out_dtype) for j in plan.jobs]
     meta = output_metadata(plan)
     single = output.suffix == ".safetensors"
@@ -329,4 +395,8 @@ def _copy_support_files(layout: TensorSource, dest: Path, dtype: torch.dtype | N
 
 
 def env_summary() -> dict[str, str]:
-    return {"torch": torch.__version__, "threads": str(torch.get_num_threads()), "pid": str(os.getpid())}
+    return {
+        "torch": torch.__version__,
+        "threads": str(torch.get_num_threads()),
+        "pid": str(os.getpid()),
+    }

@@ -70,7 +70,11 @@ def parse(text: str) -> Node:
 
 
 def _convert(n: ast.AST, text: str) -> Node:
-    if isinstance(n, ast.Constant) and isinstance(n.value, int | float) and not isinstance(n.value, bool):
+    if (
+        isinstance(n, ast.Constant)
+        and isinstance(n.value, int | float)
+        and not isinstance(n.value, bool)
+    ):
         return Num(float(n.value))
     if isinstance(n, ast.Name):
         return Name(n.id)
@@ -135,7 +139,9 @@ class Call:
     models: tuple[Affine, ...]
     base: Affine | None
     params: tuple[tuple[str, object], ...]  # global params; a tuple value is a layer gradient
-    model_params: tuple[tuple[tuple[str, object], ...], ...]  # per-model params, one tuple per model
+    model_params: tuple[
+        tuple[tuple[str, object], ...], ...
+    ]  # per-model params, one tuple per model
     step: str  # the recipe step it came from, for messages and overrides
     model_names: tuple[str, ...] = ()  # the input names of `models`, for per-input overrides
 
@@ -233,7 +239,9 @@ def fold(
                     return b.scaled(a) if isinstance(b, Affine) else a * b
                 if isinstance(b, float):
                     return a.scaled(b)
-                raise ExprError("cannot multiply two models elementwise; one side of `*` must be a number")
+                raise ExprError(
+                    "cannot multiply two models elementwise; one side of `*` must be a number"
+                )
             if isinstance(b, float):  # a / number
                 if b == 0:
                     raise ExprError("division by zero")
@@ -255,7 +263,9 @@ def _fold_call(n: CallExpr, go: object, step: str) -> Call:
     for a in n.args:
         v = go(a)  # type: ignore[operator]
         if not isinstance(v, Affine):
-            raise ExprError(f"`{n.method}(...)` takes models as positional arguments; got the number {v}")
+            raise ExprError(
+                f"`{n.method}(...)` takes models as positional arguments; got the number {v}"
+            )
         models.append(v)
         names.append(v.single_input() or "")
     base: Affine | None = None
@@ -273,7 +283,9 @@ def _fold_call(n: CallExpr, go: object, step: str) -> Call:
         else:
             value = go(raw)  # type: ignore[operator]
             if not isinstance(value, float):
-                raise ExprError(f"parameter `{k}` of `{n.method}` must be a number or a list of numbers")
+                raise ExprError(
+                    f"parameter `{k}` of `{n.method}` must be a number or a list of numbers"
+                )
         if k in spec.per_model:
             # In a call, a list for a per-model parameter gives one value per model.
             if isinstance(value, tuple):
@@ -288,5 +300,7 @@ def _fold_call(n: CallExpr, go: object, step: str) -> Call:
             params.append((k, value))
     if spec.needs_base and base is None:
         raise ExprError(f"method `{n.method}` needs a base: add `base=<input>`")
-    model_params = tuple(tuple((k, vals[i]) for k, vals in per_model.items()) for i in range(len(models)))
+    model_params = tuple(
+        tuple((k, vals[i]) for k, vals in per_model.items()) for i in range(len(models))
+    )
     return Call(n.method, tuple(models), base, tuple(params), model_params, step, tuple(names))

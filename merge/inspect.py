@@ -40,14 +40,28 @@ def describe_checkpoint(path: str, *, limit: int = 40, unsafe_pickle: bool = Fal
             d = str(m.dtype).replace("torch.", "")
             by_dtype[d] += m.nbytes
             params[d] += m.numel
-            rows.append((k, d, "x".join(map(str, m.shape)) or "scalar", _fmt_bytes(m.nbytes), Path(m.file).name if m.file else ""))
-        lines = [f"{src.path}: {type(src).__name__.replace('Source', '')}, {len(keys)} tensors in {max(len(files), 1)} file(s), "
-                 f"{sum(params.values()):,} elements, {_fmt_bytes(sum(by_dtype.values()))}"]
-        lines += [f"  {d}: {params[d]:,} elements, {_fmt_bytes(b)}" for d, b in by_dtype.most_common()]
+            rows.append(
+                (
+                    k,
+                    d,
+                    "x".join(map(str, m.shape)) or "scalar",
+                    _fmt_bytes(m.nbytes),
+                    Path(m.file).name if m.file else "",
+                )
+            )
+        lines = [
+            f"{src.path}: {type(src).__name__.replace('Source', '')}, {len(keys)} tensors in {max(len(files), 1)} file(s), "
+            f"{sum(params.values()):,} elements, {_fmt_bytes(sum(by_dtype.values()))}"
+        ]
+        lines += [
+            f"  {d}: {params[d]:,} elements, {_fmt_bytes(b)}" for d, b in by_dtype.most_common()
+        ]
         if src.metadata if hasattr(src, "metadata") else False:
             meta = src.metadata  # type: ignore[attr-defined]
             if "merge_recipe" in meta:
-                lines.append(f"  made by merge {meta.get('merge_version', '?')}: recipe {meta['merge_recipe'][:200]}")
+                lines.append(
+                    f"  made by merge {meta.get('merge_version', '?')}: recipe {meta['merge_recipe'][:200]}"
+                )
         shown = rows if limit == 0 else rows[:limit]
         width = max((len(r[0]) for r in shown), default=4)
         lines.append(f"  {'tensor':<{width}}  {'dtype':<8}  {'shape':<16}  {'bytes':>10}  file")
@@ -59,7 +73,14 @@ def describe_checkpoint(path: str, *, limit: int = 40, unsafe_pickle: bool = Fal
         src.close()
 
 
-def describe_task_vectors(base: str, models: list[str], *, limit: int = 40, unsafe_pickle: bool = False, quiet: bool = True) -> str:
+def describe_task_vectors(
+    base: str,
+    models: list[str],
+    *,
+    limit: int = 40,
+    unsafe_pickle: bool = False,
+    quiet: bool = True,
+) -> str:
     """Per-tensor ‖τ‖ and ‖τ‖/‖base‖ for each model, and cosines between task vectors τ_i = x_i − base.
 
     Streams one tensor at a time: each input is read once.
@@ -80,31 +101,44 @@ def describe_task_vectors(base: str, models: list[str], *, limit: int = 40, unsa
             for s in srcs:
                 t = s.read(k)
                 if t.shape != bt.shape:
-                    raise PlanError(f"`{k}` has shape {list(t.shape)} in {s.path} but {list(bt.shape)} in {base}")
+                    raise PlanError(
+                        f"`{k}` has shape {list(t.shape)} in {s.path} but {list(bt.shape)} in {base}"
+                    )
                 taus.append((t.to(torch.float64) - bt).reshape(-1))
             T = torch.stack(taus)  # (n, numel)
             d = T @ T.T
             dots += d
             bn = float(bt.norm())
             base_sq += bn * bn
-            norms = d.diagonal().sqrt()
-            rows.append((k, [float(x) for x in norms], bn))
+            rows.append((k, [float(x) for x in d.diagonal().sqrt()], bn))
         lines = [f"task vectors against {base} ({len(names)} float tensors)"]
         total = dots.diagonal().sqrt()
         for i, m in enumerate(models):
-            lines.append(f"  {m}: ‖τ‖ = {total[i]:.6g}, ‖τ‖/‖base‖ = {total[i] / math.sqrt(base_sq) if base_sq else float('nan'):.4g}")
+            lines.append(
+                f"  {m}: ‖τ‖ = {total[i]:.6g}, ‖τ‖/‖base‖ = {total[i] / math.sqrt(base_sq) if base_sq else float('nan'):.4g}"
+            )
         if n > 1:
             lines.append("  cosine(τ_i, τ_j) over the whole model:")
             for i in range(n):
-                cos = [dots[i, j] / (total[i] * total[j]) if total[i] * total[j] > 0 else float("nan") for j in range(n)]
-                lines.append("    " + "  ".join(f"{float(c):+.4f}" for c in cos) + f"   {models[i]}")
+                cos = [
+                    dots[i, j] / (total[i] * total[j]) if total[i] * total[j] > 0 else float("nan")
+                    for j in range(n)
+                ]
+                lines.append(
+                    "    " + "  ".join(f"{float(c):+.4f}" for c in cos) + f"   {models[i]}"
+                )
         rows.sort(key=lambda r: -max(r[1]))
         shown = rows if limit == 0 else rows[:limit]
         width = max((len(r[0]) for r in shown), default=6)
         header = "  ".join(f"‖τ{i}‖ (rel)".rjust(18) for i in range(n))
         lines.append(f"  {'tensor':<{width}}  {header}   (largest first)")
         for k, norms, bn in shown:
-            lines.append(f"  {k:<{width}}  " + "  ".join(f"{x:10.4g} ({x / bn if bn else float('nan'):.3g})".rjust(18) for x in norms))
+            lines.append(
+                f"  {k:<{width}}  "
+                + "  ".join(
+                    f"{x:10.4g} ({x / bn if bn else float('nan'):.3g})".rjust(18) for x in norms
+                )
+            )
         if len(rows) > len(shown):
             lines.append(f"  ... {len(rows) - len(shown)} more (--limit 0 for all)")
         return "\n".join(lines)

@@ -25,7 +25,12 @@ from merge.methods import get_method
 from merge.methods.linear import normalized_weights
 from merge.recipe import Program, all_calls
 
-DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPE_NAMES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 AFFINE_METHODS = ("linear", "task_arithmetic")
 
@@ -74,7 +79,7 @@ class Plan:
 
     @property
     def bytes_read(self) -> int:
-        return sum(self.sources[i].meta(j.name).nbytes for j in self.jobs for i in j.inputs if j.name in self.sources[i].keys_set)  # type: ignore[attr-defined]
+        return sum(self.sources[i].meta(j.name).nbytes for j in self.jobs for i in j.inputs)
 
     @property
     def bytes_written(self) -> int:
@@ -85,7 +90,12 @@ class Plan:
             s.close()
 
 
-def open_inputs(program: Program, *, unsafe_pickle: bool = False, preopened: Mapping[str, TensorSource] | None = None) -> dict[str, TensorSource]:
+def open_inputs(
+    program: Program,
+    *,
+    unsafe_pickle: bool = False,
+    preopened: Mapping[str, TensorSource] | None = None,
+) -> dict[str, TensorSource]:
     """Open every input the output uses: checkpoints first, then deltas (LoRAs) against the base."""
     from merge.io import lora_hook
 
@@ -109,11 +119,11 @@ def open_inputs(program: Program, *, unsafe_pickle: bool = False, preopened: Map
         sources[name] = open_checkpoint(path, unsafe_pickle=unsafe_pickle)
     if missing:
         raise UsageError("missing inputs:\n  " + "\n  ".join(missing))
-    base = sources.get("base") or next((s for s in sources.values() if s.kind == "checkpoint"), None)
+    base = sources.get("base") or next(
+        (s for s in sources.values() if s.kind == "checkpoint"), None
+    )
     for name in deferred:
         sources[name] = lora_hook.open_lora(program.input_path(name), base)
-    for s in sources.values():
-        s.keys_set = set(s.keys())  # type: ignore[attr-defined]
     return sources
 
 
@@ -151,8 +161,10 @@ def build_plan(
     notes: list[str] = []
     if not checkpoints and not deltas:
         raise PlanError("the output uses no input")
-    layout = recipe.output.copy_files_from or ("base" if "base" in checkpoints else (checkpoints or deltas)[0])
-    keys_by = {n: sources[n].keys_set for n in used}  # type: ignore[attr-defined]
+    layout = recipe.output.copy_files_from or (
+        "base" if "base" in checkpoints else (checkpoints or deltas)[0]
+    )
+    keys_by = {n: sources[n].key_set() for n in used}
 
     # Key reconciliation among checkpoints; deltas may cover any subset of them.
     mode = recipe.options.keys
@@ -166,10 +178,13 @@ def build_plan(
                 if extra:
                     problems.append(
                         f"`{n}` ({sources[n].path}) has {len(extra)} tensor(s) that other inputs lack: "
-                        + ", ".join(extra[:6]) + (" ..." if len(extra) > 6 else "")
+                        + ", ".join(extra[:6])
+                        + (" ..." if len(extra) > 6 else "")
                     )
             if problems:
-                problems.append("use `options: {keys: intersection}` (or --keys intersection) to merge only the common tensors, or `union` to pass the others through")
+                problems.append(
+                    "use `options: {keys: intersection}` (or --keys intersection) to merge only the common tensors, or `union` to pass the others through"
+                )
         names = [k for k in sources[checkpoints[0]].keys() if k in common]
         if mode == "union":
             names += sorted(all_keys - common)
@@ -179,19 +194,27 @@ def build_plan(
         if checkpoints:
             stray = sorted(keys_by[d] - set(names))
             if stray:
-                problems.append(f"delta `{d}` ({sources[d].path}) targets {len(stray)} tensor(s) the checkpoints lack: {', '.join(stray[:6])}")
+                problems.append(
+                    f"delta `{d}` ({sources[d].path}) targets {len(stray)} tensor(s) the checkpoints lack: {', '.join(stray[:6])}"
+                )
 
     layers = [i for i in (layer_index(n) for n in names) if i is not None]
     num_layers = max(layers) + 1 if layers else 1
-    out_dtype_forced = DTYPE_NAMES[dtype or recipe.output.dtype] if (dtype or recipe.output.dtype) else None
-    passthrough_from = passthrough_from or ("base" if "base" in checkpoints else (checkpoints[0] if checkpoints else None))
+    dtype_name = dtype or recipe.output.dtype
+    out_dtype_forced = DTYPE_NAMES[dtype_name] if dtype_name else None
+    passthrough_from = passthrough_from or (
+        "base" if "base" in checkpoints else (checkpoints[0] if checkpoints else None)
+    )
     jobs: list[Job] = []
     for name in names:
         have = [n for n in used if name in keys_by[n]]
         metas = {n: sources[n].meta(name) for n in have}
         shapes = {n: m.shape for n, m in metas.items()}
         if len(set(shapes.values())) > 1:
-            problems.append(f"`{name}` has different shapes: " + ", ".join(f"{n} {list(s)}" for n, s in shapes.items()))
+            problems.append(
+                f"`{name}` has different shapes: "
+                + ", ".join(f"{n} {list(s)}" for n, s in shapes.items())
+            )
             continue
         first_ckpt = next((n for n in checkpoints if n in have), None)
         ref = metas[first_ckpt] if first_ckpt else metas[have[0]]
@@ -203,9 +226,17 @@ def build_plan(
         if missing_ckpts:
             # union mode: a tensor some checkpoints lack passes through from the first that has it.
             src = first_ckpt or have[0]
-            jobs.append(Job(name, ref.shape, out_dtype_forced or ref.dtype, "copy", Affine.leaf(src), (src,)))
+            jobs.append(
+                Job(
+                    name, ref.shape, out_dtype_forced or ref.dtype, "copy", Affine.leaf(src), (src,)
+                )
+            )
             continue
-        t = (layer_index(name) or 0) / max(num_layers - 1, 1) if layer_index(name) is not None else 0.0
+        t = (
+            (layer_index(name) or 0) / max(num_layers - 1, 1)
+            if layer_index(name) is not None
+            else 0.0
+        )
         try:
             form = resolve_form(out_form, name, t, program, set(have))
         except (ValueError, UsageError) as e:
@@ -222,7 +253,10 @@ def build_plan(
             mode_ = "graph"
         jobs.append(Job(name, ref.shape, out_dt, mode_, form, form_inputs))
     if problems:
-        raise PlanError(f"cannot merge these inputs ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n  " + "\n  ".join(problems))
+        raise PlanError(
+            f"cannot merge these inputs ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n  "
+            + "\n  ".join(problems)
+        )
 
     # Sequential reads: follow the first read input's file and offset.
     def order(j: Job) -> tuple[str, int]:
@@ -251,7 +285,9 @@ def _param(value: Any, t: float) -> Any:
     return gradient_value(value, t) if isinstance(value, tuple) else value
 
 
-def resolve_form(form: Affine, tensor: str, t: float, program: Program, present: set[str]) -> Affine:
+def resolve_form(
+    form: Affine, tensor: str, t: float, program: Program, present: set[str]
+) -> Affine:
     """The form for one tensor: overrides and gradients applied, weighted sums folded in.
 
     Delta inputs that do not cover this tensor contribute zero and are dropped.
@@ -292,13 +328,13 @@ def _resolve_call(call: Call, tensor: str, t: float, program: Program, present: 
     models = tuple(resolve_form(m, tensor, t, program, present) for m in call.models)
     base = resolve_form(call.base, tensor, t, program, present) if call.base is not None else None
     if call.method == "linear":
-        w = normalized_weights(per_model["weight"], params.get("normalize", True))
+        w = normalized_weights(per_model["weight"], bool(params.get("normalize", True)))
         acc = Affine()
         for m, wi in zip(models, w):
             acc = acc.plus(m.scaled(wi))
         return acc
     if call.method == "task_arithmetic" and base is not None:
-        lam = float(params.get("scale", 1.0))
+        lam = float(params.get("scale", 1.0))  # type: ignore[arg-type]
         acc = base
         for m, wi in zip(models, per_model["weight"]):
             acc = acc.plus(m.plus(base.scaled(-1.0)).scaled(lam * wi))
@@ -315,11 +351,15 @@ def checkpoint_weight(form: Affine, kinds: Mapping[str, str]) -> float:
             total += c if kinds.get(leaf) == "checkpoint" else 0.0
         else:
             inner = [checkpoint_weight(m, kinds) for m in leaf.models]
-            total += c * (1.0 if any(abs(w) > 1e-9 for w in inner) or leaf.base is not None else 0.0)
+            total += c * (
+                1.0 if any(abs(w) > 1e-9 for w in inner) or leaf.base is not None else 0.0
+            )
     return total
 
 
-def _check_coefficients(program: Program, sources: Mapping[str, TensorSource], notes: list[str]) -> None:
+def _check_coefficients(
+    program: Program, sources: Mapping[str, TensorSource], notes: list[str]
+) -> None:
     kinds = {n: s.kind for n, s in sources.items()}
     for step, form in program.steps.items():
         if not form.inputs() <= set(kinds):
@@ -347,12 +387,20 @@ def describe_plan(plan: Plan, limit: int = 12) -> str:
     by_mode: dict[str, int] = {}
     for j in plan.jobs:
         by_mode[j.mode] = by_mode.get(j.mode, 0) + 1
-    lines.append(f"output: {len(plan.jobs)} tensors (" + ", ".join(f"{v} {k}" for k, v in sorted(by_mode.items())) + ")")
+    lines.append(
+        f"output: {len(plan.jobs)} tensors ("
+        + ", ".join(f"{v} {k}" for k, v in sorted(by_mode.items()))
+        + ")"
+    )
     for j in plan.jobs[:limit]:
-        lines.append(f"  {j.name} {list(j.shape)} {str(j.out_dtype).replace('torch.', '')} [{j.mode}] = {format_form(j.form)}")
+        lines.append(
+            f"  {j.name} {list(j.shape)} {str(j.out_dtype).replace('torch.', '')} [{j.mode}] = {format_form(j.form)}"
+        )
     if len(plan.jobs) > limit:
         lines.append(f"  ... {len(plan.jobs) - limit} more")
-    lines.append(f"read {plan.bytes_read / 1e9:.3f} GB, write {plan.bytes_written / 1e9:.3f} GB, estimated peak memory {estimate_peak_bytes(plan) / 2**20:.0f} MiB")
+    lines.append(
+        f"read {plan.bytes_read / 1e9:.3f} GB, write {plan.bytes_written / 1e9:.3f} GB, estimated peak memory {estimate_peak_bytes(plan) / 2**20:.0f} MiB"
+    )
     lines += [f"warning: {n}" for n in plan.notes]
     return "\n".join(lines)
 

@@ -77,7 +77,7 @@ class Recipe(_Strict):
     inputs: dict[str, str]
     vars: dict[str, float] = Field(default_factory=dict)
     steps: dict[str, str | MethodStep]
-    output: OutputSpec = Field(default_factory=OutputSpec)
+    output: OutputSpec = Field(default_factory=lambda: OutputSpec.model_validate({}))
     overrides: list[Override] = Field(default_factory=list)
     options: Options = Field(default_factory=Options)
 
@@ -107,7 +107,9 @@ class Program:
         return [n for n in self.recipe.inputs if n in used]
 
 
-def load_recipe(source: str | Path | Mapping[str, Any], *, vars: Mapping[str, float] | None = None) -> Program:
+def load_recipe(
+    source: str | Path | Mapping[str, Any], *, vars: Mapping[str, float] | None = None
+) -> Program:
     """Read, validate and compile a recipe (a YAML path or a dict); raise RecipeError listing all problems."""
     name: str | None = None
     base_dir = Path.cwd()
@@ -141,7 +143,14 @@ def load_recipe(source: str | Path | Mapping[str, Any], *, vars: Mapping[str, fl
         unknown = [k for k in vars if k not in recipe.vars]
         if unknown:
             raise RecipeError(
-                [(f"vars.{k}", f"not declared in the recipe's `vars:`{did_you_mean(k, recipe.vars)}") for k in unknown], name
+                [
+                    (
+                        f"vars.{k}",
+                        f"not declared in the recipe's `vars:`{did_you_mean(k, recipe.vars)}",
+                    )
+                    for k in unknown
+                ],
+                name,
             )
         recipe = recipe.model_copy(update={"vars": {**recipe.vars, **vars}})
     return compile_recipe(recipe, name=name, base_dir=base_dir)
@@ -155,7 +164,10 @@ def _pydantic_problem(err: Any, data: Any) -> tuple[str, str]:
         for part in loc[:-1]:
             parent = parent.get(part, {}) if isinstance(parent, dict) else {}
         siblings = _valid_keys(loc[:-1])
-        return path, f"unknown key{did_you_mean(loc[-1], siblings)}; valid keys: {', '.join(siblings)}"
+        return (
+            path,
+            f"unknown key{did_you_mean(loc[-1], siblings)}; valid keys: {', '.join(siblings)}",
+        )
     if err["type"] == "missing":
         return path, "required key is missing"
     return path, err["msg"]
@@ -170,23 +182,41 @@ def _valid_keys(loc: list[str]) -> list[str]:
     return [f.alias or n for n, f in model.model_fields.items()]
 
 
-def compile_recipe(recipe: Recipe, *, name: str | None = None, base_dir: Path | None = None) -> Program:
+def compile_recipe(
+    recipe: Recipe, *, name: str | None = None, base_dir: Path | None = None
+) -> Program:
     problems: list[tuple[str, str]] = []
     if recipe.version > CURRENT_VERSION:
-        problems.append(("version", f"recipe version {recipe.version} is newer than this merge understands ({CURRENT_VERSION}); upgrade merge"))
+        problems.append(
+            (
+                "version",
+                f"recipe version {recipe.version} is newer than this merge understands ({CURRENT_VERSION}); upgrade merge",
+            )
+        )
     inputs = set(recipe.inputs)
     if not recipe.inputs:
         problems.append(("inputs", "a recipe needs at least one input"))
     if not recipe.steps:
         problems.append(("steps", "a recipe needs at least one step"))
-    for clash in sorted((inputs & set(recipe.steps)) | (inputs & set(recipe.vars)) | (set(recipe.steps) & set(recipe.vars))):
-        problems.append((f"steps.{clash}", f"`{clash}` is used for more than one of inputs, steps and vars; rename one"))
+    for clash in sorted(
+        (inputs & set(recipe.steps))
+        | (inputs & set(recipe.vars))
+        | (set(recipe.steps) & set(recipe.vars))
+    ):
+        problems.append(
+            (
+                f"steps.{clash}",
+                f"`{clash}` is used for more than one of inputs, steps and vars; rename one",
+            )
+        )
     folded: dict[str, Affine] = {}
     for step_name, step in recipe.steps.items():
         where = f"steps.{step_name}"
         try:
             if isinstance(step, str):
-                value = fold(parse(step), inputs=inputs, steps=folded, vars=recipe.vars, step=step_name)
+                value = fold(
+                    parse(step), inputs=inputs, steps=folded, vars=recipe.vars, step=step_name
+                )
                 if not isinstance(value, Affine):
                     raise ExprError(f"`{step}` is a number, not a model")
                 folded[step_name] = value
@@ -201,17 +231,32 @@ def compile_recipe(recipe: Recipe, *, name: str | None = None, base_dir: Path | 
             problems.append((where, str(e)))
     output_step = recipe.output.from_ or (list(recipe.steps)[-1] if recipe.steps else "")
     if recipe.steps and output_step not in recipe.steps:
-        problems.append(("output.from", f"no step named `{output_step}`{did_you_mean(output_step, recipe.steps)}"))
+        problems.append(
+            (
+                "output.from",
+                f"no step named `{output_step}`{did_you_mean(output_step, recipe.steps)}",
+            )
+        )
     if recipe.output.copy_files_from and recipe.output.copy_files_from not in inputs:
-        problems.append(("output.copy_files_from", f"no input named `{recipe.output.copy_files_from}`{did_you_mean(recipe.output.copy_files_from, inputs)}"))
+        problems.append(
+            (
+                "output.copy_files_from",
+                f"no input named `{recipe.output.copy_files_from}`{did_you_mean(recipe.output.copy_files_from, inputs)}",
+            )
+        )
     for i, ov in enumerate(recipe.overrides):
-        problems += [(f"overrides[{i}]{'.' + p if p else ''}", m) for p, m in _override_problems(ov, recipe, folded)]
+        problems += [
+            (f"overrides[{i}]{'.' + p if p else ''}", m)
+            for p, m in _override_problems(ov, recipe, folded)
+        ]
     if problems:
         raise RecipeError(problems, name)
     return Program(recipe, folded, output_step, base_dir or Path.cwd())
 
 
-def _method_call(step: MethodStep, step_name: str, inputs: set[str], folded: Mapping[str, Affine]) -> tuple[Call | None, list[tuple[str, str]]]:
+def _method_call(
+    step: MethodStep, step_name: str, inputs: set[str], folded: Mapping[str, Affine]
+) -> tuple[Call | None, list[tuple[str, str]]]:
     problems: list[tuple[str, str]] = []
     try:
         spec = get_method(step.method)
@@ -223,10 +268,14 @@ def _method_call(step: MethodStep, step_name: str, inputs: set[str], folded: Map
             return folded[n]
         if n in inputs:
             return Affine.leaf(n)
-        problems.append((where, f"no input or earlier step named `{n}`{did_you_mean(n, [*inputs, *folded])}"))
+        problems.append(
+            (where, f"no input or earlier step named `{n}`{did_you_mean(n, [*inputs, *folded])}")
+        )
         return None
 
-    models_map = {m: None for m in step.models} if isinstance(step.models, list) else dict(step.models)
+    models_map = (
+        {m: None for m in step.models} if isinstance(step.models, list) else dict(step.models)
+    )
     models: list[Affine] = []
     names: list[str] = []
     model_params: list[tuple[tuple[str, object], ...]] = []
@@ -239,20 +288,36 @@ def _method_call(step: MethodStep, step_name: str, inputs: set[str], folded: Map
         given = dict(mp or {})
         for k in given:
             if k not in spec.per_model:
-                problems.append((f"models.{m}.{k}", f"`{k}` is not a per-model parameter of `{spec.name}`{did_you_mean(k, spec.per_model)}; per-model parameters: {', '.join(spec.per_model) or 'none'}"))
+                problems.append(
+                    (
+                        f"models.{m}.{k}",
+                        f"`{k}` is not a per-model parameter of `{spec.name}`{did_you_mean(k, spec.per_model)}; per-model parameters: {', '.join(spec.per_model) or 'none'}",
+                    )
+                )
         for k, default in spec.per_model.items():
             if k not in given and default is None:
-                problems.append((f"models.{m}", f"method `{spec.name}` needs per-model parameter `{k}`"))
+                problems.append(
+                    (f"models.{m}", f"method `{spec.name}` needs per-model parameter `{k}`")
+                )
         model_params.append(tuple((k, _freeze(v)) for k, v in given.items() if k in spec.per_model))
     base = ref(step.base, "base") if step.base else None
     if spec.needs_base and step.base is None:
-        problems.append(("base", f"method `{spec.name}` needs a base model: add `base: <input name>`"))
+        problems.append(
+            ("base", f"method `{spec.name}` needs a base model: add `base: <input name>`")
+        )
     if step.base is not None and not spec.accepts_base:
         problems.append(("base", f"method `{spec.name}` takes no base model; remove `base:`"))
     n = len(models_map)
     if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
-        want = f"{spec.min_models}" if spec.max_models == spec.min_models else f"at least {spec.min_models}" + (f" and at most {spec.max_models}" if spec.max_models else "")
-        problems.append(("models", f"method `{spec.name}` takes {want} models (besides the base); got {n}"))
+        want = (
+            f"{spec.min_models}"
+            if spec.max_models == spec.min_models
+            else f"at least {spec.min_models}"
+            + (f" and at most {spec.max_models}" if spec.max_models else "")
+        )
+        problems.append(
+            ("models", f"method `{spec.name}` takes {want} models (besides the base); got {n}")
+        )
     params = dict(step.model_extra or {})
     for msg in bind_params(spec, params):
         problems.append(("", msg))
@@ -273,7 +338,9 @@ def _freeze(v: object) -> object:
     return tuple(v) if isinstance(v, list) else v
 
 
-def _override_problems(ov: Override, recipe: Recipe, folded: Mapping[str, Affine]) -> list[tuple[str, str]]:
+def _override_problems(
+    ov: Override, recipe: Recipe, folded: Mapping[str, Affine]
+) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     if (ov.glob is None) == (ov.regex is None):
         out.append(("", "give exactly one of `glob:` or `regex:` to select tensors"))
@@ -291,7 +358,9 @@ def _override_problems(ov: Override, recipe: Recipe, folded: Mapping[str, Affine
             return out
         calls = [c for c in calls if c.step == ov.step]
         if not calls:
-            out.append(("step", f"step `{ov.step}` calls no method, so it has no parameters to override"))
+            out.append(
+                ("step", f"step `{ov.step}` calls no method, so it has no parameters to override")
+            )
             return out
     if not ov.params():
         out.append(("", "an override needs at least one parameter to set"))
@@ -301,7 +370,12 @@ def _override_problems(ov: Override, recipe: Recipe, folded: Mapping[str, Affine
         valid |= set(spec.global_params) | set(spec.per_model)
     for k in ov.params():
         if k not in valid:
-            out.append((k, f"no method call{' in step ' + ov.step if ov.step else ''} takes `{k}`{did_you_mean(k, valid)}"))
+            out.append(
+                (
+                    k,
+                    f"no method call{' in step ' + ov.step if ov.step else ''} takes `{k}`{did_you_mean(k, valid)}",
+                )
+            )
     return out
 
 

@@ -52,23 +52,42 @@ def test_equals_averaged_model(tmp_path: Path, mode: str) -> None:
         weights = E.swa_weights(len(paths))
     for s in snaps:  # the first update copies (n_averaged == 0), as our w_0 term does
         avg.update_parameters(s)
-    out = load_state_dict(run_recipe(E.ema_recipe([str(p) for p in paths], weights), tmp_path / "avg", quiet=True, passthrough_from=f"ckpt{len(paths) - 1}"))
+    out = load_state_dict(
+        run_recipe(
+            E.ema_recipe([str(p) for p in paths], weights),
+            tmp_path / "avg",
+            quiet=True,
+            passthrough_from=f"ckpt{len(paths) - 1}",
+        )
+    )
     ref = avg.module.state_dict()
     for k, v in out.items():
         if v.is_floating_point():
             torch.testing.assert_close(v, ref[k], rtol=1e-5, atol=1e-6, msg=k)
     # Integer buffers come from the last checkpoint, never averaged.
-    assert out["1.num_batches_tracked"].item() == snaps[-1].state_dict()["1.num_batches_tracked"].item() == 15
+    assert (
+        out["1.num_batches_tracked"].item()
+        == snaps[-1].state_dict()["1.num_batches_tracked"].item()
+        == 15
+    )
 
 
 def test_buffers_last_policy(tmp_path: Path) -> None:
     snaps, paths = trained_checkpoints(tmp_path, n=3)
     weights = E.ema_weights(3, 0.5)
-    out = load_state_dict(run_recipe(E.ema_recipe([str(p) for p in paths], weights, buffers="last"), tmp_path / "avg", quiet=True))
+    out = load_state_dict(
+        run_recipe(
+            E.ema_recipe([str(p) for p in paths], weights, buffers="last"),
+            tmp_path / "avg",
+            quiet=True,
+        )
+    )
     last = snaps[-1].state_dict()
     assert torch.equal(out["1.running_mean"], last["1.running_mean"])
     sds = [s.state_dict() for s in snaps]
-    torch.testing.assert_close(out["0.weight"], sum(w * sd["0.weight"] for w, sd in zip(weights, sds)))
+    torch.testing.assert_close(
+        out["0.weight"], sum(w * sd["0.weight"] for w, sd in zip(weights, sds))
+    )
 
 
 def test_warmup_matches_timm_recursion() -> None:
@@ -81,4 +100,4 @@ def test_warmup_matches_timm_recursion() -> None:
     for k, d in enumerate(decays):
         avg = float(k) if k == 0 else d * avg + (1 - d) * k
     assert sum(wk * k for k, wk in enumerate(w)) == pytest.approx(avg)
-    assert decays[1] == pytest.approx(1 - 2 ** -0.75)
+    assert decays[1] == pytest.approx(1 - 2**-0.75)

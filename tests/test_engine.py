@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import sha256_tree, tensors
 from safetensors import safe_open
 
-from conftest import sha256_tree, tensors
 from merge.api import evaluate_recipe_in_memory, merge_expression, plan_recipe, run_recipe
 from merge.errors import MergeWarning, PlanError
 from merge.execute import Engine
@@ -19,7 +19,9 @@ def test_hand_worked_task_arithmetic() -> None:
     base = {"w": torch.tensor([1.0, 2.0, 3.0])}
     a = {"w": torch.tensor([2.0, 2.0, 2.0])}
     b = {"w": torch.tensor([0.0, 0.0, 0.0])}
-    out = merge_expression("base + 0.5 * (a - base) - 0.5 * (b - base)", {"base": base, "a": a, "b": b})
+    out = merge_expression(
+        "base + 0.5 * (a - base) - 0.5 * (b - base)", {"base": base, "a": a, "b": b}
+    )
     # 1 + 0.5 - (-0.5) ... = [1 + 0.5, 2 + 0, 3 - 0.5] + [0.5, 1, 1.5] = [2, 3, 4]
     assert torch.equal(out["w"], torch.tensor([2.0, 3.0, 4.0]))
     neg = merge_expression("base - (a - base)", {"base": base, "a": a})
@@ -30,7 +32,9 @@ def test_hand_worked_task_arithmetic() -> None:
     assert torch.equal(scaled["w"], torch.tensor([1.5, 2.0, 2.5]))
 
 
-def test_streamed_file_equals_in_memory_reference(three_models: dict[str, Path], tmp_path: Path) -> None:
+def test_streamed_file_equals_in_memory_reference(
+    three_models: dict[str, Path], tmp_path: Path
+) -> None:
     expr = "base + 0.7 * (a - base) - 0.4 * (b - base)"
     out = merge_expression(expr, three_models, tmp_path / "out", shard_size="1KB")
     got = load_state_dict(out)
@@ -52,7 +56,10 @@ def test_streamed_file_equals_in_memory_reference(three_models: dict[str, Path],
 
 
 def test_chunked_streaming_equals_whole_tensors(three_models: dict[str, Path]) -> None:
-    recipe = {"inputs": {k: str(v) for k, v in three_models.items()}, "steps": {"r": "0.2 * base + 0.3 * a + 0.5 * b"}}
+    recipe = {
+        "inputs": {k: str(v) for k, v in three_models.items()},
+        "steps": {"r": "0.2 * base + 0.3 * a + 0.5 * b"},
+    }
     whole = Engine(plan_recipe(recipe), chunk=1 << 20, quiet=True).to_memory()
     chunked = Engine(plan_recipe(recipe), chunk=7, quiet=True).to_memory()
     assert whole.keys() == chunked.keys()
@@ -60,7 +67,10 @@ def test_chunked_streaming_equals_whole_tensors(three_models: dict[str, Path]) -
 
 
 def test_same_recipe_gives_the_same_bytes(three_models: dict[str, Path], tmp_path: Path) -> None:
-    r = {"inputs": {k: str(v) for k, v in three_models.items()}, "steps": {"r": "base + 0.3 * (a - base) + 0.3 * (b - base)"}}
+    r = {
+        "inputs": {k: str(v) for k, v in three_models.items()},
+        "steps": {"r": "base + 0.3 * (a - base) + 0.3 * (b - base)"},
+    }
     one = run_recipe(r, tmp_path / "one", quiet=True)
     two = run_recipe(r, tmp_path / "two", quiet=True)
     assert sha256_tree(one) == sha256_tree(two)
@@ -69,12 +79,26 @@ def test_same_recipe_gives_the_same_bytes(three_models: dict[str, Path], tmp_pat
 def test_output_dtype_policy(tmp_path: Path) -> None:
     save_state_dict(tensors(0, torch.bfloat16), tmp_path / "x")
     save_state_dict(tensors(1, torch.float16), tmp_path / "y")
-    out = load_state_dict(merge_expression("0.5 * x + 0.5 * y", {"x": tmp_path / "x", "y": tmp_path / "y"}, tmp_path / "o"))
+    out = load_state_dict(
+        merge_expression(
+            "0.5 * x + 0.5 * y", {"x": tmp_path / "x", "y": tmp_path / "y"}, tmp_path / "o"
+        )
+    )
     assert out["model.embed_tokens.weight"].dtype == torch.bfloat16  # the first checkpoint's dtype
     assert out["model.position_ids"].dtype == torch.int64
-    ref = (0.5 * tensors(0, torch.bfloat16)["model.embed_tokens.weight"].float() + 0.5 * tensors(1, torch.float16)["model.embed_tokens.weight"].float()).bfloat16()
+    ref = (
+        0.5 * tensors(0, torch.bfloat16)["model.embed_tokens.weight"].float()
+        + 0.5 * tensors(1, torch.float16)["model.embed_tokens.weight"].float()
+    ).bfloat16()
     assert torch.equal(out["model.embed_tokens.weight"], ref)
-    out32 = load_state_dict(merge_expression("0.5 * x + 0.5 * y", {"x": tmp_path / "x", "y": tmp_path / "y"}, tmp_path / "o32", dtype="float32"))
+    out32 = load_state_dict(
+        merge_expression(
+            "0.5 * x + 0.5 * y",
+            {"x": tmp_path / "x", "y": tmp_path / "y"},
+            tmp_path / "o32",
+            dtype="float32",
+        )
+    )
     assert out32["model.embed_tokens.weight"].dtype == torch.float32
 
 
@@ -87,23 +111,51 @@ def test_key_and_shape_mismatches_are_listed_together() -> None:
     with pytest.raises(PlanError) as e:
         merge_expression("0.5 * a + 0.5 * b", {"a": a, "b": b})
     text = str(e.value)
-    assert "`a` (<memory:a>) has 1 tensor(s) that other inputs lack: model.layers.0.mlp.up_proj.weight" in text
+    assert (
+        "`a` (<memory:a>) has 1 tensor(s) that other inputs lack: model.layers.0.mlp.up_proj.weight"
+        in text
+    )
     assert "`b` (<memory:b>) has 1 tensor(s) that other inputs lack: extra.weight" in text
     assert "use `options: {keys: intersection}`" in text
-    inter = merge_expression("0.5 * a + 0.5 * b", {"a": a, "b": {k: v for k, v in b.items() if k != "model.layers.1.mlp.up_proj.weight"} | {"model.layers.1.mlp.up_proj.weight": a["model.layers.1.mlp.up_proj.weight"]}}, keys="intersection")
+    inter = merge_expression(
+        "0.5 * a + 0.5 * b",
+        {
+            "a": a,
+            "b": {k: v for k, v in b.items() if k != "model.layers.1.mlp.up_proj.weight"}
+            | {"model.layers.1.mlp.up_proj.weight": a["model.layers.1.mlp.up_proj.weight"]},
+        },
+        keys="intersection",
+    )
     assert "extra.weight" not in inter and "model.layers.0.mlp.up_proj.weight" not in inter
-    with pytest.raises(PlanError, match=r"`model.layers.1.mlp.up_proj.weight` has different shapes: a \[12, 8\], b \[3, 3\]"):
+    with pytest.raises(
+        PlanError,
+        match=r"`model.layers.1.mlp.up_proj.weight` has different shapes: a \[12, 8\], b \[3, 3\]",
+    ):
         merge_expression("0.5 * a + 0.5 * b", {"a": a, "b": b}, keys="intersection")
-    union = merge_expression("0.5 * a + 0.5 * b", {"a": a, "b": {k: v for k, v in b.items() if k != "model.layers.1.mlp.up_proj.weight"}}, keys="union")
-    assert torch.equal(union["extra.weight"], b["extra.weight"])  # passes through from the input that has it
+    union = merge_expression(
+        "0.5 * a + 0.5 * b",
+        {"a": a, "b": {k: v for k, v in b.items() if k != "model.layers.1.mlp.up_proj.weight"}},
+        keys="union",
+    )
+    assert torch.equal(
+        union["extra.weight"], b["extra.weight"]
+    )  # passes through from the input that has it
 
 
 def test_zero_sum_weights_are_an_error_not_nan() -> None:
-    r = {"inputs": {"a": "<memory:a>", "b": "<memory:b>"}, "steps": {"s": {"method": "linear", "models": {"a": {"weight": 1.0}, "b": {"weight": -1.0}}}}}
+    r = {
+        "inputs": {"a": "<memory:a>", "b": "<memory:b>"},
+        "steps": {
+            "s": {"method": "linear", "models": {"a": {"weight": 1.0}, "b": {"weight": -1.0}}}
+        },
+    }
     from merge.io import open_checkpoint
 
     srcs = {"a": open_checkpoint(tensors(0)), "b": open_checkpoint(tensors(1))}
-    with pytest.raises(PlanError, match=r"weights \[1.0, -1.0\] sum to zero, so they cannot be normalized; change a weight or set `normalize: false`"):
+    with pytest.raises(
+        PlanError,
+        match=r"weights \[1.0, -1.0\] sum to zero, so they cannot be normalized; change a weight or set `normalize: false`",
+    ):
         evaluate_recipe_in_memory(r, preopened=srcs)
     r["steps"]["s"]["normalize"] = False  # type: ignore[index]
     out = evaluate_recipe_in_memory(r, preopened=srcs)
@@ -120,7 +172,13 @@ def test_overrides_and_layer_gradients() -> None:
     a, b = tensors(0), tensors(1)
     r = {
         "inputs": {"a": "<memory:a>", "b": "<memory:b>"},
-        "steps": {"s": {"method": "linear", "models": {"a": {"weight": 1.0}, "b": {"weight": [0.0, 1.0]}}, "normalize": False}},
+        "steps": {
+            "s": {
+                "method": "linear",
+                "models": {"a": {"weight": 1.0}, "b": {"weight": [0.0, 1.0]}},
+                "normalize": False,
+            }
+        },
         "overrides": [{"glob": "*.q_proj.*", "input": "a", "weight": 0.0}],
     }
     from merge.io import open_checkpoint
@@ -156,5 +214,8 @@ def test_method_errors_name_the_tensor_and_step() -> None:
 
     from merge.errors import ExecutionError
 
-    with pytest.raises(ExecutionError, match=r"while merging tensor `model.embed_tokens.weight` in step `result` with `_test_fails`: RuntimeError: boom"):
+    with pytest.raises(
+        ExecutionError,
+        match=r"while merging tensor `model.embed_tokens.weight` in step `result` with `_test_fails`: RuntimeError: boom",
+    ):
         merge_expression("_test_fails(a)", {"a": tensors(0)})

@@ -49,9 +49,17 @@ def test_refused_expressions(text: str, message: str) -> None:
 
 
 def test_method_call_in_expression() -> None:
-    v = fold(parse("base + 0.5 * (linear(a, b, weight=[1, 3]) - base)"), inputs={"base", "a", "b"}, steps={}, vars={}, step="s")
+    v = fold(
+        parse("base + 0.5 * (linear(a, b, weight=[1, 3]) - base)"),
+        inputs={"base", "a", "b"},
+        steps={},
+        vars={},
+        step="s",
+    )
     assert isinstance(v, Affine)
     (call,) = v.calls()
     assert call.method == "linear" and call.model_params == ((("weight", 1.0),), (("weight", 3.0),))
     with pytest.raises(ExprError, match="has 3 values for 2 models"):
-        fold(parse("linear(a, b, weight=[1, 2, 3])"), inputs={"a", "b"}, steps={}, vars={}, step="s")
+        fold(
+            parse("linear(a, b, weight=[1, 2, 3])"), inputs={"a", "b"}, steps={}, vars={}, step="s"
+        )

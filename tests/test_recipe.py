@@ -37,9 +37,18 @@ def test_all_problems_reported_together_with_key_paths(tmp_path: Path) -> None:
     with pytest.raises(RecipeError) as e:
         load_recipe(tmp_path / "r.yaml")
     text = str(e.value)
-    assert "steps.one.method: unknown merge method `tie` (did you mean `ties`?)" in text or "steps.one.method: unknown merge method `tie`" in text
-    assert "steps.two.models.math.wieght: `wieght` is not a per-model parameter of `linear` (did you mean `weight`?)" in text
-    assert "steps.two: unknown parameter `normalise` for method `linear` (did you mean `normalize`?)" in text
+    assert (
+        "steps.one.method: unknown merge method `tie` (did you mean `ties`?)" in text
+        or "steps.one.method: unknown merge method `tie`" in text
+    )
+    assert (
+        "steps.two.models.math.wieght: `wieght` is not a per-model parameter of `linear` (did you mean `weight`?)"
+        in text
+    )
+    assert (
+        "steps.two: unknown parameter `normalise` for method `linear` (did you mean `normalize`?)"
+        in text
+    )
     assert "steps.three: unknown name `bse` (did you mean `base`?)" in text
     assert "output.from: no step named `four`" in text
     assert "(5 problems)" in text
@@ -73,10 +82,17 @@ def test_overrides_are_checked() -> None:
 
 
 def test_vars_override_and_unknown_var() -> None:
-    r = {"inputs": {"base": "b", "a": "a"}, "vars": {"lam": 0.5}, "steps": {"s": "base + lam * (a - base)"}}
+    r = {
+        "inputs": {"base": "b", "a": "a"},
+        "vars": {"lam": 0.5},
+        "steps": {"s": "base + lam * (a - base)"},
+    }
     p = load_recipe(r, vars={"lam": 0.25})
     assert dict(p.output.terms) == {"base": 0.75, "a": 0.25}
-    with pytest.raises(RecipeError, match=r"vars.lan: not declared in the recipe's `vars:` \(did you mean `lam`\?\)"):
+    with pytest.raises(
+        RecipeError,
+        match=r"vars.lan: not declared in the recipe's `vars:` \(did you mean `lam`\?\)",
+    ):
         load_recipe(r, vars={"lan": 1.0})
 
 

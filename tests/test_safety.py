@@ -6,8 +6,8 @@ import errno
 from pathlib import Path
 
 import pytest
-
 from conftest import sha256_tree
+
 from merge.api import merge_expression
 from merge.errors import DiskFullError, PlanError
 from merge.io import writer as writer_mod
@@ -19,7 +19,9 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
 
 
-def test_interrupt_removes_the_partial_output(three_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupt_removes_the_partial_output(
+    three_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     before = {k: sha256_tree(v) for k, v in three_models.items()}
     calls = {"n": 0}
     real = writer_mod.TensorFileWriter.write
@@ -38,7 +40,9 @@ def test_interrupt_removes_the_partial_output(three_models: dict[str, Path], tmp
     assert {k: sha256_tree(v) for k, v in three_models.items()} == before
 
 
-def test_full_disk_removes_the_partial_output(three_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_disk_removes_the_partial_output(
+    three_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     before = {k: sha256_tree(v) for k, v in three_models.items()}
     written = {"bytes": 0}
     real = writer_mod.TensorFileWriter._raw_write
@@ -47,23 +51,33 @@ def test_full_disk_removes_the_partial_output(three_models: dict[str, Path], tmp
         written["bytes"] += len(memoryview(data))
         if written["bytes"] > 1500:
             # What the OS raises when the disk is full, seen through the real code path.
-            self._fh.write = lambda _: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))  # type: ignore[attr-defined]
+            self._fh.write = lambda _: (_ for _ in ()).throw(
+                OSError(errno.ENOSPC, "No space left on device")
+            )  # type: ignore[attr-defined]
         real(self, data)
 
     monkeypatch.setattr(writer_mod.TensorFileWriter, "_raw_write", filling)
-    with pytest.raises(DiskFullError, match="the disk filled up while writing to .*; the partial output was removed"):
+    with pytest.raises(
+        DiskFullError,
+        match="the disk filled up while writing to .*; the partial output was removed",
+    ):
         merge_expression(EXPR, three_models, tmp_path / "out", shard_size="1KB")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
     assert {k: sha256_tree(v) for k, v in three_models.items()} == before
 
 
-def test_free_space_is_checked_before_writing(three_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_free_space_is_checked_before_writing(
+    three_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import shutil
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 100))
-    with pytest.raises(DiskFullError, match=r"not enough disk space for the output at .*: need 0.00 GB, 0.00 GB free"):
+    with pytest.raises(
+        DiskFullError,
+        match=r"not enough disk space for the output at .*: need 0.00 GB, 0.00 GB free",
+    ):
         merge_expression(EXPR, three_models, tmp_path / "out")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
@@ -75,7 +89,9 @@ def test_existing_output_needs_force(three_models: dict[str, Path], tmp_path: Pa
         merge_expression(EXPR, three_models, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     merge_expression(EXPR, three_models, tmp_path / "out", force=True)
-    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "keep.txt").exists()
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not (
+        tmp_path / "out" / "keep.txt"
+    ).exists()
     assert leftovers(tmp_path) == []
 
 

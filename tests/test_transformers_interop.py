@@ -14,11 +14,22 @@ from merge.cli import cli
 
 
 def tiny_config(tied: bool) -> LlamaConfig:
-    return LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=tied)
+    return LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=tied,
+    )
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
-def llamas(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], bool]:
+def llamas(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, list[Path], bool]:
     root = tmp_path_factory.mktemp("llama")
     tied = bool(request.param)
     paths = []
@@ -41,13 +52,34 @@ def logits_of(state: dict[str, torch.Tensor], tied: bool, ids: torch.Tensor) -> 
 def test_linear_merge_loads_and_matches_the_formula(llamas: tuple[Path, list[Path], bool]) -> None:
     root, paths, tied = llamas
     out = root / f"linear-{tied}"
-    res = CliRunner().invoke(cli, ["linear", str(paths[0]), str(paths[1]), "--weights", "0.3,0.7", "-o", str(out), "-q", "--force"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "linear",
+            str(paths[0]),
+            str(paths[1]),
+            "--weights",
+            "0.3,0.7",
+            "-o",
+            str(out),
+            "-q",
+            "--force",
+        ],
+    )
     assert res.exit_code == 0, res.output
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert json.loads((out / "config.json").read_text()).get("dtype", json.loads((out / "config.json").read_text()).get("torch_dtype")) == "bfloat16"
+    assert (
+        json.loads((out / "config.json").read_text()).get(
+            "dtype", json.loads((out / "config.json").read_text()).get("torch_dtype")
+        )
+        == "bfloat16"
+    )
     sds = [AutoModelForCausalLM.from_pretrained(p).state_dict() for p in paths[:2]]
     # The formula in float32, accumulated as written (0.3 a, then + 0.7 b), rounded once to bf16.
-    expected = {k: torch.add(0.3 * sds[0][k].float(), sds[1][k].float(), alpha=0.7).bfloat16() for k in sds[0]}
+    expected = {
+        k: torch.add(0.3 * sds[0][k].float(), sds[1][k].float(), alpha=0.7).bfloat16()
+        for k in sds[0]
+    }
     ids = torch.tensor([[1, 5, 9, 3, 7]])
     torch.testing.assert_close(merged(ids).logits, logits_of(expected, tied, ids), rtol=0, atol=0)
     if tied:
@@ -58,7 +90,9 @@ def test_linear_merge_loads_and_matches_the_formula(llamas: tuple[Path, list[Pat
             assert "lm_head.weight" not in f.keys()  # tied: stored once, as in the inputs
 
 
-def test_task_arithmetic_recipe_on_llamas(llamas: tuple[Path, list[Path], bool], tmp_path: Path) -> None:
+def test_task_arithmetic_recipe_on_llamas(
+    llamas: tuple[Path, list[Path], bool], tmp_path: Path
+) -> None:
     root, paths, tied = llamas
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
@@ -73,4 +107,6 @@ def test_task_arithmetic_recipe_on_llamas(llamas: tuple[Path, list[Path], bool],
     b, m, t = ({k: v.float() for k, v in sd.items()} for sd in sds)
     for k, v in merged.state_dict().items():
         if k in b:
-            torch.testing.assert_close(v, b[k] + 0.7 * (m[k] - b[k]) - 0.4 * (t[k] - b[k]), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(
+                v, b[k] + 0.7 * (m[k] - b[k]) - 0.4 * (t[k] - b[k]), rtol=1e-6, atol=1e-6
+            )

@@ -24,7 +24,10 @@ class MergeGroup(click.Group):
         except KeyboardInterrupt:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo("Interrupted; the partial output was removed and the inputs are untouched.", err=True)
+            click.echo(
+                "Interrupted; the partial output was removed and the inputs are untouched.",
+                err=True,
+            )
             ctx.exit(130)
 
 

@@ -27,13 +27,42 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options every writing command shares."""
     for deco in reversed(
         [
-            click.option("-o", "--output", type=click.Path(path_type=Path), help="Output: a folder (sharded) or a .safetensors file."),
+            click.option(
+                "-o",
+                "--output",
+                type=click.Path(path_type=Path),
+                help="Output: a folder (sharded) or a .safetensors file.",
+            ),
             click.option("--force", is_flag=True, help="Replace an existing output."),
-            click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None, help="Output dtype (default: the first checkpoint's, per tensor)."),
-            click.option("--shard-size", default=None, help="Largest shard of a folder output, e.g. 5GB (default) or 500MB."),
-            click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]), help="Where the math runs."),
-            click.option("--keys", type=click.Choice(["strict", "intersection", "union"]), default=None, help="How to reconcile different key sets (default strict)."),
-            click.option("--unsafe-pickle", is_flag=True, help="Allow PyTorch pickles with arbitrary objects (runs their code: trusted files only)."),
+            click.option(
+                "--dtype",
+                type=click.Choice(["float32", "float16", "bfloat16", "float64"]),
+                default=None,
+                help="Output dtype (default: the first checkpoint's, per tensor).",
+            ),
+            click.option(
+                "--shard-size",
+                default=None,
+                help="Largest shard of a folder output, e.g. 5GB (default) or 500MB.",
+            ),
+            click.option(
+                "--device",
+                default="cpu",
+                show_default=True,
+                type=click.Choice(["cpu", "cuda", "auto"]),
+                help="Where the math runs.",
+            ),
+            click.option(
+                "--keys",
+                type=click.Choice(["strict", "intersection", "union"]),
+                default=None,
+                help="How to reconcile different key sets (default strict).",
+            ),
+            click.option(
+                "--unsafe-pickle",
+                is_flag=True,
+                help="Allow PyTorch pickles with arbitrary objects (runs their code: trusted files only).",
+            ),
             click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
         ]
     ):
@@ -50,7 +79,9 @@ def _parse_floats(text: str, flag: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UsageError(f"{flag} takes comma-separated numbers, like 0.5,0.3,0.2; got `{text}`") from None
+        raise UsageError(
+            f"{flag} takes comma-separated numbers, like 0.5,0.3,0.2; got `{text}`"
+        ) from None
 
 
 def _parse_vars(pairs: tuple[str, ...]) -> dict[str, float]:
@@ -69,9 +100,26 @@ def _parse_vars(pairs: tuple[str, ...]) -> dict[str, float]:
 @click.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--weights", help="Comma-separated weights, one per model (default: equal).")
-@click.option("--normalize/--no-normalize", default=True, show_default=True, help="Divide by the sum of the weights (as mergekit does).")
+@click.option(
+    "--normalize/--no-normalize",
+    default=True,
+    show_default=True,
+    help="Divide by the sum of the weights (as mergekit does).",
+)
 @output_options
-def linear(models: tuple[str, ...], weights: str | None, normalize: bool, output: Path | None, force: bool, dtype: str | None, shard_size: str | None, device: str, keys: str | None, unsafe_pickle: bool, quiet: bool) -> None:
+def linear(
+    models: tuple[str, ...],
+    weights: str | None,
+    normalize: bool,
+    output: Path | None,
+    force: bool,
+    dtype: str | None,
+    shard_size: str | None,
+    device: str,
+    keys: str | None,
+    unsafe_pickle: bool,
+    quiet: bool,
+) -> None:
     """Weighted average of checkpoints: Σ w_i·x_i / Σ w_i."""
     from merge.api import linear_recipe, run_recipe
 
@@ -82,28 +130,66 @@ def linear(models: tuple[str, ...], weights: str | None, normalize: bool, output
         raise UsageError("merge linear needs at least two models")
     w = _parse_floats(weights, "--weights") if weights else None
     if w is not None and len(w) != len(models):
-        raise UsageError(f"--weights has {len(w)} values for {len(models)} models; give one weight per model")
-    path = run_recipe(linear_recipe(list(models), w, normalize=normalize), output, force=force, quiet=quiet, device=device, dtype=dtype, shard_size=shard_size, keys=keys, unsafe_pickle=unsafe_pickle)
+        raise UsageError(
+            f"--weights has {len(w)} values for {len(models)} models; give one weight per model"
+        )
+    path = run_recipe(
+        linear_recipe(list(models), w, normalize=normalize),
+        output,
+        force=force,
+        quiet=quiet,
+        device=device,
+        dtype=dtype,
+        shard_size=shard_size,
+        keys=keys,
+        unsafe_pickle=unsafe_pickle,
+    )
     _finish(path, quiet)
 
 
 @click.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--var", "vars_", multiple=True, help="Override a recipe var: NAME=NUMBER (repeatable).")
+@click.option(
+    "--var", "vars_", multiple=True, help="Override a recipe var: NAME=NUMBER (repeatable)."
+)
 @output_options
-def run(recipe: Path, vars_: tuple[str, ...], output: Path | None, force: bool, dtype: str | None, shard_size: str | None, device: str, keys: str | None, unsafe_pickle: bool, quiet: bool) -> None:
+def run(
+    recipe: Path,
+    vars_: tuple[str, ...],
+    output: Path | None,
+    force: bool,
+    dtype: str | None,
+    shard_size: str | None,
+    device: str,
+    keys: str | None,
+    unsafe_pickle: bool,
+    quiet: bool,
+) -> None:
     """Run a YAML recipe (ours, or a mergekit config); -o overrides the recipe's output path."""
     from merge.api import run_recipe
 
     _sigterm_as_interrupt()
-    path = run_recipe(recipe, output, vars=_parse_vars(vars_) or None, force=force, quiet=quiet, device=device, dtype=dtype, shard_size=shard_size, keys=keys, unsafe_pickle=unsafe_pickle)
+    path = run_recipe(
+        recipe,
+        output,
+        vars=_parse_vars(vars_) or None,
+        force=force,
+        quiet=quiet,
+        device=device,
+        dtype=dtype,
+        shard_size=shard_size,
+        keys=keys,
+        unsafe_pickle=unsafe_pickle,
+    )
     _finish(path, quiet)
 
 
 @click.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--var", "vars_", multiple=True, help="Override a recipe var: NAME=NUMBER.")
-@click.option("--no-inputs", is_flag=True, help="Check the recipe alone, without opening the inputs' headers.")
+@click.option(
+    "--no-inputs", is_flag=True, help="Check the recipe alone, without opening the inputs' headers."
+)
 @click.option("--limit", default=12, show_default=True, help="How many planned tensors to list.")
 def validate(recipe: Path, vars_: tuple[str, ...], no_inputs: bool, limit: int) -> None:
     """Check a recipe and print the resolved plan (reads headers only, never tensors)."""
@@ -128,11 +214,15 @@ def validate(recipe: Path, vars_: tuple[str, ...], no_inputs: bool, limit: int) 
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True)
-@click.option("--base", help="Base checkpoint: report task-vector norms (and cosines between several models).")
+@click.option(
+    "--base", help="Base checkpoint: report task-vector norms (and cosines between several models)."
+)
 @click.option("--limit", default=40, show_default=True, help="Rows to print (0: all).")
 @click.option("--unsafe-pickle", is_flag=True, help="Allow PyTorch pickles with arbitrary objects.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def inspect(paths: tuple[str, ...], base: str | None, limit: int, unsafe_pickle: bool, quiet: bool) -> None:
+def inspect(
+    paths: tuple[str, ...], base: str | None, limit: int, unsafe_pickle: bool, quiet: bool
+) -> None:
     """Tensors, dtypes, shapes, bytes and shards; with --base, task-vector norms and cosines."""
     from merge.inspect import describe_checkpoint, describe_task_vectors
 
@@ -140,21 +230,64 @@ def inspect(paths: tuple[str, ...], base: str | None, limit: int, unsafe_pickle:
         for p in paths:
             click.echo(describe_checkpoint(p, limit=limit, unsafe_pickle=unsafe_pickle))
     else:
-        click.echo(describe_task_vectors(base, list(paths), limit=limit, unsafe_pickle=unsafe_pickle, quiet=quiet))
+        click.echo(
+            describe_task_vectors(
+                base, list(paths), limit=limit, unsafe_pickle=unsafe_pickle, quiet=quiet
+            )
+        )
 
 
 @click.command()
 @click.argument("checkpoints", nargs=-1, required=True)
-@click.option("--decay", type=float, help="EMA decay per checkpoint (AveragedModel updated once per checkpoint).")
-@click.option("--step-decay", type=float, help="EMA decay per training step; needs --every N or steps in the names.")
-@click.option("--every", type=int, help="Training steps between consecutive checkpoints (with --step-decay).")
-@click.option("--warmup-gamma", type=float, help="timm ModelEmaV3 warm-up: decay_t = 1 - (1 + t/γ)^(-power).")
+@click.option(
+    "--decay",
+    type=float,
+    help="EMA decay per checkpoint (AveragedModel updated once per checkpoint).",
+)
+@click.option(
+    "--step-decay",
+    type=float,
+    help="EMA decay per training step; needs --every N or steps in the names.",
+)
+@click.option(
+    "--every", type=int, help="Training steps between consecutive checkpoints (with --step-decay)."
+)
+@click.option(
+    "--warmup-gamma", type=float, help="timm ModelEmaV3 warm-up: decay_t = 1 - (1 + t/γ)^(-power)."
+)
 @click.option("--warmup-power", type=float, default=0.75, show_default=True)
 @click.option("--swa", is_flag=True, help="Uniform average (stochastic weight averaging).")
-@click.option("--sigma-rel", help="Post-hoc EMA (EDM2): comma-separated σ_rel targets from power-EMA snapshots.")
-@click.option("--buffers", type=click.Choice(["average", "last"]), default="average", show_default=True, help="Float buffers (BatchNorm statistics): averaged like weights, or from the last checkpoint. Integer buffers always come from the last.")
+@click.option(
+    "--sigma-rel",
+    help="Post-hoc EMA (EDM2): comma-separated σ_rel targets from power-EMA snapshots.",
+)
+@click.option(
+    "--buffers",
+    type=click.Choice(["average", "last"]),
+    default="average",
+    show_default=True,
+    help="Float buffers (BatchNorm statistics): averaged like weights, or from the last checkpoint. Integer buffers always come from the last.",
+)
 @output_options
-def ema(checkpoints: tuple[str, ...], decay: float | None, step_decay: float | None, every: int | None, warmup_gamma: float | None, warmup_power: float, swa: bool, sigma_rel: str | None, buffers: str, output: Path | None, force: bool, dtype: str | None, shard_size: str | None, device: str, keys: str | None, unsafe_pickle: bool, quiet: bool) -> None:
+def ema(
+    checkpoints: tuple[str, ...],
+    decay: float | None,
+    step_decay: float | None,
+    every: int | None,
+    warmup_gamma: float | None,
+    warmup_power: float,
+    swa: bool,
+    sigma_rel: str | None,
+    buffers: str,
+    output: Path | None,
+    force: bool,
+    dtype: str | None,
+    shard_size: str | None,
+    device: str,
+    keys: str | None,
+    unsafe_pickle: bool,
+    quiet: bool,
+) -> None:
     """EMA or SWA of an ordered checkpoint sequence, streamed as one weighted sum."""
     from merge import ema as E
     from merge.api import run_recipe
@@ -165,7 +298,15 @@ def ema(checkpoints: tuple[str, ...], decay: float | None, step_decay: float | N
     if sigma_rel is not None:
         from merge.posthoc_ema import posthoc_ema_cli
 
-        posthoc_ema_cli(list(checkpoints), _parse_floats(sigma_rel, "--sigma-rel"), output, force=force, quiet=quiet, dtype=dtype, device=device)
+        posthoc_ema_cli(
+            list(checkpoints),
+            _parse_floats(sigma_rel, "--sigma-rel"),
+            output,
+            force=force,
+            quiet=quiet,
+            dtype=dtype,
+            device=device,
+        )
         return
     chosen = [x for x in (decay is not None, step_decay is not None, swa) if x]
     if len(chosen) != 1:
@@ -184,17 +325,37 @@ def ema(checkpoints: tuple[str, ...], decay: float | None, step_decay: float | N
             decays = [decay] * n
         if warmup_gamma is not None:
             base_decays = decays
-            decays = [min(d, E.warmup_decay(s, 1.0, warmup_gamma, warmup_power)) for d, s in zip(base_decays, steps)]
+            decays = [
+                min(d, E.warmup_decay(s, 1.0, warmup_gamma, warmup_power))
+                for d, s in zip(base_decays, steps)
+            ]
         weights = E.weights_from_decays(decays)
     if not quiet:
         click.echo("weights: " + ", ".join(f"{w:.6g}" for w in weights), err=True)
     recipe = E.ema_recipe(list(checkpoints), weights, buffers=buffers)
-    path = run_recipe(recipe, output, force=force, quiet=quiet, device=device, dtype=dtype, shard_size=shard_size, keys=keys, unsafe_pickle=unsafe_pickle, passthrough_from=f"ckpt{n - 1}")
+    path = run_recipe(
+        recipe,
+        output,
+        force=force,
+        quiet=quiet,
+        device=device,
+        dtype=dtype,
+        shard_size=shard_size,
+        keys=keys,
+        unsafe_pickle=unsafe_pickle,
+        passthrough_from=f"ckpt{n - 1}",
+    )
     _finish(path, quiet)
 
 
 @click.command()
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("demo-output"), show_default=True, help="Where the demo leaves its checkpoints, recipe and merges.")
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=Path("demo-output"),
+    show_default=True,
+    help="Where the demo leaves its checkpoints, recipe and merges.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing demo folder.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the final tables.")
 def demo(workdir: Path, force: bool, quiet: bool) -> None:

@@ -38,7 +38,9 @@ def open_checkpoint(spec: object, *, unsafe_pickle: bool = False) -> TensorSourc
             raise UsageError("a dict input must map names to torch tensors")
         return MemorySource(spec)
     if not isinstance(spec, str | os.PathLike):
-        raise UsageError(f"cannot open {type(spec).__name__} as a checkpoint; give a path, a hub id, a dict or an nn.Module")
+        raise UsageError(
+            f"cannot open {type(spec).__name__} as a checkpoint; give a path, a hub id, a dict or an nn.Module"
+        )
     path = Path(spec)
     if not path.exists():
         if HUB_ID.match(str(spec)) and not str(spec).startswith("."):
@@ -66,13 +68,17 @@ def _open_path(path: Path, unsafe_pickle: bool) -> TensorSource:
         return SafetensorsSource(st, display=str(path), root=path)
     index = path / "pytorch_model.bin.index.json"
     if index.is_file():
-        return TorchFileSource(_files_from_index(index), display=str(path), root=path, unsafe_pickle=unsafe_pickle)
+        return TorchFileSource(
+            _files_from_index(index), display=str(path), root=path, unsafe_pickle=unsafe_pickle
+        )
     pt = sorted(p for p in path.iterdir() if p.suffix in TORCH_SUFFIXES)
     if pt:
         return TorchFileSource(pt, display=str(path), root=path, unsafe_pickle=unsafe_pickle)
     gguf = sorted(path.glob("*.gguf"))
     if gguf:
-        raise FormatError(f"{path}: holds GGUF files ({gguf[0].name}), a quantized format merge cannot merge; use the original safetensors weights")
+        raise FormatError(
+            f"{path}: holds GGUF files ({gguf[0].name}), a quantized format merge cannot merge; use the original safetensors weights"
+        )
     found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
     raise FormatError(
         f"{path}: no checkpoint found (looked for *.safetensors, model.safetensors.index.json, "
@@ -83,7 +89,9 @@ def _open_path(path: Path, unsafe_pickle: bool) -> TensorSource:
 def _open_file(path: Path, unsafe_pickle: bool) -> TensorSource:
     suffix = path.suffix.lower()
     if suffix == ".gguf" or _magic(path) == b"GGUF":
-        raise FormatError(f"{path}: GGUF is a quantized llama.cpp format that merge cannot merge; use the original safetensors weights")
+        raise FormatError(
+            f"{path}: GGUF is a quantized llama.cpp format that merge cannot merge; use the original safetensors weights"
+        )
     if suffix == ".safetensors":
         return SafetensorsSource([path], root=path.parent)
     if suffix in TORCH_SUFFIXES:
@@ -112,7 +120,9 @@ def _files_from_index(index: Path) -> list[Path]:
     files = list(dict.fromkeys(weight_map.values()))
     missing = [f for f in files if not (index.parent / f).is_file()]
     if missing:
-        raise FormatError(f"{index}: shard files listed in the index are missing: {', '.join(missing)}")
+        raise FormatError(
+            f"{index}: shard files listed in the index are missing: {', '.join(missing)}"
+        )
     return [index.parent / f for f in files]
 
 
@@ -127,14 +137,20 @@ def check_not_quantized(source: TensorSource, path: Path) -> None:
             q = None
         if q:
             method = q.get("quant_method", "unknown") if isinstance(q, dict) else "unknown"
-            raise FormatError(f"{path}: is a quantized checkpoint ({method}, from config.json `quantization_config`); merge needs the unquantized weights")
+            raise FormatError(
+                f"{path}: is a quantized checkpoint ({method}, from config.json `quantization_config`); merge needs the unquantized weights"
+            )
     for k in source.keys():
         m = source.meta(k)
         if "float8" in str(m.dtype):
-            raise FormatError(f"{path}: tensor `{k}` is {str(m.dtype).replace('torch.', '')}: an fp8-quantized checkpoint; merge needs bf16/fp16/fp32 weights")
+            raise FormatError(
+                f"{path}: tensor `{k}` is {str(m.dtype).replace('torch.', '')}: an fp8-quantized checkpoint; merge needs bf16/fp16/fp32 weights"
+            )
         for pattern, fmt in QUANTIZED_KEYS:
             if pattern.search(k):
-                raise FormatError(f"{path}: tensor `{k}` marks a {fmt} quantized checkpoint; merge needs the unquantized weights")
+                raise FormatError(
+                    f"{path}: tensor `{k}` marks a {fmt} quantized checkpoint; merge needs the unquantized weights"
+                )
 
 
 def resolve_hub_id(repo_id: str) -> Path:
@@ -142,15 +158,23 @@ def resolve_hub_id(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:  # pragma: no cover
-        raise UsageError(f"`{repo_id}` is not a local path and huggingface_hub is not installed") from e
+        raise UsageError(
+            f"`{repo_id}` is not a local path and huggingface_hub is not installed"
+        ) from e
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:
         pass
     if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
-        raise UsageError(f"`{repo_id}` is neither a local path nor in the Hugging Face cache, and HF_HUB_OFFLINE is set")
+        raise UsageError(
+            f"`{repo_id}` is neither a local path nor in the Hugging Face cache, and HF_HUB_OFFLINE is set"
+        )
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        return Path(
+            snapshot_download(
+                repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]
+            )
+        )
     except Exception as e:
         raise UsageError(
             f"`{repo_id}` is neither a local path nor in the Hugging Face cache, and downloading it failed "

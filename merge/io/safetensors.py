@@ -123,7 +123,7 @@ class SafetensorsSource(TensorSource):
         if out is None:
             out = torch.empty(n, dtype=m.dtype)
         item = m.dtype.itemsize
-        buf = memoryview(out.view(torch.uint8).numpy()) if out.dtype != torch.uint8 else memoryview(out.numpy())
+        buf = (out.view(torch.uint8) if out.dtype != torch.uint8 else out).numpy().data
         fd = self._fd(self._file_of[name])
         pos, want, done = m.offset + start * item, n * item, 0
         while done < want:

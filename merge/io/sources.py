@@ -72,8 +72,16 @@ class TensorSource:
         m = self.meta(name)
         return self.read_range(name, 0, m.numel).view(m.shape)
 
+    def key_set(self) -> frozenset[str]:
+        """The tensor names as a set (computed once: sources do not change)."""
+        cached: frozenset[str] | None = getattr(self, "_key_set_cache", None)
+        if cached is None:
+            cached = frozenset(self.keys())
+            self._key_set_cache = cached
+        return cached
+
     def __contains__(self, name: object) -> bool:
-        return name in set(self.keys())
+        return name in self.key_set()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
@@ -101,8 +109,13 @@ class TensorSource:
         tensor_files = {f.name for f in self.files()}
         out = []
         for f in sorted(root.iterdir()):
-            if f.is_file() and f.name not in tensor_files and not f.name.endswith(".index.json") \
-                    and f.suffix in SUPPORT_SUFFIXES and not f.name.startswith("."):
+            if (
+                f.is_file()
+                and f.name not in tensor_files
+                and not f.name.endswith(".index.json")
+                and f.suffix in SUPPORT_SUFFIXES
+                and not f.name.startswith(".")
+            ):
                 out.append((f.name, f))
         return out
 
@@ -126,7 +139,12 @@ class TensorSource:
             m = self.meta(k)
             h.update(f"{k}|{m.dtype}|{m.shape}".encode())
         size = sum(f.stat().st_size for f in self.files())
-        return {"path": self.path, "tensors": len(self.keys()), "bytes": size, "header_sha256": h.hexdigest()[:16]}
+        return {
+            "path": self.path,
+            "tensors": len(self.keys()),
+            "bytes": size,
+            "header_sha256": h.hexdigest()[:16],
+        }
 
     def close(self) -> None:
         pass
@@ -141,7 +159,9 @@ class TensorSource:
 class MemorySource(TensorSource):
     """A dict of tensors (or an `nn.Module`'s state dict) seen through the TensorSource contract."""
 
-    def __init__(self, tensors: Mapping[str, Tensor], name: str = "<memory>", kind: str = "checkpoint"):
+    def __init__(
+        self, tensors: Mapping[str, Tensor], name: str = "<memory>", kind: str = "checkpoint"
+    ):
         self._t = {k: v.detach() for k, v in tensors.items()}
         self.path = name
         self.kind = kind

@@ -11,6 +11,7 @@ import collections
 import threading
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,7 +20,7 @@ from merge.errors import FormatError
 from merge.io.sources import TensorMeta, TensorSource
 
 # Types found in real training checkpoints that cannot run code when unpickled.
-HARMLESS_GLOBALS: list[object] = [
+HARMLESS_GLOBALS: list[Any] = [
     collections.OrderedDict,
     collections.defaultdict,
     dict,
@@ -42,7 +43,13 @@ try:  # numpy scalars and arrays appear in Lightning and optimizer states
     HARMLESS_GLOBALS += [np.dtype, np.ndarray]
     if _core is not None:
         HARMLESS_GLOBALS.append(_core.multiarray._reconstruct)
-    HARMLESS_GLOBALS += [type(np.dtype(np.float32)), type(np.dtype(np.int64)), np.float64, np.float32, np.int64]
+    HARMLESS_GLOBALS += [
+        type(np.dtype(np.float32)),
+        type(np.dtype(np.int64)),
+        np.float64,
+        np.float32,
+        np.int64,
+    ]
 except Exception:  # pragma: no cover
     pass
 
@@ -60,7 +67,9 @@ def _load(path: Path, unsafe_pickle: bool) -> object:
     except Exception as e:
         found = _unsafe_globals(path)
         if found is None and "weights_only" not in str(e) and "Unsupported global" not in str(e):
-            raise FormatError(f"{path}: cannot read this PyTorch file ({type(e).__name__}: {str(e)[:300]})") from e
+            raise FormatError(
+                f"{path}: cannot read this PyTorch file ({type(e).__name__}: {str(e)[:300]})"
+            ) from e
         names = ", ".join(found) if found else "(see the message below)"
         raise FormatError(
             f"{path}: refusing to unpickle objects beyond tensors; globals found: {names}. "
@@ -75,7 +84,9 @@ def _unsafe_globals(path: Path) -> list[str] | None:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception:
         return None
-    allowed = {f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', '')}" for g in HARMLESS_GLOBALS}
+    allowed = {
+        f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', '')}" for g in HARMLESS_GLOBALS
+    }
     return [g for g in found if g not in allowed]
 
 
@@ -104,7 +115,14 @@ class TorchFileSource(TensorSource):
     a tensor of it is first asked for and dropped when another shard is needed.
     """
 
-    def __init__(self, files: list[Path], display: str | None = None, root: Path | None = None, weight_map: dict[str, str] | None = None, unsafe_pickle: bool = False):
+    def __init__(
+        self,
+        files: list[Path],
+        display: str | None = None,
+        root: Path | None = None,
+        weight_map: dict[str, str] | None = None,
+        unsafe_pickle: bool = False,
+    ):
         self._files = [Path(f) for f in files]
         self.path = display or str(self._files[0])
         self._root = root
@@ -117,7 +135,9 @@ class TorchFileSource(TensorSource):
             tensors = self._shard(i)
             for k, v in tensors.items():
                 if k in self._meta:
-                    raise FormatError(f"{self.path}: tensor `{k}` appears in two shards; remove the duplicate")
+                    raise FormatError(
+                        f"{self.path}: tensor `{k}` appears in two shards; remove the duplicate"
+                    )
                 self._meta[k] = TensorMeta(tuple(v.shape), v.dtype, str(f), i)
                 self._file_of[k] = i
 

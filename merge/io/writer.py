@@ -9,6 +9,7 @@ into place only when complete; any exception, Ctrl-C or a full disk removes it.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -54,7 +55,11 @@ class FilePlan:
             entries["__metadata__"] = self.metadata
         pos = 0
         for t in self.tensors:
-            entries[t.name] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
+            entries[t.name] = {
+                "dtype": TORCH_TO_ST[t.dtype],
+                "shape": list(t.shape),
+                "data_offsets": [pos, pos + t.nbytes],
+            }
             pos += t.nbytes
         raw = json.dumps(entries, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the reference writer pads
@@ -70,7 +75,17 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         return text
     s = text.strip().upper().replace(" ", "")
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "B": 1}
+    units = {
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+        "KB": 1000,
+        "MB": 1000**2,
+        "GB": 1000**3,
+        "TB": 1000**4,
+        "B": 1,
+    }
     for u, mult in units.items():
         if s.endswith(u):
             try:
@@ -112,7 +127,10 @@ def plan_files(
     if len(groups) == 1:
         return [FilePlan(f"{sub}{prefix}.safetensors", groups[0], meta)], None
     n = len(groups)
-    plans = [FilePlan(f"{sub}{prefix}-{i + 1:05d}-of-{n:05d}.safetensors", g, meta) for i, g in enumerate(groups)]
+    plans = [
+        FilePlan(f"{sub}{prefix}-{i + 1:05d}-of-{n:05d}.safetensors", g, meta)
+        for i, g in enumerate(groups)
+    ]
     weight_map = {t.name: Path(p.relpath).name for p in plans for t in p.tensors}
     index = {"metadata": {"total_size": sum(p.data_bytes for p in plans)}, "weight_map": weight_map}
     return plans, index
@@ -130,7 +148,9 @@ class StagedOutput:
         self.is_dir = is_dir
         self.force = force
         if self.dest.exists() and not force:
-            raise PlanError(f"output {self.dest} already exists; pass --force to replace it, or choose another -o")
+            raise PlanError(
+                f"output {self.dest} already exists; pass --force to replace it, or choose another -o"
+            )
         parent = self.dest.parent
         parent.mkdir(parents=True, exist_ok=True)
         if is_dir:
@@ -203,7 +223,7 @@ class TensorFileWriter:
         self._file_idx = -1
         self._tensor_idx = 0
         self._written = 0  # bytes of the current tensor written so far
-        self._fh: object | None = None
+        self._fh: io.FileIO | None = None
         self._open_next_file()
 
     def _open_next_file(self) -> None:
@@ -215,28 +235,33 @@ class TensorFileWriter:
             p = self.plans[self._file_idx]
             path = self.root / p.relpath if p.relpath else self.root
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(path, "wb", buffering=0)  # noqa: SIM115  (closed in _close_file)
+            self._fh = io.FileIO(path, "wb")  # closed in _close_file
             self._raw_write(p.header())
 
     def _close_file(self) -> None:
         if self._fh is not None:
-            self._fh.close()  # type: ignore[attr-defined]
+            self._fh.close()
             self._fh = None
 
     def _raw_write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
+        assert self._fh is not None
         try:
             while len(view):
-                n = self._fh.write(view)  # type: ignore[attr-defined]
+                n = self._fh.write(view) or 0
                 view = view[n:]
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFullError(f"the disk filled up while writing to {self.root}; the partial output was removed") from e
+                raise DiskFullError(
+                    f"the disk filled up while writing to {self.root}; the partial output was removed"
+                ) from e
             raise
 
     def expected(self) -> OutputTensor | None:
         """The tensor the writer expects next, or None when every file is complete."""
-        while self._file_idx < len(self.plans) and self._tensor_idx >= len(self.plans[self._file_idx].tensors):
+        while self._file_idx < len(self.plans) and self._tensor_idx >= len(
+            self.plans[self._file_idx].tensors
+        ):
             self._open_next_file()
         if self._file_idx >= len(self.plans):
             return None
@@ -246,12 +271,16 @@ class TensorFileWriter:
         """Append `data` (all or the next chunk of tensor `name`) in its file."""
         t = self.expected()
         if t is None or t.name != name:
-            raise ExecutionError(f"internal: writer expected `{t.name if t else None}` but got `{name}`")
+            raise ExecutionError(
+                f"internal: writer expected `{t.name if t else None}` but got `{name}`"
+            )
         if data.dtype != t.dtype:
-            raise ExecutionError(f"internal: `{name}` arrived as {data.dtype}, planned as {t.dtype}")
+            raise ExecutionError(
+                f"internal: `{name}` arrived as {data.dtype}, planned as {t.dtype}"
+            )
         data = data.detach().reshape(-1).contiguous().cpu()
         raw = data.view(torch.uint8) if data.dtype != torch.bool else data.to(torch.uint8)
-        self._raw_write(memoryview(raw.numpy()))
+        self._raw_write(raw.numpy().data)
         self._written += raw.numel()
         if self._written > t.nbytes:
             raise ExecutionError(f"internal: more bytes than planned for `{name}`")
@@ -262,7 +291,9 @@ class TensorFileWriter:
     def finish(self) -> None:
         if self.expected() is not None:
             t = self.expected()
-            raise ExecutionError(f"internal: output is incomplete, `{t.name if t else ''}` was never written")
+            raise ExecutionError(
+                f"internal: output is incomplete, `{t.name if t else ''}` was never written"
+            )
         self._close_file()
 
 
@@ -284,7 +315,9 @@ def write_tensors(
     dest = Path(dest)
     single = dest.suffix == ".safetensors"
     order = [OutputTensor(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
-    plans, index = plan_files(order, single_file="" if single else None, shard_size=shard_size, metadata=metadata)
+    plans, index = plan_files(
+        order, single_file="" if single else None, shard_size=shard_size, metadata=metadata
+    )
     with StagedOutput(dest, is_dir=not single, force=force) as staged:
         check_free_space(dest, sum(p.data_bytes for p in plans))
         w = TensorFileWriter(staged.path(), plans)

@@ -81,13 +81,17 @@ def register(
 
     def wrap(fn: MethodFn) -> MethodFn:
         if name in _METHODS:
-            raise ValueError(f"merge method `{name}` is already registered by {_METHODS[name].fn.__module__}")
+            raise ValueError(
+                f"merge method `{name}` is already registered by {_METHODS[name].fn.__module__}"
+            )
         sig = inspect.signature(fn)
         base = sig.parameters.get("base")
         pm = dict(per_model or {})
         for p in pm:
             if p not in sig.parameters:
-                raise ValueError(f"method `{name}`: per-model parameter `{p}` is not in its signature")
+                raise ValueError(
+                    f"method `{name}`: per-model parameter `{p}` is not in its signature"
+                )
         _METHODS[name] = MethodSpec(
             name=name,
             fn=fn,

@@ -13,7 +13,17 @@ from merge.errors import FormatError, PlanError
 from merge.io import load_state_dict, open_checkpoint, save_state_dict
 from merge.io.writer import parse_size
 
-ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool]
+ALL_DTYPES = [
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+]
 
 
 def sample() -> dict[str, torch.Tensor]:
@@ -37,10 +47,15 @@ def test_round_trip_all_dtypes(tmp_path: Path, shard_size: int) -> None:
         assert back[k].dtype == d[k].dtype and torch.equal(back[k], d[k]), k
     files = sorted(p.name for p in out.glob("*.safetensors"))
     if shard_size == 300:
-        assert files[0].startswith("model-00001-of-") and (out / "model.safetensors.index.json").is_file()
+        assert (
+            files[0].startswith("model-00001-of-")
+            and (out / "model.safetensors.index.json").is_file()
+        )
         index = json.loads((out / "model.safetensors.index.json").read_text())
         assert set(index["weight_map"]) == set(d)
-        assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in d.values())
+        assert index["metadata"]["total_size"] == sum(
+            v.numel() * v.element_size() for v in d.values()
+        )
     else:
         assert files == ["model.safetensors"]
     # The reference reader agrees byte for byte, and our metadata is kept.

@@ -14,11 +14,17 @@ from merge.io import load_state_dict, open_checkpoint
 
 def sd() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return {"w": torch.randn(4, 3, generator=g).bfloat16(), "b": torch.randn(3, generator=g), "steps": torch.tensor(7)}
+    return {
+        "w": torch.randn(4, 3, generator=g).bfloat16(),
+        "b": torch.randn(3, generator=g),
+        "steps": torch.tensor(7),
+    }
 
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return list(a) == list(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    return list(a) == list(b) and all(
+        a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a
+    )
 
 
 def test_pt_file_with_nested_state_dict(tmp_path: Path) -> None:
@@ -35,7 +41,13 @@ def test_sharded_bin_index(tmp_path: Path) -> None:
     d = sd()
     torch.save({"w": d["w"]}, tmp_path / "pytorch_model-00001-of-00002.bin")
     torch.save({"b": d["b"], "steps": d["steps"]}, tmp_path / "pytorch_model-00002-of-00002.bin")
-    index = {"weight_map": {"w": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin", "steps": "pytorch_model-00002-of-00002.bin"}}
+    index = {
+        "weight_map": {
+            "w": "pytorch_model-00001-of-00002.bin",
+            "b": "pytorch_model-00002-of-00002.bin",
+            "steps": "pytorch_model-00002-of-00002.bin",
+        }
+    }
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     src = open_checkpoint(tmp_path)
     assert sorted(src.keys()) == ["b", "steps", "w"]
@@ -46,13 +58,20 @@ def test_pickle_with_unknown_globals_is_refused_with_their_names(tmp_path: Path)
     torch.save({"state_dict": sd(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "train.ckpt")
     with pytest.raises(FormatError) as e:
         open_checkpoint(tmp_path / "train.ckpt")
-    assert "refusing to unpickle objects beyond tensors; globals found: argparse.Namespace" in str(e.value)
+    assert "refusing to unpickle objects beyond tensors; globals found: argparse.Namespace" in str(
+        e.value
+    )
     assert "--unsafe-pickle" in str(e.value)
     # The explicit opt-in loads it.
-    assert same({k: open_checkpoint(tmp_path / "train.ckpt", unsafe_pickle=True).read(k) for k in sd()}, sd())
+    assert same(
+        {k: open_checkpoint(tmp_path / "train.ckpt", unsafe_pickle=True).read(k) for k in sd()},
+        sd(),
+    )
 
 
-def test_hub_id_resolves_from_the_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_id_resolves_from_the_local_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache = tmp_path / "hub"
     snap = cache / "models--org--tiny" / "snapshots" / "abc123"
     snap.mkdir(parents=True)
@@ -67,7 +86,9 @@ def test_hub_id_resolves_from_the_local_cache(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
     src = open_checkpoint("org/tiny")
     assert torch.equal(src.read("w"), torch.ones(2))
-    with pytest.raises(UsageError, match="`org/missing` is neither a local path nor in the Hugging Face cache"):
+    with pytest.raises(
+        UsageError, match="`org/missing` is neither a local path nor in the Hugging Face cache"
+    ):
         open_checkpoint("org/missing")
 
 
@@ -75,12 +96,26 @@ def test_hub_id_resolves_from_the_local_cache(tmp_path: Path, monkeypatch: pytes
     ("tensors", "config", "fmt"),
     [
         ({"l.weight": torch.zeros(2, dtype=torch.float8_e4m3fn)}, None, "fp8-quantized"),
-        ({"l.qweight": torch.zeros(2, dtype=torch.int32), "l.scales": torch.zeros(2)}, None, "GPTQ/AWQ"),
-        ({"l.weight": torch.zeros(2, dtype=torch.int8), "l.SCB": torch.zeros(2)}, None, "bitsandbytes int8"),
-        ({"l.weight": torch.zeros(2)}, {"quantization_config": {"quant_method": "awq"}}, "quantized checkpoint (awq"),
+        (
+            {"l.qweight": torch.zeros(2, dtype=torch.int32), "l.scales": torch.zeros(2)},
+            None,
+            "GPTQ/AWQ",
+        ),
+        (
+            {"l.weight": torch.zeros(2, dtype=torch.int8), "l.SCB": torch.zeros(2)},
+            None,
+            "bitsandbytes int8",
+        ),
+        (
+            {"l.weight": torch.zeros(2)},
+            {"quantization_config": {"quant_method": "awq"}},
+            "quantized checkpoint (awq",
+        ),
     ],
 )
-def test_quantized_checkpoints_are_refused(tmp_path: Path, tensors: dict, config: dict | None, fmt: str) -> None:
+def test_quantized_checkpoints_are_refused(
+    tmp_path: Path, tensors: dict, config: dict | None, fmt: str
+) -> None:
     save_file(tensors, tmp_path / "model.safetensors")
     if config:
         (tmp_path / "config.json").write_text(json.dumps(config))

@@ -1,0 +1,247 @@
+"""Core benchmark: linear and task-arithmetic merges against a plain copy of the same bytes.
+
+    python benchmarks/bench_core.py                 # ~1 GB and ~3 GB sets (needs ~25 GB of disk)
+    python benchmarks/bench_core.py --sizes 1       # the ~1 GB set only
+
+Builds synthetic Llama-shaped bf16 checkpoints (sharded at 1 GB) under --data, then times, each
+in a fresh process so peak RSS is its own (ru_maxrss, what `/usr/bin/time -v` reports):
+- copy: read every input tensor into reused buffers and write one output of the same bytes,
+  with no math (the I/O bound of a merge, done the same careful way);
+- linear: `merge linear` of 3 inputs;
+- task arithmetic: base + 3 task vectors (4 inputs read);
+- mergekit-yaml on the same inputs when it is installed (not a dependency of ours).
+Files are warm in the page cache for every contestant (each set is read once before timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    # name: (hidden, intermediate, layers, vocab) -> about 1 GB and 3 GB of bf16
+    "1GB": (1024, 2816, 32, 32000),
+    "3GB": (2048, 5632, 26, 32000),
+}
+
+
+def llama_tensors(
+    hidden: int, inter: int, layers: int, vocab: int
+) -> list[tuple[str, tuple[int, ...]]]:
+    out = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        out += [
+            (f"{p}.input_layernorm.weight", (hidden,)),
+            (f"{p}.self_attn.q_proj.weight", (hidden, hidden)),
+            (f"{p}.self_attn.k_proj.weight", (hidden, hidden)),
+            (f"{p}.self_attn.v_proj.weight", (hidden, hidden)),
+            (f"{p}.self_attn.o_proj.weight", (hidden, hidden)),
+            (f"{p}.post_attention_layernorm.weight", (hidden,)),
+            (f"{p}.mlp.gate_proj.weight", (inter, hidden)),
+            (f"{p}.mlp.up_proj.weight", (inter, hidden)),
+            (f"{p}.mlp.down_proj.weight", (hidden, inter)),
+        ]
+    out += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return out
+
+
+def build_checkpoint(dest: Path, spec: list[tuple[str, tuple[int, ...]]], seed: int) -> None:
+    """Stream random bf16 tensors into a sharded folder without holding the model in memory."""
+    from merge.io.writer import OutputTensor, StagedOutput, TensorFileWriter, plan_files, write_json
+
+    if dest.exists():
+        return
+    tensors = [OutputTensor(n, s, torch.bfloat16) for n, s in spec]
+    plans, index = plan_files(tensors, shard_size=10**9)
+    g = torch.Generator().manual_seed(seed)
+    with StagedOutput(dest, is_dir=True) as staged:
+        w = TensorFileWriter(staged.path(), plans)
+        for t in tensors:
+            w.write(
+                t.name,
+                torch.randn(t.shape, generator=g, dtype=torch.float32)
+                .mul_(0.02)
+                .to(torch.bfloat16),
+            )
+        w.finish()
+        if index:
+            write_json(staged.path("model.safetensors.index.json"), index)
+        (staged.path("config.json")).write_text(
+            json.dumps({"model_type": "llama", "torch_dtype": "bfloat16"})
+        )
+        staged.commit()
+
+
+COPY_SCRIPT = r"""
+import os, sys, json, resource, time, torch
+from pathlib import Path
+from merge.io import open_checkpoint
+from merge.io.writer import OutputTensor, StagedOutput, TensorFileWriter, plan_files
+inputs, out = sys.argv[1:-1], Path(sys.argv[-1])
+srcs = [open_checkpoint(p) for p in inputs]
+names = srcs[0].keys()
+names.sort(key=lambda n: (srcs[0].meta(n).file, srcs[0].meta(n).offset))
+plans, _ = plan_files([OutputTensor(n, srcs[0].meta(n).shape, srcs[0].meta(n).dtype) for n in names], shard_size=5 * 10**9)
+CHUNK = 1 << 23
+bufs = [torch.empty(CHUNK * 2, dtype=torch.uint8) for _ in srcs]
+t0 = time.perf_counter()
+with StagedOutput(out, is_dir=True, force=True) as st:
+    w = TensorFileWriter(st.path(), plans)
+    for n in names:
+        m = srcs[0].meta(n)
+        for s in range(0, m.numel, CHUNK):
+            e = min(m.numel, s + CHUNK)
+            views = [s_.read_range(n, s, e, out=b[: (e - s) * 2].view(m.dtype)) for s_, b in zip(srcs, bufs)]
+            w.write(n, views[0])
+    w.finish()
+    st.commit()
+print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "inner": time.perf_counter() - t0}))
+"""
+
+MERGE_SCRIPT = r"""
+import sys, json, resource, time
+from merge.cli import cli
+t0 = time.perf_counter()
+try:
+    cli(sys.argv[1:], standalone_mode=False)
+finally:
+    print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "inner": time.perf_counter() - t0}))
+"""
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+    stats = json.loads(res.stdout.strip().splitlines()[-1])
+    return wall, int(stats["rss"])
+
+
+def timed_external(cmd: list[str]) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    res = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"{cmd[0]} failed:\n{res.stderr[-2000:]}")
+    rss = next(
+        int(line.split()[-1]) * 1024
+        for line in res.stderr.splitlines()
+        if "Maximum resident set size" in line
+    )
+    return wall, rss
+
+
+def warm(paths: list[Path]) -> None:
+    for p in paths:
+        for f in sorted(p.glob("*.safetensors")):
+            with open(f, "rb") as fh:
+                while fh.readinto(bytearray(64 << 20)):
+                    pass
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--data", type=Path, default=Path("bench-data"))
+    ap.add_argument("--sizes", default="1,3", help="Which sets: 1 and/or 3 (GB).")
+    ap.add_argument(
+        "--keep", action="store_true", help="Keep the synthetic checkpoints afterwards."
+    )
+    args = ap.parse_args()
+    py = sys.executable
+    rows = []
+    for size in args.sizes.split(","):
+        key = f"{size.strip()}GB"
+        spec = llama_tensors(*SHAPES[key])
+        root = args.data / key
+        names = ["base", "ft1", "ft2", "ft3"]
+        print(f"building {key} set in {root} ...", file=sys.stderr, flush=True)
+        for i, n in enumerate(names):
+            build_checkpoint(root / n, spec, seed=i)
+        model_bytes = sum(f.stat().st_size for f in (root / "base").glob("*.safetensors"))
+        ins = [root / n for n in names]
+        warm(ins)
+        out = root / "out"
+        recipe = root / "ta.yaml"
+        recipe.write_text(
+            "version: 1\ninputs: {" + ", ".join(f"{n}: {root / n}" for n in names) + "}\n"
+            "steps:\n  final: base + 0.5 * ((ft1 - base) + (ft2 - base) + (ft3 - base))\n"
+        )
+        results = {}
+        results["copy (3 inputs)"] = timed([py, "-c", COPY_SCRIPT, *map(str, ins[1:]), str(out)])
+        results["linear (3 inputs)"] = timed(
+            [py, "-c", MERGE_SCRIPT, "linear", *map(str, ins[1:]), "-o", str(out), "--force", "-q"]
+        )
+        results["copy (4 inputs)"] = timed([py, "-c", COPY_SCRIPT, *map(str, ins), str(out)])
+        results["task arithmetic (base + 3)"] = timed(
+            [py, "-c", MERGE_SCRIPT, "run", str(recipe), "-o", str(out), "--force", "-q"]
+        )
+        if shutil.which("mergekit-yaml"):
+            mk = root / "mergekit-linear.yaml"
+            mk.write_text(
+                "merge_method: linear\ndtype: bfloat16\nmodels:\n"
+                + "".join(
+                    f"  - model: {root / n}\n    parameters: {{weight: 1.0}}\n" for n in names[1:]
+                )
+            )
+            shutil.rmtree(out, ignore_errors=True)
+            results["mergekit linear (3 inputs)"] = timed_external(
+                ["mergekit-yaml", str(mk), str(out), "--copy-tokenizer", "false"]
+                if False
+                else ["mergekit-yaml", str(mk), str(out)]
+            )
+            mt = root / "mergekit-ta.yaml"
+            mt.write_text(
+                f"merge_method: task_arithmetic\nbase_model: {root / 'base'}\ndtype: bfloat16\nparameters: {{lambda: 0.5}}\nmodels:\n"
+                + "".join(
+                    f"  - model: {root / n}\n    parameters: {{weight: 1.0}}\n" for n in names[1:]
+                )
+            )
+            shutil.rmtree(out, ignore_errors=True)
+            results["mergekit task arithmetic"] = timed_external(
+                ["mergekit-yaml", str(mt), str(out)]
+            )
+        shutil.rmtree(out, ignore_errors=True)
+        for name, (wall, rss) in results.items():
+            bound = results["copy (4 inputs)" if "task" in name else "copy (3 inputs)"][0]
+            mk = results.get(
+                "mergekit task arithmetic" if "task" in name else "mergekit linear (3 inputs)"
+            )
+            rows.append(
+                (
+                    key,
+                    model_bytes,
+                    name,
+                    wall,
+                    rss,
+                    wall / bound,
+                    (wall / mk[0]) if mk and not name.startswith(("copy", "mergekit")) else None,
+                )
+            )
+        if not args.keep:
+            shutil.rmtree(root)
+    print(
+        f"\n{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; inputs warm in the page cache\n"
+    )
+    print("| set | model size | job | wall (s) | peak RSS (MiB) | x copy | x mergekit |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for key, mb, name, wall, rss, ratio, vs_mk in rows:
+        print(
+            f"| {key} | {mb / 1e9:.2f} GB | {name} | {wall:.2f} | {rss / 2**20:.0f} | {ratio:.2f} | {'' if vs_mk is None else f'{vs_mk:.2f}'} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
