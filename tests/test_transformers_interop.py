@@ -93,7 +93,7 @@ def test_linear_merge_loads_and_matches_the_formula(llamas: tuple[Path, list[Pat
 def test_task_arithmetic_recipe_on_llamas(
     llamas: tuple[Path, list[Path], bool], tmp_path: Path
 ) -> None:
-    root, paths, tied = llamas
+    _, paths, _ = llamas
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"inputs: {{base: {paths[0]}, math: {paths[1]}, toxic: {paths[2]}}}\n"
