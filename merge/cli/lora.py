@@ -75,6 +75,8 @@ def combine_cmd(adapters: tuple[str, ...], weights: str | None, rank: int | None
     _echo_warnings(caught)
     for u in report.unmatched:
         click.echo(f"warning: no module of the base matches {u}", err=True)
+    for u in report.dropped:
+        click.echo(f"warning: not combined: {u}", err=True)
     if report.energy:
         for name, e in sorted(report.energy.items(), key=lambda kv: kv[1])[:10]:
             click.echo(f"  {e:.4%}  rank {report.rank_out[name]}  {name}")

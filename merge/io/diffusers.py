@@ -93,10 +93,12 @@ class PipelineSource(TensorSource):
             self.components[name] = src
             self.stems[name] = stem
         if not self.components:
-            raise FormatError(f"{path}: model_index.json names no component folder with weights (*.safetensors or *.bin)")
+            raise FormatError(
+                f"{path}: model_index.json names no component folder with weights (*.safetensors or *.bin)"
+            )
         self._where: dict[str, tuple[str, str]] = {}
         for comp, src in self.components.items():
-            for k in src.keys():  # noqa: SIM118
+            for k in src.keys():
                 self._where[f"{comp}/{k}"] = (comp, k)
 
     def keys(self) -> list[str]:
@@ -106,7 +108,9 @@ class PipelineSource(TensorSource):
         try:
             comp, k = self._where[name]
         except KeyError:
-            raise FormatError(f"{self.path}: no tensor named `{name}` (pipeline keys look like `unet/conv_in.weight`)") from None
+            raise FormatError(
+                f"{self.path}: no tensor named `{name}` (pipeline keys look like `unet/conv_in.weight`)"
+            ) from None
         return self.components[comp], k
 
     def meta(self, name: str) -> TensorMeta:
@@ -136,7 +140,9 @@ class PipelineSource(TensorSource):
             for f in sorted(folder.rglob("*")):
                 if not f.is_file() or f.resolve() in weight_files or f.name.startswith("."):
                     continue
-                if name in self.components and (f.name.endswith(".index.json") or f.suffix in (".safetensors", ".bin")):
+                if name in self.components and (
+                    f.name.endswith(".index.json") or f.suffix in (".safetensors", ".bin")
+                ):
                     continue
                 out.append((str(f.relative_to(self._root)), f))
         return out
@@ -150,13 +156,17 @@ class PipelineSource(TensorSource):
         for t in tensors:
             comp, _, rest = t.name.partition("/")
             if not rest:
-                raise FormatError(f"output tensor `{t.name}` has no component prefix; a pipeline output needs `unet/...`-style names")
+                raise FormatError(
+                    f"output tensor `{t.name}` has no component prefix; a pipeline output needs `unet/...`-style names"
+                )
             by_comp.setdefault(comp, []).append(OutputTensor(rest, t.shape, t.dtype))
         plans: list[FilePlan] = []
         indexes: dict[str, object] = {}
         for comp, ts in by_comp.items():
             stem = self.stems.get(comp, "diffusion_pytorch_model")
-            comp_plans, index = plan_files(ts, shard_size=shard_size, prefix=stem, subfolder=comp, metadata=metadata)
+            comp_plans, index = plan_files(
+                ts, shard_size=shard_size, prefix=stem, subfolder=comp, metadata=metadata
+            )
             # the writer is fed namespaced names (`unet/x`); the file headers hold the plain ones
             plans += [ComponentFilePlan.wrap(p, comp) for p in comp_plans]
             if index is not None:

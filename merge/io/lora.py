@@ -52,7 +52,13 @@ def _keys_look_lora(file: Path) -> bool:
     keys = list(entries)
     if not keys:
         return False
-    hits = sum(1 for k in keys if any(p.match(k) for p, role in ROLE_PATTERNS if role not in ("alpha", "ignored", "diff_b")))
+    hits = sum(
+        1
+        for k in keys
+        if any(
+            p.match(k) for p, role in ROLE_PATTERNS if role not in ("alpha", "ignored", "diff_b")
+        )
+    )
     return hits > 0 and hits >= len(keys) // 4
 
 
@@ -71,12 +77,17 @@ class LoraSource(TensorSource):
         self._targets: dict[str, tuple[str, object]] = {}  # base key -> (what, module or file key)
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._cache: tuple[str, Tensor] | None = None
-        self._full_extra: dict[str, str] = {}  # base key -> full tensor key added to a module's delta
+        self._full_extra: dict[
+            str, str
+        ] = {}  # base key -> full tensor key added to a module's delta
         if base is None:
             self._plan_without_base()
         else:
             self._plan_with_base(base)
-        self.nonlinear = any(isinstance(t[1], LoraModule) and t[1].is_dora and t[0] == "weight" for t in self._targets.values())
+        self.nonlinear = any(
+            isinstance(t[1], LoraModule) and t[1].is_dora and t[0] == "weight"
+            for t in self._targets.values()
+        )
 
     # -- planning -------------------------------------------------------------------------
     def _plan_without_base(self) -> None:
@@ -86,7 +97,9 @@ class LoraSource(TensorSource):
             if mod.bias_key:
                 self._targets[mod.name + ".bias"] = ("bias", mod)
         for dotted in self.adapter.full:
-            self.unmatched.append(f"{dotted} (a full modules_to_save tensor: needs the base to become a delta)")
+            self.unmatched.append(
+                f"{dotted} (a full modules_to_save tensor: needs the base to become a delta)"
+            )
 
     def _plan_with_base(self, base: TensorSource) -> None:
         index = BaseIndex(base.keys())
@@ -130,7 +143,9 @@ class LoraSource(TensorSource):
             shape = tuple(base.meta(bkey).shape)
             fshape = tuple(self.adapter.source.meta(fkey).shape)
             if fshape != shape:
-                problems.append(f"`{fkey}` has shape {list(fshape)} but the base's `{bkey}` is {list(shape)}")
+                problems.append(
+                    f"`{fkey}` has shape {list(fshape)} but the base's `{bkey}` is {list(shape)}"
+                )
                 continue
             if bkey in self._targets:  # a trained base layer under a LoRA: both changes add up
                 self._full_extra[bkey] = fkey
@@ -140,7 +155,8 @@ class LoraSource(TensorSource):
         if problems:
             raise PlanError(
                 f"{self.adapter.path} does not fit the base {base.path} ({len(problems)} shape mismatches; "
-                "is it a LoRA for another architecture?):\n  " + "\n  ".join(problems[:20])
+                "is it a LoRA for another architecture?):\n  "
+                + "\n  ".join(problems[:20])
                 + ("\n  ..." if len(problems) > 20 else "")
             )
         if not self._targets:
@@ -153,7 +169,8 @@ class LoraSource(TensorSource):
         if self.unmatched:
             warnings.warn(
                 f"{self.adapter.path}: {len(self.unmatched)} of its targets match nothing in {base.path} and are "
-                f"skipped: {', '.join(self.unmatched[:10])}" + (" ..." if len(self.unmatched) > 10 else ""),
+                f"skipped: {', '.join(self.unmatched[:10])}"
+                + (" ..." if len(self.unmatched) > 10 else ""),
                 MergeWarning,
                 stacklevel=3,
             )
@@ -212,14 +229,18 @@ class LoraSource(TensorSource):
                 d = d.reshape(self._shapes[name])
             if mod.is_dora:
                 if self.base is None:
-                    raise PlanError(f"{self.path}: `{mod.name}` is DoRA, whose change depends on the base weight; give the base")
+                    raise PlanError(
+                        f"{self.path}: `{mod.name}` is DoRA, whose change depends on the base weight; give the base"
+                    )
                 w = self.base.read(name).to(torch.float32)
                 mag = self._get(mod.dora_key)  # type: ignore[arg-type]
                 axis = 0 if mod.extra.get("dora_peft") else int(mod.extra.get("dora_axis", 0))  # type: ignore[call-overload]
                 d = dora_weight(w, d, mag, axis) - w
         if name in self._full_extra:
             assert self.base is not None
-            full = self._get(self._full_extra[name]).to(torch.float32) - self.base.read(name).to(torch.float32)
+            full = self._get(self._full_extra[name]).to(torch.float32) - self.base.read(name).to(
+                torch.float32
+            )
             d = d + full * self.scale
         self._cache = (name, d)
         return d
@@ -240,7 +261,11 @@ class LoraSource(TensorSource):
 
     def modules_for(self) -> dict[str, LoraModule]:
         """Base weight key -> module, for factor-space operations."""
-        return {k: v[1] for k, v in self._targets.items() if v[0] == "weight" and isinstance(v[1], LoraModule)}
+        return {
+            k: v[1]
+            for k, v in self._targets.items()
+            if v[0] == "weight" and isinstance(v[1], LoraModule)
+        }
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -250,7 +275,9 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def open_lora(path: str | Path | Adapter, base: TensorSource | None, *, scale: float = 1.0) -> LoraSource:
+def open_lora(
+    path: str | Path | Adapter, base: TensorSource | None, *, scale: float = 1.0
+) -> LoraSource:
     """The adapter at `path` as a delta source on `base` (None: the adapter's own module names)."""
     adapter = path if isinstance(path, Adapter) else read_adapter(path)
     return LoraSource(adapter, base, scale)
@@ -287,7 +314,10 @@ def describe(path: str | Path) -> str:
         if k in a.metadata:
             lines.append(f"  {k}: {a.metadata[k]}")
     if "lora_adapter_metadata" in a.metadata:
-        lines.append("  diffusers lora_adapter_metadata: " + ", ".join(sorted(json.loads(a.metadata["lora_adapter_metadata"]))[:6]))
+        lines.append(
+            "  diffusers lora_adapter_metadata: "
+            + ", ".join(sorted(json.loads(a.metadata["lora_adapter_metadata"]))[:6])
+        )
     return "\n".join(lines)
 
 
@@ -297,5 +327,3 @@ def _leaf(m: LoraModule) -> str:
         return parts[-2] + "." + parts[-1] if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
     tail = re.sub(r"^.*?_(\d+)_", "", m.path)
     return tail.rsplit("_blocks_", 1)[-1]
-
-

@@ -68,7 +68,9 @@ class Adapter:
     format: str  # peft | diffusers | kohya | lycoris
     modules: dict[str, LoraModule]
     source: TensorSource
-    full: dict[str, str] = field(default_factory=dict)  # dotted param name ("" component) -> file key
+    full: dict[str, str] = field(
+        default_factory=dict
+    )  # dotted param name ("" component) -> file key
     config: dict[str, object] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
 
@@ -93,7 +95,11 @@ def find_adapter_file(path: Path) -> tuple[Path, dict[str, object] | None]:
             f"*.safetensors; found: {found})"
         )
     config_path = path.parent / "adapter_config.json"
-    config = _read_config(config_path) if path.name.startswith("adapter_model") and config_path.is_file() else None
+    config = (
+        _read_config(config_path)
+        if path.name.startswith("adapter_model") and config_path.is_file()
+        else None
+    )
     return path, config
 
 
@@ -101,7 +107,9 @@ def _read_config(p: Path) -> dict[str, object]:
     try:
         cfg = json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise FormatError(f"{p}: not valid JSON ({e}); an adapter_config.json as peft writes it is expected") from e
+        raise FormatError(
+            f"{p}: not valid JSON ({e}); an adapter_config.json as peft writes it is expected"
+        ) from e
     if not isinstance(cfg, dict):
         raise FormatError(f"{p}: expected a JSON object")
     return cfg
@@ -112,7 +120,9 @@ def open_tensor_file(path: Path) -> TensorSource:
         return SafetensorsSource([path], root=path.parent)
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
         return TorchFileSource([path], root=path.parent)
-    raise FormatError(f"{path}: an adapter must be a .safetensors or .bin file, or a folder holding one")
+    raise FormatError(
+        f"{path}: an adapter must be a .safetensors or .bin file, or a folder holding one"
+    )
 
 
 def split_module_name(prefix: str) -> tuple[str, str, bool]:
@@ -145,7 +155,7 @@ def read_adapter(path: str | Path) -> Adapter:
     unknown: list[str] = []
     ia3: list[str] = []
     all_keys = set(src.keys())
-    for key in src.keys():  # noqa: SIM118
+    for key in src.keys():
         placed = False
         for pat, role in ROLE_PATTERNS:
             m = pat.match(key)
@@ -174,7 +184,9 @@ def read_adapter(path: str | Path) -> Adapter:
             break
         if placed:
             continue
-        if key.endswith(".on_input") or (key.endswith(".weight") and f"{key[: -len('.weight')]}.on_input" in all_keys):
+        if key.endswith(".on_input") or (
+            key.endswith(".weight") and f"{key[: -len('.weight')]}.on_input" in all_keys
+        ):
             ia3.append(key)
         elif key.startswith(PEFT_PREFIX) and "lora_" not in key:
             full[key[len(PEFT_PREFIX) :]] = key  # modules_to_save / trained biases: full values
@@ -208,7 +220,9 @@ def read_adapter(path: str | Path) -> Adapter:
     if problems:
         raise FormatError(f"{file}: incomplete adapter modules:\n  " + "\n  ".join(problems[:20]))
     if unknown or not modules:
-        shown = ", ".join(f"`{k}`" for k in unknown[:12]) + (f" and {len(unknown) - 12} more" if len(unknown) > 12 else "")
+        shown = ", ".join(f"`{k}`" for k in unknown[:12]) + (
+            f" and {len(unknown) - 12} more" if len(unknown) > 12 else ""
+        )
         raise FormatError(
             f"{file}: unknown adapter format: unrecognised keys {shown or '(none: the file holds no LoRA factors)'}; "
             "merge reads PEFT (lora_A/lora_B), diffusers (unet./text_encoder. + lora_A/lora_B), kohya/A1111 "
@@ -224,7 +238,9 @@ class _Missing(Exception):
 def _check_config(config: dict[str, object], where: Path) -> None:
     ptype = str(config.get("peft_type", "LORA")).upper()
     if ptype not in ("LORA", "LOHA", "LOKR"):
-        raise FormatError(f"{where}: peft_type {ptype} is not a weight-delta adapter merge can read (LORA, LOHA, LOKR)")
+        raise FormatError(
+            f"{where}: peft_type {ptype} is not a weight-delta adapter merge can read (LORA, LOHA, LOKR)"
+        )
     init = str(config.get("init_lora_weights", "true")).lower()
     if init.startswith(("pissa", "olora", "corda")):
         raise FormatError(
@@ -233,10 +249,14 @@ def _check_config(config: dict[str, object], where: Path) -> None:
             "to get a plain LoRA for the original base"
         )
     if config.get("layer_replication"):
-        raise FormatError(f"{where}: adapters with layer_replication change the layer layout and cannot be merged into weights")
+        raise FormatError(
+            f"{where}: adapters with layer_replication change the layer layout and cannot be merged into weights"
+        )
 
 
-def _guess_format(roles: dict[str, dict[str, str]], config: dict[str, object] | None, metadata: dict[str, str]) -> str:
+def _guess_format(
+    roles: dict[str, dict[str, str]], config: dict[str, object] | None, metadata: dict[str, str]
+) -> str:
     all_roles = {k for r in roles.values() for k in r}
     names = list(roles)
     if any(k.startswith(("w1", "w2", "t1", "t2", "k_")) or k in ("mid", "diff") for k in all_roles):
@@ -248,7 +268,9 @@ def _guess_format(roles: dict[str, dict[str, str]], config: dict[str, object] | 
     return "diffusers"
 
 
-def _component_configs(config: dict[str, object] | None, metadata: dict[str, str]) -> dict[str, dict[str, object]]:
+def _component_configs(
+    config: dict[str, object] | None, metadata: dict[str, str]
+) -> dict[str, dict[str, object]]:
     """PEFT-style config per component ("" for a plain adapter_config.json)."""
     out: dict[str, dict[str, object]] = {}
     if config is not None:
@@ -266,7 +288,9 @@ def _component_configs(config: dict[str, object] | None, metadata: dict[str, str
     return out
 
 
-def _build_module(comp: str, path: str, dotted: bool, r: dict[str, str], src: TensorSource, fmt: str) -> LoraModule | None:
+def _build_module(
+    comp: str, path: str, dotted: bool, r: dict[str, str], src: TensorSource, fmt: str
+) -> LoraModule | None:
     def need(*roles: str) -> None:
         missing = [x for x in roles if x not in r]
         if missing:
@@ -323,7 +347,9 @@ def _pattern_value(pattern: object, module_path: str) -> object | None:
     return None
 
 
-def _apply_scale(mod: LoraModule, r: dict[str, str], src: TensorSource, cfg: dict[str, object] | None) -> None:
+def _apply_scale(
+    mod: LoraModule, r: dict[str, str], src: TensorSource, cfg: dict[str, object] | None
+) -> None:
     """scale = alpha / r (or / sqrt(r) with rsLoRA); sources as described in the module docstring."""
     rank = mod.rank
     alpha: float | None = None
@@ -336,7 +362,11 @@ def _apply_scale(mod: LoraModule, r: dict[str, str], src: TensorSource, cfg: dic
         cfg_r = _pattern_value(cfg.get("rank_pattern"), path)
         cfg_a = _pattern_value(cfg.get("alpha_pattern"), path)
         r_used = float(cfg_r if cfg_r is not None else cfg.get("r", rank) or rank)  # type: ignore[arg-type]
-        a_used = float(cfg_a if cfg_a is not None else cfg.get("lora_alpha", cfg.get("alpha", r_used)) or r_used)  # type: ignore[arg-type]
+        a_used = float(
+            cfg_a
+            if cfg_a is not None
+            else cfg.get("lora_alpha", cfg.get("alpha", r_used)) or r_used
+        )  # type: ignore[arg-type]
         mod.alpha = a_used
         mod.scale = a_used / (math.sqrt(r_used) if cfg.get("use_rslora") else r_used)
         mod.extra["rslora"] = bool(cfg.get("use_rslora"))

@@ -32,6 +32,7 @@ class CombineReport:
     exact: bool = True
     output: Path | None = None
     unmatched: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
 
     @property
     def overall_energy(self) -> float:
@@ -83,6 +84,7 @@ def combine(
     report = CombineReport(exact=rank is None and energy is None and not factorwise)
     for a, p in zip(ads, placed):
         report.unmatched += [f"{a.path}: {u}" for u in p.unmatched]
+        report.dropped += [f"{a.path}: {k} (modules_to_save: a full tensor, not a LoRA factor pair)" for k in a.full]
         if p.unresolved_kohya and (fmt or "") != "kohya":
             bad = [m.name for m in p.modules.values() if not m.dotted][:3]
             raise UsageError(

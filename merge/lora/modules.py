@@ -91,7 +91,7 @@ def module_delta(mod: LoraModule, get: Getter) -> Tensor:
             w2 = _f32(get, k["w2a"]) @ _f32(get, k["w2b"])
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
-        d = torch.kron(w1, w2)
+        d = torch.kron(w1.contiguous(), w2.contiguous())
     elif mod.kind == "full":
         d = _f32(get, k["diff"])
     else:  # pragma: no cover - kinds are fixed by the reader
