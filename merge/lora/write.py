@@ -170,6 +170,8 @@ def write_kohya(dest: Path, mods: Sequence[OutModule], *, dtype: torch.dtype = t
     for m in mods:
         if m.embedding:
             raise UsageError(f"kohya files have no embedding LoRA; `{m.path}` cannot be written (use --to peft)")
+        if m.bias is not None:
+            raise UsageError(f"kohya files have no lora_B bias; `{m.path}` (lora_bias=True) cannot be written (use --to peft)")
         if m.fan_in_fan_out:
             a, b = m.B.T.contiguous(), m.A.T.contiguous()  # kohya has no fan_in_fan_out: store the transposed product
         else:

@@ -1,0 +1,106 @@
+"""Extract: SVD of (tuned − base) per module; extract-then-bake reproduces the fine-tune within the
+reported energy; the PEFT adapter loads untouched; randomized SVD is as good as full at low rank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from merge.lora.extract import extract, low_rank
+
+
+@pytest.fixture(scope="module")
+def finetune(llama: dict, work: Path) -> Path:
+    """base + rank-2 (layer 0) / rank-5 (layer 1) changes + small noise, a changed norm and bias."""
+    from conftest import make_llama  # type: ignore[import-not-found]
+
+    m = make_llama()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 2 and "layers" in name:
+                r = 2 if "layers.0." in name else 5
+                u, v = torch.randn(p.shape[0], r, generator=g), torch.randn(r, p.shape[1], generator=g)
+                p.add_(0.05 * u @ v + 0.002 * torch.randn(p.shape, generator=g))
+        m.model.norm.weight.add_(0.1)
+        m.model.layers[0].self_attn.q_proj.bias.add_(0.1)
+    m.save_pretrained(work / "llama_ft")
+    return work / "llama_ft"
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(next(path.glob("*.safetensors")))
+
+
+def test_extract_then_bake_within_reported_energy(llama: dict, finetune: Path, work: Path) -> None:
+    from peft import PeftModel
+
+    from conftest import make_llama  # type: ignore[import-not-found]
+
+    report, _ = extract(llama["base"], finetune, work / "extracted_r3", rank=3, svd="full")
+    assert (work / "extracted_r3" / "adapter_config.json").is_file()
+    assert "model.norm" in report.saved_full  # a changed norm goes to modules_to_save
+    assert "model.layers.0.self_attn.q_proj.bias" in report.dropped
+    baked = PeftModel.from_pretrained(make_llama(), work / "extracted_r3").merge_and_unload().state_dict()
+    base, tuned = _state(llama["base"]), _state(finetune)
+    for name, (rank, energy) in report.modules.items():
+        k = name + ".weight"
+        d = tuned[k] - base[k]
+        err = float((tuned[k] - baked[k]).double().pow(2).sum() / d.double().pow(2).sum())
+        assert rank == 3
+        assert err == pytest.approx(1 - energy, abs=1e-4), name
+        assert energy > (0.99 if "layers.0." in name else 0.5)
+    torch.testing.assert_close(baked["model.norm.weight"], tuned["model.norm.weight"])
+
+
+def test_energy_mode_ranks_differ_and_rank_pattern_loads(llama: dict, finetune: Path, work: Path) -> None:
+    import json
+
+    from peft import PeftModel
+
+    from conftest import make_llama  # type: ignore[import-not-found]
+
+    report, _ = extract(llama["base"], finetune, work / "extracted_e", energy=0.999, svd="full")
+    ranks = {r for r, _ in report.modules.values()}
+    assert all(e >= 0.999 for _, e in report.modules.values())
+    assert len(ranks) > 1
+    cfg = json.loads((work / "extracted_e" / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"]  # ranks differ
+    baked = PeftModel.from_pretrained(make_llama(), work / "extracted_e").merge_and_unload().state_dict()
+    tuned = _state(finetune)
+    for name, (_, energy) in report.modules.items():
+        k = name + ".weight"
+        d = tuned[k] - _state(llama["base"])[k]
+        err = float((tuned[k] - baked[k]).double().pow(2).sum() / d.double().pow(2).sum())
+        assert err == pytest.approx(1 - energy, abs=1e-4)
+
+
+def test_randomized_svd_accuracy() -> None:
+    g = torch.Generator().manual_seed(0)
+    # a decaying spectrum, as fine-tune deltas have
+    u, _ = torch.linalg.qr(torch.randn(512, 256, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(384, 256, generator=g))
+    s = torch.exp(-torch.arange(256) / 20.0)
+    m = (u * s) @ v.T
+    b1, a1, kept1, total, rand1 = low_rank(m, 16, None, "full")
+    b2, a2, kept2, _, rand2 = low_rank(m, 16, None, "randomized")
+    assert not rand1 and rand2
+    err_full = float((m - b1 @ a1).pow(2).sum() / total)
+    err_rand = float((m - b2 @ a2).pow(2).sum() / total)
+    assert err_full == pytest.approx(1 - kept1 / total, abs=1e-5)
+    assert err_rand == pytest.approx(1 - kept2 / total, abs=1e-5)  # the reported energy is exact
+    assert err_rand <= err_full * 1.05
+
+
+def test_extract_errors(llama: dict, tmp_path: Path) -> None:
+    from merge.errors import PlanError, UsageError
+    from merge.io.sources import MemorySource
+
+    with pytest.raises(UsageError, match="give exactly one of --rank and --energy"):
+        extract(llama["base"], llama["base"], None)
+    with pytest.raises(PlanError, match="share no tensor names; extract needs the fine-tune of this base"):
+        extract(llama["base"], MemorySource({"x": torch.zeros(2)}), None, rank=2)
