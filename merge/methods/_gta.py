@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from merge.methods._checks import check_choice
+from merge.methods.selection import bernoulli_mask, trim_below
 
 ELECT_CHOICES = ("sum", "count")
 
@@ -30,7 +31,13 @@ def elect_sign(vectors: Sequence[Tensor], elect: str) -> Tensor:
     total = torch.zeros_like(vectors[0])
     for v in vectors:
         total.add_(v if elect == "sum" else v.sign())
-    return torch.where(total >= 0, 1.0, -1.0).to(vectors[0].dtype)
+    # copysign(1, +0.0) = +1: a zero total elects +. (Float ops only: bool tensors are slow here.)
+    return torch.ones_like(total).copysign_(total)
+
+
+def _agreeing(v: Tensor, sign: Tensor) -> Tensor:
+    """|v| where sgn v = sign (zeros never agree), else 0."""
+    return (v * sign).clamp_(min=0.0)
 
 
 def combine(
@@ -60,19 +67,89 @@ def combine(
         mixed = torch.zeros_like(base)
         div = torch.zeros_like(base)
         for v, w in zip(weighted, weight):
-            agree = v.sign() == sign
-            mixed.add_(torch.where(agree, v, 0.0))
-            div.add_(agree.to(base.dtype), alpha=float(w))
+            a = _agreeing(v, sign)
+            mixed.add_(a)
+            div.add_(a.sign_(), alpha=float(w))
+        mixed.mul_(sign)
         if normalize:
-            mixed.div_(torch.where(div == 0, 1.0, div))
+            # div == 0 → divide by 1 (mixed is 0 there): add 1 exactly where div is 0
+            mixed.div_(div.add_(1.0 - div.abs().sign()))
         return mixed.mul_(scale).add_(base)
     sign = elect_sign(deltas, elect)
     mixed = torch.zeros_like(base)
     count = torch.zeros_like(base)
     for d, w in zip(deltas, weight):
-        agree = d.sign() == sign
-        mixed.add_(torch.where(agree, d, 0.0), alpha=float(w))
-        count.add_(agree.to(base.dtype))
+        a = _agreeing(d, sign)
+        mixed.add_(a, alpha=float(w))
+        count.add_(a.sign_())
+    mixed.mul_(sign)
     if normalize:
         mixed.div_(count.clamp_(min=1.0))
     return mixed.mul_(scale).add_(base)
+
+
+CHUNK = 1 << 18  # elements per fused chunk: every temporary stays in cache
+
+
+def magnitude_thresholds(
+    tensors: Sequence[Tensor], base: Tensor, density: Sequence[float]
+) -> list[float | None]:
+    """Per model, the k-th largest |x_i − base| (k = ⌊d_i·n⌋); None at density 1, inf at k = 0."""
+    from merge.methods.selection import keep_count, kth_largest_abs
+
+    out: list[float | None] = []
+    n = base.numel()
+    for x, d in zip(tensors, density):
+        k = keep_count(n, float(d))
+        if float(d) >= 1.0:
+            out.append(None)
+        elif k == 0:
+            out.append(float("inf"))
+        else:
+            out.append(kth_largest_abs(x, k, minus=base))
+    return out
+
+
+def fused_merge(
+    method: str,
+    tensors: Sequence[Tensor],
+    base: Tensor,
+    weight: Sequence[float],
+    *,
+    thresholds: Sequence[float | None] | None = None,
+    keep_prob: Sequence[float] | None = None,
+    generator: torch.Generator | None = None,
+    elect: str | None,
+    normalize: bool,
+    scale: float,
+    compat: str,
+) -> Tensor:
+    """`combine` of sparsified task vectors, chunk by chunk with reused buffers.
+
+    Per chunk: δ_i = x_i − base; zero |δ_i| < thresholds[i] (magnitude trim); drop with
+    Bernoulli(keep_prob[i]) and rescale by 1/keep_prob[i] (DARE, paper); then `combine`. The
+    random draws go chunk by chunk, model by model, so a seed gives the same output every time.
+    """
+    n = base.numel()
+    flat_b = base.reshape(-1)
+    flats = [x.reshape(-1) for x in tensors]
+    out = torch.empty_like(flat_b)
+    size = min(CHUNK, n)
+    bufs = [torch.empty(size, dtype=base.dtype, device=base.device) for _ in tensors]
+    for start in range(0, n, CHUNK):
+        stop = min(n, start + CHUNK)
+        b = flat_b[start:stop]
+        deltas = []
+        for i, x in enumerate(flats):
+            d = torch.sub(x[start:stop], b, out=bufs[i][: stop - start])
+            thr = thresholds[i] if thresholds is not None else None
+            if thr is not None:
+                d = trim_below(d, thr)
+            p = float(keep_prob[i]) if keep_prob is not None else 1.0
+            if p < 1.0:
+                d.mul_(bernoulli_mask(d.shape, p, generator, d.device)).div_(p)
+            deltas.append(d)
+        out[start:stop] = combine(
+            method, b, deltas, weight, elect=elect, normalize=normalize, scale=scale, compat=compat
+        )
+    return out.reshape(base.shape)

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from merge.methods._checks import check_compat, check_density
-from merge.methods._gta import combine
+from merge.methods._checks import check_choice, check_compat, check_density
+from merge.methods._gta import ELECT_CHOICES, combine, fused_merge
 from merge.methods._registry import register
 from merge.methods.sparsify import dare_drop
 
@@ -54,6 +54,19 @@ def dare_linear(
     """base + λ Σ w_i m_i⊙δ_i/d_i, m_i ~ Bernoulli(d_i) (mergekit: L1-norm rescale)."""
     check_density("dare_linear", density)
     check_compat("dare_linear", compat)
+    if compat == "paper" and rescale:
+        return fused_merge(
+            "dare_linear",
+            tensors,
+            base,
+            weight,
+            keep_prob=density,
+            generator=generator,
+            elect=None,
+            normalize=normalize,
+            scale=scale,
+            compat=compat,
+        )
     deltas = _dropped(tensors, base, density, rescale, compat, generator)
     return combine(
         "dare_linear",
@@ -89,6 +102,20 @@ def dare_ties(
     """DARE drop-and-rescale, then TIES sign election and disjoint merge (dis-sum by default)."""
     check_density("dare_ties", density)
     check_compat("dare_ties", compat)
+    if compat == "paper" and rescale:
+        check_choice("dare_ties", "elect", elect, ELECT_CHOICES)
+        return fused_merge(
+            "dare_ties",
+            tensors,
+            base,
+            weight,
+            keep_prob=density,
+            generator=generator,
+            elect=elect,
+            normalize=normalize,
+            scale=scale,
+            compat=compat,
+        )
     deltas = _dropped(tensors, base, density, rescale, compat, generator)
     return combine(
         "dare_ties",

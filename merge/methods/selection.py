@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 SMALL = 1 << 18  # below this many elements a plain kthvalue is as fast as anything else
@@ -26,22 +27,31 @@ def keep_count(numel: int, density: float) -> int:
     return min(numel, int(density * numel))
 
 
-def kth_largest_abs(x: Tensor, k: int, *, method: str = "auto") -> float:
-    """The k-th largest of |x| (1 ≤ k ≤ numel), exact; `method` is auto | kthvalue | bracket."""
+def kth_largest_abs(
+    x: Tensor, k: int, *, minus: Tensor | None = None, method: str = "auto"
+) -> float:
+    """The k-th largest of |x − minus| (1 ≤ k ≤ numel), exact; method: auto | kthvalue | bracket.
+
+    `minus` (e.g. the base, so that x − minus is a task vector) is subtracted chunk by chunk,
+    so the difference never exists as a full-size tensor on the bracket path.
+    """
     flat = x.reshape(-1)
+    sub = None if minus is None else minus.reshape(-1)
     n = flat.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k = {k} is outside [1, {n}]")
     if method == "kthvalue" or (method == "auto" and n < SMALL):
-        return float(flat.abs().kthvalue(n - k + 1).values)
-    return _bracket_kth_largest_abs(flat, k)
+        a = flat.abs() if sub is None else (flat - sub).abs_()
+        return float(a.kthvalue(n - k + 1).values)
+    return _bracket_kth_largest_abs(flat, sub, k)
 
 
-def _bracket_kth_largest_abs(flat: Tensor, k: int) -> float:
+def _bracket_kth_largest_abs(flat: Tensor, sub: Tensor | None, k: int) -> float:
     n = flat.numel()
     g = torch.Generator(device=flat.device).manual_seed(0x5E1EC7)
     idx = torch.randint(n, (SAMPLE,), generator=g, device=flat.device)
-    sample = flat[idx].abs().sort().values  # (SAMPLE,) ascending; small
+    picked = flat[idx] if sub is None else flat[idx] - sub[idx]
+    sample = picked.abs_().sort().values  # (SAMPLE,) ascending; small
     # Rank (0-based, ascending) of the threshold in the sample, and its binomial spread.
     q = 1.0 - k / n
     r = q * SAMPLE
@@ -52,16 +62,45 @@ def _bracket_kth_largest_abs(flat: Tensor, k: int) -> float:
     above = torch.zeros((), dtype=torch.int64, device=flat.device)
     inside: list[Tensor] = []
     buf = torch.empty(min(CHUNK, n), dtype=flat.dtype, device=flat.device)
-    for chunk in flat.split(CHUNK):
-        a = torch.abs(chunk, out=buf[: chunk.numel()])
+    for start in range(0, n, CHUNK):
+        chunk = flat[start : start + CHUNK]
+        a = buf[: chunk.numel()]
+        if sub is None:
+            torch.abs(chunk, out=a)
+        else:
+            torch.sub(chunk, sub[start : start + CHUNK], out=a).abs_()
         above += (a > hi).sum()
         inside.append(a[(a >= lo) & (a <= hi)])
     n_above = int(above)  # one host sync per tensor, after the loop
     cand = torch.cat(inside)
     need = k - n_above  # rank of the threshold among the candidates, counted from the top
-    if not 1 <= need <= cand.numel():
-        return float(flat.abs().kthvalue(n - k + 1).values)  # bracket missed: exact fallback
+    if not 1 <= need <= cand.numel():  # bracket missed: exact fallback
+        a_all = flat.abs() if sub is None else (flat - sub).abs_()
+        return float(a_all.kthvalue(n - k + 1).values)
     return float(cand.kthvalue(cand.numel() - need + 1).values)
+
+
+def trim_below(x: Tensor, thr: float) -> Tensor:
+    """x where |x| ≥ thr, else 0 (hardshrink at the float just below thr; no bool tensors)."""
+    if thr == math.inf:
+        return torch.zeros_like(x)
+    if thr <= 0:
+        return x
+    # hardshrink keeps |x| > λ; λ = the largest value of x's dtype below thr keeps |x| ≥ thr.
+    t = torch.tensor(thr, dtype=x.dtype)
+    lam = float(torch.nextafter(t, torch.tensor(-math.inf, dtype=x.dtype)))
+    return F.hardshrink(x, lam)
+
+
+def bernoulli_mask(
+    shape: torch.Size | tuple[int, ...],
+    p: float | Tensor,
+    generator: torch.Generator | None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """A float 0/1 mask, 1 with probability p: ⌊u + p⌋ for u ~ U[0, 1) (i.e. u ≥ 1 − p)."""
+    u = torch.rand(shape, generator=generator, device=device)
+    return u.add_(p).floor_().clamp_(max=1.0)
 
 
 def magnitude_mask(x: Tensor, density: float) -> Tensor:
@@ -84,5 +123,4 @@ def trim(x: Tensor, density: float) -> Tensor:
     k = keep_count(n, density)
     if k == 0:
         return torch.zeros_like(x)
-    thr = kth_largest_abs(x, k)
-    return torch.where(x.abs() >= thr, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return trim_below(x, kth_largest_abs(x, k))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from merge.methods.selection import trim
+from merge.methods.selection import bernoulli_mask, trim
 
 __all__ = ["breadcrumbs_band", "dare_drop", "della_drop", "l1_rescale", "trim"]
 
@@ -32,8 +32,7 @@ def dare_drop(
     """Keep each entry with probability `density` (m ~ Bernoulli(d)); paper rescale m⊙δ/d."""
     if density >= 1.0:
         return delta
-    keep = torch.rand(delta.shape, generator=generator, device=delta.device) < density
-    pruned = torch.where(keep, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+    pruned = delta * bernoulli_mask(delta.shape, density, generator, delta.device)
     if not rescale:
         return pruned
     if compat == "mergekit":
@@ -109,11 +108,10 @@ def della_drop(
     if density >= 1.0:
         return delta
     p = della_probabilities(delta, density, epsilon)
-    keep = torch.rand(delta.shape, generator=generator, device=delta.device) < p
-    zero = torch.zeros((), dtype=delta.dtype, device=delta.device)
-    pruned = torch.where(keep, delta, zero)
+    keep = bernoulli_mask(delta.shape, p, generator, delta.device)
+    pruned = delta * keep
     if not rescale:
         return pruned
     if compat == "mergekit":
         return l1_rescale(pruned, delta)
-    return torch.where(keep, delta / p, zero)
+    return pruned.div_(p)

@@ -6,10 +6,9 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from merge.methods._checks import check_compat, check_density
-from merge.methods._gta import combine
+from merge.methods._checks import check_choice, check_compat, check_density
+from merge.methods._gta import ELECT_CHOICES, fused_merge, magnitude_thresholds
 from merge.methods._registry import register
-from merge.methods.selection import trim
 
 
 @register(
@@ -32,7 +31,16 @@ def ties(
     """base + λ·dis-mean over sign-agreeing trimmed δ_i (top ⌊density·n⌋ |δ| per tensor)."""
     check_density("ties", density)
     check_compat("ties", compat)
-    deltas = [trim(x - base, float(d)) for x, d in zip(tensors, density)]
-    return combine(
-        "ties", base, deltas, weight, elect=elect, normalize=normalize, scale=scale, compat=compat
+    check_choice("ties", "elect", elect, ELECT_CHOICES)
+    thresholds = magnitude_thresholds(tensors, base, density)
+    return fused_merge(
+        "ties",
+        tensors,
+        base,
+        weight,
+        thresholds=thresholds,
+        elect=elect,
+        normalize=normalize,
+        scale=scale,
+        compat=compat,
     )

@@ -83,7 +83,7 @@ def test_dare_linear_hand_worked_and_peft(monkeypatch):
     base = torch.zeros(3)
     x = T([2.0, -4.0, 6.0])
     g = torch.Generator().manual_seed(0)
-    keep = torch.rand(3, generator=torch.Generator().manual_seed(0)) < 0.5
+    keep = torch.rand(3, generator=torch.Generator().manual_seed(0)) + 0.5 >= 1  # u ≥ 1 − d
     out = dare_linear([x], base=base, weight=[1.0], density=[0.5], generator=g)
     # kept entries doubled (1/0.5), dropped ones zero
     torch.testing.assert_close(out, torch.where(keep, 2 * x, 0.0))
@@ -105,8 +105,9 @@ def test_dare_ties_matches_peft_with_the_same_masks(monkeypatch):
         normalize=True,
         generator=torch.Generator().manual_seed(9),
     )
-    masks = iter([torch.rand(20, 10, generator=(gm := torch.Generator().manual_seed(9))) < 0.4])
-    masks = iter([next(masks)] + [torch.rand(20, 10, generator=gm) < 0.4 for _ in range(2)])
+    # the same draws: one generator, model by model, keep where u ≥ 1 − density
+    gm = torch.Generator().manual_seed(9)
+    masks = iter([torch.rand(20, 10, generator=gm) + 0.4 >= 1 for _ in range(3)])
     monkeypatch.setattr(torch, "bernoulli", lambda p: next(masks).to(p.dtype))
     ref = merge_utils.dare_ties([x - base for x in xs], torch.tensor([1.0, 0.5, 0.8]), 0.4)
     torch.testing.assert_close(ours, base + ref)
@@ -205,7 +206,7 @@ def test_della_probabilities_hand_worked():
 def test_della_paper_rescales_by_one_over_p():
     x = T([0.1, -3.0, 2.0])
     g = torch.Generator().manual_seed(7)
-    keep = torch.rand(3, generator=torch.Generator().manual_seed(7)) < T([0.3, 0.7, 0.5])
+    keep = torch.rand(3, generator=torch.Generator().manual_seed(7)) + T([0.3, 0.7, 0.5]) >= 1
     out = della_linear(
         [x], base=torch.zeros(3), weight=[1.0], density=[0.5], epsilon=[0.2], generator=g
     )
