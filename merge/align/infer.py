@@ -846,7 +846,7 @@ class _Inference:
             return [out, None, None] if isinstance(out_shape, list) else out
         if name in ("group_norm", "native_group_norm"):
             if name == "native_group_norm":
-                g, params = int(args[6]), [args[1], args[2]]
+                g, params = int(arg(6, "group")), [args[1], args[2]]
             else:
                 g, params = int(arg(1, "num_groups")), [arg(2, "weight"), arg(3, "bias")]
             out = self.group_norm(
