@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import tensors
+from core_fixtures import tensors
 
 from merge.cli import cli
 from merge.io import load_state_dict, save_state_dict

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import sha256_tree, tensors
+from core_fixtures import sha256_tree, tensors
 from safetensors import safe_open
 
 from merge.api import evaluate_recipe_in_memory, merge_expression, plan_recipe, run_recipe

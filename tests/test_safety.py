@@ -6,7 +6,7 @@ import errno
 from pathlib import Path
 
 import pytest
-from conftest import sha256_tree
+from core_fixtures import sha256_tree
 
 from merge.api import merge_expression
 from merge.errors import DiskFullError, PlanError
