@@ -46,6 +46,43 @@ def model_stock_ratio(deltas: Tensor, *, filter_wise: bool) -> Tensor:
 def model_stock(tensors: Sequence[Tensor], *, base: Tensor, filter_wise: bool = False) -> Tensor:
     """t·mean_i(x_i) + (1−t)·base with t = N cos φ / (1 + (N−1) cos φ)."""
     check_count("model_stock", len(tensors), at_least=2)
-    deltas = torch.stack([x - base for x in tensors])  # (N, *shape)
-    t = model_stock_ratio(deltas, filter_wise=filter_wise)
-    return base + t * deltas.mean(0)
+    if filter_wise and base.dim() > 1:
+        deltas = torch.stack([x - base for x in tensors])  # (N, *shape)
+        t = model_stock_ratio(deltas, filter_wise=True)
+        return base + t * deltas.mean(0)
+    return _model_stock_flat(tensors, base)
+
+
+_CHUNK = 1 << 18  # fused chunk: the task vectors never exist as full-size tensors
+
+
+def _model_stock_flat(tensors: Sequence[Tensor], base: Tensor) -> Tensor:
+    """Two chunked passes: Gram entries of the task vectors, then base + t·mean_i δ_i."""
+    n_models = len(tensors)
+    flat_b = base.reshape(-1)
+    flats = [x.reshape(-1) for x in tensors]
+    n = flat_b.numel()
+    gram = torch.zeros(n_models, n_models, dtype=torch.float64)
+    bufs = [torch.empty(min(n, _CHUNK), dtype=base.dtype, device=base.device) for _ in tensors]
+    for start in range(0, n, _CHUNK):
+        stop = min(n, start + _CHUNK)
+        ds = [
+            torch.sub(x[start:stop], flat_b[start:stop], out=b[: stop - start])
+            for x, b in zip(flats, bufs)
+        ]
+        for i in range(n_models):
+            for j in range(i, n_models):
+                gram[i, j] += float(torch.dot(ds[i], ds[j]))
+    norms = gram.diagonal().sqrt()
+    cos = [
+        max(-1.0, min(1.0, float(gram[i, j]) / max(float(norms[i] * norms[j]), 1e-6)))
+        for i in range(n_models)
+        for j in range(i + 1, n_models)
+    ]
+    c = sum(cos) / len(cos)
+    t = n_models * c / (1.0 + (n_models - 1) * c)
+    # base + t·mean_i(x_i − base) = (1 − t)·base + (t/N)·Σ x_i
+    out = flat_b * (1.0 - t)
+    for x in flats:
+        out.add_(x, alpha=t / n_models)
+    return out.reshape(base.shape)
