@@ -20,7 +20,7 @@ from merge.errors import FormatError
 from merge.io.safetensors import SafetensorsSource
 from merge.io.sources import TensorMeta, TensorSource
 from merge.io.torchfile import TorchFileSource
-from merge.io.writer import FilePlan, OutputTensor, plan_files
+from merge.io.writer import FilePlan, OutputTensor
 
 WEIGHT_PREFIXES = ("diffusion_pytorch_model", "model", "pytorch_model")
 
@@ -150,27 +150,48 @@ class PipelineSource(TensorSource):
     def plan_output(
         self, tensors: list[OutputTensor], *, shard_size: int, metadata: dict[str, str]
     ) -> tuple[list[FilePlan], dict[str, object]]:
-        """One (possibly sharded) file per component, named as the input named it."""
+        """One file per component, named as the input named it, sharded with an index as needed.
 
-        by_comp: dict[str, list[OutputTensor]] = {}
+        The writer fills files in the order of `tensors`, so a component whose tensors come in
+        several runs (the engine orders reads by input file) gets one shard per run; diffusers
+        loads such a component through its index like any sharded one.
+        """
+        chunks: list[tuple[str, list[OutputTensor]]] = []  # (component, tensors with plain names)
+        size = 0
         for t in tensors:
             comp, _, rest = t.name.partition("/")
             if not rest:
                 raise FormatError(
                     f"output tensor `{t.name}` has no component prefix; a pipeline output needs `unet/...`-style names"
                 )
-            by_comp.setdefault(comp, []).append(OutputTensor(rest, t.shape, t.dtype))
+            plain = OutputTensor(rest, t.shape, t.dtype)
+            if chunks and chunks[-1][0] == comp and (size + t.nbytes <= shard_size or not chunks[-1][1]):
+                chunks[-1][1].append(plain)
+                size += t.nbytes
+            else:
+                chunks.append((comp, [plain]))
+                size = t.nbytes
+        count: dict[str, int] = {}
+        for comp, _ in chunks:
+            count[comp] = count.get(comp, 0) + 1
+        seen: dict[str, int] = {}
         plans: list[FilePlan] = []
-        indexes: dict[str, object] = {}
-        for comp, ts in by_comp.items():
+        weight_maps: dict[str, dict[str, str]] = {}
+        for comp, ts in chunks:
             stem = self.stems.get(comp, "diffusion_pytorch_model")
-            comp_plans, index = plan_files(
-                ts, shard_size=shard_size, prefix=stem, subfolder=comp, metadata=metadata
-            )
-            # the writer is fed namespaced names (`unet/x`); the file headers hold the plain ones
-            plans += [ComponentFilePlan.wrap(p, comp) for p in comp_plans]
-            if index is not None:
-                indexes[f"{comp}/{stem}.safetensors.index.json"] = index
+            seen[comp] = seen.get(comp, 0) + 1
+            n = count[comp]
+            fname = f"{stem}.safetensors" if n == 1 else f"{stem}-{seen[comp]:05d}-of-{n:05d}.safetensors"
+            meta = dict(metadata)
+            meta.setdefault("format", "pt")
+            plans.append(ComponentFilePlan.wrap(FilePlan(f"{comp}/{fname}", ts, meta), comp))
+            if n > 1:
+                weight_maps.setdefault(comp, {}).update({t.name: fname for t in ts})
+        indexes: dict[str, object] = {}
+        for comp, wm in weight_maps.items():
+            stem = self.stems.get(comp, "diffusion_pytorch_model")
+            total = sum(p.data_bytes for p in plans if p.relpath.startswith(comp + "/"))
+            indexes[f"{comp}/{stem}.safetensors.index.json"] = {"metadata": {"total_size": total}, "weight_map": wm}
         return plans, indexes
 
     def close(self) -> None:

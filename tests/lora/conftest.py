@@ -145,3 +145,32 @@ def sd(work: Path) -> dict[str, object]:
     fused = {f"unet/{k}": v.clone() for k, v in pipe.unet.state_dict().items()}
     fused |= {f"text_encoder/{k}": v.clone() for k, v in pipe.text_encoder.state_dict().items()}
     return {"pipe": work / "pipe", "lora": work / "dlora", "fused07": fused, "base_unet": base_state}
+
+
+def ldm_state(pipe_dir: Path) -> dict[str, torch.Tensor]:
+    """A single-file SD1-style state dict (LDM keys) from a tiny pipeline folder."""
+    from safetensors.torch import load_file
+
+    from merge.lora.names import diffusers_layout, diffusers_unet_to_ldm
+
+    unet = load_file(pipe_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    te = load_file(pipe_dir / "text_encoder" / "model.safetensors")
+    lpb, attn = diffusers_layout(unet)
+    out = {"model.diffusion_model." + str(diffusers_unet_to_ldm(k, lpb, attn)): v for k, v in unet.items()}
+    out |= {"cond_stage_model.transformer.text_model." + k: v for k, v in te.items()}
+    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    return out
+
+
+@pytest.fixture(scope="session")
+def pipes(work: Path) -> dict[str, Path]:
+    """Three tiny pipelines (A, B, C) from different seeds, and their single-file forms."""
+    from safetensors.torch import save_file
+
+    out: dict[str, Path] = {}
+    for name, seed in (("A", 0), ("B", 10), ("C", 20)):
+        make_pipeline(seed).save_pretrained(work / f"pipe_{name}")
+        out[name] = work / f"pipe_{name}"
+        save_file(ldm_state(out[name]), work / f"single_{name}.safetensors")
+        out[f"single_{name}"] = work / f"single_{name}.safetensors"
+    return out
