@@ -1,0 +1,45 @@
+"""Entry points for the `merge align` CLI tests (`tests/align/align_entry.py:make_model` ...)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from merge.toy import batches, make_mlp, synthetic_classification
+
+KW = {"in_features": 16, "hidden": 128, "out_features": 4, "depth": 2}
+
+
+def make_model() -> nn.Module:
+    return make_mlp(**KW)
+
+
+def make_deeper_model() -> nn.Module:
+    return make_mlp(**{**KW, "depth": 3})
+
+
+def make_narrow_model() -> nn.Module:
+    return make_mlp(**{**KW, "hidden": 64})
+
+
+def make_data() -> list[tuple[Tensor, Tensor]]:
+    X, y = synthetic_classification(0, 512, in_features=16, num_classes=4)
+    return batches(X, y, 128)
+
+
+class DataDependent(nn.Module):
+    """A branch on tensor values: neither torch.fx nor torch.export can trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(16, 8), nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.l1(x))
+        if h.sum() > 0:
+            h = h * 2
+        return self.l2(h)
+
+
+def make_untraceable() -> nn.Module:
+    return DataDependent()
