@@ -31,7 +31,9 @@ def model_stock_ratio(deltas: Tensor, *, filter_wise: bool) -> Tensor:
             total += (dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0)
             pairs += 1
     c = total / pairs
-    t = n * c / (1.0 + (n - 1) * c)
+    den = 1.0 + (n - 1) * c
+    # At the pole (c = −1/(N−1)) there is no finite estimate: keep the base (as mergekit 0.1.5).
+    t = torch.where(den.abs() < _POLE, 0.0, n * c / torch.where(den.abs() < _POLE, 1.0, den))
     if filter_wise and deltas.dim() > 2:
         return t.reshape(*deltas.shape[1:-1], 1)
     return t.reshape([1] * (deltas.dim() - 1))
@@ -53,7 +55,8 @@ def model_stock(tensors: Sequence[Tensor], *, base: Tensor, filter_wise: bool = 
     return _model_stock_flat(tensors, base)
 
 
-_CHUNK = 1 << 18  # fused chunk: the task vectors never exist as full-size tensors
+_CHUNK = 1 << 18
+_POLE = 1e-6  # |1 + (N−1)c| below this: the base is kept  # fused chunk: the task vectors never exist as full-size tensors
 
 
 def _model_stock_flat(tensors: Sequence[Tensor], base: Tensor) -> Tensor:
@@ -80,7 +83,8 @@ def _model_stock_flat(tensors: Sequence[Tensor], base: Tensor) -> Tensor:
         for j in range(i + 1, n_models)
     ]
     c = sum(cos) / len(cos)
-    t = n_models * c / (1.0 + (n_models - 1) * c)
+    den = 1.0 + (n_models - 1) * c
+    t = 0.0 if abs(den) < _POLE else n_models * c / den
     # base + t·mean_i(x_i − base) = (1 − t)·base + (t/N)·Σ x_i
     out = flat_b * (1.0 - t)
     for x in flats:

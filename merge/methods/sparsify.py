@@ -44,26 +44,24 @@ def breadcrumbs_band(delta: Tensor, density: float, gamma: float, *, compat: str
     """Drop the top-γ magnitudes and keep the next `density` fraction (Davari & Belilovsky).
 
     paper: per row along the last dimension (1-D tensors are one row), n_top = ⌊γn⌋ largest
-    removed, then the next ⌊density·n⌋ kept. mergekit: per tensor, n_top = ⌊γN⌋, n_bot =
-    N − ⌊density·N⌋ − n_top smallest removed, a no-op at density ≥ 1, and (by mergekit's slice
-    semantics) an all-zero result when n_top = 0.
+    removed, then the next ⌊density·n⌋ kept. mergekit (0.1.5): per tensor, keep the ascending
+    magnitude ranks [n_bot, n_bot + ⌊density·N⌋) with n_bot = max(0, N − ⌊density·N⌋ − ⌊γN⌋),
+    a no-op at density ≥ 1 (so fewer outliers are dropped when density + γ > 1). mergekit 0.1.4
+    zeroed the whole tensor when ⌊γN⌋ = 0; 0.1.5 keeps the top ⌊density·N⌋ instead, as we do.
     """
     zero = torch.zeros((), dtype=delta.dtype, device=delta.device)
     if compat == "mergekit":
         if density >= 1.0:
             return delta
         n = delta.numel()
-        n_top = int(gamma * n)
-        n_bot = n - int(density * n) - n_top
-        if n_bot < 0:
-            n_top += n_bot
-            n_bot = 0
-        if n_top <= 0:
-            return torch.zeros_like(delta)  # mergekit keeps idx[n_bot:-0], i.e. nothing
+        target = int(density * n)
+        if target == 0:
+            return torch.zeros_like(delta)
+        n_bot = max(0, n - target - int(gamma * n))
         a = delta.abs().reshape(-1)
-        # Keep ascending ranks [n_bot, n − n_top): between the (n_bot+1)-th and (n−n_top)-th smallest.
+        # Keep ascending magnitude ranks [n_bot, n_bot + target) (mergekit 0.1.5).
         lo = a.kthvalue(n_bot + 1).values if n_bot > 0 else a.new_tensor(-1.0)
-        hi = a.kthvalue(n - n_top).values
+        hi = a.kthvalue(n_bot + target).values
         keep = (a >= lo) & (a <= hi)
         return torch.where(keep.reshape(delta.shape), delta, zero)
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(-1, delta.shape[-1])

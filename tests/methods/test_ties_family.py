@@ -175,8 +175,13 @@ def test_breadcrumbs_mergekit_edge_cases():
     # N = 10, n_top = ⌊0.1·10⌋ = 1, n_bot = 10 − 5 − 1 = 4: keep ascending ranks 4..8 (5 to 9)
     out = breadcrumbs_band(d, 0.5, 0.1, compat="mergekit")
     torch.testing.assert_close(out, T([0.0, 0, 0, 0, -5.0, 6.0, 7.0, -8.0, 9.0, 0.0]))
-    # γ·N < 1 → n_top = 0 → mergekit's slice [n_bot:-0] is empty: all zero
-    assert torch.equal(breadcrumbs_band(d, 0.5, 0.05, compat="mergekit"), torch.zeros(10))
+    # γ·N < 1 → n_top = 0: mergekit 0.1.5 keeps the top 5 (0.1.4 zeroed everything)
+    top5 = T([0.0, 0, 0, 0, 0, 6.0, 7.0, -8.0, 9.0, 10.0])
+    torch.testing.assert_close(breadcrumbs_band(d, 0.5, 0.05, compat="mergekit"), top5)
+    # density + γ > 1: n_bot = max(0, 10 − 9 − 2) = 0, keep the 9 smallest (only 1 outlier goes)
+    torch.testing.assert_close(
+        breadcrumbs_band(d, 0.9, 0.2, compat="mergekit"), torch.cat([d[:9], T([0.0])])
+    )
     # density 1 is a no-op in mergekit, but still drops the top γ in the paper's band
     assert torch.equal(breadcrumbs_band(d, 1.0, 0.1, compat="mergekit"), d)
     assert float(breadcrumbs_band(d, 1.0, 0.1, compat="paper")[-1]) == 0.0

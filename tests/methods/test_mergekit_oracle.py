@@ -1,0 +1,93 @@
+"""compat: mergekit against mergekit itself (skipped unless `mergekit` is importable).
+
+Run with mergekit 0.1.5 unpacked on PYTHONPATH (`pip download mergekit --no-deps`, unzip) or
+installed as a test-only extra. Deterministic methods only; inputs in float32, where mergekit
+computes in the input dtype, so the comparison is at float32 tolerance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+mk_registry = pytest.importorskip("mergekit.merge_methods.registry")
+from mergekit.merge_methods.base import TensorGroup  # noqa: E402
+from mergekit.merge_methods.karcher import karcher_merge_tensors  # noqa: E402
+from mergekit.merge_methods.nuslerp import nuslerp as mk_nuslerp  # noqa: E402
+from mergekit.merge_methods.slerp import slerp as mk_slerp  # noqa: E402
+
+from merge.methods import get_method  # noqa: E402
+
+G = torch.Generator().manual_seed(0)
+BASE = torch.randn(12, 9, generator=G)
+XS = [BASE + torch.randn(12, 9, generator=G) * s for s in (0.5, 0.3, 0.7)]
+W = [1.0, 0.6, 0.3]
+
+
+def _gta(name: str, **params: object) -> torch.Tensor:
+    method = mk_registry.get(name)
+    group = TensorGroup.from_tensors([BASE, *XS], base_index=0)
+    defaults = {p.name: p.default for p in method.spec.parameters if p.default is not None}
+    per = {
+        "weight": dict(enumerate(W, 1)),
+        "density": {1: 0.4, 2: 0.5, 3: 0.3},
+        "gamma": {1: 0.05, 2: 0.1, 3: 0.02},
+    }
+    full = {
+        **defaults,
+        **{k: v for k, v in per.items() if any(p.name == k for p in method.spec.parameters)},
+        **params,
+    }
+    return method.merge_group(group, **full)
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gta_methods_match_mergekit(name, normalize):
+    ref = _gta(name, normalize=normalize, **{"lambda": 0.8})
+    spec = get_method(name)
+    kw: dict[str, object] = {"base": BASE, "weight": W, "scale": 0.8}
+    if "density" in spec.per_model:
+        kw["density"] = [0.4, 0.5, 0.3]
+    if "gamma" in spec.per_model:
+        kw["gamma"] = [0.05, 0.1, 0.02]
+    if "normalize" in spec.global_params:
+        kw["normalize"] = normalize
+    elif normalize:
+        pytest.skip("our task_arithmetic has no `normalize`")
+    if "compat" in spec.global_params:
+        kw["compat"] = "mergekit"
+    torch.testing.assert_close(spec.fn(XS, **kw), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
+def test_slerp_matches_mergekit(t):
+    ref = mk_slerp(torch.tensor([t]), BASE[None], XS[0][None])[0]
+    ours = get_method("slerp").fn([XS[0]], base=BASE, t=t, compat="mergekit")
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("row_wise,flatten", [(False, True), (False, False), (True, False)])
+def test_nuslerp_matches_mergekit(row_wise, flatten):
+    t = W[1] / (W[0] + W[1])
+    ref = BASE + mk_nuslerp(
+        t, XS[0] - BASE, XS[1] - BASE, dim=0 if row_wise else -1, flatten=flatten
+    )
+    ours = get_method("nuslerp").fn(
+        XS[:2], base=BASE, weight=W[:2], row_wise=row_wise, flatten=flatten
+    )
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_karcher_matches_mergekit_uniform_weights():
+    ref = karcher_merge_tensors(list(XS), [1 / 3] * 3)
+    ours = get_method("karcher").fn(XS, weight=W, compat="mergekit")
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_matches_mergekit(filter_wise):
+    group = TensorGroup.from_tensors([BASE, *XS], base_index=0)
+    ref = mk_registry.get("model_stock").merge_group(group, filter_wise=filter_wise)
+    ours = get_method("model_stock").fn(XS, base=BASE, filter_wise=filter_wise)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
