@@ -8,7 +8,7 @@ merge_expression("base + 0.7 * (math - base) - 0.4 * (toxic - base)",
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,15 @@ from merge.execute import Engine, write_plan
 from merge.io.detect import open_checkpoint
 from merge.io.sources import TensorSource
 from merge.plan import Plan, build_plan, open_inputs
-from merge.recipe import Program, load_recipe
+from merge.recipe import Program, linear_recipe, load_recipe
+
+__all__ = [
+    "evaluate_recipe_in_memory",
+    "linear_recipe",
+    "merge_expression",
+    "plan_recipe",
+    "run_recipe",
+]
 
 
 def _split_inputs(inputs: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, TensorSource]]:
@@ -141,23 +149,3 @@ def merge_expression(
     if output is None:
         return evaluate_recipe_in_memory(recipe, preopened=opened, device=device)
     return run_recipe(recipe, output, force=force, quiet=quiet, device=device, preopened=opened)
-
-
-def linear_recipe(
-    paths: Sequence[str], weights: Sequence[float] | None, *, normalize: bool = True
-) -> dict[str, Any]:
-    """`merge linear` as a recipe: the `linear` method over inputs named m0, m1, ..."""
-    names = [f"m{i}" for i in range(len(paths))]
-    w = list(weights) if weights is not None else [1.0] * len(paths)
-    return {
-        "version": 1,
-        "inputs": dict(zip(names, paths)),
-        "steps": {
-            "soup": {
-                "method": "linear",
-                "models": {n: {"weight": wi} for n, wi in zip(names, w)},
-                "normalize": normalize,
-            }
-        },
-        "output": {"copy_files_from": names[0]},
-    }

@@ -17,6 +17,7 @@ from itertools import pairwise
 from pathlib import Path
 
 from merge.errors import UsageError
+from merge.recipe import linear_recipe
 
 STEP_IN_NAME = re.compile(r"(\d+)(?!.*\d)")  # the last integer in a checkpoint's name
 BUFFER_NAMES = r"(^|\.)(running_mean|running_var)$"
@@ -87,30 +88,14 @@ def ema_recipe(
     paths: Sequence[str], weights: Sequence[float], *, buffers: str = "average"
 ) -> dict[str, object]:
     """A recipe for the weighted sum; float buffers are averaged, or taken from the last checkpoint."""
-    names = [f"ckpt{i}" for i in range(len(paths))]
-    overrides: list[dict[str, object]] = []
+    recipe = linear_recipe(paths, weights, normalize=False, prefix="ckpt", step="ema")
+    names = list(recipe["inputs"])
     if buffers == "last":
-        for i, n in enumerate(names):
-            overrides.append(
-                {
-                    "regex": BUFFER_NAMES,
-                    "step": "ema",
-                    "input": n,
-                    "weight": 1.0 if i == len(names) - 1 else 0.0,
-                }
-            )
+        recipe["overrides"] = [
+            {"regex": BUFFER_NAMES, "step": "ema", "input": n, "weight": float(i == len(names) - 1)}
+            for i, n in enumerate(names)
+        ]
     elif buffers != "average":
         raise UsageError(f"--buffers must be `average` or `last`, not `{buffers}`")
-    return {
-        "version": 1,
-        "inputs": dict(zip(names, paths)),
-        "steps": {
-            "ema": {
-                "method": "linear",
-                "models": {n: {"weight": w} for n, w in zip(names, weights)},
-                "normalize": False,
-            }
-        },
-        "output": {"copy_files_from": names[-1]},
-        "overrides": overrides,
-    }
+    recipe["output"] = {"copy_files_from": names[-1]}
+    return recipe

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -391,3 +391,28 @@ def _all_calls(a: Affine) -> list[Call]:
 def all_calls(a: Affine) -> list[Call]:
     """Every method call reachable from an affine form (nested calls included)."""
     return _all_calls(a)
+
+
+def linear_recipe(
+    paths: Sequence[str],
+    weights: Sequence[float] | None,
+    *,
+    normalize: bool = True,
+    prefix: str = "m",
+    step: str = "soup",
+) -> dict[str, Any]:
+    """A weighted sum of checkpoints as a recipe: the `linear` method over inputs m0, m1, ..."""
+    names = [f"{prefix}{i}" for i in range(len(paths))]
+    w = list(weights) if weights is not None else [1.0] * len(paths)
+    return {
+        "version": CURRENT_VERSION,
+        "inputs": dict(zip(names, paths)),
+        "steps": {
+            step: {
+                "method": "linear",
+                "models": {n: {"weight": wi} for n, wi in zip(names, w)},
+                "normalize": normalize,
+            }
+        },
+        "output": {"copy_files_from": names[0]},
+    }

@@ -70,8 +70,17 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _finish(path: Path, quiet: bool) -> None:
-    if not quiet:
+def _write(
+    recipe: Any, command: str, opts: dict[str, Any], *, output_required: bool = True, **extra: Any
+) -> None:
+    """Run a recipe with the shared output options; report the path written."""
+    from merge.api import run_recipe
+
+    _sigterm_as_interrupt()
+    if output_required and opts["output"] is None:
+        raise UsageError(f"{command} needs -o/--output")
+    path = run_recipe(recipe, **opts, **extra)
+    if not opts["quiet"]:
         click.echo(f"wrote {path}")
 
 
@@ -107,25 +116,10 @@ def _parse_vars(pairs: tuple[str, ...]) -> dict[str, float]:
     help="Divide by the sum of the weights (as mergekit does).",
 )
 @output_options
-def linear(
-    models: tuple[str, ...],
-    weights: str | None,
-    normalize: bool,
-    output: Path | None,
-    force: bool,
-    dtype: str | None,
-    shard_size: str | None,
-    device: str,
-    keys: str | None,
-    unsafe_pickle: bool,
-    quiet: bool,
-) -> None:
+def linear(models: tuple[str, ...], weights: str | None, normalize: bool, **opts: Any) -> None:
     """Weighted average of checkpoints: Σ w_i·x_i / Σ w_i."""
-    from merge.api import linear_recipe, run_recipe
+    from merge.api import linear_recipe
 
-    _sigterm_as_interrupt()
-    if output is None:
-        raise UsageError("merge linear needs -o/--output")
     if len(models) < 2:
         raise UsageError("merge linear needs at least two models")
     w = _parse_floats(weights, "--weights") if weights else None
@@ -133,18 +127,7 @@ def linear(
         raise UsageError(
             f"--weights has {len(w)} values for {len(models)} models; give one weight per model"
         )
-    path = run_recipe(
-        linear_recipe(list(models), w, normalize=normalize),
-        output,
-        force=force,
-        quiet=quiet,
-        device=device,
-        dtype=dtype,
-        shard_size=shard_size,
-        keys=keys,
-        unsafe_pickle=unsafe_pickle,
-    )
-    _finish(path, quiet)
+    _write(linear_recipe(list(models), w, normalize=normalize), "merge linear", opts)
 
 
 @click.command()
@@ -153,35 +136,9 @@ def linear(
     "--var", "vars_", multiple=True, help="Override a recipe var: NAME=NUMBER (repeatable)."
 )
 @output_options
-def run(
-    recipe: Path,
-    vars_: tuple[str, ...],
-    output: Path | None,
-    force: bool,
-    dtype: str | None,
-    shard_size: str | None,
-    device: str,
-    keys: str | None,
-    unsafe_pickle: bool,
-    quiet: bool,
-) -> None:
+def run(recipe: Path, vars_: tuple[str, ...], **opts: Any) -> None:
     """Run a YAML recipe (ours, or a mergekit config); -o overrides the recipe's output path."""
-    from merge.api import run_recipe
-
-    _sigterm_as_interrupt()
-    path = run_recipe(
-        recipe,
-        output,
-        vars=_parse_vars(vars_) or None,
-        force=force,
-        quiet=quiet,
-        device=device,
-        dtype=dtype,
-        shard_size=shard_size,
-        keys=keys,
-        unsafe_pickle=unsafe_pickle,
-    )
-    _finish(path, quiet)
+    _write(recipe, "merge run", opts, vars=_parse_vars(vars_) or None, output_required=False)
 
 
 @click.command()
@@ -279,21 +236,12 @@ def ema(
     swa: bool,
     sigma_rel: str | None,
     buffers: str,
-    output: Path | None,
-    force: bool,
-    dtype: str | None,
-    shard_size: str | None,
-    device: str,
-    keys: str | None,
-    unsafe_pickle: bool,
-    quiet: bool,
+    **opts: Any,
 ) -> None:
     """EMA or SWA of an ordered checkpoint sequence, streamed as one weighted sum."""
     from merge import ema as E
-    from merge.api import run_recipe
 
-    _sigterm_as_interrupt()
-    if output is None:
+    if opts["output"] is None:
         raise UsageError("merge ema needs -o/--output")
     if sigma_rel is not None:
         from merge.posthoc_ema import posthoc_ema_cli
@@ -301,11 +249,11 @@ def ema(
         posthoc_ema_cli(
             list(checkpoints),
             _parse_floats(sigma_rel, "--sigma-rel"),
-            output,
-            force=force,
-            quiet=quiet,
-            dtype=dtype,
-            device=device,
+            opts["output"],
+            force=opts["force"],
+            quiet=opts["quiet"],
+            dtype=opts["dtype"],
+            device=opts["device"],
         )
         return
     chosen = [x for x in (decay is not None, step_decay is not None, swa) if x]
@@ -330,22 +278,10 @@ def ema(
                 for d, s in zip(base_decays, steps)
             ]
         weights = E.weights_from_decays(decays)
-    if not quiet:
+    if not opts["quiet"]:
         click.echo("weights: " + ", ".join(f"{w:.6g}" for w in weights), err=True)
     recipe = E.ema_recipe(list(checkpoints), weights, buffers=buffers)
-    path = run_recipe(
-        recipe,
-        output,
-        force=force,
-        quiet=quiet,
-        device=device,
-        dtype=dtype,
-        shard_size=shard_size,
-        keys=keys,
-        unsafe_pickle=unsafe_pickle,
-        passthrough_from=f"ckpt{n - 1}",
-    )
-    _finish(path, quiet)
+    _write(recipe, "merge ema", opts, passthrough_from=f"ckpt{n - 1}")
 
 
 @click.command()
