@@ -18,7 +18,9 @@ def _floats(text: str | None, what: str) -> list[float] | None:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UsageError(f"{what} must be comma-separated numbers like 0.7,0.5, not `{text}`") from None
+        raise UsageError(
+            f"{what} must be comma-separated numbers like 0.7,0.5, not `{text}`"
+        ) from None
 
 
 def _echo_warnings(caught: list[warnings.WarningMessage]) -> None:
@@ -34,12 +36,32 @@ def lora_group() -> None:
 @lora_group.command("bake")
 @click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
-@click.option("--scale", "scales", default="1.0", help="Strength per adapter, comma-separated (one value applies to all).")
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder or .safetensors file.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Output dtype (default: the base's).")
+@click.option(
+    "--scale",
+    "scales",
+    default="1.0",
+    help="Strength per adapter, comma-separated (one value applies to all).",
+)
+@click.option(
+    "-o", "--output", required=True, type=click.Path(), help="Output folder or .safetensors file."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default=None,
+    help="Output dtype (default: the base's).",
+)
 @click.option("--shard-size", default="5GB", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-def bake_cmd(base: str, adapters: tuple[str, ...], scales: str, output: str, dtype: str | None, shard_size: str, force: bool) -> None:
+def bake_cmd(
+    base: str,
+    adapters: tuple[str, ...],
+    scales: str,
+    output: str,
+    dtype: str | None,
+    shard_size: str,
+    force: bool,
+) -> None:
     """Write BASE + Σ scale·ADAPTER (= peft merge_and_unload / diffusers fuse_lora; DoRA included)."""
     from merge.lora.bake import bake
 
@@ -47,9 +69,20 @@ def bake_cmd(base: str, adapters: tuple[str, ...], scales: str, output: str, dty
     if len(s) == 1:
         s = s * len(adapters)
     if len(s) != len(adapters):
-        raise UsageError(f"--scale has {len(s)} values for {len(adapters)} adapters; give one, or one per adapter")
+        raise UsageError(
+            f"--scale has {len(s)} values for {len(adapters)} adapters; give one, or one per adapter"
+        )
     unmatched: list[str] = []
-    out = bake(base, list(zip(adapters, s)), output, dtype=dtype, shard_size=shard_size, force=force, quiet=False, unmatched=unmatched)
+    out = bake(
+        base,
+        list(zip(adapters, s)),
+        output,
+        dtype=dtype,
+        shard_size=shard_size,
+        force=force,
+        quiet=False,
+        unmatched=unmatched,
+    )
     for u in unmatched:
         click.echo(f"warning: {u}", err=True)
     click.echo(f"baked {len(adapters)} adapter(s) into {base} -> {out}")
@@ -57,21 +90,68 @@ def bake_cmd(base: str, adapters: tuple[str, ...], scales: str, output: str, dty
 
 @lora_group.command("combine")
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
-@click.option("--weights", default=None, help="Weight per adapter, comma-separated (default 1 each).")
-@click.option("--rank", type=int, default=None, help="Re-factorise to this rank by SVD (lossy; energy reported).")
-@click.option("--energy", type=float, default=None, help="Re-factorise keeping this fraction of Σσ² per module.")
-@click.option("--to", "fmt", type=click.Choice(["peft", "diffusers", "kohya"]), default=None, help="Output format (default from -o and the inputs).")
-@click.option("--base", default=None, type=click.Path(), help="Base model: names kohya modules and checks shapes.")
-@click.option("--factorwise", is_flag=True, help="peft's `linear` factor mixing (approximate, equal ranks only).")
+@click.option(
+    "--weights", default=None, help="Weight per adapter, comma-separated (default 1 each)."
+)
+@click.option(
+    "--rank",
+    type=int,
+    default=None,
+    help="Re-factorise to this rank by SVD (lossy; energy reported).",
+)
+@click.option(
+    "--energy",
+    type=float,
+    default=None,
+    help="Re-factorise keeping this fraction of Σσ² per module.",
+)
+@click.option(
+    "--to",
+    "fmt",
+    type=click.Choice(["peft", "diffusers", "kohya"]),
+    default=None,
+    help="Output format (default from -o and the inputs).",
+)
+@click.option(
+    "--base",
+    default=None,
+    type=click.Path(),
+    help="Base model: names kohya modules and checks shapes.",
+)
+@click.option(
+    "--factorwise",
+    is_flag=True,
+    help="peft's `linear` factor mixing (approximate, equal ranks only).",
+)
 @click.option("-o", "--output", required=True, type=click.Path())
 @click.option("--force", is_flag=True)
-def combine_cmd(adapters: tuple[str, ...], weights: str | None, rank: int | None, energy: float | None, fmt: str | None, base: str | None, factorwise: bool, output: str, force: bool) -> None:
+def combine_cmd(
+    adapters: tuple[str, ...],
+    weights: str | None,
+    rank: int | None,
+    energy: float | None,
+    fmt: str | None,
+    base: str | None,
+    factorwise: bool,
+    output: str,
+    force: bool,
+) -> None:
     """One adapter equal to Σ w_i·ΔW_i: exact (concatenated ranks) unless --rank/--energy."""
     from merge.lora.combine import combine
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MergeWarning)
-        report, _ = combine(list(adapters), _floats(weights, "--weights"), output, rank=rank, energy=energy, fmt=fmt, base=base, factorwise=factorwise, force=force)
+        report, _ = combine(
+            list(adapters),
+            _floats(weights, "--weights"),
+            output,
+            rank=rank,
+            energy=energy,
+            fmt=fmt,
+            base=base,
+            factorwise=factorwise,
+            force=force,
+        )
     _echo_warnings(caught)
     for u in report.unmatched:
         click.echo(f"warning: no module of the base matches {u}", err=True)
@@ -81,7 +161,9 @@ def combine_cmd(adapters: tuple[str, ...], weights: str | None, rank: int | None
         for name, e in sorted(report.energy.items(), key=lambda kv: kv[1])[:10]:
             click.echo(f"  {e:.4%}  rank {report.rank_out[name]}  {name}")
     if factorwise:
-        click.echo("note: factor-wise mixing is an approximation (cross terms B_i·A_j), not the weighted sum of deltas")
+        click.echo(
+            "note: factor-wise mixing is an approximation (cross terms B_i·A_j), not the weighted sum of deltas"
+        )
     click.echo(report.summary())
 
 
@@ -89,25 +171,73 @@ def combine_cmd(adapters: tuple[str, ...], weights: str | None, rank: int | None
 @click.argument("base", type=click.Path())
 @click.argument("tuned", type=click.Path())
 @click.option("--rank", type=int, default=None, help="Rank per module (capped by the matrix).")
-@click.option("--energy", type=float, default=None, help="Smallest rank keeping this fraction of Σσ², per module.")
-@click.option("--to", "fmt", type=click.Choice(["peft", "diffusers", "kohya"]), default=None, help="Default: peft (kohya for single-file SD, diffusers for pipelines).")
-@click.option("--svd", type=click.Choice(["auto", "full", "randomized"]), default="auto", show_default=True)
-@click.option("--min-diff", type=float, default=0.0, show_default=True, help="Skip tensors whose max |ΔW| is at most this.")
-@click.option("--save-dtype", type=click.Choice(list(SAVE_DTYPES)), default="float32", show_default=True)
+@click.option(
+    "--energy",
+    type=float,
+    default=None,
+    help="Smallest rank keeping this fraction of Σσ², per module.",
+)
+@click.option(
+    "--to",
+    "fmt",
+    type=click.Choice(["peft", "diffusers", "kohya"]),
+    default=None,
+    help="Default: peft (kohya for single-file SD, diffusers for pipelines).",
+)
+@click.option(
+    "--svd", type=click.Choice(["auto", "full", "randomized"]), default="auto", show_default=True
+)
+@click.option(
+    "--min-diff",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Skip tensors whose max |ΔW| is at most this.",
+)
+@click.option(
+    "--save-dtype", type=click.Choice(list(SAVE_DTYPES)), default="float32", show_default=True
+)
 @click.option("-o", "--output", required=True, type=click.Path())
 @click.option("--force", is_flag=True)
-def extract_cmd(base: str, tuned: str, rank: int | None, energy: float | None, fmt: str | None, svd: str, min_diff: float, save_dtype: str, output: str, force: bool) -> None:
+def extract_cmd(
+    base: str,
+    tuned: str,
+    rank: int | None,
+    energy: float | None,
+    fmt: str | None,
+    svd: str,
+    min_diff: float,
+    save_dtype: str,
+    output: str,
+    force: bool,
+) -> None:
     """A LoRA from TUNED − BASE by truncated SVD per module."""
     from merge.lora.extract import extract
 
-    report, _ = extract(base, tuned, output, rank=rank, energy=energy, fmt=fmt, svd=svd, min_diff=min_diff, dtype=SAVE_DTYPES[save_dtype], force=force)
+    report, _ = extract(
+        base,
+        tuned,
+        output,
+        rank=rank,
+        energy=energy,
+        fmt=fmt,
+        svd=svd,
+        min_diff=min_diff,
+        dtype=SAVE_DTYPES[save_dtype],
+        force=force,
+    )
     click.echo(report.summary())
 
 
 @lora_group.command("convert")
 @click.argument("adapter", type=click.Path())
 @click.option("--to", "fmt", required=True, type=click.Choice(["peft", "diffusers", "kohya"]))
-@click.option("--base", default=None, type=click.Path(), help="Base model for kohya names outside the SD1.x/SDXL tables.")
+@click.option(
+    "--base",
+    default=None,
+    type=click.Path(),
+    help="Base model for kohya names outside the SD1.x/SDXL tables.",
+)
 @click.option("-o", "--output", required=True, type=click.Path())
 @click.option("--force", is_flag=True)
 def convert_cmd(adapter: str, fmt: str, base: str | None, output: str, force: bool) -> None:
@@ -123,5 +253,3 @@ def convert_cmd(adapter: str, fmt: str, base: str | None, output: str, force: bo
 
 def register(cli: click.Group) -> None:
     cli.add_command(lora_group)
-
-

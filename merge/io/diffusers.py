@@ -165,7 +165,11 @@ class PipelineSource(TensorSource):
                     f"output tensor `{t.name}` has no component prefix; a pipeline output needs `unet/...`-style names"
                 )
             plain = OutputTensor(rest, t.shape, t.dtype)
-            if chunks and chunks[-1][0] == comp and (size + t.nbytes <= shard_size or not chunks[-1][1]):
+            if (
+                chunks
+                and chunks[-1][0] == comp
+                and (size + t.nbytes <= shard_size or not chunks[-1][1])
+            ):
                 chunks[-1][1].append(plain)
                 size += t.nbytes
             else:
@@ -181,7 +185,11 @@ class PipelineSource(TensorSource):
             stem = self.stems.get(comp, "diffusion_pytorch_model")
             seen[comp] = seen.get(comp, 0) + 1
             n = count[comp]
-            fname = f"{stem}.safetensors" if n == 1 else f"{stem}-{seen[comp]:05d}-of-{n:05d}.safetensors"
+            fname = (
+                f"{stem}.safetensors"
+                if n == 1
+                else f"{stem}-{seen[comp]:05d}-of-{n:05d}.safetensors"
+            )
             meta = dict(metadata)
             meta.setdefault("format", "pt")
             plans.append(ComponentFilePlan.wrap(FilePlan(f"{comp}/{fname}", ts, meta), comp))
@@ -191,7 +199,10 @@ class PipelineSource(TensorSource):
         for comp, wm in weight_maps.items():
             stem = self.stems.get(comp, "diffusion_pytorch_model")
             total = sum(p.data_bytes for p in plans if p.relpath.startswith(comp + "/"))
-            indexes[f"{comp}/{stem}.safetensors.index.json"] = {"metadata": {"total_size": total}, "weight_map": wm}
+            indexes[f"{comp}/{stem}.safetensors.index.json"] = {
+                "metadata": {"total_size": total},
+                "weight_map": wm,
+            }
         return plans, indexes
 
     def close(self) -> None:

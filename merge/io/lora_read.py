@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -361,12 +362,14 @@ def _apply_scale(
         path = mod.path
         cfg_r = _pattern_value(cfg.get("rank_pattern"), path)
         cfg_a = _pattern_value(cfg.get("alpha_pattern"), path)
-        r_used = float(cfg_r if cfg_r is not None else cfg.get("r", rank) or rank)  # type: ignore[arg-type]
-        a_used = float(
+        raw_r: Any = cfg_r if cfg_r is not None else cfg.get("r", rank) or rank
+        r_used = float(raw_r)
+        raw_a: Any = (
             cfg_a
             if cfg_a is not None
             else cfg.get("lora_alpha", cfg.get("alpha", r_used)) or r_used
-        )  # type: ignore[arg-type]
+        )
+        a_used = float(raw_a)
         mod.alpha = a_used
         mod.scale = a_used / (math.sqrt(r_used) if cfg.get("use_rslora") else r_used)
         mod.extra["rslora"] = bool(cfg.get("use_rslora"))

@@ -49,6 +49,15 @@ def bake(
         terms.append(name)
     # scales are inside the sources (DoRA needs them there), so every term has coefficient 1
     expression = "base + " + " + ".join(terms)
-    out = merge_expression(expression, inputs, output, dtype=dtype, shard_size=shard_size, copy_files_from="base", force=force, quiet=quiet)
+    out = merge_expression(
+        expression,
+        inputs,
+        output,
+        dtype=dtype,
+        shard_size=shard_size,
+        copy_files_from="base",
+        force=force,
+        quiet=quiet,
+    )
     assert isinstance(out, Path)
     return out

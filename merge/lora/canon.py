@@ -17,16 +17,23 @@ from merge.lora.names import BaseIndex, builtin_sd_keys
 @dataclass
 class Placed:
     modules: dict[tuple[str, str], LoraModule]
-    shapes: dict[tuple[str, str], tuple[int, ...]] = field(default_factory=dict)  # base weight shapes
+    shapes: dict[tuple[str, str], tuple[int, ...]] = field(
+        default_factory=dict
+    )  # base weight shapes
     unmatched: list[str] = field(default_factory=list)
     unresolved_kohya: bool = False
 
 
 def guess_sd_arch(adapter: Adapter) -> str:
-    v = adapter.metadata.get("ss_base_model_version", "") + adapter.metadata.get("modelspec.architecture", "")
+    v = adapter.metadata.get("ss_base_model_version", "") + adapter.metadata.get(
+        "modelspec.architecture", ""
+    )
     if "xl" in v.lower() or any(m.component == "text_encoder_2" for m in adapter.modules.values()):
         return "sdxl"
-    if any(not m.dotted and ("input_blocks" in m.path or "output_blocks" in m.path) for m in adapter.modules.values()):
+    if any(
+        not m.dotted and ("input_blocks" in m.path or "output_blocks" in m.path)
+        for m in adapter.modules.values()
+    ):
         return "sdxl"  # kohya SDXL files use SGM block names
     return "sd1"
 
@@ -57,7 +64,9 @@ def place(adapter: Adapter, base: TensorSource | None) -> Placed:
             else:
                 key = builtin.name_of(target)
         if key in out.modules:
-            raise PlanError(f"{adapter.path}: `{mod.name}` and `{out.modules[key].name}` target the same module {key[0]}/{key[1]}")
+            raise PlanError(
+                f"{adapter.path}: `{mod.name}` and `{out.modules[key].name}` target the same module {key[0]}/{key[1]}"
+            )
         out.modules[key] = mod
     if index is not None and not out.modules:
         raise PlanError(

@@ -74,17 +74,24 @@ def combine(
     ads = [a if isinstance(a, Adapter) else read_adapter(a) for a in adapters]
     w = list(weights) if weights is not None else [1.0] * len(ads)
     if len(w) != len(ads):
-        raise UsageError(f"--weights has {len(w)} values for {len(ads)} adapters; give one weight per adapter")
+        raise UsageError(
+            f"--weights has {len(w)} values for {len(ads)} adapters; give one weight per adapter"
+        )
     if energy is not None and not 0 < energy <= 1:
         raise UsageError(f"--energy must be in (0, 1], got {energy}")
     if rank is not None and rank < 1:
         raise UsageError(f"--rank must be at least 1, got {rank}")
-    base_src = open_checkpoint(base) if base is not None and not isinstance(base, TensorSource) else base
+    base_src = (
+        open_checkpoint(base) if base is not None and not isinstance(base, TensorSource) else base
+    )
     placed = [place(a, base_src) for a in ads]
     report = CombineReport(exact=rank is None and energy is None and not factorwise)
     for a, p in zip(ads, placed):
         report.unmatched += [f"{a.path}: {u}" for u in p.unmatched]
-        report.dropped += [f"{a.path}: {k} (modules_to_save: a full tensor, not a LoRA factor pair)" for k in a.full]
+        report.dropped += [
+            f"{a.path}: {k} (modules_to_save: a full tensor, not a LoRA factor pair)"
+            for k in a.full
+        ]
         if p.unresolved_kohya and (fmt or "") != "kohya":
             bad = [m.name for m in p.modules.values() if not m.dotted][:3]
             raise UsageError(

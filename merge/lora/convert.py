@@ -34,7 +34,9 @@ def convert(
     if to not in FORMATS:
         raise UsageError(f"--to must be one of {', '.join(FORMATS)}, not `{to}`")
     a = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
-    base_src = open_checkpoint(base) if base is not None and not isinstance(base, TensorSource) else base
+    base_src = (
+        open_checkpoint(base) if base is not None and not isinstance(base, TensorSource) else base
+    )
     placed = place(a, base_src)
     if placed.unresolved_kohya and to != "kohya":
         bad = [m.path for m in placed.modules.values() if not m.dotted][:3]
@@ -43,7 +45,9 @@ def convert(
             "pass --base (the model the LoRA was trained on) to turn them into module names"
         )
     if a.full and to != "peft":
-        raise UsageError(f"{a.path} has modules_to_save tensors ({', '.join(list(a.full)[:3])}) that only a PEFT adapter can hold; use --to peft")
+        raise UsageError(
+            f"{a.path} has modules_to_save tensors ({', '.join(list(a.full)[:3])}) that only a PEFT adapter can hold; use --to peft"
+        )
     mods: list[OutModule] = []
     not_lora = []
     for (comp, path), m in placed.modules.items():
@@ -61,10 +65,28 @@ def convert(
         if abs(fold - 1) > 1e-7:
             A = A * fold
         mag = a.tensor(m.dora_key) if m.dora_key else None
-        if mag is not None and not m.extra.get("dora_peft") and mag.dim() >= 2 and mag.shape[0] == 1 and mag.shape[1] != 1:
-            raise PlanError(f"`{m.name}`: its dora_scale is per input column (legacy LyCORIS); PEFT and diffusers DoRA are per output channel")
+        if (
+            mag is not None
+            and not m.extra.get("dora_peft")
+            and mag.dim() >= 2
+            and mag.shape[0] == 1
+            and mag.shape[1] != 1
+        ):
+            raise PlanError(
+                f"`{m.name}`: its dora_scale is per input column (legacy LyCORIS); PEFT and diffusers DoRA are per output channel"
+            )
         bias = a.tensor(m.bias_key) if m.bias_key else None
-        out = OutModule(comp, path, A, B, alpha, embedding=m.kind == "embedding", fan_in_fan_out=m.fan_in_fan_out, magnitude=mag, bias=bias)
+        out = OutModule(
+            comp,
+            path,
+            A,
+            B,
+            alpha,
+            embedding=m.kind == "embedding",
+            fan_in_fan_out=m.fan_in_fan_out,
+            magnitude=mag,
+            bias=bias,
+        )
         mods.append(out)
     if not_lora:
         raise UsageError(

@@ -26,14 +26,18 @@ from merge.lora.factor import Factored, choose_rank
 from merge.lora.names import BaseIndex
 from merge.lora.write import OutModule, write_adapter
 
-EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_embedding|position_embedding|embed_positions|shared|tok_embeddings)$")
+EMBEDDING = re.compile(
+    r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_embedding|position_embedding|embed_positions|shared|tok_embeddings)$"
+)
 OVERSAMPLE = 10  # extra columns for the randomized range finder
 POWER_ITERS = 2
 
 
 @dataclass
 class ExtractReport:
-    modules: dict[str, tuple[int, float]] = field(default_factory=dict)  # name -> (rank, retained energy)
+    modules: dict[str, tuple[int, float]] = field(
+        default_factory=dict
+    )  # name -> (rank, retained energy)
     kept: float = 0.0
     total: float = 0.0
     dropped: list[str] = field(default_factory=list)
@@ -47,25 +51,38 @@ class ExtractReport:
 
     def summary(self) -> str:
         ranks = sorted({r for r, _ in self.modules.values()})
-        worst = min(self.modules.items(), key=lambda kv: kv[1][1]) if self.modules else ("-", (0, 1.0))
+        worst = (
+            min(self.modules.items(), key=lambda kv: kv[1][1]) if self.modules else ("-", (0, 1.0))
+        )
         lines = [
             f"extracted {len(self.modules)} modules (ranks {ranks[0] if ranks else 0}..{ranks[-1] if ranks else 0}, "
             f"{self.randomized} by randomized SVD); retained energy {self.overall_energy:.4%} overall, "
             f"lowest {worst[1][1]:.4%} at {worst[0]} -> {self.output}"
         ]
         if self.saved_full:
-            lines.append(f"modules_to_save: {', '.join(self.saved_full[:8])}" + (" ..." if len(self.saved_full) > 8 else ""))
+            lines.append(
+                f"modules_to_save: {', '.join(self.saved_full[:8])}"
+                + (" ..." if len(self.saved_full) > 8 else "")
+            )
         if self.dropped:
-            lines.append(f"dropped (not representable): {', '.join(self.dropped[:8])}" + (" ..." if len(self.dropped) > 8 else ""))
+            lines.append(
+                f"dropped (not representable): {', '.join(self.dropped[:8])}"
+                + (" ..." if len(self.dropped) > 8 else "")
+            )
         return "\n".join(lines)
 
 
-def low_rank(m: Tensor, rank: int | None, energy: float | None, method: str = "auto") -> tuple[Tensor, Tensor, float, float, bool]:
+def low_rank(
+    m: Tensor, rank: int | None, energy: float | None, method: str = "auto"
+) -> tuple[Tensor, Tensor, float, float, bool]:
     """(B, A, kept Σσ², total Σσ², randomized?) with B@A the truncated SVD of m."""
     total = float(m.double().pow(2).sum())
     small = min(m.shape)
     use_rand = method == "randomized" or (
-        method == "auto" and energy is None and rank is not None and small >= 4 * (rank + OVERSAMPLE)
+        method == "auto"
+        and energy is None
+        and rank is not None
+        and small >= 4 * (rank + OVERSAMPLE)
     )
     if use_rand and rank is not None:
         q = min(rank + OVERSAMPLE, small)
@@ -103,9 +120,11 @@ def extract(
     b = base if isinstance(base, TensorSource) else open_checkpoint(base)
     t = tuned if isinstance(tuned, TensorSource) else open_checkpoint(tuned)
     tkeys = set(t.keys())
-    common = [k for k in b.keys() if k in tkeys]  # noqa: SIM118
+    common = [k for k in b.keys() if k in tkeys]
     if not common:
-        raise PlanError(f"{t.path} and {b.path} share no tensor names; extract needs the fine-tune of this base")
+        raise PlanError(
+            f"{t.path} and {b.path} share no tensor names; extract needs the fine-tune of this base"
+        )
     index = BaseIndex(b.keys())
     report = ExtractReport()
     result: dict[tuple[str, str], Factored] = {}
@@ -137,10 +156,19 @@ def extract(
         report.total += total
         report.randomized += int(rand)
     if shape_problems:
-        raise PlanError(f"{t.path} does not have the base's shapes ({len(shape_problems)}):\n  " + "\n  ".join(shape_problems[:20]))
+        raise PlanError(
+            f"{t.path} does not have the base's shapes ({len(shape_problems)}):\n  "
+            + "\n  ".join(shape_problems[:20])
+        )
     out = Path(output) if output is not None else None
     layout = index.layout
-    fmt = fmt or ("kohya" if layout == "ldm" or (out is not None and out.suffix == ".safetensors") else "diffusers" if layout == "pipeline" else "peft")
+    fmt = fmt or (
+        "kohya"
+        if layout == "ldm" or (out is not None and out.suffix == ".safetensors")
+        else "diffusers"
+        if layout == "pipeline"
+        else "peft"
+    )
     adapted = {m for (_, m) in result}
     full: dict[str, Tensor] = {}
     save_modules: list[str] = []
@@ -152,7 +180,7 @@ def extract(
         if module not in save_modules:
             save_modules.append(module)
     for module in save_modules:
-        for k in b.keys():  # noqa: SIM118
+        for k in b.keys():
             if k.rpartition(".")[0] == module and k in tkeys:
                 full[k] = t.read(k)
         report.saved_full.append(module)

@@ -22,7 +22,9 @@ from merge.lora.write import OutModule
 class Factored:
     B: Tensor  # [out, r]
     A: Tensor  # [r, n]; M = B @ A, scale included
-    shape: tuple[int, ...]  # the weight delta's shape (conv: [out, in, kh, kw]; embedding: [num, dim])
+    shape: tuple[
+        int, ...
+    ]  # the weight delta's shape (conv: [out, in, kh, kw]; embedding: [num, dim])
     transposed: bool = False  # ΔW = Mᵀ (embedding, fan_in_fan_out)
     embedding: bool = False
     from_lora: bool = True
@@ -39,13 +41,28 @@ class Factored:
         """Factors for a writer with alpha = rank (scale 1)."""
         r = self.rank
         if self.embedding:
-            return OutModule(component, path, self.A.contiguous(), self.B.contiguous(), float(r), embedding=True)
+            return OutModule(
+                component, path, self.A.contiguous(), self.B.contiguous(), float(r), embedding=True
+            )
         if self.transposed:  # fan_in_fan_out
-            return OutModule(component, path, self.A.contiguous(), self.B.contiguous(), float(r), fan_in_fan_out=True)
+            return OutModule(
+                component,
+                path,
+                self.A.contiguous(),
+                self.B.contiguous(),
+                float(r),
+                fan_in_fan_out=True,
+            )
         if len(self.shape) == 4:
             out, cin, kh, kw = self.shape
             # B [out, r, 1, 1] (1x1 conv), A [r, in, kh, kw] (the base's kernel)
-            return OutModule(component, path, self.A.reshape(r, cin, kh, kw).contiguous(), self.B.reshape(out, r, 1, 1).contiguous(), float(r))
+            return OutModule(
+                component,
+                path,
+                self.A.reshape(r, cin, kh, kw).contiguous(),
+                self.B.reshape(out, r, 1, 1).contiguous(),
+                float(r),
+            )
         return OutModule(component, path, self.A.contiguous(), self.B.contiguous(), float(r))
 
 
@@ -56,7 +73,9 @@ def exact_rank_split(m: Tensor, rel_tol: float = 1e-6) -> tuple[Tensor, Tensor]:
     return u[:, :k] * s[:k], vh[:k]
 
 
-def factor_module(mod: LoraModule, get: Getter, base_shape: tuple[int, ...] | None = None) -> Factored:
+def factor_module(
+    mod: LoraModule, get: Getter, base_shape: tuple[int, ...] | None = None
+) -> Factored:
     """The module as `M = B·A` with its scale folded into A."""
     if mod.is_dora:
         raise PlanError(
@@ -89,10 +108,14 @@ def concat(parts: list[tuple[Factored, float]]) -> Factored:
     first = parts[0][0]
     for f, _ in parts[1:]:
         if f.shape != first.shape or f.transposed != first.transposed:
-            raise PlanError(f"cannot combine deltas of shapes {list(first.shape)} and {list(f.shape)} for one module")
+            raise PlanError(
+                f"cannot combine deltas of shapes {list(first.shape)} and {list(f.shape)} for one module"
+            )
     b = torch.cat([f.B for f, _ in parts], dim=1)
     a = torch.cat([w * f.A for f, w in parts], dim=0)
-    return Factored(b, a, first.shape, first.transposed, first.embedding, all(f.from_lora for f, _ in parts))
+    return Factored(
+        b, a, first.shape, first.transposed, first.embedding, all(f.from_lora for f, _ in parts)
+    )
 
 
 def svd_of_product(f: Factored) -> tuple[Tensor, Tensor, Tensor]:
@@ -123,7 +146,9 @@ def truncate(f: Factored, rank: int | None, energy: float | None) -> tuple[Facto
     k = choose_rank(s, rank, energy)
     kept, total = float((s[:k].double() ** 2).sum()), float((s.double() ** 2).sum())
     root = s[:k].sqrt()
-    out = Factored(u[:, :k] * root, root[:, None] * vh[:k], f.shape, f.transposed, f.embedding, False)
+    out = Factored(
+        u[:, :k] * root, root[:, None] * vh[:k], f.shape, f.transposed, f.embedding, False
+    )
     return out, kept, total
 
 

@@ -86,7 +86,9 @@ def module_delta(mod: LoraModule, get: Getter) -> Tensor:
             w2 = _f32(get, k["w2"])
         elif "t2" in k:
             # w2 = t2 ×_0 w2a ×_1 w2b : [r, r, kh, kw] -> [c, d, kh, kw]
-            w2 = torch.einsum("ijkl,ip,jr->prkl", _f32(get, k["t2"]), _f32(get, k["w2a"]), _f32(get, k["w2b"]))
+            w2 = torch.einsum(
+                "ijkl,ip,jr->prkl", _f32(get, k["t2"]), _f32(get, k["w2a"]), _f32(get, k["w2b"])
+            )
         else:
             w2 = _f32(get, k["w2a"]) @ _f32(get, k["w2b"])
         if w2.dim() == 4:
@@ -116,7 +118,11 @@ def dora_axis(magnitude_shape: tuple[int, ...], weight_shape: tuple[int, ...], p
     """
     if peft:
         return 0
-    if magnitude_shape and magnitude_shape[0] == weight_shape[0] and (len(magnitude_shape) == 1 or magnitude_shape[1] == 1):
+    if (
+        magnitude_shape
+        and magnitude_shape[0] == weight_shape[0]
+        and (len(magnitude_shape) == 1 or magnitude_shape[1] == 1)
+    ):
         return 0
     return 1
 
@@ -126,7 +132,9 @@ def dora_weight(w: Tensor, delta: Tensor, magnitude: Tensor, axis: int) -> Tenso
     v = w.to(torch.float32) + delta
     n = v.shape[axis]
     if magnitude.numel() != n:
-        raise ValueError(f"DoRA magnitude of shape {tuple(magnitude.shape)} does not fit axis {axis} of a weight {tuple(v.shape)}")
+        raise ValueError(
+            f"DoRA magnitude of shape {tuple(magnitude.shape)} does not fit axis {axis} of a weight {tuple(v.shape)}"
+        )
     dims = tuple(d for d in range(v.dim()) if d != axis)
     norm = v.norm(dim=dims, keepdim=True)
     shape = [1] * v.dim()

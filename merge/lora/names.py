@@ -97,13 +97,18 @@ def _resnet(rest: str) -> str:
     return _swap_head(rest, _RESNET_LDM_TO_DIFF) or rest
 
 
-def diffusers_unet_to_ldm(name: str, layers_per_block: int = 2, up_blocks_with_attention: Iterable[int] = ()) -> str | None:
+def diffusers_unet_to_ldm(
+    name: str, layers_per_block: int = 2, up_blocks_with_attention: Iterable[int] = ()
+) -> str | None:
     """Inverse of `ldm_unet_to_diffusers`; the upsampler's index needs to know which up blocks have attention."""
     top = _swap_head(name, _TOP_DIFF_TO_LDM)
     if top is not None:
         return top
     n = layers_per_block + 1
-    m = re.match(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$", name)
+    m = re.match(
+        r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$",
+        name,
+    )
     if m is None:
         m2 = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)$", name)
         if m2 is None:
@@ -116,7 +121,11 @@ def diffusers_unet_to_ldm(name: str, layers_per_block: int = 2, up_blocks_with_a
     res = _swap_head(rest, _RESNET_DIFF_TO_LDM) or rest
     if where == "down_blocks":
         if kind == "downsamplers":
-            return f"input_blocks.{(b + 1) * n}.0.op.{rest[len('conv.'):]}" if rest.startswith("conv.") else None
+            return (
+                f"input_blocks.{(b + 1) * n}.0.op.{rest[len('conv.') :]}"
+                if rest.startswith("conv.")
+                else None
+            )
         return f"input_blocks.{1 + b * n + i}.{0 if kind == 'resnets' else 1}.{res if kind == 'resnets' else rest}"
     if kind == "upsamplers":
         idx = 2 if b in set(up_blocks_with_attention) else 1
@@ -170,9 +179,15 @@ class BaseIndex:
 
     def _add(self, component: str, path: str, target: str, kohya_prefixes: Iterable[str]) -> None:
         paths = [path]
-        if component.startswith("text_encoder") or any(p.startswith("lora_te") for p in kohya_prefixes):
+        if component.startswith("text_encoder") or any(
+            p.startswith("lora_te") for p in kohya_prefixes
+        ):
             # CLIP: transformers 5 saves `encoder.layers…`, kohya and LDM files say `text_model.encoder.layers…`
-            paths.append(path[len("text_model.") :] if path.startswith("text_model.") else "text_model." + path)
+            paths.append(
+                path[len("text_model.") :]
+                if path.startswith("text_model.")
+                else "text_model." + path
+            )
         for q in paths:
             self.dotted.setdefault((component, q), target)
             for p in kohya_prefixes:
@@ -204,7 +219,12 @@ class BaseIndex:
             if m.startswith(LDM_TE[0]):
                 self._add("text_encoder", m[len(LDM_TE[0]) :], m, ["lora_te_", "lora_te1_"])
             elif m.startswith(LDM_TE[1]):
-                self._add("text_encoder", m[len(LDM_TE[1]) :], m, ["lora_te1_"] + ([] if two_te else ["lora_te_"]))
+                self._add(
+                    "text_encoder",
+                    m[len(LDM_TE[1]) :],
+                    m,
+                    ["lora_te1_"] + ([] if two_te else ["lora_te_"]),
+                )
 
     def _index_pipeline(self, modules: list[str]) -> None:
         unet = [(m[len("unet/") :], m) for m in modules if m.startswith("unet/")]
@@ -221,7 +241,9 @@ class BaseIndex:
                 self._add(comp, path, m, [])
 
     def _index_plain(self, modules: list[str]) -> None:
-        unet_like = self.unet_like = any(m.startswith(("down_blocks.", "conv_in", "transformer_blocks.")) for m in modules)
+        unet_like = self.unet_like = any(
+            m.startswith(("down_blocks.", "conv_in", "transformer_blocks.")) for m in modules
+        )
         if unet_like:
             self._index_unet([(m, m) for m in modules], ldm=False)
         for m in modules:
@@ -261,7 +283,12 @@ class BaseIndex:
 
 SD15_UNET = dict(
     block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    down_block_types=(
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=768,
     attention_head_dim=8,
@@ -293,11 +320,24 @@ def builtin_sd_keys(arch: str) -> tuple[str, ...]:
     with torch.device("meta"):
         unet = UNet2DConditionModel(**(SD15_UNET if arch == "sd1" else SDXL_UNET))  # type: ignore[arg-type]
         keys += [f"unet/{k}" for k in unet.state_dict()]  # type: ignore[attr-defined]
-        te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12))
+        te = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+            )
+        )
         keys += [f"text_encoder/{k}" for k in te.state_dict()]
         if arch == "sdxl":
             te2 = CLIPTextModelWithProjection(
-                CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280)
+                CLIPTextConfig(
+                    hidden_size=1280,
+                    intermediate_size=5120,
+                    num_hidden_layers=32,
+                    num_attention_heads=20,
+                    projection_dim=1280,
+                )
             )
             keys += [f"text_encoder_2/{k}" for k in te2.state_dict()]
     return tuple(keys)

@@ -20,8 +20,12 @@ from torch import Tensor
 from merge.errors import PlanError, UsageError
 from merge.io.sources import TensorMeta, TensorSource
 
-SD1_BLOCKS = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
-SDXL_BLOCKS = ["BASE"] + [f"IN{i:02d}" for i in range(9)] + ["M00"] + [f"OUT{i:02d}" for i in range(9)]
+SD1_BLOCKS = (
+    ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
+)
+SDXL_BLOCKS = (
+    ["BASE"] + [f"IN{i:02d}" for i in range(9)] + ["M00"] + [f"OUT{i:02d}" for i in range(9)]
+)
 ARCH_BLOCKS = {"sd1": SD1_BLOCKS, "sdxl": SDXL_BLOCKS}
 LPB = 2  # layers_per_block of SD1.x and SDXL: 3 LDM slots per diffusers block
 
@@ -61,12 +65,16 @@ def block_of(name: str, arch: str = "sd1") -> str:
 def parse_block_weights(text: str | list[float], arch: str) -> list[float]:
     """26 (SD1.x) or 20 (SDXL) comma-separated weights, BASE first; a 26-value string for SDXL is
     converted as supermerger does (w[:9] + w[12:22] + [0] → IN00..IN08, M00, OUT00..OUT08)."""
-    vals = [float(x) for x in text.split(",")] if isinstance(text, str) else [float(x) for x in text]
+    vals = (
+        [float(x) for x in text.split(",")] if isinstance(text, str) else [float(x) for x in text]
+    )
     want = len(ARCH_BLOCKS[arch])
     if arch == "sdxl" and len(vals) == 26:
         vals = vals[:10] + vals[13:23]
     if len(vals) != want:
-        raise UsageError(f"block weights for {arch} need {want} values ({', '.join(ARCH_BLOCKS[arch][:3])}, ...), got {len(vals)}")
+        raise UsageError(
+            f"block weights for {arch} need {want} values ({', '.join(ARCH_BLOCKS[arch][:3])}, ...), got {len(vals)}"
+        )
     return vals
 
 
@@ -95,9 +103,15 @@ def block_weight_recipe(
         if alpha == w[0]:
             continue
         if c is None:
-            overrides += [{"regex": rx, "step": "merged", "input": "A", "weight": 1 - alpha}, {"regex": rx, "step": "merged", "input": "B", "weight": alpha}]
+            overrides += [
+                {"regex": rx, "step": "merged", "input": "A", "weight": 1 - alpha},
+                {"regex": rx, "step": "merged", "input": "B", "weight": alpha},
+            ]
         else:
-            overrides += [{"regex": rx, "step": "merged", "input": "B", "weight": alpha}, {"regex": rx, "step": "merged", "input": "C", "weight": -alpha}]
+            overrides += [
+                {"regex": rx, "step": "merged", "input": "B", "weight": alpha},
+                {"regex": rx, "step": "merged", "input": "C", "weight": -alpha},
+            ]
     recipe: dict[str, Any] = {
         "version": 1,
         "description": f"{arch} block-weight {'add difference' if c else 'weighted sum'}: {','.join(f'{x:g}' for x in w)}",

@@ -42,17 +42,23 @@ class OutModule:
         return int(self.A.shape[0])
 
 
-def _config(mods: Sequence[OutModule], modules_to_save: Sequence[str], base_name: str | None) -> dict[str, object]:
+def _config(
+    mods: Sequence[OutModule], modules_to_save: Sequence[str], base_name: str | None
+) -> dict[str, object]:
     """A LoraConfig dict: most common rank/alpha, the others in rank_pattern/alpha_pattern."""
     ranks = collections.Counter(m.rank for m in mods)
     r = ranks.most_common(1)[0][0] if ranks else 8
-    alphas = collections.Counter(m.alpha for m in mods if m.rank == r) or collections.Counter(m.alpha for m in mods)
+    alphas = collections.Counter(m.alpha for m in mods if m.rank == r) or collections.Counter(
+        m.alpha for m in mods
+    )
     alpha = alphas.most_common(1)[0][0] if alphas else r
     rank_pattern = {m.path: m.rank for m in mods if m.rank != r}
     alpha_pattern = {m.path: m.alpha for m in mods if m.alpha != alpha}
     fifo = {m.fan_in_fan_out for m in mods}
     if len(fifo) > 1:
-        raise UsageError("cannot write modules with and without fan_in_fan_out into one PEFT adapter")
+        raise UsageError(
+            "cannot write modules with and without fan_in_fan_out into one PEFT adapter"
+        )
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -106,7 +112,13 @@ def write_peft(
     if len(comps) > 1 or (comps and comps[0]):
         dest.mkdir(parents=True, exist_ok=True)
         for c in comps:
-            write_peft(dest / (c or "model"), [m for m in mods if m.component == c], base_name=base_name, dtype=dtype, force=force)
+            write_peft(
+                dest / (c or "model"),
+                [m for m in mods if m.component == c],
+                base_name=base_name,
+                dtype=dtype,
+                force=force,
+            )
         return dest
     tensors = {k: v.to(dtype) for k, v in _peft_tensors(mods, "base_model.model.").items()}
     for k, v in (full or {}).items():
@@ -115,10 +127,14 @@ def write_peft(
     with tempfile.TemporaryDirectory() as td:
         cfg_path = Path(td) / "adapter_config.json"
         write_json(cfg_path, cfg)
-        return _write_folder(dest, "adapter_model.safetensors", tensors, [("adapter_config.json", cfg_path)], force)
+        return _write_folder(
+            dest, "adapter_model.safetensors", tensors, [("adapter_config.json", cfg_path)], force
+        )
 
 
-def _write_folder(dest: Path, name: str, tensors: Mapping[str, Tensor], extra: list[tuple[str, Path]], force: bool) -> Path:
+def _write_folder(
+    dest: Path, name: str, tensors: Mapping[str, Tensor], extra: list[tuple[str, Path]], force: bool
+) -> Path:
     """A folder holding one safetensors file `name` and the extra files, written atomically."""
     with StagedOutput(dest, is_dir=True, force=force) as staged:
         write_tensors(staged.path(name), tensors, metadata={"format": "pt"}, force=True)
@@ -127,7 +143,13 @@ def _write_folder(dest: Path, name: str, tensors: Mapping[str, Tensor], extra: l
         return staged.commit()
 
 
-def write_diffusers(dest: Path, mods: Sequence[OutModule], *, dtype: torch.dtype = torch.float32, force: bool = False) -> Path:
+def write_diffusers(
+    dest: Path,
+    mods: Sequence[OutModule],
+    *,
+    dtype: torch.dtype = torch.float32,
+    force: bool = False,
+) -> Path:
     """`pytorch_lora_weights.safetensors` with `unet.`/`text_encoder.` keys and lora_adapter_metadata."""
     tensors: dict[str, Tensor] = {}
     meta: dict[str, object] = {}
@@ -136,14 +158,24 @@ def write_diffusers(dest: Path, mods: Sequence[OutModule], *, dtype: torch.dtype
         prefix = f"{c or 'unet'}."
         tensors |= {k: v.to(dtype) for k, v in _peft_tensors(cm, prefix).items()}
         cfg = _config(cm, (), None)
-        for k in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "use_dora", "lora_bias"):
+        for k in (
+            "r",
+            "lora_alpha",
+            "rank_pattern",
+            "alpha_pattern",
+            "target_modules",
+            "use_dora",
+            "lora_bias",
+        ):
             meta[f"{c or 'unet'}.{k}"] = cfg[k]
     md = {"format": "pt", "lora_adapter_metadata": json.dumps(meta, indent=2, sort_keys=True)}
     target = dest if dest.suffix == ".safetensors" else None
     if target is not None:
         return write_tensors(target, tensors, metadata=md, force=force)
     with StagedOutput(dest, is_dir=True, force=force) as staged:
-        write_tensors(staged.path("pytorch_lora_weights.safetensors"), tensors, metadata=md, force=True)
+        write_tensors(
+            staged.path("pytorch_lora_weights.safetensors"), tensors, metadata=md, force=True
+        )
         return staged.commit()
 
 
@@ -163,17 +195,31 @@ def kohya_name(component: str, path: str, two_text_encoders: bool) -> str:
     return f"{head}_{path.replace('.', '_')}"
 
 
-def write_kohya(dest: Path, mods: Sequence[OutModule], *, dtype: torch.dtype = torch.float32, force: bool = False, base_version: str | None = None) -> Path:
+def write_kohya(
+    dest: Path,
+    mods: Sequence[OutModule],
+    *,
+    dtype: torch.dtype = torch.float32,
+    force: bool = False,
+    base_version: str | None = None,
+) -> Path:
     """One safetensors file: `<name>.lora_down.weight`, `.lora_up.weight`, `.alpha` (+`.dora_scale`)."""
     two = any(m.component == "text_encoder_2" for m in mods)
     tensors: dict[str, Tensor] = {}
     for m in mods:
         if m.embedding:
-            raise UsageError(f"kohya files have no embedding LoRA; `{m.path}` cannot be written (use --to peft)")
+            raise UsageError(
+                f"kohya files have no embedding LoRA; `{m.path}` cannot be written (use --to peft)"
+            )
         if m.bias is not None:
-            raise UsageError(f"kohya files have no lora_B bias; `{m.path}` (lora_bias=True) cannot be written (use --to peft)")
+            raise UsageError(
+                f"kohya files have no lora_B bias; `{m.path}` (lora_bias=True) cannot be written (use --to peft)"
+            )
         if m.fan_in_fan_out:
-            a, b = m.B.T.contiguous(), m.A.T.contiguous()  # kohya has no fan_in_fan_out: store the transposed product
+            a, b = (
+                m.B.T.contiguous(),
+                m.A.T.contiguous(),
+            )  # kohya has no fan_in_fan_out: store the transposed product
         else:
             a, b = m.A, m.B
         n = kohya_name(m.component, m.path, two)
@@ -181,7 +227,9 @@ def write_kohya(dest: Path, mods: Sequence[OutModule], *, dtype: torch.dtype = t
         tensors[f"{n}.lora_up.weight"] = b.to(dtype).contiguous()
         tensors[f"{n}.alpha"] = torch.tensor(float(m.alpha), dtype=dtype)
         if m.magnitude is not None:
-            tensors[f"{n}.dora_scale"] = m.magnitude.reshape(-1, *([1] * (m.B.dim() - 1))).to(dtype).contiguous()
+            tensors[f"{n}.dora_scale"] = (
+                m.magnitude.reshape(-1, *([1] * (m.B.dim() - 1))).to(dtype).contiguous()
+            )
     ranks = collections.Counter(m.rank for m in mods)
     alphas = collections.Counter(m.alpha for m in mods)
     md = {

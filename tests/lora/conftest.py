@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128, attention_bias=True)
+LLAMA = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    attention_bias=True,
+)
 UNET = dict(
     block_out_channels=(32, 64),
     layers_per_block=2,
@@ -43,12 +51,44 @@ def make_pipeline(seed: int = 0):  # type: ignore[no-untyped-def]
     unet = make_unet(seed)
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=8,
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=8,
     )
-    te = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=1000))
-    sch = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=te.eval(), tokenizer=None, scheduler=sch, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=2,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            pad_token_id=1,
+            vocab_size=1000,
+        )
+    )
+    sch = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=te.eval(),
+        tokenizer=None,
+        scheduler=sch,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def randomize_lora(model: torch.nn.Module, seed: int) -> None:
@@ -56,7 +96,12 @@ def randomize_lora(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name or "lora_embedding_B" in name or "lora_A" in name or "lora_embedding_A" in name:
+            if (
+                "lora_B" in name
+                or "lora_embedding_B" in name
+                or "lora_A" in name
+                or "lora_embedding_A" in name
+            ):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
             elif "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
@@ -79,8 +124,13 @@ def scale_peft(model: torch.nn.Module, k: float) -> None:
 LLAMA_VARIANTS = {
     "plain": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
     "patterns": dict(
-        r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "gate_proj", "embed_tokens"],
-        rank_pattern={"k_proj": 2}, alpha_pattern={"gate_proj": 3}, modules_to_save=["lm_head"],
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "k_proj", "gate_proj", "embed_tokens"],
+        rank_pattern={"k_proj": 2},
+        alpha_pattern={"gate_proj": 3},
+        modules_to_save=["lm_head"],
     ),
     "dora": dict(r=4, lora_alpha=4, use_dora=True, target_modules=["q_proj", "up_proj"]),
     "bias": dict(r=2, lora_alpha=4, lora_bias=True, target_modules=["q_proj", "o_proj"]),
@@ -109,11 +159,15 @@ def llama(work: Path) -> dict[str, object]:
             pm.save_pretrained(work / f"peft_{name}")
             out["adapters"][name] = work / f"peft_{name}"  # type: ignore[index]
             state = peft_state(pm)
-            out["merged"][name] = {k: v.clone() for k, v in pm.merge_and_unload().state_dict().items()}  # type: ignore[index]
+            out["merged"][name] = {
+                k: v.clone() for k, v in pm.merge_and_unload().state_dict().items()
+            }  # type: ignore[index]
             pm2 = get_peft_model(make_llama(), LoraConfig(init_lora_weights=False, **kw))  # type: ignore[arg-type]
             pm2.load_state_dict(state)
             scale_peft(pm2, 0.8)
-            out["merged08"][name] = {k: v.clone() for k, v in pm2.merge_and_unload().state_dict().items()}  # type: ignore[index]
+            out["merged08"][name] = {
+                k: v.clone() for k, v in pm2.merge_and_unload().state_dict().items()
+            }  # type: ignore[index]
     return out
 
 
@@ -127,8 +181,25 @@ def sd(work: Path) -> dict[str, object]:
     pipe = make_pipeline()
     pipe.save_pretrained(work / "pipe")
     base_state = {f"unet/{k}": v.clone() for k, v in pipe.unet.state_dict().items()}
-    ucfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "conv2", "ff.net.2", "conv_shortcut"])
-    tcfg = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
+    ucfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+        target_modules=[
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",
+            "proj_in",
+            "conv1",
+            "conv2",
+            "ff.net.2",
+            "conv_shortcut",
+        ],
+    )
+    tcfg = LoraConfig(
+        r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"]
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe.unet.add_adapter(ucfg)
@@ -136,15 +207,22 @@ def sd(work: Path) -> dict[str, object]:
         randomize_lora(pipe.unet, 7)
         randomize_lora(pipe.text_encoder, 8)
         StableDiffusionPipeline.save_lora_weights(
-            work / "dlora", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+            work / "dlora",
+            unet_lora_layers=get_peft_model_state_dict(pipe.unet),
             text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
-            unet_lora_adapter_metadata=ucfg.to_dict(), text_encoder_lora_adapter_metadata=tcfg.to_dict(),
+            unet_lora_adapter_metadata=ucfg.to_dict(),
+            text_encoder_lora_adapter_metadata=tcfg.to_dict(),
         )
         pipe.fuse_lora(lora_scale=0.7, components=["unet", "text_encoder"])
         pipe.unload_lora_weights()
     fused = {f"unet/{k}": v.clone() for k, v in pipe.unet.state_dict().items()}
     fused |= {f"text_encoder/{k}": v.clone() for k, v in pipe.text_encoder.state_dict().items()}
-    return {"pipe": work / "pipe", "lora": work / "dlora", "fused07": fused, "base_unet": base_state}
+    return {
+        "pipe": work / "pipe",
+        "lora": work / "dlora",
+        "fused07": fused,
+        "base_unet": base_state,
+    }
 
 
 def ldm_state(pipe_dir: Path) -> dict[str, torch.Tensor]:
@@ -156,7 +234,10 @@ def ldm_state(pipe_dir: Path) -> dict[str, torch.Tensor]:
     unet = load_file(pipe_dir / "unet" / "diffusion_pytorch_model.safetensors")
     te = load_file(pipe_dir / "text_encoder" / "model.safetensors")
     lpb, attn = diffusers_layout(unet)
-    out = {"model.diffusion_model." + str(diffusers_unet_to_ldm(k, lpb, attn)): v for k, v in unet.items()}
+    out = {
+        "model.diffusion_model." + str(diffusers_unet_to_ldm(k, lpb, attn)): v
+        for k, v in unet.items()
+    }
     out |= {"cond_stage_model.transformer.text_model." + k: v for k, v in te.items()}
     out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     return out

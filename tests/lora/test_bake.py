@@ -62,7 +62,12 @@ def test_bake_scale_equals_peft_scale_layer(llama: dict, work: Path) -> None:
     # modules_to_save (lm_head) is a full tensor: as a delta it is scaled too (peft would replace it)
     head = "lm_head.weight"
     if head in got:
-        torch.testing.assert_close(got[head], base[head] + 0.8 * (llama["merged"]["patterns"][head] - base[head]), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            got[head],
+            base[head] + 0.8 * (llama["merged"]["patterns"][head] - base[head]),
+            atol=1e-6,
+            rtol=1e-5,
+        )
 
 
 def test_bake_pipeline_equals_fuse_lora(sd: dict, work: Path) -> None:
@@ -77,7 +82,13 @@ def test_bake_pipeline_equals_fuse_lora(sd: dict, work: Path) -> None:
         if k in sd["base_unet"] and not torch.equal(sd["base_unet"][k], v):
             n_changed += 1
     assert n_changed > 40  # attention, 1x1 proj_in, 3x3 resnet convs, shortcut
-    pipe = StableDiffusionPipeline.from_pretrained(out, tokenizer=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        out,
+        tokenizer=None,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     torch.testing.assert_close(pipe.unet.state_dict()["conv_in.weight"], ref["unet/conv_in.weight"])
     key = "down_blocks.1.attentions.0.proj_in.weight"
     torch.testing.assert_close(pipe.unet.state_dict()[key], ref[f"unet/{key}"])
@@ -92,16 +103,30 @@ def test_bake_into_single_file_ldm_checkpoint(sd: dict, work: Path) -> None:
     unet = _load_dir(sd["pipe"] / "unet")
     te = _load_dir(sd["pipe"] / "text_encoder")
     lpb, attn = diffusers_layout(unet)
-    ldm = {"model.diffusion_model." + diffusers_unet_to_ldm(k, lpb, attn): v for k, v in unet.items()}  # type: ignore[operator]
+    ldm = {
+        "model.diffusion_model." + diffusers_unet_to_ldm(k, lpb, attn): v for k, v in unet.items()
+    }  # type: ignore[operator]
     ldm |= {"cond_stage_model.transformer.text_model." + k: v for k, v in te.items()}
     ldm["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     save_file(ldm, work / "sd_single.safetensors")
-    out = bake(work / "sd_single.safetensors", [(sd["lora"], 0.7)], work / "sd_single_baked.safetensors")
+    out = bake(
+        work / "sd_single.safetensors", [(sd["lora"], 0.7)], work / "sd_single_baked.safetensors"
+    )
     got = load_file(out)
     assert set(got) == set(ldm)
-    for k, v in unet.items():
+    for k in unet:
         lk = "model.diffusion_model." + diffusers_unet_to_ldm(k, lpb, attn)  # type: ignore[operator]
-        torch.testing.assert_close(got[lk], sd["fused07"][f"unet/{k}"], atol=1e-6, rtol=1e-5, msg=lk)
+        torch.testing.assert_close(
+            got[lk], sd["fused07"][f"unet/{k}"], atol=1e-6, rtol=1e-5, msg=lk
+        )
     k = "encoder.layers.0.self_attn.q_proj.weight"
-    torch.testing.assert_close(got["cond_stage_model.transformer.text_model." + k], sd["fused07"][f"text_encoder/{k}"], atol=1e-6, rtol=1e-5)
-    assert torch.equal(got["cond_stage_model.transformer.text_model.embeddings.position_ids"], torch.arange(77)[None])
+    torch.testing.assert_close(
+        got["cond_stage_model.transformer.text_model." + k],
+        sd["fused07"][f"text_encoder/{k}"],
+        atol=1e-6,
+        rtol=1e-5,
+    )
+    assert torch.equal(
+        got["cond_stage_model.transformer.text_model.embeddings.position_ids"],
+        torch.arange(77)[None],
+    )

@@ -29,9 +29,8 @@ def key_of(c: str, p: str) -> str:
 
 
 def test_exact_combine_is_the_weighted_sum_and_loads_in_peft(llama: dict, work: Path) -> None:
-    from peft import PeftModel
-
     from conftest import make_llama  # type: ignore[import-not-found]
+    from peft import PeftModel
 
     names, w = ["plain", "rank8", "patterns"], [0.7, -0.5, 0.3]
     report, factors = combine([llama["adapters"][n] for n in names], w, work / "combined_exact")
@@ -52,7 +51,9 @@ def test_exact_combine_is_the_weighted_sum_and_loads_in_peft(llama: dict, work: 
 
 def test_svd_combine_is_best_rank_r(llama: dict, work: Path) -> None:
     names, w = ["plain", "rank8"], [1.0, 0.6]
-    report, factors = combine([llama["adapters"][n] for n in names], w, work / "combined_r3", rank=3)
+    report, factors = combine(
+        [llama["adapters"][n] for n in names], w, work / "combined_r3", rank=3
+    )
     want = dense_sum(llama, names, w)
     kept = total = 0.0
     for (c, p), f in factors.items():
@@ -93,8 +94,16 @@ def test_identities(llama: dict) -> None:
 
 
 def test_factorwise_needs_equal_ranks(llama: dict) -> None:
-    with pytest.raises(PlanError, match=r"mismatched ranks in a factor-space operation at `model.layers.0.self_attn.q_proj`: .*peft_plain has rank 4, .*peft_rank8 has rank 8; factor-wise mixing needs equal ranks"):
-        combine([llama["adapters"]["plain"], llama["adapters"]["rank8"]], [0.5, 0.5], None, factorwise=True)
+    with pytest.raises(
+        PlanError,
+        match=r"mismatched ranks in a factor-space operation at `model.layers.0.self_attn.q_proj`: .*peft_plain has rank 4, .*peft_rank8 has rank 8; factor-wise mixing needs equal ranks",
+    ):
+        combine(
+            [llama["adapters"]["plain"], llama["adapters"]["rank8"]],
+            [0.5, 0.5],
+            None,
+            factorwise=True,
+        )
 
 
 def test_dora_is_not_combined(llama: dict) -> None:

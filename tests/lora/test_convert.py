@@ -24,9 +24,8 @@ def deltas(adapter: Path, base: object) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("variant", ["plain", "rank8"])
 def test_peft_kohya_peft_round_trip(llama: dict, work: Path, variant: str) -> None:
-    from peft import PeftModel
-
     from conftest import make_llama  # type: ignore[import-not-found]
+    from peft import PeftModel
 
     base = open_checkpoint(llama["base"])
     k = convert(llama["adapters"][variant], "kohya", work / f"{variant}_kohya.safetensors")
@@ -47,9 +46,8 @@ def test_peft_kohya_peft_round_trip(llama: dict, work: Path, variant: str) -> No
 
 def test_rslora_patterns_keep_the_delta(llama: dict, work: Path) -> None:
     """rsLoRA, rank/alpha patterns, embedding LoRA, modules_to_save: peft -> peft keeps every delta."""
-    from peft import PeftModel
-
     from conftest import make_llama  # type: ignore[import-not-found]
+    from peft import PeftModel
 
     base = open_checkpoint(llama["base"])
     out = convert(llama["adapters"]["patterns"], "peft", work / "patterns_peft")
@@ -61,10 +59,18 @@ def test_rslora_patterns_keep_the_delta(llama: dict, work: Path) -> None:
     merged = PeftModel.from_pretrained(make_llama(), out).merge_and_unload().state_dict()
     for name, v in llama["merged"]["patterns"].items():
         torch.testing.assert_close(merged[name], v, atol=1e-6, rtol=1e-5, msg=name)
-    with pytest.raises(UsageError, match=r"has modules_to_save tensors \(lm_head.weight, .*\) that only a PEFT adapter can hold; use --to peft"):
+    with pytest.raises(
+        UsageError,
+        match=r"has modules_to_save tensors \(lm_head.weight, .*\) that only a PEFT adapter can hold; use --to peft",
+    ):
         convert(llama["adapters"]["patterns"], "diffusers", work / "patterns_diffusers.safetensors")
-    with pytest.raises(UsageError, match=r"kohya files have no embedding LoRA; `model.embed_tokens` cannot be written \(use --to peft\)"):
-        convert(llama["adapters"]["rank8"], "peft", work / "r8") and convert(_without_full(llama, work), "kohya", work / "patterns_kohya.safetensors")
+    with pytest.raises(
+        UsageError,
+        match=r"kohya files have no embedding LoRA; `model.embed_tokens` cannot be written \(use --to peft\)",
+    ):
+        convert(llama["adapters"]["rank8"], "peft", work / "r8") and convert(
+            _without_full(llama, work), "kohya", work / "patterns_kohya.safetensors"
+        )
 
 
 def _without_full(llama: dict, work: Path) -> Path:
@@ -78,7 +84,10 @@ def _without_full(llama: dict, work: Path) -> Path:
 def test_dora_to_kohya_bakes_the_same(llama: dict, work: Path) -> None:
     k = convert(llama["adapters"]["dora"], "kohya", work / "dora_kohya.safetensors")
     f = safe_open(k, "pt")
-    assert list(f.get_slice("lora_model_layers_0_self_attn_q_proj.dora_scale").get_shape()) == [32, 1]
+    assert list(f.get_slice("lora_model_layers_0_self_attn_q_proj.dora_scale").get_shape()) == [
+        32,
+        1,
+    ]
     out = bake(llama["base"], [(k, 1.0)], work / "dora_kohya_baked")
     got = load_file(next(out.glob("*.safetensors")))
     for name, v in llama["merged"]["dora"].items():
@@ -100,7 +109,13 @@ def test_kohya_file_loads_in_diffusers_and_matches_our_bake(sd: dict, work: Path
     save_file(unet_only, work / "sd_kohya_unet.safetensors", metadata=safe_open(k, "pt").metadata())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipe = StableDiffusionPipeline.from_pretrained(sd["pipe"], tokenizer=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            sd["pipe"],
+            tokenizer=None,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
         pipe.load_lora_weights(str(work / "sd_kohya_unet.safetensors"))
         pipe.fuse_lora(lora_scale=0.7, components=["unet"])
         pipe.unload_lora_weights()
@@ -109,7 +124,11 @@ def test_kohya_file_loads_in_diffusers_and_matches_our_bake(sd: dict, work: Path
 
     our_unet = UNet2DConditionModel.from_pretrained(ours / "unet").eval()
     g = torch.Generator().manual_seed(0)
-    x, t, ctx = torch.randn(1, 4, 32, 32, generator=g), torch.tensor([10]), torch.randn(1, 5, 32, generator=g)
+    x, t, ctx = (
+        torch.randn(1, 4, 32, 32, generator=g),
+        torch.tensor([10]),
+        torch.randn(1, 5, 32, generator=g),
+    )
     with torch.no_grad():
         y_ref = pipe.unet(x, t, encoder_hidden_states=ctx).sample
         y_ours = our_unet(x, t, encoder_hidden_states=ctx).sample
@@ -129,9 +148,11 @@ def test_kohya_to_diffusers_with_builtin_sd_table(work: Path) -> None:
     te = "lora_te_text_model_encoder_layers_11_mlp_fc2"
     g = torch.Generator().manual_seed(1)
     t = {
-        f"{name}.lora_down.weight": torch.randn(4, 320, generator=g), f"{name}.lora_up.weight": torch.randn(320, 4, generator=g),
+        f"{name}.lora_down.weight": torch.randn(4, 320, generator=g),
+        f"{name}.lora_up.weight": torch.randn(320, 4, generator=g),
         f"{name}.alpha": torch.tensor(1.0),
-        f"{te}.lora_down.weight": torch.randn(4, 3072, generator=g), f"{te}.lora_up.weight": torch.randn(768, 4, generator=g),
+        f"{te}.lora_down.weight": torch.randn(4, 3072, generator=g),
+        f"{te}.lora_up.weight": torch.randn(768, 4, generator=g),
         f"{te}.alpha": torch.tensor(2.0),
     }
     save_file(t, work / "sd1_kohya.safetensors")
@@ -146,6 +167,15 @@ def test_kohya_to_diffusers_with_builtin_sd_table(work: Path) -> None:
 
 
 def test_unknown_kohya_names_need_base(work: Path) -> None:
-    save_file({"lora_unet_foo_bar.lora_down.weight": torch.zeros(2, 4), "lora_unet_foo_bar.lora_up.weight": torch.zeros(4, 2)}, work / "odd.safetensors")
-    with pytest.raises(UsageError, match=r"kohya names such as lora_unet_foo_bar are not in the built-in SD1.x/SDXL tables; pass --base"):
+    save_file(
+        {
+            "lora_unet_foo_bar.lora_down.weight": torch.zeros(2, 4),
+            "lora_unet_foo_bar.lora_up.weight": torch.zeros(4, 2),
+        },
+        work / "odd.safetensors",
+    )
+    with pytest.raises(
+        UsageError,
+        match=r"kohya names such as lora_unet_foo_bar are not in the built-in SD1.x/SDXL tables; pass --base",
+    ):
         convert(work / "odd.safetensors", "peft", work / "odd_peft")

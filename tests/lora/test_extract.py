@@ -22,7 +22,10 @@ def finetune(llama: dict, work: Path) -> Path:
         for name, p in m.named_parameters():
             if p.dim() == 2 and "layers" in name:
                 r = 2 if "layers.0." in name else 5
-                u, v = torch.randn(p.shape[0], r, generator=g), torch.randn(r, p.shape[1], generator=g)
+                u, v = (
+                    torch.randn(p.shape[0], r, generator=g),
+                    torch.randn(r, p.shape[1], generator=g),
+                )
                 p.add_(0.05 * u @ v + 0.002 * torch.randn(p.shape, generator=g))
         m.model.norm.weight.add_(0.1)
         m.model.layers[0].self_attn.q_proj.bias.add_(0.1)
@@ -37,15 +40,18 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_extract_then_bake_within_reported_energy(llama: dict, finetune: Path, work: Path) -> None:
-    from peft import PeftModel
-
     from conftest import make_llama  # type: ignore[import-not-found]
+    from peft import PeftModel
 
     report, _ = extract(llama["base"], finetune, work / "extracted_r3", rank=3, svd="full")
     assert (work / "extracted_r3" / "adapter_config.json").is_file()
     assert "model.norm" in report.saved_full  # a changed norm goes to modules_to_save
     assert "model.layers.0.self_attn.q_proj.bias" in report.dropped
-    baked = PeftModel.from_pretrained(make_llama(), work / "extracted_r3").merge_and_unload().state_dict()
+    baked = (
+        PeftModel.from_pretrained(make_llama(), work / "extracted_r3")
+        .merge_and_unload()
+        .state_dict()
+    )
     base, tuned = _state(llama["base"]), _state(finetune)
     for name, (rank, energy) in report.modules.items():
         k = name + ".weight"
@@ -57,12 +63,13 @@ def test_extract_then_bake_within_reported_energy(llama: dict, finetune: Path, w
     torch.testing.assert_close(baked["model.norm.weight"], tuned["model.norm.weight"])
 
 
-def test_energy_mode_ranks_differ_and_rank_pattern_loads(llama: dict, finetune: Path, work: Path) -> None:
+def test_energy_mode_ranks_differ_and_rank_pattern_loads(
+    llama: dict, finetune: Path, work: Path
+) -> None:
     import json
 
-    from peft import PeftModel
-
     from conftest import make_llama  # type: ignore[import-not-found]
+    from peft import PeftModel
 
     report, _ = extract(llama["base"], finetune, work / "extracted_e", energy=0.999, svd="full")
     ranks = {r for r, _ in report.modules.values()}
@@ -70,7 +77,11 @@ def test_energy_mode_ranks_differ_and_rank_pattern_loads(llama: dict, finetune: 
     assert len(ranks) > 1
     cfg = json.loads((work / "extracted_e" / "adapter_config.json").read_text())
     assert cfg["rank_pattern"]  # ranks differ
-    baked = PeftModel.from_pretrained(make_llama(), work / "extracted_e").merge_and_unload().state_dict()
+    baked = (
+        PeftModel.from_pretrained(make_llama(), work / "extracted_e")
+        .merge_and_unload()
+        .state_dict()
+    )
     tuned = _state(finetune)
     for name, (_, energy) in report.modules.items():
         k = name + ".weight"
@@ -102,5 +113,7 @@ def test_extract_errors(llama: dict, tmp_path: Path) -> None:
 
     with pytest.raises(UsageError, match="give exactly one of --rank and --energy"):
         extract(llama["base"], llama["base"], None)
-    with pytest.raises(PlanError, match="share no tensor names; extract needs the fine-tune of this base"):
+    with pytest.raises(
+        PlanError, match="share no tensor names; extract needs the fine-tune of this base"
+    ):
         extract(llama["base"], MemorySource({"x": torch.zeros(2)}), None, rank=2)

@@ -23,31 +23,43 @@ def rnd(*shape: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def plain_base() -> MemorySource:
-    return MemorySource({
-        "blocks.0.proj.weight": rnd(OUT, IN),
-        "blocks.0.proj.bias": rnd(OUT),
-        "blocks.0.conv.weight": rnd(OUT, IN, K, K),
-        "blocks.1.proj.weight": rnd(OUT, IN),
-        "blocks.1.conv.weight": rnd(OUT, IN, K, K),
-    })
+    return MemorySource(
+        {
+            "blocks.0.proj.weight": rnd(OUT, IN),
+            "blocks.0.proj.bias": rnd(OUT),
+            "blocks.0.conv.weight": rnd(OUT, IN, K, K),
+            "blocks.1.proj.weight": rnd(OUT, IN),
+            "blocks.1.conv.weight": rnd(OUT, IN, K, K),
+        }
+    )
 
 
 def test_loha_and_tucker_loha(tmp_path: Path, plain_base: MemorySource) -> None:
     r, alpha = 3, 1.5
     t = {
-        "lora_unet_blocks_0_proj.hada_w1_a": rnd(OUT, r), "lora_unet_blocks_0_proj.hada_w1_b": rnd(r, IN),
-        "lora_unet_blocks_0_proj.hada_w2_a": rnd(OUT, r), "lora_unet_blocks_0_proj.hada_w2_b": rnd(r, IN),
+        "lora_unet_blocks_0_proj.hada_w1_a": rnd(OUT, r),
+        "lora_unet_blocks_0_proj.hada_w1_b": rnd(r, IN),
+        "lora_unet_blocks_0_proj.hada_w2_a": rnd(OUT, r),
+        "lora_unet_blocks_0_proj.hada_w2_b": rnd(r, IN),
         "lora_unet_blocks_0_proj.alpha": torch.tensor(alpha),
         # Tucker LoHa on a 3x3 conv
-        "lora_unet_blocks_0_conv.hada_t1": rnd(r, r, K, K), "lora_unet_blocks_0_conv.hada_t2": rnd(r, r, K, K),
-        "lora_unet_blocks_0_conv.hada_w1_a": rnd(r, OUT), "lora_unet_blocks_0_conv.hada_w1_b": rnd(r, IN),
-        "lora_unet_blocks_0_conv.hada_w2_a": rnd(r, OUT), "lora_unet_blocks_0_conv.hada_w2_b": rnd(r, IN),
+        "lora_unet_blocks_0_conv.hada_t1": rnd(r, r, K, K),
+        "lora_unet_blocks_0_conv.hada_t2": rnd(r, r, K, K),
+        "lora_unet_blocks_0_conv.hada_w1_a": rnd(r, OUT),
+        "lora_unet_blocks_0_conv.hada_w1_b": rnd(r, IN),
+        "lora_unet_blocks_0_conv.hada_w2_a": rnd(r, OUT),
+        "lora_unet_blocks_0_conv.hada_w2_b": rnd(r, IN),
         "lora_unet_blocks_0_conv.alpha": torch.tensor(alpha),
     }
     save_file(t, tmp_path / "loha.safetensors")
     src = open_lora(tmp_path / "loha.safetensors", plain_base, scale=0.5)
     p = "lora_unet_blocks_0_proj."
-    want = (t[p + "hada_w1_a"] @ t[p + "hada_w1_b"]) * (t[p + "hada_w2_a"] @ t[p + "hada_w2_b"]) * (alpha / r) * 0.5
+    want = (
+        (t[p + "hada_w1_a"] @ t[p + "hada_w1_b"])
+        * (t[p + "hada_w2_a"] @ t[p + "hada_w2_b"])
+        * (alpha / r)
+        * 0.5
+    )
     torch.testing.assert_close(src.read("blocks.0.proj.weight"), want)
     c = "lora_unet_blocks_0_conv."
     rebuild = []
@@ -58,25 +70,39 @@ def test_loha_and_tucker_loha(tmp_path: Path, plain_base: MemorySource) -> None:
             for j in range(IN):
                 w[o, j] = sum(tt[a, b] * wa[a, o] * wb[b, j] for a in range(r) for b in range(r))
         rebuild.append(w)
-    torch.testing.assert_close(src.read("blocks.0.conv.weight"), rebuild[0] * rebuild[1] * (alpha / r) * 0.5, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        src.read("blocks.0.conv.weight"),
+        rebuild[0] * rebuild[1] * (alpha / r) * 0.5,
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 def test_lokr_factored_full_and_tucker(tmp_path: Path, plain_base: MemorySource) -> None:
     # OUT = 12 = 3·4, IN = 10 = 2·5
     r, alpha = 2, 4.0
     t = {
-        "lora_unet_blocks_0_proj.lokr_w1": rnd(3, 2), "lora_unet_blocks_0_proj.lokr_w2_a": rnd(4, r),
-        "lora_unet_blocks_0_proj.lokr_w2_b": rnd(r, 5), "lora_unet_blocks_0_proj.alpha": torch.tensor(alpha),
-        "lora_unet_blocks_1_proj.lokr_w1": rnd(3, 2), "lora_unet_blocks_1_proj.lokr_w2": rnd(4, 5),
-        "lora_unet_blocks_1_proj.alpha": torch.tensor(7.0),  # both full: scale 1 whatever alpha says
-        "lora_unet_blocks_0_conv.lokr_w1": rnd(3, 2), "lora_unet_blocks_0_conv.lokr_t2": rnd(r, r, K, K),
-        "lora_unet_blocks_0_conv.lokr_w2_a": rnd(r, 4), "lora_unet_blocks_0_conv.lokr_w2_b": rnd(r, 5),
+        "lora_unet_blocks_0_proj.lokr_w1": rnd(3, 2),
+        "lora_unet_blocks_0_proj.lokr_w2_a": rnd(4, r),
+        "lora_unet_blocks_0_proj.lokr_w2_b": rnd(r, 5),
+        "lora_unet_blocks_0_proj.alpha": torch.tensor(alpha),
+        "lora_unet_blocks_1_proj.lokr_w1": rnd(3, 2),
+        "lora_unet_blocks_1_proj.lokr_w2": rnd(4, 5),
+        "lora_unet_blocks_1_proj.alpha": torch.tensor(
+            7.0
+        ),  # both full: scale 1 whatever alpha says
+        "lora_unet_blocks_0_conv.lokr_w1": rnd(3, 2),
+        "lora_unet_blocks_0_conv.lokr_t2": rnd(r, r, K, K),
+        "lora_unet_blocks_0_conv.lokr_w2_a": rnd(r, 4),
+        "lora_unet_blocks_0_conv.lokr_w2_b": rnd(r, 5),
         "lora_unet_blocks_0_conv.alpha": torch.tensor(alpha),
     }
     save_file(t, tmp_path / "lokr.safetensors")
     src = open_lora(tmp_path / "lokr.safetensors", plain_base)
 
-    def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # written out: (a ⊗ b)[i·p + k, j·q + l] = a[i,j]·b[k,l]
+    def kron(
+        a: torch.Tensor, b: torch.Tensor
+    ) -> torch.Tensor:  # written out: (a ⊗ b)[i·p + k, j·q + l] = a[i,j]·b[k,l]
         p, q = b.shape[0], b.shape[1]
         out = torch.zeros(a.shape[0] * p, a.shape[1] * q, *b.shape[2:])
         for i in range(a.shape[0]):
@@ -88,52 +114,87 @@ def test_lokr_factored_full_and_tucker(tmp_path: Path, plain_base: MemorySource)
     want = kron(t[p + "lokr_w1"], t[p + "lokr_w2_a"] @ t[p + "lokr_w2_b"]) * (alpha / r)
     torch.testing.assert_close(src.read("blocks.0.proj.weight"), want)
     p = "lora_unet_blocks_1_proj."
-    torch.testing.assert_close(src.read("blocks.1.proj.weight"), kron(t[p + "lokr_w1"], t[p + "lokr_w2"]))
+    torch.testing.assert_close(
+        src.read("blocks.1.proj.weight"), kron(t[p + "lokr_w1"], t[p + "lokr_w2"])
+    )
     c = "lora_unet_blocks_0_conv."
     w2 = torch.einsum("abkl,ap,bq->pqkl", t[c + "lokr_t2"], t[c + "lokr_w2_a"], t[c + "lokr_w2_b"])
-    torch.testing.assert_close(src.read("blocks.0.conv.weight"), kron(t[c + "lokr_w1"], w2) * (alpha / r), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        src.read("blocks.0.conv.weight"),
+        kron(t[c + "lokr_w1"], w2) * (alpha / r),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_locon_tucker_kohya_conv_and_full_diff(tmp_path: Path, plain_base: MemorySource) -> None:
     r = 4
     t = {
-        "lora_unet_blocks_0_conv.lora_down.weight": rnd(r, IN, 1, 1), "lora_unet_blocks_0_conv.lora_mid.weight": rnd(r, r, K, K),
-        "lora_unet_blocks_0_conv.lora_up.weight": rnd(OUT, r, 1, 1), "lora_unet_blocks_0_conv.alpha": torch.tensor(2.0),
-        "lora_unet_blocks_1_conv.lora_down.weight": rnd(r, IN, K, K), "lora_unet_blocks_1_conv.lora_up.weight": rnd(OUT, r, 1, 1),
+        "lora_unet_blocks_0_conv.lora_down.weight": rnd(r, IN, 1, 1),
+        "lora_unet_blocks_0_conv.lora_mid.weight": rnd(r, r, K, K),
+        "lora_unet_blocks_0_conv.lora_up.weight": rnd(OUT, r, 1, 1),
+        "lora_unet_blocks_0_conv.alpha": torch.tensor(2.0),
+        "lora_unet_blocks_1_conv.lora_down.weight": rnd(r, IN, K, K),
+        "lora_unet_blocks_1_conv.lora_up.weight": rnd(OUT, r, 1, 1),
         "lora_unet_blocks_1_conv.alpha": torch.tensor(0.0),  # 0 means alpha = rank (scale 1)
-        "lora_unet_blocks_0_proj.diff": rnd(OUT, IN), "lora_unet_blocks_0_proj.diff_b": rnd(OUT),
+        "lora_unet_blocks_0_proj.diff": rnd(OUT, IN),
+        "lora_unet_blocks_0_proj.diff_b": rnd(OUT),
     }
     save_file(t, tmp_path / "locon.safetensors")
     src = open_lora(tmp_path / "locon.safetensors", plain_base)
     c = "lora_unet_blocks_0_conv."
-    mid, up, down = t[c + "lora_mid.weight"], t[c + "lora_up.weight"][:, :, 0, 0], t[c + "lora_down.weight"][:, :, 0, 0]
+    mid, up, down = (
+        t[c + "lora_mid.weight"],
+        t[c + "lora_up.weight"][:, :, 0, 0],
+        t[c + "lora_down.weight"][:, :, 0, 0],
+    )
     want = torch.zeros(OUT, IN, K, K)
     for a in range(r):
         for b in range(r):
-            want += up[:, a, None, None, None] * down[b][None, :, None, None] * mid[a, b][None, None]
-    torch.testing.assert_close(src.read("blocks.0.conv.weight"), want * (2.0 / r), atol=1e-5, rtol=1e-5)
+            want += (
+                up[:, a, None, None, None] * down[b][None, :, None, None] * mid[a, b][None, None]
+            )
+    torch.testing.assert_close(
+        src.read("blocks.0.conv.weight"), want * (2.0 / r), atol=1e-5, rtol=1e-5
+    )
     c = "lora_unet_blocks_1_conv."
-    dense = (t[c + "lora_up.weight"].reshape(OUT, r) @ t[c + "lora_down.weight"].reshape(r, -1)).reshape(OUT, IN, K, K)
+    dense = (
+        t[c + "lora_up.weight"].reshape(OUT, r) @ t[c + "lora_down.weight"].reshape(r, -1)
+    ).reshape(OUT, IN, K, K)
     torch.testing.assert_close(src.read("blocks.1.conv.weight"), dense)
     torch.testing.assert_close(src.read("blocks.0.proj.weight"), t["lora_unet_blocks_0_proj.diff"])
     torch.testing.assert_close(src.read("blocks.0.proj.bias"), t["lora_unet_blocks_0_proj.diff_b"])
 
 
 def test_old_diffusers_names(tmp_path: Path) -> None:
-    base = MemorySource({"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight": rnd(8, 8),
-                         "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight": rnd(8, 8)})
+    base = MemorySource(
+        {
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight": rnd(8, 8),
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight": rnd(8, 8),
+        }
+    )
     p = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor."
-    t = {p + "to_q_lora.down.weight": rnd(2, 8), p + "to_q_lora.up.weight": rnd(8, 2),
-         p + "to_out_lora.down.weight": rnd(2, 8), p + "to_out_lora.up.weight": rnd(8, 2)}
+    t = {
+        p + "to_q_lora.down.weight": rnd(2, 8),
+        p + "to_q_lora.up.weight": rnd(8, 2),
+        p + "to_out_lora.down.weight": rnd(2, 8),
+        p + "to_out_lora.up.weight": rnd(8, 2),
+    }
     save_file(t, tmp_path / "old.safetensors")
     src = open_lora(tmp_path / "old.safetensors", base)
     assert sorted(src.keys()) == sorted(base.keys())
-    torch.testing.assert_close(src.read("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight"), t[p + "to_out_lora.up.weight"] @ t[p + "to_out_lora.down.weight"])
+    torch.testing.assert_close(
+        src.read("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight"),
+        t[p + "to_out_lora.up.weight"] @ t[p + "to_out_lora.down.weight"],
+    )
 
 
 def test_unknown_format_lists_keys(tmp_path: Path) -> None:
     save_file({"foo.weight": rnd(2, 2), "bar.scale": rnd(2)}, tmp_path / "x.safetensors")
-    with pytest.raises(FormatError, match=r"unknown adapter format: unrecognised keys `foo.weight`, `bar.scale`|unknown adapter format: unrecognised keys `bar.scale`, `foo.weight`"):
+    with pytest.raises(
+        FormatError,
+        match=r"unknown adapter format: unrecognised keys `foo.weight`, `bar.scale`|unknown adapter format: unrecognised keys `bar.scale`, `foo.weight`",
+    ):
         open_lora(tmp_path / "x.safetensors", None)
     assert not looks_like_lora(tmp_path / "x.safetensors")
 
@@ -145,7 +206,10 @@ def test_incomplete_module_named(tmp_path: Path) -> None:
 
 
 def test_ia3_refused(tmp_path: Path) -> None:
-    save_file({"lora_unet_a.weight": rnd(4), "lora_unet_a.on_input": torch.tensor(0)}, tmp_path / "ia3.safetensors")
+    save_file(
+        {"lora_unet_a.weight": rnd(4), "lora_unet_a.on_input": torch.tensor(0)},
+        tmp_path / "ia3.safetensors",
+    )
     with pytest.raises(FormatError, match=r"\(IA\)\^3 tensors .* not a weight delta"):
         open_lora(tmp_path / "ia3.safetensors", None)
 
@@ -158,7 +222,10 @@ def test_pissa_refused(tmp_path: Path, llama: dict) -> None:
     cfg = json.loads((d / "adapter_config.json").read_text())
     cfg["init_lora_weights"] = "pissa_niter_4"
     (d / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(FormatError, match="only valid on the mutated base; save it with peft's path_initial_model_for_weight_conversion"):
+    with pytest.raises(
+        FormatError,
+        match="only valid on the mutated base; save it with peft's path_initial_model_for_weight_conversion",
+    ):
         open_lora(d, None)
 
 
@@ -166,8 +233,14 @@ def test_lora_for_another_architecture(llama: dict, tmp_path: Path) -> None:
     from conftest import make_llama  # type: ignore[import-not-found]
 
     bigger = make_llama()
-    sd = {k: torch.zeros(*(48 if s == 32 else s for s in v.shape)) for k, v in bigger.state_dict().items()}
-    with pytest.raises(PlanError, match=r"shape mismatches; is it a LoRA for another architecture\?\):\n  `model.layers.0.mlp.down_proj` gives a delta of shape \[32, 64\] but the base's `model.layers.0.mlp.down_proj.weight` is \[48, 64\]"):
+    sd = {
+        k: torch.zeros(*(48 if s == 32 else s for s in v.shape))
+        for k, v in bigger.state_dict().items()
+    }
+    with pytest.raises(
+        PlanError,
+        match=r"shape mismatches; is it a LoRA for another architecture\?\):\n  `model.layers.0.mlp.down_proj` gives a delta of shape \[32, 64\] but the base's `model.layers.0.mlp.down_proj.weight` is \[48, 64\]",
+    ):
         open_lora(llama["adapters"]["plain"], MemorySource(sd))
     with pytest.raises(PlanError, match=r"none of the 8 modules of .* match a tensor of the base"):
         open_lora(llama["adapters"]["plain"], MemorySource({"x.weight": torch.zeros(2, 2)}))
@@ -178,7 +251,9 @@ def test_unmatched_targets_reported(llama: dict) -> None:
 
     sd = make_llama().state_dict()
     sd = {k: v for k, v in sd.items() if not k.startswith("model.layers.1.")}
-    with pytest.warns(MergeWarning, match=r"4 of its targets match nothing in .* and are skipped: model.layers.1"):
+    with pytest.warns(
+        MergeWarning, match=r"4 of its targets match nothing in .* and are skipped: model.layers.1"
+    ):
         src = open_lora(llama["adapters"]["plain"], MemorySource(sd))
     assert len(src.keys()) == 4  # q, v, o, down of layer 0
     assert all(k.startswith("model.layers.0.") for k in src.keys())
