@@ -136,7 +136,7 @@ def dora_weight(w: Tensor, delta: Tensor, magnitude: Tensor, axis: int) -> Tenso
             f"DoRA magnitude of shape {tuple(magnitude.shape)} does not fit axis {axis} of a weight {tuple(v.shape)}"
         )
     dims = tuple(d for d in range(v.dim()) if d != axis)
-    norm = v.norm(dim=dims, keepdim=True)
+    norm = torch.linalg.vector_norm(v, dim=dims, keepdim=True)
     shape = [1] * v.dim()
     shape[axis] = n
     return v * (magnitude.to(torch.float32).reshape(shape) / norm)
