@@ -24,10 +24,9 @@ def _dir_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_gpt2_fan_in_fan_out(work: Path) -> None:
+    from conftest import randomize_lora  # type: ignore[import-not-found]
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from conftest import randomize_lora  # type: ignore[import-not-found]
 
     cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
     torch.manual_seed(0)
@@ -65,9 +64,8 @@ def test_gpt2_fan_in_fan_out(work: Path) -> None:
 
 
 def test_conv_dora_on_unet(work: Path) -> None:
-    from peft import LoraConfig, get_peft_model
-
     from conftest import make_unet, randomize_lora  # type: ignore[import-not-found]
+    from peft import LoraConfig, get_peft_model
 
     make_unet().save_pretrained(work / "unet_only")
     with warnings.catch_warnings():
@@ -137,13 +135,12 @@ def test_extract_from_pipeline_and_single_file(sd: dict, pipes: dict, work: Path
     for k, v in pipe.unet.state_dict().items():
         torch.testing.assert_close(v, want[f"unet/{k}"], atol=1e-4, rtol=1e-4, msg=k)
     # single file (LDM keys) -> kohya file by default, which bakes back onto the single file
-    from safetensors.torch import save_file
-
     from conftest import ldm_state  # type: ignore[import-not-found]
+    from safetensors.torch import save_file
 
     save_file(ldm_state(baked), work / "sd_baked_single.safetensors")
     save_file(ldm_state(sd["pipe"]), work / "sd_base_single.safetensors")
-    rep2, _ = extract(
+    extract(
         work / "sd_base_single.safetensors",
         work / "sd_baked_single.safetensors",
         work / "sd_single_lora.safetensors",
