@@ -96,7 +96,7 @@ def test_conv_dora_on_unet(work: Path) -> None:
 def test_mixed_format_combine_on_pipeline(sd: dict, work: Path) -> None:
     """A diffusers LoRA and its kohya copy combine exactly: 0.5·Δ + 1.5·Δ = 2·Δ."""
     kohya = convert(sd["lora"], "kohya", work / "mix_kohya.safetensors", force=True)
-    report, factors = combine(
+    report, _ = combine(
         [sd["lora"], kohya],
         [0.5, 1.5],
         work / "mix_comb.safetensors",
