@@ -19,7 +19,7 @@ from merge.evaluate.evaluators import (
 from merge.evaluate.grids import alpha_grid, linspace, parse_range
 from merge.evaluate.paths import interpolation_path, plane, scale_grid, task_vector_path
 from merge.evaluate.results import SCHEMA, Curve, Result, load_result
-from merge.evaluate.weights import StateSpace, reset_batchnorm_stats
+from merge.evaluate.weights import StateSpace
 
 __all__ = [
     "SCHEMA",
@@ -40,7 +40,6 @@ __all__ = [
     "midpoint",
     "parse_range",
     "plane",
-    "reset_batchnorm_stats",
     "scale_grid",
     "task_vector_path",
 ]

@@ -15,6 +15,7 @@ than its endpoints) and is reported as it is.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,13 +25,26 @@ from merge.errors import UsageError
 DEFINITIONS = ("max_minus_mean", "max_minus_linear", "midpoint")
 
 # Metric names whose larger values are better; every other metric is taken as lower-is-better.
-HIGHER_IS_BETTER = ("accuracy", "acc", "top1", "top5", "f1", "score", "auc", "precision", "recall", "exact_match")
+HIGHER_IS_BETTER = (
+    "accuracy",
+    "acc",
+    "top1",
+    "top5",
+    "f1",
+    "score",
+    "auc",
+    "precision",
+    "recall",
+    "exact_match",
+)
 
 
 def higher_is_better(metric: str) -> bool:
     """Whether larger values of `metric` are better, judged from its name (`val_accuracy` -> True)."""
     name = metric.lower()
-    return any(name == h or name.endswith("_" + h) or name.startswith(h + "_") for h in HIGHER_IS_BETTER)
+    return any(
+        name == h or name.endswith("_" + h) or name.startswith(h + "_") for h in HIGHER_IS_BETTER
+    )
 
 
 def _check(alphas: Sequence[float], values: Sequence[float]) -> tuple[list[float], list[float]]:
@@ -40,7 +54,7 @@ def _check(alphas: Sequence[float], values: Sequence[float]) -> tuple[list[float
         raise UsageError(f"barrier: {len(a)} α values but {len(v)} metric values")
     if len(a) < 2 or a[0] != 0.0 or a[-1] != 1.0:
         raise UsageError("barrier: the α grid must start at 0 and end at 1 (the two endpoints)")
-    if any(y <= x for x, y in zip(a, a[1:])):
+    if any(y <= x for x, y in itertools.pairwise(a)):
         raise UsageError("barrier: the α grid must be strictly increasing")
     return a, v
 
@@ -49,7 +63,9 @@ def _badness(values: list[float], higher: bool) -> list[float]:
     return [-x for x in values] if higher else values
 
 
-def max_minus_mean(alphas: Sequence[float], values: Sequence[float], *, higher_is_better: bool = False) -> tuple[float, float]:
+def max_minus_mean(
+    alphas: Sequence[float], values: Sequence[float], *, higher_is_better: bool = False
+) -> tuple[float, float]:
     """(max_α m(α) − ½(m(0)+m(1)), argmax α), in badness units (Frankle / Git Re-Basin)."""
     a, v = _check(alphas, values)
     b = _badness(v, higher_is_better)
@@ -57,7 +73,9 @@ def max_minus_mean(alphas: Sequence[float], values: Sequence[float], *, higher_i
     return b[i] - 0.5 * (b[0] + b[-1]), a[i]
 
 
-def max_minus_linear(alphas: Sequence[float], values: Sequence[float], *, higher_is_better: bool = False) -> tuple[float, float]:
+def max_minus_linear(
+    alphas: Sequence[float], values: Sequence[float], *, higher_is_better: bool = False
+) -> tuple[float, float]:
     """(max_α [m(α) − ((1−α)m(0) + αm(1))], argmax α), in badness units (Entezari et al.)."""
     a, v = _check(alphas, values)
     b = _badness(v, higher_is_better)
@@ -66,23 +84,33 @@ def max_minus_linear(alphas: Sequence[float], values: Sequence[float], *, higher
     return gaps[i], a[i]
 
 
-def midpoint(alphas: Sequence[float], values: Sequence[float], *, higher_is_better: bool = False) -> tuple[float, float]:
+def midpoint(
+    alphas: Sequence[float], values: Sequence[float], *, higher_is_better: bool = False
+) -> tuple[float, float]:
     """(m(½) − ½(m(0)+m(1)), 0.5), in badness units (REPAIR); the grid must contain α = ½."""
     a, v = _check(alphas, values)
     b = _badness(v, higher_is_better)
     for ai, bi in zip(a, b):
         if math.isclose(ai, 0.5, abs_tol=1e-12):
             return bi - 0.5 * (b[0] + b[-1]), 0.5
-    raise UsageError("barrier: the midpoint barrier needs α = 0.5 in the grid; use an odd number of steps")
+    raise UsageError(
+        "barrier: the midpoint barrier needs α = 0.5 in the grid; use an odd number of steps"
+    )
 
 
-def barriers(alphas: Sequence[float], values: Sequence[float], *, higher_is_better: bool = False) -> dict[str, Any]:
+def barriers(
+    alphas: Sequence[float], values: Sequence[float], *, higher_is_better: bool = False
+) -> dict[str, Any]:
     """Every definition at once: {definition: {"value", "alpha"}, "direction", "endpoints", "alphas"}."""
     out: dict[str, Any] = {
         "direction": "higher_is_better" if higher_is_better else "lower_is_better",
         "endpoints": [float(values[0]), float(values[-1])],
     }
-    for name, fn in (("max_minus_mean", max_minus_mean), ("max_minus_linear", max_minus_linear), ("midpoint", midpoint)):
+    for name, fn in (
+        ("max_minus_mean", max_minus_mean),
+        ("max_minus_linear", max_minus_linear),
+        ("midpoint", midpoint),
+    ):
         try:
             value, where = fn(alphas, values, higher_is_better=higher_is_better)
         except UsageError:
@@ -98,12 +126,15 @@ def barriers(alphas: Sequence[float], values: Sequence[float], *, higher_is_bett
 NOT_METRICS = frozenset({"n", "examples", "tokens", "batches", "seconds"})
 
 
-def curve_barriers(alphas: Sequence[float], points: Sequence[Mapping[str, float]]) -> dict[str, dict[str, Any]]:
+def curve_barriers(
+    alphas: Sequence[float], points: Sequence[Mapping[str, float]]
+) -> dict[str, dict[str, Any]]:
     """`barriers` for every finite metric that all points of a curve have, keyed by metric name."""
     if not points:
         return {}
     names = [
-        k for k, x in points[0].items()
+        k
+        for k, x in points[0].items()
         if k not in NOT_METRICS and isinstance(x, int | float) and not isinstance(x, bool)
     ]
     out = {}

@@ -67,9 +67,13 @@ class Batches:
         except UsageError:
             raise
         except Exception as e:
-            raise UsageError(f"{self.what} `{_name(self.spec)}` raised {type(e).__name__}: {e}") from e
+            raise UsageError(
+                f"{self.what} `{_name(self.spec)}` raised {type(e).__name__}: {e}"
+            ) from e
         if not isinstance(data, Iterable):
-            raise UsageError(f"{self.what} `{_name(self.spec)}` returned {type(data).__name__}, which is not iterable")
+            raise UsageError(
+                f"{self.what} `{_name(self.spec)}` returned {type(data).__name__}, which is not iterable"
+            )
         return data
 
     def __iter__(self) -> Iterator[Batch]:
@@ -85,7 +89,9 @@ class Batches:
             hint = ""
             if iter(self._data) is self._data and self._factory() is None:
                 hint = " (it is a one-shot iterator that was already used up; pass a list, a DataLoader or a factory)"
-            raise UsageError(f"{self.what} `{_name(self.spec)}` yielded no batches{hint}; an evaluation needs at least one")
+            raise UsageError(
+                f"{self.what} `{_name(self.spec)}` yielded no batches{hint}; an evaluation needs at least one"
+            )
 
 
 def as_batches(data: DataSpec | Batches, what: str = "--data") -> Batches:
@@ -138,7 +144,9 @@ def logits_of(output: Any) -> Tensor:
         return output["logits"]
     if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
         return output[0]
-    raise UsageError(f"the model returned {type(output).__name__}; the built-in evaluators need logits (a tensor or `.logits`)")
+    raise UsageError(
+        f"the model returned {type(output).__name__}; the built-in evaluators need logits (a tensor or `.logits`)"
+    )
 
 
 class ClassificationEvaluator:
@@ -157,7 +165,9 @@ class ClassificationEvaluator:
             for batch in self.data:
                 inputs, targets = split_batch(batch, self.data.what)
                 if inputs is None or targets is None:
-                    raise UsageError(f"{self.data.what}: classification needs `(inputs, targets)` batches or dicts with `labels`")
+                    raise UsageError(
+                        f"{self.data.what}: classification needs `(inputs, targets)` batches or dicts with `labels`"
+                    )
                 logits = logits_of(call_model(model, to_device(inputs, device)))
                 targets = targets.to(logits.device)
                 if logits.dim() > 2:  # (batch, ..., classes): a per-position task
@@ -188,7 +198,9 @@ class CausalLMEvaluator:
         with torch.no_grad():
             for batch in self.data:
                 if not isinstance(batch, Mapping) or "input_ids" not in batch:
-                    raise UsageError(f"{self.data.what}: causal-LM evaluation needs dict batches with `input_ids`")
+                    raise UsageError(
+                        f"{self.data.what}: causal-LM evaluation needs dict batches with `input_ids`"
+                    )
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
                 labels = batch.get("labels", batch["input_ids"]).clone()
                 if "attention_mask" in batch and "labels" not in batch:
@@ -197,10 +209,14 @@ class CausalLMEvaluator:
                 labels = labels.to(logits.device)
                 shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
                 shift_labels = labels[:, 1:].reshape(-1)
-                nll += float(F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum"))
+                nll += float(
+                    F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+                )
                 tokens += int((shift_labels != -100).sum())
         if tokens == 0:
-            raise UsageError(f"{self.data.what}: no token to predict (every label is ignored or sequences have length 1)")
+            raise UsageError(
+                f"{self.data.what}: no token to predict (every label is ignored or sequences have length 1)"
+            )
         self.tokens = tokens
         loss = nll / tokens
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
@@ -226,12 +242,18 @@ class CallableEvaluator:
         except Exception as e:
             raise UsageError(f"--eval `{_name(self.fn)}` raised {type(e).__name__}: {e}") from e
         if not isinstance(out, Mapping):
-            raise UsageError(f"--eval `{_name(self.fn)}` returned {type(out).__name__}; it must return a dict of floats with at least `loss`")
+            raise UsageError(
+                f"--eval `{_name(self.fn)}` returned {type(out).__name__}; it must return a dict of floats with at least `loss`"
+            )
         bad = [k for k, v in out.items() if not isinstance(v, int | float | Tensor)]
         if bad:
-            raise UsageError(f"--eval `{_name(self.fn)}` returned non-numeric values for {', '.join(map(str, bad))}")
+            raise UsageError(
+                f"--eval `{_name(self.fn)}` returned non-numeric values for {', '.join(map(str, bad))}"
+            )
         if "loss" not in out:
-            raise UsageError(f"--eval `{_name(self.fn)}` returned {sorted(out)}; it must include `loss`")
+            raise UsageError(
+                f"--eval `{_name(self.fn)}` returned {sorted(out)}; it must include `loss`"
+            )
         return {str(k): float(v) for k, v in out.items()}
 
 
@@ -241,23 +263,44 @@ def builtin_evaluator(data: DataSpec | Batches) -> ClassificationEvaluator | Cau
     first = next(iter(batches))
     if isinstance(first, Mapping) and "input_ids" in first:
         labels = first.get("labels")
-        if labels is None or (isinstance(labels, Tensor) and labels.shape == first["input_ids"].shape):
+        if labels is None or (
+            isinstance(labels, Tensor) and labels.shape == first["input_ids"].shape
+        ):
             return CausalLMEvaluator(batches)
     split_batch(first, batches.what)
     return ClassificationEvaluator(batches)
 
 
 def make_evaluator(
-    *, eval_fn: str | Callable[[nn.Module], Mapping[str, float]] | None = None, data: DataSpec | Batches | None = None,
+    *,
+    eval_fn: str | Callable[[nn.Module], Mapping[str, float]] | None = None,
+    data: DataSpec | Batches | None = None,
     what: str = "--data",
 ) -> Evaluator:
     """The user's `--eval` if given, else the built-in evaluator that fits `data`."""
     if eval_fn is not None:
         return CallableEvaluator(eval_fn)
     if data is None:
-        raise UsageError(f"give {what} (batches for a built-in evaluator) or --eval (your own evaluate(model) function)")
+        raise UsageError(
+            f"give {what} (batches for a built-in evaluator) or --eval (your own evaluate(model) function)"
+        )
     return builtin_evaluator(as_batches(data, what))
 
 
 def _name(spec: object) -> str:
     return spec if isinstance(spec, str) else getattr(spec, "__qualname__", type(spec).__name__)
+
+
+class PrefixedEvaluators:
+    """Several evaluators on one model: {"target": ev1, "control": ev2} -> target_loss, control_loss, ..."""
+
+    kind = "prefixed"
+
+    def __init__(self, evaluators: Mapping[str, Evaluator]):
+        self.evaluators = dict(evaluators)
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for prefix, ev in self.evaluators.items():
+            out.update({f"{prefix}_{k}": float(v) for k, v in ev(model).items()})
+        return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -35,7 +36,9 @@ def run_points(
     if executor not in EXECUTORS:
         from merge.errors import did_you_mean
 
-        raise UsageError(f"unknown executor `{executor}`{did_you_mean(executor, EXECUTORS)}; choose one of {', '.join(EXECUTORS)}")
+        raise UsageError(
+            f"unknown executor `{executor}`{did_you_mean(executor, EXECUTORS)}; choose one of {', '.join(EXECUTORS)}"
+        )
     if executor == "sequential" or not points:
         runner = runner or Runner(job)
         results = []
@@ -76,10 +79,14 @@ def _start_method(job: Job) -> str:
     return "fork"
 
 
-def _run_pool(job: Job, points: Sequence[Point], n: int, progress: Progress | None) -> list[dict[str, Any]]:
+def _run_pool(
+    job: Job, points: Sequence[Point], n: int, progress: Progress | None
+) -> list[dict[str, Any]]:
     threads = max(1, (os.cpu_count() or 1) // n)
     ctx = mp.get_context(_start_method(job))
-    with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker, initargs=(job, threads)) as ex:
+    with ProcessPoolExecutor(
+        max_workers=n, mp_context=ctx, initializer=_init_worker, initargs=(job, threads)
+    ) as ex:
         futures = [ex.submit(_evaluate_in_worker, p) for p in points]
         results = []
         for i, (p, f) in enumerate(zip(points, futures)):
@@ -101,26 +108,36 @@ class _RayWorker:
         return self.runner.evaluate(point)
 
 
-def _run_ray(job: Job, points: Sequence[Point], n: int, progress: Progress | None) -> list[dict[str, Any]]:
+def _run_ray(
+    job: Job, points: Sequence[Point], n: int, progress: Progress | None
+) -> list[dict[str, Any]]:
     try:
         import ray
         from ray.util import ActorPool
     except ImportError as e:
-        raise UsageError("--executor ray needs Ray, an optional extra: pip install 'mergewright[ray]'") from e
+        raise UsageError(
+            "--executor ray needs Ray, an optional extra: pip install 'mergewright[ray]'"
+        ) from e
     started = False
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
         if not os.environ.get("RAY_ADDRESS"):
-            kwargs["num_cpus"] = n  # a local runtime sized to the workers; a cluster brings its own
+            # A local runtime sized to the workers, whose workers import what this process can
+            # (the user's modules next to their script); a cluster brings its own environment.
+            kwargs["num_cpus"] = n
+            path = [p for p in sys.path if p and os.path.isdir(p)]
+            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(path)}}
         ray.init(**kwargs)
         started = True
     actor = ray.remote(num_cpus=1)(_RayWorker)
     job_ref = ray.put(job)
-    actors = [actor.remote(job_ref) for _ in range(n)]  # type: ignore[attr-defined]
+    actors: list[Any] = [actor.remote(job_ref) for _ in range(n)]  # type: ignore[attr-defined]
     try:
         results = []
         pool = ActorPool(actors)
-        for i, (p, r) in enumerate(zip(points, pool.map(lambda a, pt: a.evaluate.remote(pt), list(points)))):
+        for i, (p, r) in enumerate(
+            zip(points, pool.map(lambda a, pt: a.evaluate.remote(pt), list(points)))
+        ):
             results.append(r)
             if progress:
                 progress(i, p, r)

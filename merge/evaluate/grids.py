@@ -38,7 +38,9 @@ def parse_range(text: str, *, what: str = "--param") -> tuple[str, list[float]]:
     name, eq, spec = text.partition("=")
     name = name.strip()
     if not eq or not name or not spec.strip():
-        raise UsageError(f"{what} `{text}` must look like `name=start:stop:num` (e.g. vars.lam=0:1.5:16) or `name=v1,v2,...`")
+        raise UsageError(
+            f"{what} `{text}` must look like `name=start:stop:num` (e.g. vars.lam=0:1.5:16) or `name=v1,v2,...`"
+        )
     return name, parse_values(spec, what=f"{what} `{text}`")
 
 
@@ -59,7 +61,9 @@ def parse_values(spec: str, *, what: str = "a range") -> list[float]:
             raise ValueError
         return values
     except ValueError:
-        raise UsageError(f"{what}: `{spec}` is not `start:stop:num` (num a positive integer) or a comma-separated list of numbers") from None
+        raise UsageError(
+            f"{what}: `{spec}` is not `start:stop:num` (num a positive integer) or a comma-separated list of numbers"
+        ) from None
 
 
 def product(ranges: Sequence[tuple[str, list[float]]]) -> list[dict[str, float]]:

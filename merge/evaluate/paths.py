@@ -40,7 +40,9 @@ BN_NOTE = (
 ENDPOINT_RTOL = 1e-4
 
 
-def resolve_evaluator(evaluator: Evaluator | str | None, data: DataSpec | Batches | None, what: str = "--data") -> Evaluator:
+def resolve_evaluator(
+    evaluator: Evaluator | str | None, data: DataSpec | Batches | None, what: str = "--data"
+) -> Evaluator:
     """The evaluator given (a built-in, or the user's callable, checked), else the built-in for `data`."""
     if evaluator is None:
         return make_evaluator(data=data, what=what)
@@ -78,11 +80,22 @@ def interpolation_path(
     """
     grid = alpha_grid(steps, alphas)
     ev = resolve_evaluator(evaluator, data)
-    bn = as_batches(bn_data, "--bn-data") if bn_data is not None else (as_batches(data) if data is not None else None)
+    bn = (
+        as_batches(bn_data, "--bn-data")
+        if bn_data is not None
+        else (as_batches(data) if data is not None else None)
+    )
     states: dict[str, StateLike] = {"a": a, "b": b}
     settings: dict[str, Any] = {
-        "steps": len(grid), "alphas": grid, "evaluator": getattr(ev, "kind", "custom"), "align": align,
-        "bn_reset": bn_reset, "repair": repair, "bn_batches": bn_batches, "executor": executor, "device": device,
+        "steps": len(grid),
+        "alphas": grid,
+        "evaluator": getattr(ev, "kind", "custom"),
+        "align": align,
+        "bn_reset": bn_reset,
+        "repair": repair,
+        "bn_batches": bn_batches,
+        "executor": executor,
+        "device": device,
     }
     notes: list[str] = []
     if repair:
@@ -90,15 +103,28 @@ def interpolation_path(
 
         repair_function()  # fail before any work when REPAIR is not available
     if align:
-        aligned, report = align_states(model, a, b, method=align, data=align_data if align_data is not None else data, seed=seed)
+        aligned, report = align_states(
+            model,
+            a,
+            b,
+            method=align,
+            data=align_data if align_data is not None else data,
+            seed=seed,
+        )
         states["b_aligned"] = aligned
-        settings["alignment"] = _jsonable(report)
-    job = Job(model=model, states=states, evaluator=ev, bn_data=bn, bn_batches=bn_batches, device=device)
+        settings["alignment"] = _jsonable(
+            report.to_dict() if hasattr(report, "to_dict") else report
+        )
+    job = Job(
+        model=model, states=states, evaluator=ev, bn_data=bn, bn_batches=bn_batches, device=device
+    )
     runner = Runner(job)
     if runner.has_batchnorm and not (bn_reset or repair):
         notes.append(BN_NOTE)
     if bn_reset and not runner.has_batchnorm:
-        notes.append("--bn-reset: the model has no BatchNorm layer, so there is nothing to recompute; no +bn_reset curve")
+        notes.append(
+            "--bn-reset: the model has no BatchNorm layer, so there is nothing to recompute; no +bn_reset curve"
+        )
         bn_reset = False
 
     variants = [("naive", "b")] + ([("aligned", "b_aligned")] if align else [])
@@ -110,28 +136,54 @@ def interpolation_path(
             modes.append("repair")
         for mode in modes:
             name = variant if mode == "interpolated" else f"{variant}+{mode}"
-            infos[name] = {"states": ["a", other], "aligned": variant == "aligned", "statistics": mode}
+            infos[name] = {
+                "states": ["a", other],
+                "aligned": variant == "aligned",
+                "statistics": mode,
+            }
             for al in grid:
-                points.append(Point(
-                    curve=name, coords={"alpha": al}, weights={"a": 1.0 - al, other: al},
-                    bn_reset=mode == "bn_reset", repair=mode == "repair",
-                ))
+                points.append(
+                    Point(
+                        curve=name,
+                        coords={"alpha": al},
+                        weights={"a": 1.0 - al, other: al},
+                        bn_reset=mode == "bn_reset",
+                        repair=mode == "repair",
+                    )
+                )
     result = Result(
-        kind="path", axes=["alpha"], inputs={"a": describe_state(a), "b": describe_state(b)},
-        settings=settings, notes=notes,
+        kind="path",
+        axes=["alpha"],
+        inputs={"a": describe_state(a), "b": describe_state(b)},
+        settings=settings,
+        notes=notes,
     )
-    results = run_points(job, points, executor=executor, workers=workers, runner=runner, progress=progress)
+    results = run_points(
+        job, points, executor=executor, workers=workers, runner=runner, progress=progress
+    )
     result.curves = collect_curves(points, results, infos)
 
     same_process = executor == "sequential"
-    checks = [("a", "naive", {"alpha": 0.0}, same_process), ("b", "naive", {"alpha": 1.0}, same_process)]
+    checks = [
+        ("a", "naive", {"alpha": 0.0}, same_process),
+        ("b", "naive", {"alpha": 1.0}, same_process),
+    ]
     if align:
-        checks += [("a", "aligned", {"alpha": 0.0}, same_process), ("b", "aligned", {"alpha": 1.0}, False)]
+        checks += [
+            ("a", "aligned", {"alpha": 0.0}, same_process),
+            ("b", "aligned", {"alpha": 1.0}, False),
+        ]
     check_endpoints(runner, result, checks)
     for c in result.curves:
-        c.barriers = curve_barriers(c.coords("alpha"), [p["metrics"] for p in c.points]) if result.ok else None
+        c.barriers = (
+            curve_barriers(c.coords("alpha"), [p["metrics"] for p in c.points])
+            if result.ok
+            else None
+        )
     if not result.ok:
-        result.notes.append("an endpoint did not reproduce its checkpoint's metrics: barriers are withheld")
+        result.notes.append(
+            "an endpoint did not reproduce its checkpoint's metrics: barriers are withheld"
+        )
     result.selection = barrier_summary(result)
     return result
 
@@ -149,9 +201,16 @@ def task_vector_path(
     """Metrics along θ0 + λτ with τ = θ_ft − θ0 (λ < 0 negates, λ > 1 extrapolates)."""
     lams = list(scales) if scales is not None else linspace(0.0, 1.0, 21)
     return scale_grid(
-        "task_vector_path", model, base, {"task": finetuned}, axes=["lambda"],
-        grid=[{"lambda": x} for x in lams], weights_of=lambda c: {"task": c["lambda"]},
-        evaluator=evaluator, data=data, **kwargs,
+        "task_vector_path",
+        model,
+        base,
+        {"task": finetuned},
+        axes=["lambda"],
+        grid=[{"lambda": x} for x in lams],
+        weights_of=lambda c: {"task": c["lambda"]},
+        evaluator=evaluator,
+        data=data,
+        **kwargs,
     )
 
 
@@ -170,10 +229,16 @@ def plane(
     """Metrics over the plane θ0 + λ1τ1 + λ2τ2, `grid` × `grid` points over `lam_range`²."""
     values = linspace(lam_range[0], lam_range[1], grid)
     return scale_grid(
-        "plane", model, base, {"task1": task1, "task2": task2}, axes=["lambda1", "lambda2"],
+        "plane",
+        model,
+        base,
+        {"task1": task1, "task2": task2},
+        axes=["lambda1", "lambda2"],
         grid=[{"lambda1": x, "lambda2": y} for x in values for y in values],
         weights_of=lambda c: {"task1": c["lambda1"], "task2": c["lambda2"]},
-        evaluator=evaluator, data=data, **kwargs,
+        evaluator=evaluator,
+        data=data,
+        **kwargs,
     )
 
 
@@ -204,11 +269,17 @@ def scale_grid(
     if not grid:
         raise UsageError("the grid is empty")
     ev = resolve_evaluator(evaluator, data)
-    bn = as_batches(bn_data, "--bn-data") if bn_data is not None else (as_batches(data) if data is not None else None)
+    bn = (
+        as_batches(bn_data, "--bn-data")
+        if bn_data is not None
+        else (as_batches(data) if data is not None else None)
+    )
     if "base" in tasks:
         raise UsageError("a task may not be named `base`")
     states: dict[str, StateLike] = {"base": base, **tasks}
-    job = Job(model=model, states=states, evaluator=ev, bn_data=bn, bn_batches=bn_batches, device=device)
+    job = Job(
+        model=model, states=states, evaluator=ev, bn_data=bn, bn_batches=bn_batches, device=device
+    )
     runner = Runner(job)
     notes = []
     if runner.has_batchnorm and not bn_reset:
@@ -217,17 +288,36 @@ def scale_grid(
     points = []
     for coords in grid:
         lam = {t: float(v) for t, v in weights_of(coords).items()}
-        points.append(Point(curve=curve, coords=dict(coords), weights={"base": 1.0 - sum(lam.values()), **lam}, bn_reset=bn_reset))
-    results = run_points(job, points, executor=executor, workers=workers, runner=runner, progress=progress)
+        points.append(
+            Point(
+                curve=curve,
+                coords=dict(coords),
+                weights={"base": 1.0 - sum(lam.values()), **lam},
+                bn_reset=bn_reset,
+            )
+        )
+    results = run_points(
+        job, points, executor=executor, workers=workers, runner=runner, progress=progress
+    )
     result = Result(
-        kind=kind, axes=axes, inputs={n: describe_state(s) for n, s in states.items()},
+        kind=kind,
+        axes=axes,
+        inputs={n: describe_state(s) for n, s in states.items()},
         settings={
-            "evaluator": getattr(ev, "kind", "custom"), "bn_reset": bn_reset, "bn_batches": bn_batches,
-            "executor": executor, "device": device, "points": len(points),
+            "evaluator": getattr(ev, "kind", "custom"),
+            "bn_reset": bn_reset,
+            "bn_batches": bn_batches,
+            "executor": executor,
+            "device": device,
+            "points": len(points),
         },
         notes=notes,
     )
-    result.curves = collect_curves(points, results, {curve: {"states": list(states), "statistics": "reset" if bn_reset else "interpolated"}})
+    result.curves = collect_curves(
+        points,
+        results,
+        {curve: {"states": list(states), "statistics": "reset" if bn_reset else "interpolated"}},
+    )
     if not bn_reset:
         checks = []
         for name in states:
@@ -241,7 +331,13 @@ def scale_grid(
 
 
 def align_states(
-    model: ModelSpec, a: StateLike, b: StateLike, *, method: str, data: DataSpec | Batches | None, seed: int = 0
+    model: ModelSpec,
+    a: StateLike,
+    b: StateLike,
+    *,
+    method: str,
+    data: DataSpec | Batches | None,
+    seed: int = 0,
 ) -> tuple[dict[str, Any], Any]:
     """B permuted onto A by `merge.align.align_state_dicts` (the alignment package)."""
     try:
@@ -252,18 +348,28 @@ def align_states(
             "does not have yet; run without --align for the naive path"
         ) from e
     batches = as_batches(data, "--align-data") if data is not None else None
-    return align_state_dicts(model, read_state(a), read_state(b), method=method, data=batches, seed=seed)  # type: ignore[no-any-return]
+    return align_state_dicts(
+        model, read_state(a), read_state(b), method=method, data=batches, seed=seed
+    )  # type: ignore[no-any-return]
 
 
-def collect_curves(points: Sequence[Point], results: Sequence[Mapping[str, Any]], infos: Mapping[str, dict[str, Any]]) -> list[Curve]:
+def collect_curves(
+    points: Sequence[Point],
+    results: Sequence[Mapping[str, Any]],
+    infos: Mapping[str, dict[str, Any]],
+) -> list[Curve]:
     curves: dict[str, Curve] = {}
     for p, r in zip(points, results):
         c = curves.setdefault(p.curve, Curve(p.curve, info=dict(infos.get(p.curve, {}))))
-        c.points.append({"coords": dict(p.coords), "metrics": dict(r["metrics"]), "seconds": r["seconds"]})
+        c.points.append(
+            {"coords": dict(p.coords), "metrics": dict(r["metrics"]), "seconds": r["seconds"]}
+        )
     return list(curves.values())
 
 
-def check_endpoints(runner: Runner, result: Result, checks: Sequence[tuple[str, str, Mapping[str, float], bool]]) -> None:
+def check_endpoints(
+    runner: Runner, result: Result, checks: Sequence[tuple[str, str, Mapping[str, float], bool]]
+) -> None:
     """Evaluate each named state the plain way and compare with its point on the curve.
 
     Each check is (state, curve, coords, exact): exact demands identical metrics; otherwise a
@@ -282,8 +388,14 @@ def check_endpoints(runner: Runner, result: Result, checks: Sequence[tuple[str, 
         ok = all(d <= tol * max(1.0, abs(ref[m])) for m, d in diffs.items())
         key = state if state not in result.endpoints else f"{state}@{curve_name}"
         result.endpoints[key] = {
-            "state": state, "curve": curve_name, "coords": dict(coords), "reference": ref, "path": dict(got),
-            "max_abs_diff": worst, "tolerance": tol, "ok": ok,
+            "state": state,
+            "curve": curve_name,
+            "coords": dict(coords),
+            "reference": ref,
+            "path": dict(got),
+            "max_abs_diff": worst,
+            "tolerance": tol,
+            "ok": ok,
         }
 
 
@@ -294,7 +406,10 @@ def barrier_summary(result: Result) -> dict[str, Any]:
         if not c.barriers:
             continue
         out[c.name] = {
-            m: {d: (b[d]["value"] if b.get(d) else None) for d in ("max_minus_mean", "max_minus_linear", "midpoint")}
+            m: {
+                d: (b[d]["value"] if b.get(d) else None)
+                for d in ("max_minus_mean", "max_minus_linear", "midpoint")
+            }
             for m, b in c.barriers.items()
         }
     naive = out.get("naive", {})

@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = "merge.evaluate/1"
-KINDS = ("path", "task_vector_path", "plane", "sweep", "negation", "soup", "linearity", "disentanglement")
+KINDS = (
+    "path",
+    "task_vector_path",
+    "plane",
+    "sweep",
+    "negation",
+    "soup",
+    "linearity",
+    "disentanglement",
+)
 
 
 @dataclass
@@ -73,20 +82,22 @@ class Result:
     def to_json(self) -> dict[str, Any]:
         from merge import __version__
 
-        return _finite({
-            "schema": SCHEMA,
-            "kind": self.kind,
-            "merge_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "inputs": self.inputs,
-            "settings": self.settings,
-            "axes": self.axes,
-            "curves": [c.to_json() for c in self.curves],
-            "endpoints": self.endpoints,
-            "selection": self.selection,
-            "notes": self.notes,
-            "files": self.files,
-        })
+        return _finite(
+            {
+                "schema": SCHEMA,
+                "kind": self.kind,
+                "merge_version": __version__,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "inputs": self.inputs,
+                "settings": self.settings,
+                "axes": self.axes,
+                "curves": [c.to_json() for c in self.curves],
+                "endpoints": self.endpoints,
+                "selection": self.selection,
+                "notes": self.notes,
+                "files": self.files,
+            }
+        )
 
     def csv_text(self) -> str:
         metrics: dict[str, None] = {}
@@ -97,27 +108,37 @@ class Result:
         w.writerow(["curve", *self.axes, *metrics, "seconds"])
         for c in self.curves:
             for p in c.points:
-                w.writerow([
-                    c.name,
-                    *(_cell(p["coords"].get(a)) for a in self.axes),
-                    *(_cell(p["metrics"].get(m)) for m in metrics),
-                    _cell(p.get("seconds")),
-                ])
+                w.writerow(
+                    [
+                        c.name,
+                        *(_cell(p["coords"].get(a)) for a in self.axes),
+                        *(_cell(p["metrics"].get(m)) for m in metrics),
+                        _cell(p.get("seconds")),
+                    ]
+                )
         return buf.getvalue()
 
-    def write(self, outdir: str | Path, *, plots: bool = True, stem: str | None = None) -> dict[str, Any]:
+    def write(
+        self, outdir: str | Path, *, plots: bool = True, stem: str | None = None
+    ) -> dict[str, Any]:
         """Write `<stem>.json`, `<stem>.csv` and the plots (PNG and SVG) into `outdir`; returns the paths."""
         out = Path(outdir)
         out.mkdir(parents=True, exist_ok=True)
         stem = stem or self.kind
-        files: dict[str, Any] = {"json": str(out / f"{stem}.json"), "csv": str(out / f"{stem}.csv"), "plots": []}
+        files: dict[str, Any] = {
+            "json": str(out / f"{stem}.json"),
+            "csv": str(out / f"{stem}.csv"),
+            "plots": [],
+        }
         if plots:
             from merge.evaluate.plots import plot_result
 
             files["plots"] = [str(p) for p in plot_result(self, out, stem)]
         self.files = files
         (out / f"{stem}.csv").write_text(self.csv_text())
-        (out / f"{stem}.json").write_text(json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
+        (out / f"{stem}.json").write_text(
+            json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
+        )
         return files
 
 
@@ -146,5 +167,7 @@ def load_result(path: str | Path) -> dict[str, Any]:
     if data.get("schema") != SCHEMA:
         from merge.errors import UsageError
 
-        raise UsageError(f"{path}: not a merge evaluation result (schema {data.get('schema')!r}, expected {SCHEMA!r})")
+        raise UsageError(
+            f"{path}: not a merge evaluation result (schema {data.get('schema')!r}, expected {SCHEMA!r})"
+        )
     return data  # type: ignore[no-any-return]

@@ -18,7 +18,12 @@ from torch import nn
 
 from merge.errors import UsageError
 from merge.evaluate.evaluators import Batches, Evaluator
-from merge.evaluate.weights import StateLike, StateSpace, has_batchnorm, read_state, reset_batchnorm_stats
+from merge.evaluate.weights import (
+    StateLike,
+    StateSpace,
+    has_batchnorm,
+    read_state,
+)
 
 ModelSpec = str | Callable[[], nn.Module] | nn.Module
 
@@ -32,7 +37,9 @@ class Point:
     weights: dict[str, float] = field(default_factory=dict)
     bn_reset: bool = False
     repair: bool = False
-    build: dict[str, Any] | None = None  # values for `Job.builder` instead of `weights` (recipe sweeps)
+    build: dict[str, Any] | None = (
+        None  # values for `Job.builder` instead of `weights` (recipe sweeps)
+    )
 
 
 @dataclass
@@ -88,33 +95,50 @@ class Runner:
         from merge.entrypoints import load_weights
         from merge.evaluate.weights import with_tied_aliases
 
-        load_weights(self.model, with_tied_aliases(self.model, read_state(self.job.states[name])), source=name)
+        load_weights(
+            self.model,
+            with_tied_aliases(self.model, read_state(self.job.states[name])),
+            source=name,
+        )
         self.model.eval()
         return dict(self.job.evaluator(self.model))
 
     def reset_bn(self) -> None:
         if self.job.bn_data is None:
-            raise UsageError("--bn-reset needs data to recompute BatchNorm statistics on (--bn-data or --data)")
+            raise UsageError(
+                "--bn-reset needs data to recompute BatchNorm statistics on (--bn-data or --data)"
+            )
         try:
-            from merge.align import reset_batchnorm  # type: ignore[attr-defined]
-        except ImportError:
-            reset_batchnorm_stats(self.model, self.job.bn_data, max_batches=self.job.bn_batches)
-        else:
-            reset_batchnorm(self.model, _limited(self.job.bn_data, self.job.bn_batches))
+            from merge.align import reset_batchnorm
+        except ImportError as e:
+            raise UsageError(
+                "--bn-reset needs `merge.align.reset_batchnorm` (the alignment package), which this "
+                "installation does not have"
+            ) from e
+        reset_batchnorm(self.model, self.job.bn_data, num_batches=self.job.bn_batches)
 
     def _repair(self, point: Point) -> None:
         repair = repair_function()
         if len(point.weights) != 2 or self.job.bn_data is None:
-            raise UsageError("--repair works on a path between two models and needs data (--bn-data or --data)")
+            raise UsageError(
+                "--repair works on a path between two models and needs data (--bn-data or --data)"
+            )
         (na, _), (nb, alpha) = point.weights.items()
         ends = []
         for name in (na, nb):
             if name not in self._repair_models:
-                m = build_model(self.job.model if not isinstance(self.job.model, nn.Module) else _clone(self.job.model), self.job.device)
+                m = build_model(
+                    self.job.model
+                    if not isinstance(self.job.model, nn.Module)
+                    else _clone(self.job.model),
+                    self.job.device,
+                )
                 StateSpace(m, {name: self.space.state(name)})
                 self._repair_models[name] = m
             ends.append(self._repair_models[name])
-        repair(self.model, ends[0], ends[1], alpha, _limited(self.job.bn_data, self.job.bn_batches))
+        repair(
+            self.model, ends[0], ends[1], alpha, self.job.bn_data, num_batches=self.job.bn_batches
+        )
 
     def _load_built(self, values: dict[str, Any]) -> None:
         from merge.entrypoints import load_weights
@@ -122,7 +146,11 @@ class Runner:
 
         if self.job.builder is None:
             raise UsageError("this job has no builder for recipe points")
-        load_weights(self.model, with_tied_aliases(self.model, self.job.builder(values)), source="the recipe's output")
+        load_weights(
+            self.model,
+            with_tied_aliases(self.model, self.job.builder(values)),
+            source="the recipe's output",
+        )
 
     @property
     def has_batchnorm(self) -> bool:
@@ -138,12 +166,6 @@ def repair_function() -> Callable[..., Any]:
             "have yet; use --bn-reset for BatchNorm models meanwhile"
         ) from e
     return repair  # type: ignore[no-any-return]
-
-
-def _limited(data: Batches, n: int | None) -> Any:
-    if n is None:
-        return data
-    return Batches(data.spec, what=data.what, max_batches=n)
 
 
 def _clone(model: nn.Module) -> nn.Module:

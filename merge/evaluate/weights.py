@@ -18,12 +18,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from merge.errors import UsageError
+from merge.errors import FormatError, UsageError
 
 StateLike = str | os.PathLike[str] | Mapping[str, Tensor] | nn.Module
 
@@ -66,7 +65,10 @@ def with_tied_aliases(model: nn.Module, tensors: Mapping[str, Tensor]) -> dict[s
 
 
 def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        for m in model.modules()
+    )
 
 
 class StateSpace:
@@ -98,7 +100,10 @@ class StateSpace:
 
         tensors = with_tied_aliases(self.model, read_state(spec))
         # load_weights lists every mismatch with a fix; loading also leaves the model usable.
-        load_weights(self.model, tensors, source=f"{name} ({describe_state(spec)})")
+        try:
+            load_weights(self.model, tensors, source=name)
+        except FormatError as e:
+            raise FormatError(f"{describe_state(spec)}: {e}") from None
         kept: dict[str, Tensor] = {}
         for k, target in self.targets.items():
             t = tensors[k]
@@ -147,7 +152,9 @@ class StateSpace:
     def _buffer(self, key: str, like: Tensor) -> Tensor:
         buf = self._scratch.get(key)
         if buf is None:
-            buf = self._scratch[key] = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+            buf = self._scratch[key] = torch.empty(
+                like.shape, dtype=torch.float32, device=like.device
+            )
         return buf
 
     def combined(self, weights: Mapping[str, float]) -> dict[str, Tensor]:
@@ -156,33 +163,24 @@ class StateSpace:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
 
-def reset_batchnorm_stats(model: nn.Module, data: Any, *, max_batches: int | None = None) -> None:
-    """Recompute every BatchNorm's running mean/var on `data`: cumulative average (momentum=None).
+def weighted_state(
+    states: Mapping[str, StateLike], weights: Mapping[str, float]
+) -> dict[str, Tensor]:
+    """Σ_i w_i θ_i as a new state dict in each tensor's own dtype (float math in float32/64), no model needed.
 
-    Only the BatchNorm modules run in training mode, so dropout and the like keep their
-    evaluation behaviour. `merge.align.reset_batchnorm` is used instead when it exists.
+    Non-float tensors come from the state with the largest weight, as on a path.
     """
-    from merge.evaluate.evaluators import call_model, model_device, split_batch, to_device
-
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
-        return
-    saved = [(m, m.momentum) for m in bns]
-    was_training = model.training
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    device = model_device(model)
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(data):
-                if max_batches is not None and i >= max_batches:
-                    break
-                inputs, _ = split_batch(batch)
-                call_model(model, to_device(inputs, device))
-    finally:
-        model.train(was_training)
-        for m, momentum in saved:
-            m.momentum = momentum
+    loaded = {n: read_state(states[n]) for n in weights}
+    dominant = max(weights, key=lambda n: float(weights[n]))
+    out: dict[str, Tensor] = {}
+    for k, ref in loaded[dominant].items():
+        if not ref.is_floating_point():
+            out[k] = ref.clone()
+            continue
+        acc_dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        acc = torch.zeros(ref.shape, dtype=acc_dtype)
+        for n, w in weights.items():
+            if float(w) != 0.0:
+                acc.add_(loaded[n][k].to(acc_dtype), alpha=float(w))
+        out[k] = acc.to(ref.dtype)
+    return out
