@@ -22,7 +22,7 @@ from merge.errors import FormatError, MergeError, MergeWarning, PlanError
 from merge.io.lora_read import ADAPTER_FILES, ROLE_PATTERNS, Adapter, read_adapter
 from merge.io.sources import TensorMeta, TensorSource
 from merge.lora.modules import LoraModule, dora_axis, dora_weight, module_delta
-from merge.lora.names import BaseIndex
+from merge.lora.names import BaseIndex, split_target
 
 __all__ = ["Adapter", "LoraSource", "describe", "looks_like_lora", "open_lora", "read_adapter"]
 
@@ -77,9 +77,9 @@ class LoraSource(TensorSource):
         self._targets: dict[str, tuple[str, object]] = {}  # base key -> (what, module or file key)
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._cache: tuple[str, Tensor] | None = None
-        self._full_extra: dict[
-            str, str
-        ] = {}  # base key -> full tensor key added to a module's delta
+        # base key -> full tensor key added to a module's delta
+        self._parts: dict[str, list[tuple[int, LoraModule]]] = {}  # fused q/k/v thirds per key
+        self._full_extra: dict[str, str] = {}
         if base is None:
             self._plan_without_base()
         else:
@@ -107,12 +107,28 @@ class LoraSource(TensorSource):
         problems: list[str] = []
         for mod in self.adapter.modules.values():
             target = index.resolve(mod.component, mod.path, mod.dotted)
-            if target is None or f"{target}.weight" not in keys:
+            wkey = split_target(target)[1] if target is not None else ""
+            if target is None or wkey not in keys:
                 self.unmatched.append(mod.name)
                 continue
-            wkey = f"{target}.weight"
             shape = tuple(base.meta(wkey).shape)
             natural = self._natural_shape(mod)
+            part = split_target(target)[2]
+            if part is not None:  # q/k/v into a third of a fused OpenCLIP in_proj_weight
+                third = (shape[0] // 3, *shape[1:])
+                if _numel(natural) != _numel(third) or mod.is_dora:
+                    problems.append(
+                        f"`{mod.name}` gives a delta of shape {list(natural)} but a third of the base's `{wkey}` is {list(third)}"
+                        + (" (and DoRA cannot target a fused projection)" if mod.is_dora else "")
+                    )
+                    continue
+                parts = self._parts.setdefault(wkey, [])
+                parts.append((part, mod))
+                self._targets[wkey] = ("parts", parts)
+                self._shapes[wkey] = shape
+                if mod.bias_key:
+                    self.unmatched.append(f"{mod.name} (bias delta into a fused in_proj_bias)")
+                continue
             if _numel(natural) != _numel(shape):
                 problems.append(
                     f"`{mod.name}` gives a delta of shape {list(natural)} but the base's `{wkey}` is {list(shape)}"
@@ -217,6 +233,13 @@ class LoraSource(TensorSource):
             assert self.base is not None
             d = self._get(str(obj)).to(torch.float32) - self.base.read(name).to(torch.float32)
             d = d * self.scale
+        elif what == "parts":
+            shape = self._shapes[name]
+            d = torch.zeros(shape, dtype=torch.float32)
+            n = shape[0] // 3
+            for part, pmod in obj:  # type: ignore[attr-defined]
+                d[part * n : (part + 1) * n] += module_delta(pmod, self._get).reshape(n, *shape[1:])
+            d *= self.scale
         elif what == "bias":
             mod = obj
             assert isinstance(mod, LoraModule)

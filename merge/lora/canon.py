@@ -11,7 +11,7 @@ from merge.errors import PlanError
 from merge.io.lora_read import Adapter
 from merge.io.sources import TensorSource
 from merge.lora.modules import LoraModule
-from merge.lora.names import BaseIndex, builtin_sd_keys
+from merge.lora.names import BaseIndex, builtin_sd_keys, split_target
 
 
 @dataclass
@@ -46,12 +46,16 @@ def place(adapter: Adapter, base: TensorSource | None) -> Placed:
     for mod in adapter.modules.values():
         if index is not None:
             target = index.resolve(mod.component, mod.path, mod.dotted)
-            if target is None or f"{target}.weight" not in index.key_set:
+            wkey = split_target(target)[1] if target is not None else ""
+            if target is None or wkey not in index.key_set:
                 out.unmatched.append(mod.name)
                 continue
             key = index.name_of(target)
             assert base is not None
-            out.shapes[key] = tuple(base.meta(f"{target}.weight").shape)
+            shape = tuple(base.meta(wkey).shape)
+            if split_target(target)[2] is not None:  # a third of a fused OpenCLIP in_proj
+                shape = (shape[0] // 3, *shape[1:])
+            out.shapes[key] = shape
         elif mod.dotted:
             key = (mod.component, mod.path)
         else:

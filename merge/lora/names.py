@@ -15,6 +15,21 @@ from collections.abc import Iterable
 
 LDM_UNET = "model.diffusion_model."
 LDM_TE = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
+# OpenCLIP text towers in single files: (prefix, component, kohya prefixes)
+OPENCLIP = (
+    ("cond_stage_model.model.", "text_encoder", ["lora_te_"]),  # SD2
+    ("conditioner.embedders.1.model.", "text_encoder_2", ["lora_te2_"]),  # SDXL
+)
+
+
+def split_target(target: str) -> tuple[str, str, int | None]:
+    """(module prefix, weight key, third or None): `x.attn.in_proj#1` -> k of `x.attn.in_proj_weight`."""
+    if "#" in target:
+        head, part = target.split("#")
+        return head, f"{head}_weight", int(part)
+    return target, f"{target}.weight", None
+
+
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 # kohya prefixes -> pipeline component
 KOHYA_PREFIXES = {
@@ -162,6 +177,9 @@ class BaseIndex:
     def __init__(self, keys: Iterable[str]):
         self.keys = list(keys)
         self.key_set = set(self.keys)
+        self.names: dict[
+            str, tuple[str, str]
+        ] = {}  # target -> (component, HF path) where not derivable
         self.dotted: dict[tuple[str, str], str] = {}
         self.kohya: dict[str, str] = {}
         self.layout = "plain"
@@ -225,6 +243,37 @@ class BaseIndex:
                     m,
                     ["lora_te1_"] + ([] if two_te else ["lora_te_"]),
                 )
+        self._index_openclip()
+
+    def _index_openclip(self) -> None:
+        """OpenCLIP text towers (SD2 `cond_stage_model.model.`, SDXL `conditioner.embedders.1.model.`).
+
+        HF CLIP names map onto OpenCLIP ones (`mlp.fc1` -> `mlp.c_fc`, `self_attn.out_proj` ->
+        `attn.out_proj`); q/k/v are fused in `attn.in_proj_weight` [3d, d], so their targets are
+        `<…>.attn.in_proj#0/1/2`: a third of that tensor (see `split_target`).
+        """
+        for prefix, comp, kohya in OPENCLIP:
+            blocks = {
+                int(m.group(1))
+                for k in self.keys
+                if (m := re.match(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.", k))
+            }
+            for i in blocks:
+                src = f"{prefix}transformer.resblocks.{i}."
+                dst = f"text_model.encoder.layers.{i}."
+                pairs = {
+                    "mlp.fc1": "mlp.c_fc",
+                    "mlp.fc2": "mlp.c_proj",
+                    "self_attn.out_proj": "attn.out_proj",
+                }
+                for hf, oc in pairs.items():
+                    if f"{src}{oc}.weight" in self.key_set:
+                        self._add(comp, dst + hf, src + oc, kohya)
+                        self.names[src + oc] = (comp, dst + hf)
+                if f"{src}attn.in_proj_weight" in self.key_set:
+                    for j, qkv in enumerate(("q_proj", "k_proj", "v_proj")):
+                        self._add(comp, f"{dst}self_attn.{qkv}", f"{src}attn.in_proj#{j}", kohya)
+                        self.names[f"{src}attn.in_proj#{j}"] = (comp, f"{dst}self_attn.{qkv}")
 
     def _index_pipeline(self, modules: list[str]) -> None:
         unet = [(m[len("unet/") :], m) for m in modules if m.startswith("unet/")]
@@ -251,6 +300,8 @@ class BaseIndex:
 
     def name_of(self, target: str) -> tuple[str, str]:
         """(component, dotted diffusers/transformers path) of a base module prefix."""
+        if target in self.names:
+            return self.names[target]
         if self.layout == "pipeline":
             comp, _, path = target.partition("/")
             return comp, path

@@ -269,3 +269,54 @@ def test_describe_and_detection(llama: dict, sd: dict) -> None:
     assert "diffusers adapter, " in d and "components: unet ×" in d and "text_encoder ×4" in d
     assert looks_like_lora(llama["adapters"]["plain"]) and looks_like_lora(sd["lora"])
     assert not looks_like_lora(llama["base"]) and not looks_like_lora(sd["pipe"])
+
+
+def test_openclip_fused_qkv_in_single_files(tmp_path: Path) -> None:
+    """SDXL text encoder 2 (OpenCLIP): q/k/v LoRAs land in the thirds of attn.in_proj_weight."""
+    d = 8
+    p = "conditioner.embedders.1.model.transformer.resblocks.0."
+    base = MemorySource(
+        {
+            "model.diffusion_model.input_blocks.0.0.weight": rnd(4, 4, 3, 3),
+            "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight": rnd(
+                16, d
+            ),
+            p + "attn.in_proj_weight": rnd(3 * d, d),
+            p + "attn.out_proj.weight": rnd(d, d),
+            p + "mlp.c_fc.weight": rnd(4 * d, d),
+        }
+    )
+    t = {}
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        k = f"lora_te2_text_model_encoder_layers_0_self_attn_{name}"
+        t |= {
+            f"{k}.lora_down.weight": rnd(2, d),
+            f"{k}.lora_up.weight": rnd(d, 2),
+            f"{k}.alpha": torch.tensor(1.0),
+        }
+    k = "lora_te2_text_model_encoder_layers_0_mlp_fc1"
+    t |= {f"{k}.lora_down.weight": rnd(2, d), f"{k}.lora_up.weight": rnd(4 * d, 2)}
+    k = "lora_te1_text_model_encoder_layers_0_mlp_fc1"
+    t |= {f"{k}.lora_down.weight": rnd(2, d), f"{k}.lora_up.weight": rnd(16, 2)}
+    save_file(t, tmp_path / "xl_te.safetensors")
+    src = open_lora(tmp_path / "xl_te.safetensors", base)
+
+    def delta(name: str, scale: float) -> torch.Tensor:
+        return (t[f"{name}.lora_up.weight"] @ t[f"{name}.lora_down.weight"]) * scale
+
+    q, kk, v = (
+        delta(f"lora_te2_text_model_encoder_layers_0_self_attn_{n}", 0.5)
+        for n in ("q_proj", "k_proj", "v_proj")
+    )
+    torch.testing.assert_close(src.read(p + "attn.in_proj_weight"), torch.cat([q, kk, v]))
+    torch.testing.assert_close(
+        src.read(p + "attn.out_proj.weight"),
+        delta("lora_te2_text_model_encoder_layers_0_self_attn_out_proj", 0.5),
+    )
+    torch.testing.assert_close(
+        src.read(p + "mlp.c_fc.weight"), delta("lora_te2_text_model_encoder_layers_0_mlp_fc1", 1.0)
+    )
+    torch.testing.assert_close(
+        src.read("conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight"),
+        delta("lora_te1_text_model_encoder_layers_0_mlp_fc1", 1.0),
+    )
