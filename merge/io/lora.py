@@ -36,6 +36,8 @@ def looks_like_lora(path: str | Path) -> bool:
         if (p / "model_index.json").is_file() or (p / "config.json").is_file():
             return False
         st = sorted(p.glob("*.safetensors"))
+        if not st:  # peft's sub-folder for a non-default adapter name
+            return any((d / "adapter_config.json").is_file() for d in p.iterdir() if d.is_dir())
         return len(st) == 1 and _keys_look_lora(st[0])
     if p.is_file() and p.suffix == ".safetensors":
         return _keys_look_lora(p)

@@ -90,6 +90,17 @@ def find_adapter_file(path: Path) -> tuple[Path, dict[str, object] | None]:
         st = sorted(path.glob("*.safetensors"))
         if len(st) == 1:
             return st[0], config
+        subs = [
+            d
+            for d in sorted(path.iterdir())
+            if d.is_dir() and (d / "adapter_config.json").is_file()
+        ]
+        if len(subs) == 1 and config is None:
+            return find_adapter_file(subs[0])  # peft saves a non-default adapter in a sub-folder
+        if subs:
+            raise FormatError(
+                f"{path}: holds several adapters ({', '.join(d.name for d in subs)}); give the path of one"
+            )
         found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
         raise FormatError(
             f"{path}: no adapter weights found (looked for {', '.join(ADAPTER_FILES)} or a single "

@@ -320,3 +320,32 @@ def test_openclip_fused_qkv_in_single_files(tmp_path: Path) -> None:
         src.read("conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight"),
         delta("lora_te1_text_model_encoder_layers_0_mlp_fc1", 1.0),
     )
+
+
+def test_peft_subfolder_and_bin(llama: dict, tmp_path: Path) -> None:
+    """A non-default adapter name (peft writes a sub-folder) and a pickled adapter_model.bin."""
+    import shutil
+
+    from merge.io.detect import open_checkpoint
+
+    base = open_checkpoint(llama["base"])
+    want = open_lora(llama["adapters"]["plain"], base)
+    shutil.copytree(llama["adapters"]["plain"], tmp_path / "outer" / "style")
+    from safetensors.torch import load_file
+
+    (tmp_path / "binned").mkdir()
+    shutil.copy(llama["adapters"]["plain"] / "adapter_config.json", tmp_path / "binned")
+    torch.save(
+        load_file(llama["adapters"]["plain"] / "adapter_model.safetensors"),
+        tmp_path / "binned" / "adapter_model.bin",
+    )
+    for path in (tmp_path / "outer", tmp_path / "binned"):
+        assert looks_like_lora(path)
+        got = open_lora(path, base)
+        for k in want.keys():
+            torch.testing.assert_close(got.read(k), want.read(k))
+    shutil.copytree(llama["adapters"]["plain"], tmp_path / "outer" / "other")
+    with pytest.raises(
+        FormatError, match=r"holds several adapters \(other, style\); give the path of one"
+    ):
+        open_lora(tmp_path / "outer", base)
