@@ -77,6 +77,18 @@ _run_options = _options(
             help="cpu, cuda, cuda:1, ... (auto: cuda when available).",
         ),
         click.option(
+            "--device-map",
+            metavar="auto",
+            help="For a model too big for one GPU: build it on the meta device and spread it over the GPUs with accelerate.",
+        ),
+        click.option(
+            "--cache",
+            type=click.Choice(["auto", "device", "cpu", "stream"]),
+            default="auto",
+            show_default=True,
+            help="Where the checkpoints' tensors live between points: beside the model, in CPU memory, or read from the files at every point (memory-mapped; for models too big to hold twice).",
+        ),
+        click.option(
             "--executor",
             type=EXECUTOR_CHOICES,
             default="sequential",
@@ -191,6 +203,8 @@ def _finish(result: Any, output: str | None, verb: str, no_plot: bool) -> None:
 def _common(opts: dict[str, Any]) -> dict[str, Any]:
     return {
         "device": opts["device"],
+        "cache": opts["cache"],
+        "device_map": opts["device_map"],
         "executor": opts["executor"],
         "workers": opts["workers"],
         "progress": _progress(opts["quiet"]),

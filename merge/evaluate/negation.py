@@ -10,7 +10,7 @@ chosen λ as the baseline: it should harm the target far less.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +45,8 @@ def negation(
     executor: str = "sequential",
     workers: int | None = None,
     device: str = "cpu",
+    cache: str = "auto",
+    device_map: str | dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> Result:
     """Evaluate θ0 − λτ on the target and control tasks over `lambdas` and pick λ (see module doc)."""
@@ -64,7 +66,9 @@ def negation(
         }
     )
     states: dict[str, StateLike] = {"base": base, "task": finetuned}
-    job = Job(model=model, states=states, evaluator=ev, device=device)
+    job = Job(
+        model=model, states=states, evaluator=ev, device=device, cache=cache, device_map=device_map
+    )
     runner = Runner(job)
     if random_baseline:
         runner.space.add(
@@ -89,6 +93,7 @@ def negation(
             "seed": seed,
             "executor": executor,
             "device": device,
+            "cache": runner.space.cache,
         },
     )
     result.curves = collect_curves(points, results, {"negation": {"formula": "θ0 − λ(θ_ft − θ0)"}})
@@ -152,7 +157,7 @@ def choose_lambda(result: Result, *, metric: str, threshold: float) -> dict[str,
 
 
 def random_like_task_vector(
-    base: dict[str, torch.Tensor], task: dict[str, torch.Tensor], *, seed: int
+    base: Mapping[str, torch.Tensor], task: Mapping[str, torch.Tensor], *, seed: int
 ) -> dict[str, torch.Tensor]:
     """θ0 + r, r Gaussian with ‖r_k‖ = ‖τ_k‖ for every float tensor k (others copied from θ0)."""
     g = torch.Generator().manual_seed(seed)

@@ -70,6 +70,8 @@ def interpolation_path(
     executor: str = "sequential",
     workers: int | None = None,
     device: str = "cpu",
+    cache: str = "auto",
+    device_map: str | dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> Result:
     """Loss (and every other metric) along θ(α) = (1−α)θ_A + αθ_B, with barriers per curve.
@@ -96,6 +98,7 @@ def interpolation_path(
         "bn_batches": bn_batches,
         "executor": executor,
         "device": device,
+        "device_map": device_map,
     }
     notes: list[str] = []
     if repair:
@@ -116,9 +119,17 @@ def interpolation_path(
             report.to_dict() if hasattr(report, "to_dict") else report
         )
     job = Job(
-        model=model, states=states, evaluator=ev, bn_data=bn, bn_batches=bn_batches, device=device
+        model=model,
+        states=states,
+        evaluator=ev,
+        bn_data=bn,
+        bn_batches=bn_batches,
+        device=device,
+        cache=cache,
+        device_map=device_map,
     )
     runner = Runner(job)
+    settings["cache"] = runner.space.cache
     if runner.has_batchnorm and not (bn_reset or repair):
         notes.append(BN_NOTE)
     if bn_reset and not runner.has_batchnorm:
@@ -259,6 +270,8 @@ def scale_grid(
     executor: str = "sequential",
     workers: int | None = None,
     device: str = "cpu",
+    cache: str = "auto",
+    device_map: str | dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> Result:
     """θ0 + Σ_t λ_t τ_t at every grid point; `weights_of(coords)` gives {task: λ_t}.
@@ -278,7 +291,14 @@ def scale_grid(
         raise UsageError("a task may not be named `base`")
     states: dict[str, StateLike] = {"base": base, **tasks}
     job = Job(
-        model=model, states=states, evaluator=ev, bn_data=bn, bn_batches=bn_batches, device=device
+        model=model,
+        states=states,
+        evaluator=ev,
+        bn_data=bn,
+        bn_batches=bn_batches,
+        device=device,
+        cache=cache,
+        device_map=device_map,
     )
     runner = Runner(job)
     notes = []
@@ -309,6 +329,7 @@ def scale_grid(
             "bn_batches": bn_batches,
             "executor": executor,
             "device": device,
+            "cache": runner.space.cache,
             "points": len(points),
         },
         notes=notes,

@@ -50,6 +50,10 @@ class Job:
     bn_data: Batches | None = None
     bn_batches: int | None = None
     device: str = "cpu"
+    cache: str = "auto"  # where states live: see `StateSpace`
+    device_map: str | dict[str, Any] | None = (
+        None  # "auto" or {module: device}: see `build_dispatched`
+    )
     builder: Callable[[dict[str, Any]], Mapping[str, torch.Tensor]] | None = None
 
 
@@ -59,11 +63,85 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def build_model(spec: ModelSpec, device: str) -> nn.Module:
+def build_model(
+    spec: ModelSpec, device: str, device_map: str | dict[str, Any] | None = None
+) -> nn.Module:
+    """The model on `device`; with `device_map`, built on the meta device and spread by accelerate."""
     from merge.entrypoints import make_model
 
+    if device_map is not None:
+        return build_dispatched(spec, device_map)
     model = spec if isinstance(spec, nn.Module) else make_model(spec)
     return model.to(resolve_device(device)).eval()
+
+
+def build_dispatched(spec: ModelSpec, device_map: str | dict[str, Any]) -> nn.Module:
+    """A model too big for one device: built without memory (meta), its tensors allocated where
+    `device_map` says ("auto": over the visible GPUs, by accelerate), hooks moving activations.
+
+    Tensors are left uninitialised: every point writes all of them. Only accelerator devices
+    (or an all-"cpu" map) are accepted: offloaded modules keep their weights outside the model,
+    where in-place interpolation cannot reach them.
+    """
+    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+    from accelerate.utils import retie_parameters, set_module_tensor_to_device
+
+    from merge.entrypoints import make_model
+
+    if isinstance(spec, nn.Module):
+        raise UsageError(
+            "--device-map needs a model factory (`module:function`), not a built model"
+        )
+    # accelerate's empty init re-registers every parameter, which unties `lm_head.weight =
+    # wte.weight`; a build under torch's meta device keeps the identities, so read the ties there.
+    with torch.device("meta"):
+        probe = make_model(spec)
+    groups: dict[int, list[str]] = {}
+    for name, p in probe.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    tied = [names for names in groups.values() if len(names) > 1]
+    del probe
+    with init_empty_weights():  # buffers stay real: non-persistent ones (masks) are never loaded
+        model = make_model(spec)
+    if device_map == "auto":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                "--device-map auto spreads the model over GPUs, and none is visible; use --device cpu"
+            )
+        gpus = {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
+        device_map = infer_auto_device_map(
+            model,
+            max_memory=gpus,
+            no_split_module_classes=list(getattr(model, "_no_split_modules", None) or []),
+        )
+    if not isinstance(device_map, dict):
+        raise UsageError(
+            f"--device-map must be `auto` or a mapping of module names to devices, got {device_map!r}"
+        )
+    offloaded = sorted({str(v) for v in device_map.values()} & {"cpu", "disk"})
+    if offloaded and set(map(str, device_map.values())) != {"cpu"}:
+        raise UsageError(
+            f"the model does not fit the GPUs (accelerate would offload parts to {', '.join(offloaded)}); "
+            "paths need every weight on an accelerator: use more GPUs or a smaller dtype"
+        )
+
+    def where(name: str) -> Any:
+        best = max(
+            (k for k in device_map if k == "" or name == k or name.startswith(k + ".")),
+            key=len,
+            default=None,
+        )
+        if best is None:
+            raise UsageError(f"--device-map places no module that holds `{name}`")
+        return device_map[best]
+
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type == "meta":
+            set_module_tensor_to_device(
+                model, name, where(name), value=torch.empty(t.shape, dtype=t.dtype)
+            )
+    retie_parameters(model, tied)
+    return dispatch_model(model, device_map=device_map).eval()  # type: ignore[no-any-return]
 
 
 class Runner:
@@ -71,8 +149,8 @@ class Runner:
 
     def __init__(self, job: Job):
         self.job = job
-        self.model = build_model(job.model, job.device)
-        self.space = StateSpace(self.model, job.states)
+        self.model = build_model(job.model, job.device, job.device_map)
+        self.space = StateSpace(self.model, job.states, cache=job.cache)
         self._repair_models: dict[str, nn.Module] = {}
 
     def evaluate(self, point: Point) -> dict[str, Any]:

@@ -31,13 +31,22 @@ def greedy_soup(
     executor: str = "sequential",
     workers: int | None = None,
     device: str = "cpu",
+    cache: str = "auto",
+    device_map: str | dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> Result:
     """Greedy soup over `ingredients`; `selection` holds the kept names, the weights and the score."""
     if len(ingredients) < 2:
         raise UsageError("a soup needs at least two ingredients")
     ev = resolve_evaluator(evaluator, data)
-    job = Job(model=model, states=dict(ingredients), evaluator=ev, device=device)
+    job = Job(
+        model=model,
+        states=dict(ingredients),
+        evaluator=ev,
+        device=device,
+        cache=cache,
+        device_map=device_map,
+    )
     runner = Runner(job)
     names = list(ingredients)
     singles = [Point("ingredients", {"index": i}, {n: 1.0}) for i, n in enumerate(names)]
@@ -104,6 +113,7 @@ def greedy_soup(
             "metric": metric,
             "executor": executor,
             "device": device,
+            "cache": runner.space.cache,
             "order": [names[i] for i in ranked],
         },
     )

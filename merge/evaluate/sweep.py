@@ -131,6 +131,8 @@ def sweep_recipe(
     executor: str = "sequential",
     workers: int | None = None,
     device: str = "cpu",
+    cache: str = "auto",
+    device_map: str | dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> Result:
     """Evaluate the recipe's merge at every combination of `ranges`; `selection.best` is the best point."""
@@ -141,7 +143,15 @@ def sweep_recipe(
     builder = RecipeBuilder(recipe, device="cpu")
     builder.validate(grid[0])
     ev = resolve_evaluator(evaluator, data)
-    job = Job(model=model, states={}, evaluator=ev, device=device, builder=builder)
+    job = Job(
+        model=model,
+        states={},
+        evaluator=ev,
+        device=device,
+        cache=cache,
+        device_map=device_map,
+        builder=builder,
+    )
     points = [Point("sweep", dict(c), build=dict(c)) for c in grid]
     results = run_points(job, points, executor=executor, workers=workers, progress=progress)
     axes = [n for n, _ in ranges]

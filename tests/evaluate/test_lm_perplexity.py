@@ -108,7 +108,8 @@ def test_perplexity_matches_the_models_own_loss(llms) -> None:
     )  # 600 words in 75 blocks of 8; a block's first token is not predicted
 
 
-def test_merge_path_on_two_llm_folders_needs_no_model(llms, tmp_path: Path) -> None:
+@pytest.mark.parametrize("cache", ["auto", "stream"])
+def test_merge_path_on_two_llm_folders_needs_no_model(llms, tmp_path: Path, cache: str) -> None:
     a, b, text = llms
     r = CliRunner().invoke(
         cli,
@@ -122,6 +123,8 @@ def test_merge_path_on_two_llm_folders_needs_no_model(llms, tmp_path: Path) -> N
             "16",
             "--steps",
             "3",
+            "--cache",
+            cache,
             "-o",
             str(tmp_path),
             "-q",

@@ -233,3 +233,68 @@ def test_repair_curve_on_the_aligned_path(mlp_pair) -> None:
     assert r.curve("aligned+repair").info["statistics"] == "repair"
     mid = r.curve("aligned+repair").points[1]["metrics"]["loss"]
     assert mid < r.curve("naive").points[1]["metrics"]["loss"]
+
+
+@pytest.mark.parametrize("cache", ["cpu", "stream"])
+def test_cache_modes_give_the_same_points(mlp_pair, cache: str) -> None:
+    kwargs = {"data": entry.test_data(), "steps": 5}
+    ref = interpolation_path(
+        entry.make_model, mlp_pair.path_a, mlp_pair.path_b, cache="device", **kwargs
+    )
+    r = interpolation_path(
+        entry.make_model, mlp_pair.path_a, mlp_pair.path_b, cache=cache, **kwargs
+    )
+    assert r.settings["cache"] == cache and r.ok and r.endpoints["a"]["tolerance"] == 0.0
+    assert [p["metrics"] for p in r.curve("naive").points] == [
+        p["metrics"] for p in ref.curve("naive").points
+    ]
+
+
+def test_stream_cache_holds_no_copy_of_a_checkpoint_on_disk(mlp_pair) -> None:
+    from merge.evaluate.weights import SourceTensors
+
+    space = StateSpace(
+        entry.make_model(), {"a": mlp_pair.path_a, "b": mlp_pair.b.state_dict()}, cache="stream"
+    )
+    assert isinstance(space.state("a"), SourceTensors)
+    assert isinstance(space.state("b"), dict) and all(
+        t.device.type == "cpu" for t in space.state("b").values()
+    )
+    space.apply({"a": 0.5, "b": 0.5})
+    for k, v in space.model.state_dict().items():
+        torch.testing.assert_close(
+            v, torch.lerp(mlp_pair.a.state_dict()[k], mlp_pair.b.state_dict()[k], 0.5)
+        )
+    with pytest.raises(UsageError, match=r"unknown cache `strem` \(did you mean `stream`\?\)"):
+        StateSpace(entry.make_model(), cache="strem")
+
+
+def test_auto_cache_keeps_small_states_beside_the_model(mlp_pair) -> None:
+    space = StateSpace(entry.make_model(), {"a": mlp_pair.path_a}, cache="auto")
+    assert space.cache == "device"
+
+
+def test_a_device_map_builds_the_model_on_the_meta_device(mlp_pair) -> None:
+    from merge.evaluate.runner import build_model
+
+    r = interpolation_path(
+        entry.make_model,
+        mlp_pair.path_a,
+        mlp_pair.path_b,
+        data=entry.test_data(),
+        steps=3,
+        device_map={"layers.0": "cpu", "layers.1": "cpu", "layers.2": "cpu"},
+    )
+    ref = interpolation_path(
+        entry.make_model, mlp_pair.path_a, mlp_pair.path_b, data=entry.test_data(), steps=3
+    )
+    assert r.ok and [p["metrics"] for p in r.curves[0].points] == [
+        p["metrics"] for p in ref.curves[0].points
+    ]
+    lm = build_model(lambda: make_transformer(seed=0), "cpu", {"": "cpu"})
+    assert lm.lm_head.weight is lm.wte.weight  # ties survive the meta build
+    with pytest.raises(UsageError, match="places no module that holds `layers.2.weight`"):
+        build_model(entry.make_model, "cpu", {"layers.0": "cpu", "layers.1": "cpu"})
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="none is visible"):
+            build_model(entry.make_model, "cpu", "auto")
