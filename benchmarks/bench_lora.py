@@ -5,7 +5,8 @@
 
 Synthetic "fine-tune": base W (Gaussian) and tuned W + Δ with Δ = U·diag(σ)·Vᵀ, σ_i = exp(−i/24)
 (a decaying spectrum, as real fine-tune deltas have) plus 1e-3 noise, per square matrix.
-- extract: `merge lora extract --rank 64` with --svd full and --svd randomized; time and the
+- extract: `merge lora extract --rank 64` with --svd full, randomized (2 power iterations) and
+  auto (power iterations until converged, the default); time and the
   relative Frobenius error ‖Δ − BA‖/‖Δ‖ averaged over matrices (equal for an exact method);
 - bake: a rank-16 LoRA on every matrix baked into the base (`merge lora bake`), against the
   core's copy bound (`merge_expression("base")`: the same read + write with no math).
@@ -81,7 +82,7 @@ def main() -> None:
 
     b, t = load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
     rows = []
-    for method in () if args.skip_extract else ("full", "randomized"):
+    for method in () if args.skip_extract else ("full", "randomized", "auto"):
         t0 = time.perf_counter()
         report, factors = extract(base, tuned, None, rank=args.rank, svd=method)
         dt = time.perf_counter() - t0

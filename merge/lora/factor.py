@@ -22,12 +22,12 @@ from merge.lora.write import OutModule
 class Factored:
     B: Tensor  # [out, r]
     A: Tensor  # [r, n]; M = B @ A, scale included
-    shape: tuple[
-        int, ...
-    ]  # the weight delta's shape (conv: [out, in, kh, kw]; embedding: [num, dim])
+    # the weight delta's shape (conv: [out, in, kh, kw]; embedding: [num, dim])
+    shape: tuple[int, ...]
     transposed: bool = False  # ΔW = Mᵀ (embedding, fan_in_fan_out)
     embedding: bool = False
     from_lora: bool = True
+    scale: float = 1.0  # the adapter's own scale, folded into A (factor-wise mixing undoes it)
 
     @property
     def rank(self) -> int:
@@ -85,17 +85,24 @@ def factor_module(
         )
     if mod.kind == "embedding":
         a, b = get(mod.keys["A"]).float(), get(mod.keys["B"]).float()
-        return Factored(b, a * mod.scale, (a.shape[1], b.shape[0]), transposed=True, embedding=True)
+        return Factored(
+            b,
+            a * mod.scale,
+            (a.shape[1], b.shape[0]),
+            transposed=True,
+            embedding=True,
+            scale=mod.scale,
+        )
     if mod.kind == "lora":
         a, b = get(mod.keys["A"]).float(), get(mod.keys["B"]).float()
         r = a.shape[0]
         b2, a2 = b.reshape(b.shape[0], r), a.reshape(r, -1) * mod.scale
         shape = (b.shape[0], *a.shape[1:])
         if mod.fan_in_fan_out:
-            return Factored(b2, a2, (shape[1], shape[0]), transposed=True)
+            return Factored(b2, a2, (shape[1], shape[0]), transposed=True, scale=mod.scale)
         if base_shape is not None and len(base_shape) != len(shape):
             shape = base_shape  # e.g. a 4-D 1x1 LoRA on a Linear proj_in (SD2/SDXL)
-        return Factored(b2, a2, shape)
+        return Factored(b2, a2, shape, scale=mod.scale)
     d = module_delta(mod, get)
     if base_shape is not None:
         d = d.reshape(base_shape)
@@ -155,7 +162,8 @@ def truncate(f: Factored, rank: int | None, energy: float | None) -> tuple[Facto
 def factorwise_linear(parts: list[tuple[Factored, float, str]], module: str) -> Factored:
     """peft's `linear` combination (approximate: cross terms B_i·A_j): equal ranks required.
 
-    w'_i = w_i; A = Σ sign(w'_i)·sqrt|w'_i|·A_i, B = Σ sqrt|w'_i|·B_i (scales already in A_i).
+    On the raw factors, with w'_i = w_i·s_i: A = Σ sign(w'_i)·sqrt|w'_i|·A_i,
+    B = Σ sqrt|w'_i|·B_i, scale 1. Exact only for a single adapter.
     """
     ranks = {f.rank for f, _, _ in parts}
     if len(ranks) > 1:
@@ -164,7 +172,18 @@ def factorwise_linear(parts: list[tuple[Factored, float, str]], module: str) -> 
             f"mismatched ranks in a factor-space operation at `{module}`: {detail}; factor-wise mixing needs "
             "equal ranks. Use the default exact combine (ranks concatenate) or --rank/--energy (SVD)"
         )
+    not_lora = [n for f, _, n in parts if not f.from_lora]
+    if not_lora:
+        raise PlanError(
+            f"`{module}` of {', '.join(not_lora)} is not a LoRA factor pair (LoHa, LoKr, Tucker or full); "
+            "factor-wise mixing needs LoRA factors: use the default exact combine"
+        )
     first = parts[0][0]
-    a = sum(((1 if w >= 0 else -1) * abs(w) ** 0.5) * f.A for f, w, _ in parts)
-    b = sum((abs(w) ** 0.5) * f.B for f, w, _ in parts)
-    return Factored(b, a, first.shape, first.transposed, first.embedding, False)  # type: ignore[arg-type]
+    a = torch.zeros_like(first.A)
+    b = torch.zeros_like(first.B)
+    for f, w, _ in parts:
+        wp = w * f.scale
+        raw_a = f.A / f.scale if f.scale != 0 else f.A
+        a += (1.0 if wp >= 0 else -1.0) * abs(wp) ** 0.5 * raw_a
+        b += abs(wp) ** 0.5 * f.B
+    return Factored(b, a, first.shape, first.transposed, first.embedding, False)

@@ -109,3 +109,31 @@ def test_factorwise_needs_equal_ranks(llama: dict) -> None:
 def test_dora_is_not_combined(llama: dict) -> None:
     with pytest.raises(PlanError, match=r"is a DoRA module: DoRA is not a delta"):
         combine([llama["adapters"]["dora"], llama["adapters"]["plain"]], [1.0, 1.0], None)
+
+
+def test_factorwise_matches_peft_linear(llama: dict) -> None:
+    """--factorwise reproduces peft's add_weighted_adapter(combination_type="linear"), cross terms included."""
+    import warnings
+
+    from conftest import make_llama  # type: ignore[import-not-found]
+    from peft import PeftModel
+
+    a, b = llama["adapters"]["plain"], llama["adapters"]["patterns"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(make_llama(), a, adapter_name="a")
+        pm.load_adapter(b, adapter_name="b")
+        pm.add_weighted_adapter(["a", "b"], [0.3, 0.5], "c", combination_type="linear")
+    _, ours = combine([a, b], [0.3, 0.5], None, factorwise=True)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    ref = layer.get_delta_weight("c")
+    torch.testing.assert_close(
+        ours[("", "model.layers.0.self_attn.q_proj")].delta(), ref, atol=1e-5, rtol=1e-5
+    )
+    exact = 0.3 * open_lora(a, open_checkpoint(llama["base"])).read(
+        "model.layers.0.self_attn.q_proj.weight"
+    )
+    exact += 0.5 * open_lora(b, open_checkpoint(llama["base"])).read(
+        "model.layers.0.self_attn.q_proj.weight"
+    )
+    assert float((ref - exact).abs().max()) > 1e-3  # factor-wise is not the weighted sum

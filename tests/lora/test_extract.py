@@ -105,6 +105,10 @@ def test_randomized_svd_accuracy() -> None:
     assert err_full == pytest.approx(1 - kept1 / total, abs=1e-5)
     assert err_rand == pytest.approx(1 - kept2 / total, abs=1e-5)  # the reported energy is exact
     assert err_rand <= err_full * 1.05
+    _, _, kept3, _, rand3 = low_rank(m, 16, None, "auto")  # converged: accepted
+    assert rand3 and (kept1 - kept3) / total < 1e-4
+    _, _, _, _, rand4 = low_rank(m[:64], 16, None, "auto")  # too small for a randomized SVD
+    assert not rand4
 
 
 def test_extract_errors(llama: dict, tmp_path: Path) -> None:

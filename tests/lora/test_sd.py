@@ -13,7 +13,13 @@ from safetensors.torch import load_file, save_file
 from merge.api import merge_expression, run_recipe
 from merge.errors import PlanError
 from merge.io.detect import open_checkpoint
-from merge.lora.sd import align_inpainting, block_of, block_weight_recipe, parse_block_weights
+from merge.lora.sd import (
+    ARCH_BLOCKS,
+    align_inpainting,
+    block_of,
+    block_weight_recipe,
+    parse_block_weights,
+)
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -193,3 +199,18 @@ def test_lora_into_sd_recipe(sd: dict, work: Path) -> None:
     k = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
     delta07 = sd["fused07"][f"unet/{k}"] - base[k]  # the LoRA at 0.7
     torch.testing.assert_close(got[k], base[k] + (1.2 / 0.7) * delta07, atol=1e-5, rtol=1e-5)
+
+
+def test_block_weight_recipe_files_run(pipes: dict, work: Path) -> None:
+    """recipes/sd15-block-weights.yaml and sdxl-block-weights.yaml run (on the tiny SD1-style pipelines)."""
+    for name, arch in (("sd15-block-weights.yaml", "sd1"), ("sdxl-block-weights.yaml", "sdxl")):
+        r = _recipe(name, A=pipes["A"], B=pipes["B"])
+        w = parse_block_weights(r["description"].split(": ")[1], arch)
+        out = run_recipe(r, work / f"bw_file_{arch}")
+        a, b, got = _unet(pipes["A"]), _unet(pipes["B"]), _unet(out)
+        table = dict(zip(ARCH_BLOCKS[arch], w))
+        for k in a:
+            alpha = table[block_of("unet/" + k, arch)]
+            torch.testing.assert_close(
+                got[k], (1 - alpha) * a[k] + alpha * b[k], atol=1e-6, rtol=1e-6, msg=f"{arch} {k}"
+            )
