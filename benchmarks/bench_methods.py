@@ -9,7 +9,7 @@ Selection: the k-th largest |x| (k = 0.2 n, randn fp32) by a full `argsort` (wha
 `magnitude()` does), `kthvalue`, `topk`, and ours (sample bracket then count; exact).
 Merges: one tensor of n fp32 elements, base + 3 models, in-memory; the ratio is to `linear`.
 `--e2e DIR` runs whole recipes through the engine on a set built by bench_core.py
-(DIR/base, DIR/m0..m2) and reports wall time and peak RSS of each in a fresh process.
+(DIR/base, DIR/ft1..ft3) and reports wall time and peak RSS of each in a fresh process.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 10
 
 
 def bench_e2e(data: Path, out: Path) -> list[tuple[str, float, float]]:
-    inputs = {"base": str(data / "base"), **{f"m{i}": str(data / f"m{i}") for i in range(3)}}
+    inputs = {"base": str(data / "base"), **{f"m{i}": str(data / f"ft{i + 1}") for i in range(3)}}
     models = {f"m{i}": {"weight": 1.0, "density": 0.2} for i in range(3)}
     steps = {
         "linear": {"method": "linear", "models": {f"m{i}": {"weight": 1.0} for i in range(3)}},

@@ -250,3 +250,13 @@ def test_unknown_election_and_compat_are_named():
         ties([torch.ones(3)], base=torch.zeros(3), weight=[1.0], density=[1.0], elect="summ")
     with pytest.raises(UsageError, match=r"`compat: mergkit` is not one of paper, mergekit"):
         ties([torch.ones(3)], base=torch.zeros(3), weight=[1.0], density=[1.0], compat="mergkit")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bracket_threshold_is_exact_on_tied_bf16_values(seed):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(400_000, generator=g).bfloat16().float()
+    x = (base + 0.1 * torch.randn(400_000, generator=g)).bfloat16().float()  # many equal |δ|
+    a = (x - base).abs().sort(descending=True).values
+    for k in (1, 399, 80_000, 200_001, 399_999, 400_000):
+        assert kth_largest_abs(x, k, minus=base, method="bracket") == float(a[k - 1])
