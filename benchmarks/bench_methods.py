@@ -75,6 +75,17 @@ def bench_merges(n: int, repeat: int) -> list[tuple[str, float]]:
         ("dare_ties density 0.2", lambda: dare_ties(xs, base=base, weight=w, density=d, generator=gen.manual_seed(0))),
         ("model_stock", lambda: model_stock(xs, base=base)),
     ]
+    try:  # mergekit's own TIES kernel on the same tensors, when importable
+        from mergekit.merge_methods import registry
+        from mergekit.merge_methods.base import TensorGroup
+
+        mk = registry.get("ties")
+        group = TensorGroup.from_tensors([base, *xs], base_index=0)
+        params = {"weight": dict(enumerate(w, 1)), "density": dict(enumerate(d, 1)),
+                  "normalize": True, "rescale": False, "lambda": 1.0, "int8_mask": False}
+        cases.append(("mergekit 0.1.5 ties (argsort)", lambda: mk.merge_group(group, **params)))
+    except ImportError:
+        pass
     return [(name, best_of(fn, repeat)) for name, fn in cases]
 
 
@@ -87,7 +98,7 @@ print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 10
 """
 
 
-def bench_e2e(data: Path, out: Path) -> list[tuple[str, float, float]]:
+def bench_e2e(data: Path, out: Path, only: list[str]) -> list[tuple[str, float, float]]:
     inputs = {"base": str(data / "base"), **{f"m{i}": str(data / f"ft{i + 1}") for i in range(3)}}
     models = {f"m{i}": {"weight": 1.0, "density": 0.2} for i in range(3)}
     steps = {
@@ -98,6 +109,8 @@ def bench_e2e(data: Path, out: Path) -> list[tuple[str, float, float]]:
     }
     rows = []
     for name, step in steps.items():
+        if name not in only:
+            continue
         recipe = {"version": 1, "inputs": inputs, "steps": {"out": step}}
         res = subprocess.run([sys.executable, "-c", E2E_SCRIPT, json.dumps(recipe), str(out)],
                              capture_output=True, text=True, check=True)
@@ -114,24 +127,25 @@ def main() -> None:
     ap.add_argument("--argsort-1e8", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--e2e", type=Path, default=None)
+    ap.add_argument("--e2e-methods", default="linear,ties,dare_ties,model_stock")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)\n")
     print("| selection (k = 0.2 n) | n | time | vs kthvalue |\n| --- | ---: | ---: | ---: |")
-    for s in args.sizes.split(","):
+    for s in filter(None, args.sizes.split(",")):
         n = int(float(s))
         rows = bench_selection(n, args.repeat, with_argsort=n <= 10**7 or args.argsort_1e8)
         ref = dict(rows)["kthvalue"]
         for name, t in rows:
             print(f"| {name} | {s} | {t * 1000:.0f} ms | {ref / t:.2f}x |")
     n = int(float(args.merge_size))
-    rows = bench_merges(n, args.repeat)
+    rows = bench_merges(n, args.repeat) if n > 0 else [("linear (3 models)", 1.0)]
     ref = dict(rows)["linear (3 models)"]
     print(f"\n| merge of one tensor, n = {args.merge_size} fp32 | time | / linear |\n| --- | ---: | ---: |")
     for name, t in rows:
         print(f"| {name} | {t * 1000:.0f} ms | {t / ref:.1f}x |")
     if args.e2e:
-        rows3 = bench_e2e(args.e2e, Path("/tmp/bench_methods_out"))
+        rows3 = bench_e2e(args.e2e, Path("/tmp/bench_methods_out"), args.e2e_methods.split(","))
         ref = rows3[0][1]
         print(f"\n| recipe on {args.e2e} (base + 3) | wall | / linear | peak RSS |\n| --- | ---: | ---: | ---: |")
         for name, t, rss in rows3:

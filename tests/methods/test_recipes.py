@@ -107,3 +107,13 @@ def test_mergekit_config_runs_with_compat_mergekit(tmp_path, capfd):
         compat="mergekit",
     )
     torch.testing.assert_close(out[k], want.to(torch.bfloat16), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recipe", ["ties.yaml", "dare-ties.yaml", "model-stock.yaml"])
+def test_streaming_equals_in_memory(tmp_path, recipe):
+    _inputs(tmp_path, recipe)
+    written = load_state_dict(api.run_recipe(tmp_path / recipe, tmp_path / "out"))
+    in_memory = api.evaluate_recipe_in_memory(tmp_path / recipe)
+    assert set(written) == set(in_memory)
+    for k in written:
+        assert torch.equal(written[k], in_memory[k].to(written[k].dtype)), k
