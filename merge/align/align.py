@@ -14,7 +14,7 @@ from merge.align.permute import apply_permutation
 from merge.align.spec import PermutationSpec
 from merge.align.verify import Checker, VerificationError, relative_change, verify_spec
 from merge.align.weight_matching import MatchReport, weight_matching
-from merge.entrypoints import load_weights
+from merge.entrypoints import load_weights, make_model
 from merge.errors import UsageError
 
 METHODS = ("weight", "activation")
@@ -35,7 +35,7 @@ def complete_tied(model: nn.Module, state: Mapping[str, Tensor]) -> dict[str, Te
 
 
 def align_state_dicts(
-    model_factory_or_module: Callable[[], nn.Module] | nn.Module,
+    model_factory_or_module: Callable[[], nn.Module] | nn.Module | str,
     state_a: Mapping[str, Tensor],
     state_b: Mapping[str, Tensor],
     *,
@@ -46,6 +46,7 @@ def align_state_dicts(
     example_input: Any = None,
     restarts: int = 3,
     max_sweeps: int = 100,
+    heads: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Tensor], MatchReport]:
     """B permuted into A's unit order, and the report; B's function is unchanged (checked).
@@ -55,10 +56,12 @@ def align_state_dicts(
     is compared with B at the end. Any failure raises a MergeError naming the group.
 
     Args:
-        model_factory_or_module: an `nn.Module` or a no-argument function that builds one; its
-            state-dict names and shapes must match both checkpoints.
+        model_factory_or_module: an `nn.Module`, a no-argument function that builds one, or its
+            `module:function` name; its state-dict names and shapes must match both checkpoints.
         method: "weight" (Git Re-Basin weight matching, no data) or "activation" (needs `data`).
         data: batches `(inputs, targets)` / tensors / dicts; also gives the example input.
+        spec: a hand-written spec (`load_spec`) instead of the inferred one.
+        heads: let the inferred spec permute attention heads (see `infer_spec`).
     """
     if method not in METHODS:
         raise UsageError(f"unknown alignment method `{method}`: use one of {', '.join(METHODS)}")
@@ -66,15 +69,10 @@ def align_state_dicts(
         raise UsageError(
             "activation matching needs data: pass `data=` (--data on the command line)"
         )
-    model = (
-        model_factory_or_module
-        if isinstance(model_factory_or_module, nn.Module)
-        else model_factory_or_module()
-    )
-    if not isinstance(model, nn.Module):
-        raise UsageError(
-            f"the model factory returned {type(model).__name__}, not a torch.nn.Module"
-        )
+    if isinstance(model_factory_or_module, nn.Module):
+        model = model_factory_or_module
+    else:
+        model = make_model(model_factory_or_module)  # a callable or a "module:function" string
     model = copy.deepcopy(model)
     keys_b = list(state_b)
     state_a, state_b = complete_tied(model, state_a), complete_tied(model, state_b)
@@ -82,7 +80,7 @@ def align_state_dicts(
     load_weights(model, state_b, source="checkpoint B")
     args = _example_args(model, example_input, data)
     if spec is None:
-        spec = infer_spec(model, example_input=args[1] if args[1] else args[0])
+        spec = infer_spec(model, example_input=args[1] if args[1] else args[0], heads=heads)
     if progress:
         progress(f"spec ({spec.source}): {len(spec.groups)} groups, {len(spec.fixed)} fixed axes")
     if not spec.groups:
@@ -111,6 +109,7 @@ def align_state_dicts(
         report.seed = seed
     aligned = apply_permutation(spec, perms, state_b)
     checker = Checker(model, args)
+    checker.rtol = verification.rtol
     change = relative_change(
         checker.outputs(checker.cast(state_b)), checker.outputs(checker.cast(aligned))
     )

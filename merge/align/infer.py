@@ -58,12 +58,16 @@ State = Any  # None | Feat | PRef | list[State]
 
 
 class _UnionFind:
+    """Union-find over permutation variables. `coarse[r] = (h, k)` says r's permutation moves
+    whole blocks of k units, as h's (size / k) does: GroupNorm groups, attention heads."""
+
     def __init__(self) -> None:
         self.parent = [FIXED]
         self.sizes = [0]
         self.labels = ["FIXED"]
         self.members: dict[int, list[int]] = {FIXED: [FIXED]}
         self.reason: dict[int, str] = {}
+        self.coarse: dict[int, tuple[int, int]] = {}
 
     def new(self, size: int, label: str) -> int:
         v = len(self.parent)
@@ -85,7 +89,10 @@ class _UnionFind:
             return
         for m in self.members[r]:
             self.reason.setdefault(m, reason)
+        link = self.coarse.pop(r, None)
         self._link(FIXED, r)
+        if link:
+            self.fix(link[0], reason)
 
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
@@ -101,7 +108,64 @@ class _UnionFind:
             self.fix(ra, why)
             self.fix(rb, why)
             return
-        self._link(min(ra, rb), max(ra, rb))
+        la, lb = self.coarse.pop(ra, None), self.coarse.pop(rb, None)
+        root = min(ra, rb)
+        self._link(root, max(ra, rb))
+        if la and lb:
+            k = math.lcm(la[1], lb[1])
+            h1, h2 = self.coarsen(la[0], k // la[1]), self.coarsen(lb[0], k // lb[1])
+            self.union(h1, h2)
+            if self.find(root) != FIXED:
+                self.coarse[self.find(root)] = (h1, k)
+        elif la or lb:
+            self.coarse[root] = la or lb  # type: ignore[assignment]
+
+    def coarsen(self, v: int, k: int) -> int:
+        """A variable h with v's permutation = h's, each of h's units k consecutive units of v."""
+        r = self.find(v)
+        if k == 1 or r == FIXED:
+            return r
+        size = self.sizes[r]
+        if size % k:
+            self.fix(r, f"{size} units cannot move in blocks of {k}")
+            return FIXED
+        if r not in self.coarse:
+            h = self.new(size // k, self.labels[r])
+            self.coarse[r] = (h, k)
+            return h
+        h0, k0 = self.coarse[r]
+        if k % k0 == 0:
+            return self.coarsen(h0, k // k0)
+        top = math.lcm(k, k0)
+        if size % top:
+            self.fix(r, f"{size} units cannot move in blocks of both {k} and {k0}")
+            return FIXED
+        h_top = self.coarsen(h0, top // k0)
+        h = self.new(size // k, self.labels[r])
+        self.coarse[h] = (h_top, top // k)
+        return h
+
+    def settle(self) -> None:
+        """A fixed coarse variable fixes its fine one and vice versa, until nothing changes."""
+        changed = True
+        while changed:
+            changed = False
+            for r, (h, _) in list(self.coarse.items()):
+                fr, fh = self.find(r), self.find(h)
+                if (fr == FIXED) != (fh == FIXED):
+                    if fr == FIXED:
+                        self.fix(h, self.reason.get(r, "its blocks are fixed"))
+                    else:
+                        self.fix(r, self.reason.get(h, "its blocks are fixed"))
+                    changed = True
+
+    def resolve(self, v: int) -> tuple[int, int]:
+        """(root, k): v's permutation is the root's, each root unit k units of v wide."""
+        r, k = self.find(v), 1
+        while r in self.coarse:
+            h, f = self.coarse[r]
+            r, k = self.find(h), k * f
+        return r, k
 
     def _link(self, root: int, child: int) -> None:
         self.parent[child] = root
@@ -337,8 +401,9 @@ _MODULE_SPATIAL = (
 
 
 class _Inference:
-    def __init__(self, model: nn.Module, traced: Traced):
+    def __init__(self, model: nn.Module, traced: Traced, heads: bool = False):
         self.model = model
+        self.heads = heads
         self.traced = traced
         self.gm = traced.gm
         self.shapes = traced.shapes
@@ -369,6 +434,20 @@ class _Inference:
         if n.op == "call_module":
             return f"module `{n.target}`"
         return f"`{_name(n.target)}` (node {n.name})"
+
+    def label(self) -> str:
+        """The module a node belongs to (torch.export keeps the module stack), else its name."""
+        n = self.node
+        if n is None:
+            return "?"
+        if n.op == "call_module":
+            return str(n.target)
+        stack = n.meta.get("nn_module_stack")
+        if stack:
+            path = list(stack.values())[-1][0]
+            if path:
+                return str(path)
+        return n.name
 
     def new_var(self, size: int, label: str) -> Seg:
         return Seg(self.uf.new(size, label), size)
@@ -410,11 +489,18 @@ class _Inference:
             self.uses.setdefault((ref.name, axis), []).append(use)
 
     def union_segs(self, a: Sequence[Seg], b: Sequence[Seg]) -> bool:
-        if [(s.size, s.block) for s in a] != [(s.size, s.block) for s in b]:
-            return False
-        for x, y in zip(a, b):
-            self.uf.union(x.var, y.var)
-        return True
+        """Make two layouts one permutation; a single segment in blocks of k and one in blocks of
+        k·r (grouped-query attention: r query heads per KV head) unite by coarsening the first."""
+        if [(s.size, s.block) for s in a] == [(s.size, s.block) for s in b]:
+            for x, y in zip(a, b):
+                self.uf.union(x.var, y.var)
+            return True
+        if len(a) == len(b) == 1 and a[0].size * a[0].block == b[0].size * b[0].block:
+            x, y = sorted((a[0], b[0]), key=lambda s: s.block)
+            if y.block % x.block == 0:
+                self.uf.union(self.uf.coarsen(x.var, y.block // x.block), y.var)
+                return True
+        return False
 
     def shape(self, n: Any) -> Any:
         return self.shapes.get(n) if isinstance(n, fx.Node) else None
@@ -665,16 +751,32 @@ class _Inference:
         return f
 
     def group_norm(self, x: Any, groups: int, params: list[Any]) -> State:
+        """GroupNorm(G, C) normalises blocks of C/G channels: only whole groups may move."""
         f = self.feat_at(x, 1)
         c = sum(s.size * s.block for s in f.segs) if f else 0
-        if f and groups not in (1, c):
-            self.fix(f, f"{self.where()} normalises groups of channels ({groups} groups)")
+        if f and groups != 1 and not self.require_blocks(f, c // groups):
+            self.fix(
+                f,
+                f"{self.where()} normalises groups of channels ({groups} groups) that the layout splits",
+            )
             f = None
         for p in params:
             ref = self.weight_ref(p) if p is not None else None
             if ref:
                 self.bind(ref, {0: f.segs} if f else {}, f"input of {self.where()} is not permuted")
         return f
+
+    def require_blocks(self, f: Feat, k: int) -> bool:
+        """Constrain f's variables to move whole blocks of k entries; False if the layout cannot."""
+        offset = 0
+        for s in f.segs:
+            if offset % k or (s.size * s.block) % k or (s.block % k and k % s.block):
+                return False
+            offset += s.size * s.block
+        for s in f.segs:
+            if s.block % k:
+                self.uf.coarsen(s.var, k // s.block)
+        return True
 
     def embedding(self, idx: Any, w: Any, label: str) -> State:
         self.fix(self.state(idx), f"indices of {self.where()} are permuted")
@@ -777,15 +879,19 @@ class _Inference:
         if ins[0] == st.axis and len(outs) == 1:  # (C, H, W) -> C·H·W: block layout
             k = math.prod(a[i] for i in ins[1:])
             return Feat(outs[0], tuple(Seg(s.var, s.size, s.block * k) for s in st.segs))
-        if len(ins) == 1 and len(st.segs) == 1:  # C·k -> (C, k...): undo a block layout
-            s = st.segs[0]
-            if b[outs[0]] == s.size and math.prod(b[i] for i in outs[1:]) == s.block:
-                return Feat(outs[0], (Seg(s.var, s.size, 1),))
         sizes = tuple(b[i] for i in outs)
-        self.fix(
-            st,
-            f"{self.where()} splits the feature axis into {sizes} (attention heads are not permuted)",
-        )
+        if len(ins) == 1 and len(st.segs) == 1:  # C -> (H, D...): blocks of D move together
+            s, rest = st.segs[0], math.prod(b[i] for i in outs[1:])
+            if rest % s.block == 0 and (rest == s.block or self.heads):
+                h = self.uf.coarsen(s.var, rest // s.block)
+                return Feat(outs[0], (Seg(h, b[outs[0]], 1),)) if h != FIXED else None
+            if rest % s.block == 0:
+                self.fix(
+                    st,
+                    f"{self.where()} splits the feature axis into {sizes} (attention heads are not permuted; heads=True permutes them)",
+                )
+                return None
+        self.fix(st, f"{self.where()} splits the feature axis into {sizes}")
         return None
 
     def call_function(self, node: fx.Node) -> State:
@@ -807,7 +913,7 @@ class _Inference:
         if name in _UNARY:
             return self.unary(args[0])
         if name in ("linear",):
-            return self.linear(arg(0, "input"), arg(1, "weight"), arg(2, "bias"), node.name)
+            return self.linear(arg(0, "input"), arg(1, "weight"), arg(2, "bias"), self.label())
         if name in _CONV:
             groups = arg(8, "groups", 1) if name == "convolution" else arg(6, "groups", 1)
             transposed = (
@@ -816,7 +922,7 @@ class _Inference:
             if "transpose" in name:
                 groups = arg(6, "groups", 1)
             return self.conv(
-                arg(0, "input"), arg(1, "weight"), arg(2, "bias"), groups, transposed, node.name
+                arg(0, "input"), arg(1, "weight"), arg(2, "bias"), groups, transposed, self.label()
             )
         if name in _BATCH_NORM:
             if aten or name == "instance_norm":
@@ -855,7 +961,7 @@ class _Inference:
             return [out, None, None] if isinstance(out_shape, list) else out
         if name == "embedding":
             idx, w = (args[1], args[0]) if aten else (arg(0, "input"), arg(1, "weight"))
-            return self.embedding(idx, w, node.name)
+            return self.embedding(idx, w, self.label())
         if name in _ELEMENTWISE or (
             name in ("max", "min") and isinstance(self.shape(arg(1, "other")), tuple)
         ):
@@ -884,8 +990,9 @@ class _Inference:
         if name in ("slice", "select", "narrow", "index_select"):
             return self.select(node, name, args[0], arg(1, "dim", 0))
         if name == "scaled_dot_product_attention":
+            gqa = bool(arg(7, "enable_gqa", False))
             return self.sdpa(
-                node, arg(0, "query"), arg(1, "key"), arg(2, "value"), arg(3, "attn_mask")
+                node, arg(0, "query"), arg(1, "key"), arg(2, "value"), arg(3, "attn_mask"), gqa
             )
         if name in ("matmul", "mm", "bmm"):
             return self.matmul(node, args[0], args[1])
@@ -1085,7 +1192,41 @@ class _Inference:
             return None
         return Feat(mapping[st.axis], st.segs)
 
-    def sdpa(self, node: fx.Node, q: Any, k: Any, v: Any, mask: Any) -> State:
+    def sdpa(self, node: fx.Node, q: Any, k: Any, v: Any, mask: Any, gqa: bool) -> State:
+        """Attention: on the head-dim axis, q·k contracts (q, k one permutation; the output is
+        v's); on the head axis, q, k and v share one head permutation (the output's)."""
+        states = [self.state(t) for t in (q, k, v)]
+        shapes = [self.shape(t) for t in (q, k, v)]
+        if not all(isinstance(sh, tuple) for sh in shapes):
+            return self.unknown(node)
+        nd = len(shapes[0])
+        feats = [st if isinstance(st, Feat) else None for st in states]
+        for st in states:
+            if isinstance(st, PRef):
+                self.fix(st, f"parameter `{st.name}` used as data by {self.where()}")
+        axis = feats[0].axis if feats[0] else None
+        if (
+            axis is not None
+            and axis < nd - 2
+            and all(f and f.axis == axis and len(sh) == nd for f, sh in zip(feats, shapes))
+        ):
+            fq, fk, fv = feats
+            assert fq and fk and fv
+            mask_shape = self.shape(mask)
+            j = axis - (nd - len(mask_shape)) if isinstance(mask_shape, tuple) else -1
+            mask_ok = not (
+                isinstance(mask_shape, tuple) and 0 <= j < len(mask_shape) and mask_shape[j] != 1
+            )
+            r = shapes[0][axis] // shapes[1][axis] if gqa else 1  # query heads per KV head
+            kv = [tuple(Seg(s.var, s.size, s.block * r) for s in f.segs) for f in (fk, fv)]
+            if mask_ok and self.union_segs(fq.segs, kv[0]) and self.union_segs(fq.segs, kv[1]):
+                return Feat(axis, fq.segs)
+            for f in feats:
+                self.fix(
+                    f,
+                    f"{self.where()}: the heads of query, key, value or a per-head mask do not line up",
+                )
+            return None
         fq, fk, fv = (self.feat_at(t, -1) for t in (q, k, v))
         self.fix(self.state(mask), f"attention mask of {self.where()}")
         if (fq is None) != (fk is None) or (fq and fk and not self.union_segs(fq.segs, fk.segs)):
@@ -1110,7 +1251,7 @@ class _Inference:
         if isinstance(fb, PRef) and len(sb) == 2:
             W = fb
             a_feat = self.feat_at(a, -1)
-            seg = self.new_var(sb[1], node.name)
+            seg = self.new_var(sb[1], self.label())
             self.bind(W, {1: [seg], **({0: a_feat.segs} if a_feat else {})}, why)
             return Feat(nd - 1, (seg,))
         for st in (fa, fb):
@@ -1132,8 +1273,24 @@ class _Inference:
                 result = Feat(nd - 1, fb.segs)
             else:
                 self.fix(fb, f"{self.where()} would carry two permuted axes")
-        for st, sh in ((fa, sa), (fb, sb)):
-            if isinstance(st, Feat) and st.axis < len(sh) - 2:
+        batch = [
+            (st, st.axis + nd - len(sh))
+            for st, sh in ((fa, sa), (fb, sb))
+            if isinstance(st, Feat) and st.axis < len(sh) - 2
+        ]
+        if batch:  # a feature on a batch axis (attention heads): both operands must carry it
+            axis = batch[0][1]
+            carried = {id(st) for st, _ in batch}
+            others = [sh for st, sh in ((fa, sa), (fb, sb)) if id(st) not in carried]
+            broadcast = all(
+                axis - (nd - len(sh)) < 0 or sh[axis - (nd - len(sh))] == 1 for sh in others
+            )
+            same = len({a for _, a in batch}) == 1 and (
+                len(batch) == 1 or self.union_segs(batch[0][0].segs, batch[1][0].segs)
+            )
+            if result is None and same and broadcast:
+                return Feat(axis, batch[0][0].segs)
+            for st, _ in batch:
                 self.fix(st, f"{self.where()} batches over the feature axis")
         return result
 
@@ -1154,38 +1311,38 @@ class _Inference:
                 if not self.union_segs(layouts[0], segs):
                     for s in list(layouts[0]) + list(segs):
                         uf.fix(s.var, f"`{tensor}` axis {axis} is used with two different layouts")
+        uf.settle()
         aliases: dict[str, list[str]] = {}
         for name, canon in self.canon.items():
             aliases.setdefault(canon, []).append(name)
         members: dict[int, list[Member]] = {}
         fixed: list[FixedAxis] = []
-        bound: set[tuple[str, int]] = set()
         order = {name: i for i, name in enumerate(self.canon)}
         for (tensor, axis), uses in sorted(
             self.uses.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])
         ):
             layouts = [u[0] for u in uses if isinstance(u, tuple)]
             reasons = [u for u in uses if isinstance(u, str) and u]
-            if layouts and all(uf.find(s.var) != FIXED for s in layouts[0]):
-                offset = 0
-                for s in layouts[0]:
-                    for alias in aliases[tensor]:
-                        members.setdefault(uf.find(s.var), []).append(
-                            Member(alias, axis, s.block, offset)
-                        )
-                    offset += s.size * s.block
-                bound.add((tensor, axis))
-                continue
             if self.model_tensors[tensor].shape[axis] == 1:
                 continue
-            if layouts:
-                var = next(s.var for s in layouts[0] if uf.find(s.var) == FIXED)
-                reason = uf.reason.get(var, "shares a permutation with a fixed axis")
-            else:
-                reason = reasons[0] if reasons else "not permuted"
-            for alias in aliases[tensor]:
-                fixed.append(FixedAxis(alias, axis, reason))
-            bound.add((tensor, axis))
+            if not layouts:
+                for alias in aliases[tensor]:
+                    fixed.append(FixedAxis(alias, axis, reasons[0] if reasons else "not permuted"))
+                continue
+            offset = 0
+            for s in layouts[0]:  # segments of a concatenation are permuted (or not) one by one
+                root, k = uf.resolve(s.var)
+                span = s.size * s.block
+                where = f" (entries {offset}-{offset + span - 1})" if len(layouts[0]) > 1 else ""
+                for alias in aliases[tensor]:
+                    if root != FIXED:
+                        members.setdefault(root, []).append(
+                            Member(alias, axis, s.block * k, offset)
+                        )
+                    else:
+                        why = uf.reason.get(s.var, "shares a permutation with a fixed axis")
+                        fixed.append(FixedAxis(alias, axis, why + where))
+                offset += span
         seen_canon = {t for t, _ in self.uses}
         for name, t in self.model_tensors.items():
             if self.canon[name] not in seen_canon and t.dim() > 0 and t.is_floating_point():
@@ -1205,10 +1362,10 @@ class _Inference:
         probes: dict[str, list[tuple[str, int, int]]] = {}
         for node, st in self.env.items():
             if isinstance(st, Feat) and len(st.segs) == 1:
-                r = uf.find(st.segs[0].var)
+                r, k = uf.resolve(st.segs[0].var)
                 if r in root_names:
                     probes.setdefault(root_names[r], []).append(
-                        (node.name, st.axis, st.segs[0].block)
+                        (node.name, st.axis, st.segs[0].block * k)
                     )
         buffers = frozenset(n for n, _ in self.model.named_buffers())
         return PermutationSpec(
@@ -1245,15 +1402,20 @@ def _reshape_chunk(
     return None
 
 
-def infer_spec(model: nn.Module, example_input: Any = None, *, data: Any = None) -> PermutationSpec:
+def infer_spec(
+    model: nn.Module, example_input: Any = None, *, data: Any = None, heads: bool = False
+) -> PermutationSpec:
     """Infer the permutation groups of `model` from a torch.fx trace (torch.export as fallback).
 
     Args:
         example_input: what the model is called with: a tensor, a tuple of positional inputs,
             or a dict of keyword inputs. Without it, the first batch of `data` is used, or an
             input is guessed from the first layer (Linear, Embedding or Conv).
+        heads: also permute attention heads (whole heads; query, key, value and the output
+            projection's input together; a KV head with its block of query heads under grouped
+            -query attention). Dimensions within a head are never permuted, so RoPE is safe.
     """
-    return _infer(model, _example_args(model, example_input, data)).resolve()
+    return _infer(model, _example_args(model, example_input, data), heads).resolve()
 
 
 def _example_args(model: nn.Module, example_input: Any, data: Any) -> Args:
@@ -1269,13 +1431,13 @@ def _example_args(model: nn.Module, example_input: Any, data: Any) -> Args:
     return guess_example(model)
 
 
-def _infer(model: nn.Module, args: Args) -> _Inference:
-    inf = _Inference(model, trace(model, args))
+def _infer(model: nn.Module, args: Args, heads: bool = False) -> _Inference:
+    inf = _Inference(model, trace(model, args), heads)
     inf.run()
     return inf
 
 
 def inferred_graph(model: nn.Module, args: Args) -> tuple[Traced, PermutationSpec]:
     """The traced graph and its spec (with `probes` naming graph nodes), for activation matching."""
-    inf = _infer(model, args)
+    inf = _infer(model, args, heads=True)
     return inf.traced, inf.resolve()

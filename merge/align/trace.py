@@ -7,6 +7,7 @@ mapping tied state-dict names onto one canonical name.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,18 @@ Args = tuple[tuple[Any, ...], dict[str, Any]]
 
 class TraceError(MergeError):
     """Neither torch.fx nor torch.export could trace the model."""
+
+
+def without_cache(model: nn.Module, args: Args) -> Args:
+    """Hugging Face models return a KV cache object unless told not to; tracing and the checks
+    need plain tensors, so `use_cache=False` is passed when `forward` accepts it."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return args
+    if "use_cache" in params and "use_cache" not in args[1]:
+        return args[0], {**args[1], "use_cache": False}
+    return args
 
 
 def split_batch(batch: Any) -> Args:
@@ -124,6 +137,7 @@ def _shape_from(meta: Any) -> Any:
 def trace(model: nn.Module, args: Args) -> Traced:
     """fx.symbolic_trace + ShapeProp; when that fails, torch.export (ATen ops, real shapes)."""
     errors = []
+    args = without_cache(model, args)
     with eval_mode(model):
         try:
             return _trace_fx(model, args)

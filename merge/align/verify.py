@@ -2,7 +2,8 @@
 
 1. Random permutations of every group, applied to the weights (eval mode; float64 when the model
    fits in `FLOAT64_LIMIT` bytes, else float32), must leave the outputs unchanged to `rtol`
-   relative to the largest output; repeated for two seeds. On failure each group is tried alone
+   relative to the largest output (1e-9 in float64, 1e-5 in float32 or when a float64 model
+   computes parts in float32); repeated for two seeds. On failure each group is tried alone
    and the culprits are named.
 2. Negative control: permuting one member of a group alone (the group "broken") must change the
    outputs, which shows the check can see that group at all.
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from merge.align.permute import Perms, apply_permutation, permute_tensor, random_perms
 from merge.align.spec import Member, PermutationSpec
-from merge.align.trace import Args, call_with_state, cast_floats, eval_mode
+from merge.align.trace import Args, call_with_state, cast_floats, eval_mode, without_cache
 from merge.errors import MergeError
 
 FLOAT64_LIMIT = 2 * 2**30  # bytes of float64 parameters under which the check runs in float64
@@ -41,6 +42,7 @@ class VerifyReport:
     ]  # relative output change under random permutations of all groups, per seed
     broken_change: dict[str, float] = field(default_factory=dict)  # negative control per group
     unchecked: list[str] = field(default_factory=list)  # groups the negative control cannot break
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,7 +78,7 @@ class Checker:
         nbytes = sum(p.numel() for p in model.parameters()) * 8
         self.dtype = dtype or (torch.float64 if nbytes <= FLOAT64_LIMIT else torch.float32)
         self.model = copy.deepcopy(model).to(self.dtype)
-        self.args = cast_floats(args, self.dtype)
+        self.args = cast_floats(without_cache(model, args), self.dtype)
         self.rtol = RTOL[self.dtype]
 
     def cast(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -145,6 +147,13 @@ def verify_spec(
         perms = random_perms(spec, seed)
         change = relative_change(base, checker.outputs(apply_permutation(spec, perms, base_state)))
         report.max_change.append(change)
+        if checker.rtol < change <= RTOL[torch.float32] and checker.dtype == torch.float64:
+            # float32 islands inside a float64 run (e.g. an RMSNorm that upcasts to float32):
+            # float32 rounding, so the float32 tolerance applies
+            checker.rtol = report.rtol = RTOL[torch.float32]
+            report.notes.append(
+                f"the model computes parts in float32 (change {change:.2g}); tolerance {checker.rtol:g}"
+            )
         if change > checker.rtol:
             culprits = _culprits(checker, spec, base_state, base, perms)
             raise VerificationError(_failure_message(spec, culprits, change, checker.rtol))

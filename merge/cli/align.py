@@ -14,23 +14,77 @@ from merge.errors import PlanError, UsageError
 def report_path(output: Path) -> Path:
     """The JSON report beside the output: `b.safetensors` -> `b.align.json`, `b/` -> `b.align.json`."""
     output = Path(output)
-    stem = output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.name
+    stem = (
+        output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.name
+    )
     return output.with_name(f"{stem}.align.json")
 
 
 def register(cli: click.Group) -> None:
     @cli.command("align")
     @click.argument("checkpoints", nargs=-1, metavar="A B")
-    @click.option("--model", "model", metavar="MODULE:FN", required=True, help="make_model() -> nn.Module matching both checkpoints.")
-    @click.option("--method", type=click.Choice(["weight", "activation"]), default="weight", show_default=True, help="Weight matching (no data) or activation matching (needs --data).")
-    @click.option("--data", "data", metavar="MODULE:FN", help="make_data() -> batches; the first batch is also the example input for tracing and checks.")
-    @click.option("--spec", "spec_path", type=click.Path(dir_okay=False, path_type=Path), help="Hand-written permutation spec (YAML or JSON) instead of inferring one.")
-    @click.option("--show-spec", is_flag=True, help="Print the permutation groups (members, sizes) and the fixed axes with reasons.")
-    @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sweep order and restarts.")
-    @click.option("--restarts", type=int, default=3, show_default=True, help="Weight-matching runs; the best objective is kept.")
-    @click.option("-o", "--output", type=click.Path(path_type=Path), help="Aligned B: a .safetensors file or a folder; the report goes to <name>.align.json beside it.")
+    @click.option(
+        "--model",
+        "model",
+        metavar="MODULE:FN",
+        required=True,
+        help="make_model() -> nn.Module matching both checkpoints.",
+    )
+    @click.option(
+        "--method",
+        type=click.Choice(["weight", "activation"]),
+        default="weight",
+        show_default=True,
+        help="Weight matching (no data) or activation matching (needs --data).",
+    )
+    @click.option(
+        "--data",
+        "data",
+        metavar="MODULE:FN",
+        help="make_data() -> batches; the first batch is also the example input for tracing and checks.",
+    )
+    @click.option(
+        "--spec",
+        "spec_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Hand-written permutation spec (YAML or JSON) instead of inferring one.",
+    )
+    @click.option(
+        "--show-spec",
+        is_flag=True,
+        help="Print the permutation groups (members, sizes) and the fixed axes with reasons.",
+    )
+    @click.option(
+        "--heads",
+        is_flag=True,
+        help="Also permute attention heads (whole heads; RoPE- and GQA-safe).",
+    )
+    @click.option(
+        "--seed",
+        type=int,
+        default=0,
+        show_default=True,
+        help="Seed of the sweep order and restarts.",
+    )
+    @click.option(
+        "--restarts",
+        type=int,
+        default=3,
+        show_default=True,
+        help="Weight-matching runs; the best objective is kept.",
+    )
+    @click.option(
+        "-o",
+        "--output",
+        type=click.Path(path_type=Path),
+        help="Aligned B: a .safetensors file or a folder; the report goes to <name>.align.json beside it.",
+    )
     @click.option("--force", is_flag=True, help="Replace an existing output and report.")
-    @click.option("--unsafe-pickle", is_flag=True, help="Allow PyTorch pickles with arbitrary objects (trusted files only).")
+    @click.option(
+        "--unsafe-pickle",
+        is_flag=True,
+        help="Allow PyTorch pickles with arbitrary objects (trusted files only).",
+    )
     @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
     def align_cmd(
         checkpoints: tuple[str, ...],
@@ -39,6 +93,7 @@ def register(cli: click.Group) -> None:
         data: str | None,
         spec_path: Path | None,
         show_spec: bool,
+        heads: bool,
         seed: int,
         restarts: int,
         output: Path | None,
@@ -61,14 +116,20 @@ def register(cli: click.Group) -> None:
         say = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
         if not show_spec or output is not None or checkpoints:
             if len(checkpoints) != 2:
-                raise UsageError(f"merge align takes two checkpoints, A and B (got {len(checkpoints)})")
+                raise UsageError(
+                    f"merge align takes two checkpoints, A and B (got {len(checkpoints)})"
+                )
             if output is None:
-                raise UsageError("merge align needs -o/--output for the aligned checkpoint (or use --show-spec alone)")
+                raise UsageError(
+                    "merge align needs -o/--output for the aligned checkpoint (or use --show-spec alone)"
+                )
             if method == "activation" and data is None:
                 raise UsageError("--method activation needs --data MODULE:FN")
             report_file = report_path(output)
             if report_file.exists() and not force:
-                raise PlanError(f"the report {report_file} already exists; pass --force to replace it")
+                raise PlanError(
+                    f"the report {report_file} already exists; pass --force to replace it"
+                )
             if output.exists() and not force:
                 raise PlanError(f"output {output} already exists; pass --force to replace it")
         net = entrypoints.make_model(model)
@@ -76,22 +137,42 @@ def register(cli: click.Group) -> None:
         spec = load_spec(spec_path) if spec_path else None
         if show_spec:
             if spec is None:
-                spec = infer_spec(net, example_input=_unpack(_example_args(net, None, batches)))
+                spec = infer_spec(
+                    net, example_input=_unpack(_example_args(net, None, batches)), heads=heads
+                )
             click.echo(spec.format())
             if output is None:
                 return
         state_a = load_state_dict(checkpoints[0], unsafe_pickle=unsafe_pickle)
         state_b = load_state_dict(checkpoints[1], unsafe_pickle=unsafe_pickle)
         aligned, report = align_state_dicts(
-            net, state_a, state_b, method=method, data=batches, seed=seed, spec=spec, restarts=restarts, progress=say
+            net,
+            state_a,
+            state_b,
+            method=method,
+            data=batches,
+            seed=seed,
+            spec=spec,
+            restarts=restarts,
+            heads=heads,
+            progress=say,
         )
         assert output is not None
-        doc: dict[str, Any] = {"a": checkpoints[0], "b": checkpoints[1], "model": model, **report.to_dict()}
+        doc: dict[str, Any] = {
+            "a": checkpoints[0],
+            "b": checkpoints[1],
+            "model": model,
+            **report.to_dict(),
+        }
         written = save_state_dict(
             aligned,
             output,
             force=force,
-            metadata={"merge.align": json.dumps({"a": checkpoints[0], "b": checkpoints[1], "method": method, "seed": seed})},
+            metadata={
+                "merge.align": json.dumps(
+                    {"a": checkpoints[0], "b": checkpoints[1], "method": method, "seed": seed}
+                )
+            },
         )
         report_file = report_path(output)
         report_file.write_text(json.dumps(doc, indent=1, default=str))
