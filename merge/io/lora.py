@@ -284,13 +284,6 @@ class LoraSource(TensorSource):
     def root(self) -> Path | None:
         return None
 
-    def modules_for(self) -> dict[str, LoraModule]:
-        """Base weight key -> module, for factor-space operations."""
-        return {
-            k: v[1]
-            for k, v in self._targets.items()
-            if v[0] == "weight" and isinstance(v[1], LoraModule)
-        }
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -350,5 +343,5 @@ def _leaf(m: LoraModule) -> str:
     if m.dotted:
         parts = m.path.split(".")
         return parts[-2] + "." + parts[-1] if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
-    tail = re.sub(r"^.*?_(\d+)_", "", m.path)
-    return tail.rsplit("_blocks_", 1)[-1]
+    tail = re.sub(r"^.*_\d+_", "", m.path)
+    return tail
