@@ -161,3 +161,46 @@ def test_extract_from_pipeline_and_single_file(sd: dict, pipes: dict, work: Path
     for k, v in ref.items():
         if v.is_floating_point():
             torch.testing.assert_close(out[k], v, atol=1e-4, rtol=1e-4, msg=k)
+
+
+def test_diffusers_files_we_write_load_in_diffusers(sd: dict, work: Path) -> None:
+    """Combined (exact, rank 8) and SVD-truncated (--energy: ranks differ -> rank_pattern in the
+    lora_adapter_metadata) diffusers files load with load_lora_weights and fuse to our bake."""
+    from diffusers import StableDiffusionPipeline
+
+    exact, _ = combine(
+        [sd["lora"], sd["lora"]], [0.5, 0.5], work / "dl_exact.safetensors", fmt="diffusers"
+    )
+    trunc, _ = combine(
+        [sd["lora"]], [1.0], work / "dl_trunc.safetensors", energy=0.9, fmt="diffusers"
+    )
+    assert len(set(trunc.rank_out.values())) > 1
+    for f in ("dl_exact.safetensors", "dl_trunc.safetensors"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe = StableDiffusionPipeline.from_pretrained(
+                sd["pipe"],
+                tokenizer=None,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            pipe.load_lora_weights(str(work / f))
+            pipe.fuse_lora(lora_scale=0.6, components=["unet", "text_encoder"])
+            pipe.unload_lora_weights()
+        ours = _dir_state(bake(sd["pipe"], [(work / f, 0.6)], work / f"dl_baked_{f}"))
+        for k, v in pipe.unet.state_dict().items():
+            torch.testing.assert_close(v, ours[f"unet/{k}"], atol=1e-5, rtol=1e-5, msg=f"{f} {k}")
+        for k, v in pipe.text_encoder.state_dict().items():
+            torch.testing.assert_close(
+                v, ours[f"text_encoder/{k}"], atol=1e-5, rtol=1e-5, msg=f"{f} {k}"
+            )
+    # exact combine of the same LoRA with weights 0.5 + 0.5 is the LoRA itself
+    k = "unet/down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    base = _dir_state(sd["pipe"])
+    torch.testing.assert_close(
+        _dir_state(work / "dl_baked_dl_exact.safetensors")[k] - base[k],
+        0.6 / 0.7 * (sd["fused07"][k] - base[k]),
+        atol=1e-5,
+        rtol=1e-5,
+    )
