@@ -168,9 +168,7 @@ def test_diffusers_files_we_write_load_in_diffusers(sd: dict, work: Path) -> Non
     lora_adapter_metadata) diffusers files load with load_lora_weights and fuse to our bake."""
     from diffusers import StableDiffusionPipeline
 
-    exact, _ = combine(
-        [sd["lora"], sd["lora"]], [0.5, 0.5], work / "dl_exact.safetensors", fmt="diffusers"
-    )
+    combine([sd["lora"], sd["lora"]], [0.5, 0.5], work / "dl_exact.safetensors", fmt="diffusers")
     trunc, _ = combine(
         [sd["lora"]], [1.0], work / "dl_trunc.safetensors", energy=0.9, fmt="diffusers"
     )
