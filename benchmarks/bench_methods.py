@@ -58,7 +58,9 @@ def bench_selection(n: int, repeat: int, with_argsort: bool) -> list[tuple[str, 
     rows.append(("kthvalue", best_of(lambda: kth_largest_abs(x, k, method="kthvalue"), repeat)))
     rows.append(("topk(sorted=False)", best_of(lambda: x.abs().topk(k, sorted=False), repeat)))
     assert kth_largest_abs(x, k, method="bracket") == want  # exact
-    rows.append(("bracket+count (ours)", best_of(lambda: kth_largest_abs(x, k, method="bracket"), repeat)))
+    rows.append(
+        ("bracket+count (ours)", best_of(lambda: kth_largest_abs(x, k, method="bracket"), repeat))
+    )
     return rows
 
 
@@ -72,7 +74,10 @@ def bench_merges(n: int, repeat: int) -> list[tuple[str, float]]:
         ("linear (3 models)", lambda: linear(xs, weight=w)),
         ("task_arithmetic", lambda: task_arithmetic(xs, base=base, weight=w)),
         ("ties density 0.2", lambda: ties(xs, base=base, weight=w, density=d)),
-        ("dare_ties density 0.2", lambda: dare_ties(xs, base=base, weight=w, density=d, generator=gen.manual_seed(0))),
+        (
+            "dare_ties density 0.2",
+            lambda: dare_ties(xs, base=base, weight=w, density=d, generator=gen.manual_seed(0)),
+        ),
         ("model_stock", lambda: model_stock(xs, base=base)),
     ]
     try:  # mergekit's own TIES kernel on the same tensors, when importable
@@ -81,8 +86,14 @@ def bench_merges(n: int, repeat: int) -> list[tuple[str, float]]:
 
         mk = registry.get("ties")
         group = TensorGroup.from_tensors([base, *xs], base_index=0)
-        params = {"weight": dict(enumerate(w, 1)), "density": dict(enumerate(d, 1)),
-                  "normalize": True, "rescale": False, "lambda": 1.0, "int8_mask": False}
+        params = {
+            "weight": dict(enumerate(w, 1)),
+            "density": dict(enumerate(d, 1)),
+            "normalize": True,
+            "rescale": False,
+            "lambda": 1.0,
+            "int8_mask": False,
+        }
         cases.append(("mergekit 0.1.5 ties (argsort)", lambda: mk.merge_group(group, **params)))
     except ImportError:
         pass
@@ -112,8 +123,12 @@ def bench_e2e(data: Path, out: Path, only: list[str]) -> list[tuple[str, float, 
         if name not in only:
             continue
         recipe = {"version": 1, "inputs": inputs, "steps": {"out": step}}
-        res = subprocess.run([sys.executable, "-c", E2E_SCRIPT, json.dumps(recipe), str(out)],
-                             capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            [sys.executable, "-c", E2E_SCRIPT, json.dumps(recipe), str(out)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         r = json.loads(res.stdout.strip().splitlines()[-1])
         rows.append((name, r["wall"], r["rss"] / 2**30))
     return rows
@@ -141,13 +156,17 @@ def main() -> None:
     n = int(float(args.merge_size))
     rows = bench_merges(n, args.repeat) if n > 0 else [("linear (3 models)", 1.0)]
     ref = dict(rows)["linear (3 models)"]
-    print(f"\n| merge of one tensor, n = {args.merge_size} fp32 | time | / linear |\n| --- | ---: | ---: |")
+    print(
+        f"\n| merge of one tensor, n = {args.merge_size} fp32 | time | / linear |\n| --- | ---: | ---: |"
+    )
     for name, t in rows:
         print(f"| {name} | {t * 1000:.0f} ms | {t / ref:.1f}x |")
     if args.e2e:
         rows3 = bench_e2e(args.e2e, Path("/tmp/bench_methods_out"), args.e2e_methods.split(","))
         ref = rows3[0][1]
-        print(f"\n| recipe on {args.e2e} (base + 3) | wall | / linear | peak RSS |\n| --- | ---: | ---: | ---: |")
+        print(
+            f"\n| recipe on {args.e2e} (base + 3) | wall | / linear | peak RSS |\n| --- | ---: | ---: | ---: |"
+        )
         for name, t, rss in rows3:
             print(f"| {name} | {t:.1f} s | {t / ref:.1f}x | {rss:.2f} GiB |")
 
