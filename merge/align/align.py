@@ -88,7 +88,8 @@ def align_state_dicts(
             "the permutation spec has no groups: nothing in this model can be permuted "
             "(run with --show-spec to see why every axis is fixed)"
         )
-    verification = verify_spec(model, spec, args, state_b)
+    checker = Checker(model, args)  # one float64 copy of the model serves both checks
+    verification = verify_spec(model, spec, args, state_b, checker=checker)
     if progress:
         progress(
             f"spec verified in {verification.dtype}: max relative change {max(verification.max_change):.2g}"
@@ -108,8 +109,6 @@ def align_state_dicts(
         perms, report = activation_matching(model, spec, state_a, state_b, data)
         report.seed = seed
     aligned = apply_permutation(spec, perms, state_b)
-    checker = Checker(model, args)
-    checker.rtol = verification.rtol
     change = relative_change(
         checker.outputs(checker.cast(state_b)), checker.outputs(checker.cast(aligned))
     )

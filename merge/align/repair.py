@@ -85,6 +85,8 @@ def repair_points(model: nn.Module) -> list[str]:
             isinstance(m, nn.Linear | nn.modules.conv._ConvNd)
             and m.bias is not None
             and name != last
+            # a grouped transposed conv's output channels are not rows of its weight
+            and not (isinstance(m, nn.modules.conv._ConvTransposeNd) and m.groups != 1)
         ):
             out.append(name)
     return out

@@ -19,6 +19,7 @@ Hand-written specs load from YAML or JSON:
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -134,18 +135,19 @@ class PermutationSpec:
                         f"group `{g.name}`: `{m.tensor}` axis {m.axis} has {shape[m.axis]} entries, "
                         f"but size {g.size} x block {m.block} + offset {m.offset} needs {need}"
                     )
-        seen: dict[tuple[str, int, int], str] = {}
+        spans: dict[tuple[str, int], list[tuple[int, int, str]]] = {}
         for g in self.groups.values():
             for m in g.members:
-                axis = m.axis
-                for i in range(m.offset, m.offset + g.size * m.block):
-                    key = (m.tensor, axis, i)
-                    if key in seen and seen[key] != g.name:
-                        problems.append(
-                            f"`{m.tensor}` axis {axis} is claimed by both `{seen[key]}` and `{g.name}`"
-                        )
-                        break
-                    seen[key] = g.name
+                spans.setdefault((m.tensor, m.axis), []).append(
+                    (m.offset, m.offset + g.size * m.block, g.name)
+                )
+        for (tensor, axis), intervals in spans.items():
+            intervals.sort()
+            for (_, end, first), (start, _, second) in itertools.pairwise(intervals):
+                if start < end:
+                    problems.append(
+                        f"`{tensor}` axis {axis} is claimed by both `{first}` and `{second}`"
+                    )
         if problems:
             raise SpecError(
                 f"the permutation spec ({self.source}) does not fit {what} "

@@ -84,11 +84,8 @@ def guess_example(model: nn.Module) -> Args:
             for size in (8, 16, 28, 32, 64, 224):
                 x = torch.randn(2, mod.in_channels, *([size] * nd))
                 try:
-                    with torch.no_grad():
-                        was = model.training
-                        model.eval()
+                    with torch.no_grad(), eval_mode(model):
                         model(x)
-                        model.train(was)
                     return (x,), {}
                 except Exception:
                     continue

@@ -128,13 +128,14 @@ def verify_spec(
     *,
     seeds: tuple[int, ...] = (0, 1),
     negative_control: bool = True,
+    checker: Checker | None = None,
 ) -> VerifyReport:
     """Check that every group of `spec` is a symmetry of `model` at weights `state`.
 
     Raises VerificationError naming the groups that change the outputs, or the groups whose
     breaking does not (the check would be blind to them).
     """
-    checker = Checker(model, args)
+    checker = checker or Checker(model, args)
     base_state = checker.cast(state if state is not None else model.state_dict())
     spec.check(base_state, what="the model")
     base = checker.outputs(base_state)

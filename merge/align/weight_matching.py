@@ -131,6 +131,19 @@ def weight_matching(
         if not contributions[n]
     ]
 
+    neighbours: dict[str, list[str]] = {}  # groups sharing a matched tensor (itself included)
+    for name in names:
+        tensors = {t for t, _ in contributions[name]}
+        neighbours[name] = sorted(
+            {
+                g
+                for t in tensors
+                for entries in axes[t].values()
+                for g, _ in entries
+                if contributions[g]
+            }
+        )
+
     def objective(perms: Perms) -> float:
         return float(sum((A[t] * permute_tensor(B[t], axes[t], perms)).sum() for t in matched))
 
@@ -154,18 +167,27 @@ def weight_matching(
             perms = {n: rng.permutation(g.size) for n, g in spec.groups.items()}
         history = [objective(perms)]
         sweeps = 0
+        # A group's cost matrix depends only on its neighbours' perms: when none changed since
+        # its last solve, the LAP would give the same answer, so it is skipped.
+        version = dict.fromkeys(names, 0)
+        solved_at: dict[str, tuple[int, ...]] = {}
         for _ in range(max_sweeps):
             sweeps += 1
             improved = False
             for p in rng.permutation(len(names)):
                 name = names[p]
+                stamp = tuple(version[q] for q in neighbours[name])
+                if solved_at.get(name) == stamp:
+                    continue
                 C = cost(name, perms)
                 _, cols = linear_sum_assignment(C, maximize=True)
                 idx = np.arange(len(cols))
                 old, new = C[idx, perms[name]].sum(), C[idx, cols].sum()
                 if new > old + IMPROVEMENT:
                     perms[name] = cols
+                    version[name] += 1
                     improved = True
+                solved_at[name] = tuple(version[q] for q in neighbours[name])
             history.append(objective(perms))
             if progress:
                 progress(f"restart {r + 1}/{restarts}, sweep {sweeps}: objective {history[-1]:.6g}")
