@@ -2,7 +2,7 @@
 
 Fixed rank (capped by the matrix) or an energy threshold (smallest k with Σ kept σ² ≥ e·Σ σ²).
 For a fixed rank on a matrix much larger than the rank, a randomized SVD (range finder with
-q = rank + 10 columns and power iterations until one more gains less than 0.001% of ‖ΔW‖², at
+q = rank + 10 columns and power iterations until one more gains less than 0.01% of ‖ΔW‖², at
 most 8, else the full SVD); its reported energy is exact for the factors it returns (they are an
 orthogonal projection of ΔW). Output: a PEFT adapter (with
 `rank_pattern` when ranks differ), a diffusers LoRA file (pipelines) or a kohya file.
@@ -33,7 +33,7 @@ EMBEDDING = re.compile(
 OVERSAMPLE = 10  # extra columns for the randomized range finder
 POWER_ITERS = 2  # for --svd randomized
 MAX_POWER_ITERS = 8  # for --svd auto, before falling back to the full SVD
-RANDOMIZED_TOL = 1e-5  # converged: one more power iteration gains < 0.001% of ‖ΔW‖²
+RANDOMIZED_TOL = 1e-4  # converged: one more power iteration gains < 0.01% of ‖ΔW‖²
 
 
 @dataclass
