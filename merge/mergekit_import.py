@@ -42,6 +42,9 @@ _METHODS: dict[str, tuple[str, str]] = {
     "multislerp": ("multislerp", "base"),
     "karcher": ("karcher", "peer"),
     "passthrough": ("passthrough", "none"),
+    "nearswap": ("nearswap", "base"),
+    "sce": ("sce", "base"),
+    "ram": ("ram", "base"),
 }
 _RENAME = {"lambda": "scale", "nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}
 _DROP = {"int8_mask"}  # no effect on the values

@@ -187,8 +187,8 @@ def test_untranslatable_keys_are_each_named():
         "models[0].parameters.densty: parameter `densty` has no counterpart in `ties` (it takes: compat, density, elect, normalize, scale, weight)",
         "tokenizer_source: union builds a merged vocabulary and re-maps embedding rows, which merge does not do; merge models that share a vocabulary, or use `tokenizer_source: base`",
     ]
-    _, problems = translate({"merge_method": "sce", "models": [{"model": "/m/a"}]})
-    assert problems[0].startswith("merge_method `sce` has no counterpart in merge")
+    _, problems = translate({"merge_method": "arcee_fusion", "models": [{"model": "/m/a"}]})
+    assert problems[0].startswith("merge_method `arcee_fusion` has no counterpart in merge")
 
 
 def test_lora_references_are_refused():

@@ -91,3 +91,16 @@ def test_model_stock_matches_mergekit(filter_wise):
     ref = mk_registry.get("model_stock").merge_group(group, filter_wise=filter_wise)
     ours = get_method("model_stock").fn(XS, base=BASE, filter_wise=filter_wise)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [("nearswap", {"t": 0.4}), ("sce", {"select_topk": 0.5}), ("sce", {}), ("ram", {})],
+)
+def test_newer_methods_match_mergekit(name, params):
+    group = TensorGroup.from_tensors([BASE, *(XS[:1] if name == "nearswap" else XS)], base_index=0)
+    mk = mk_registry.get(name)
+    defaults = {p.name: p.default for p in mk.spec.parameters if p.default is not None}
+    ref = mk.merge_group(group, **{**defaults, **params})
+    ours = get_method(name).fn(XS[:1] if name == "nearswap" else XS, base=BASE, **params)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

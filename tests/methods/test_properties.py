@@ -35,6 +35,9 @@ def call(
         kwargs["density"] = [0.5] * len(tensors)  # exercise the sparsifiers
     if spec.name == "fisher":  # regmean without statistics is the weighted mean
         kwargs["statistics"] = [torch.ones_like(t) for t in tensors]
+    for name, p in spec.global_params.items():
+        if p.default is p.empty:
+            kwargs[name] = 0.5  # required scalars (nearswap's t)
     if spec.random:
         kwargs["generator"] = torch.Generator().manual_seed(seed)
     return spec.fn(tensors, **kwargs)
@@ -75,6 +78,9 @@ def test_registry_lists_the_catalogue():
         "iso_cts",
         "fisher",
         "regmean",
+        "nearswap",
+        "sce",
+        "ram",
     }
     assert want <= set(NAMES)
     for s in SPECS:
