@@ -349,3 +349,28 @@ def test_peft_subfolder_and_bin(llama: dict, tmp_path: Path) -> None:
         FormatError, match=r"holds several adapters \(other, style\); give the path of one"
     ):
         open_lora(tmp_path / "outer", base)
+
+
+def test_kohya_dora_scale_axis_from_shape(tmp_path: Path, plain_base: MemorySource) -> None:
+    """LyCORIS/kohya dora_scale: [out, 1] normalises rows, legacy [1, in] normalises columns."""
+    r = 2
+    t = {}
+    for name, mshape in (("blocks_0_proj", (OUT, 1)), ("blocks_1_proj", (1, IN))):
+        k = f"lora_unet_{name}"
+        t |= {
+            f"{k}.lora_down.weight": rnd(r, IN),
+            f"{k}.lora_up.weight": rnd(OUT, r),
+            f"{k}.alpha": torch.tensor(1.0),
+            f"{k}.dora_scale": rnd(*mshape).abs() + 0.5,
+        }
+    save_file(t, tmp_path / "dora.safetensors")
+    src = open_lora(tmp_path / "dora.safetensors", plain_base, scale=0.7)
+    assert src.nonlinear
+    for name, dim in (("blocks_0_proj", 1), ("blocks_1_proj", 0)):
+        k = f"lora_unet_{name}"
+        w = plain_base.read(name.replace("_", ".", 2) + ".weight")
+        v = w + 0.7 * (t[f"{k}.lora_up.weight"] @ t[f"{k}.lora_down.weight"]) * (1.0 / r)
+        want = v * t[f"{k}.dora_scale"] / v.norm(dim=dim, keepdim=True) - w
+        torch.testing.assert_close(
+            src.read(name.replace("_", ".", 2) + ".weight"), want, atol=1e-5, rtol=1e-5
+        )
