@@ -11,6 +11,7 @@ whole tensor, so the answer is always exact.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -139,3 +140,54 @@ def trim(x: Tensor, density: float) -> Tensor:
     if k == 0:
         return torch.zeros_like(x)
     return trim_below(x, kth_largest_abs(x, k))
+
+
+GLOBAL_SAMPLE = 1 << 20  # whole-model sample: the bracket then holds ~0.5% of all entries
+
+
+def model_magnitude_threshold(
+    read_pairs: Callable[[], Iterable[tuple[Tensor, Tensor | None]]],
+    numels: Sequence[int],
+    density: float,
+) -> float:
+    """The k-th largest |x − base| over *all* tensors of one model, k = ⌊density·Σn⌋ (exact).
+
+    TIES as in the paper trims each task vector with one threshold over the whole model.
+    `read_pairs()` yields (x, base or None) tensor by tensor, in the order of `numels`; it is
+    called twice (sample, then count), so memory stays at one tensor plus the candidates in a
+    bracket around the threshold. Returns inf when k = 0 and 0 when density ≥ 1.
+    """
+    total = int(sum(numels))
+    k = keep_count(total, density)
+    if density >= 1.0 or total == 0:
+        return 0.0
+    if k == 0:
+        return math.inf
+    g = torch.Generator().manual_seed(0x5E1EC7)
+    samples = []
+    for (x, base), n in zip(read_pairs(), numels):
+        m = max(1, round(GLOBAL_SAMPLE * n / total))  # proportional: the union is uniform
+        idx = torch.randint(n, (m,), generator=g)
+        picked = x.reshape(-1)[idx] if base is None else x.reshape(-1)[idx] - base.reshape(-1)[idx]
+        samples.append(picked.abs_())
+    sample = torch.cat(samples).sort().values
+    size = sample.numel()
+    q = 1.0 - k / total
+    spread = _SIGMAS * math.sqrt(size * q * (1.0 - q)) + 8.0
+    lo_i, hi_i = int(q * size - spread), int(q * size + spread)
+    lo = float(sample[lo_i]) if lo_i >= 0 else -1.0
+    hi = float(sample[hi_i]) if hi_i < size else math.inf
+    above = 0
+    inside = []
+    for x, base in read_pairs():
+        a = (x.reshape(-1) if base is None else x.reshape(-1) - base.reshape(-1)).abs()
+        above += int((a > hi).sum())
+        inside.append(a[(a >= lo) & (a <= hi)])
+    cand = torch.cat(inside)
+    need = k - above
+    if not 1 <= need <= cand.numel():
+        raise ValueError(
+            "the sampled bracket missed the model-wide threshold (tensors not in `numels` "
+            "order?); check read_pairs"
+        )
+    return float(cand.kthvalue(cand.numel() - need + 1).values)

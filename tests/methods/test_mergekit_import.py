@@ -184,7 +184,7 @@ def test_untranslatable_keys_are_each_named():
     )
     assert problems == [
         "`chat_template`: not a mergekit key this translator knows; remove it",
-        "models[0].parameters.densty: parameter `densty` has no counterpart in `ties` (it takes: compat, density, elect, normalize, scale, weight)",
+        "models[0].parameters.densty: parameter `densty` has no counterpart in `ties` (it takes: compat, density, elect, normalize, scale, scope, threshold, weight)",
         "tokenizer_source: union builds a merged vocabulary and re-maps embedding rows, which merge does not do; merge models that share a vocabulary, or use `tokenizer_source: base`",
     ]
     _, problems = translate({"merge_method": "arcee_fusion", "models": [{"model": "/m/a"}]})

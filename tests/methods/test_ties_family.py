@@ -260,3 +260,29 @@ def test_bracket_threshold_is_exact_on_tied_bf16_values(seed):
     a = (x - base).abs().sort(descending=True).values
     for k in (1, 399, 80_000, 200_001, 399_999, 400_000):
         assert kth_largest_abs(x, k, minus=base, method="bracket") == float(a[k - 1])
+
+
+def test_scope_model_uses_one_threshold_over_the_whole_model():
+    from merge.methods.selection import model_magnitude_threshold
+
+    g = torch.Generator().manual_seed(6)
+    shapes = [(300, 200), (50,), (400, 100)]
+    base = [torch.randn(s, generator=g) for s in shapes]
+    # model 1 changes the first tensor a lot, the others little: a global top-k keeps mostly it
+    ft = [b + torch.randn(b.shape, generator=g) * s for b, s in zip(base, (3.0, 0.1, 0.1))]
+    numels = [b.numel() for b in base]
+    thr = model_magnitude_threshold(lambda: zip(ft, base), numels, 0.2)
+    flat = torch.cat([(f - b).reshape(-1) for f, b in zip(ft, base)]).abs()
+    assert thr == float(flat.sort(descending=True).values[int(0.2 * flat.numel()) - 1])
+    # trimming each tensor with it equals the paper's global top-k (reference: flattened vector)
+    outs = [
+        ties([f], base=b, weight=[1.0], density=[0.2], threshold=[thr], scope="model")
+        for f, b in zip(ft, base)
+    ]
+    kept = sum(int(((o - b) != 0).sum()) for o, b in zip(outs, base))
+    assert kept == int(0.2 * flat.numel())
+    assert int(((outs[0] - base[0]) != 0).sum()) > 0.9 * kept
+    with pytest.raises(
+        UsageError, match="`scope: model` needs each model's model-wide `threshold`"
+    ):
+        ties([ft[0]], base=base[0], weight=[1.0], density=[0.2], scope="model")
