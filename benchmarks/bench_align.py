@@ -1,7 +1,7 @@
 """Weight-matching time and sweeps against width: MLP 784-h-h-h-10 and ResNet-20 (×w), CPU.
 
-    python benchmarks/bench_align.py                 # MLP 512..4096, ResNet-20 ×1..×4 (a few minutes)
-    python benchmarks/bench_align.py --resnet 1 2 4 8 --threads 2
+    python benchmarks/bench_align.py                 # MLP 512..2048, ResNet-20 ×1..×4 (a few minutes)
+    python benchmarks/bench_align.py --mlp 512 1024 2048 4096 --resnet 1 2 4 8   # the full table
 
 Each row aligns two independently initialised models (the same shapes a real pair has; trained
 pairs can need more sweeps) with one restart of Git Re-Basin weight matching, seed 0, and reports
@@ -47,7 +47,7 @@ def bench(name: str, make: object, example: torch.Tensor, restarts: int) -> dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--mlp", type=int, nargs="*", default=[512, 1024, 2048, 4096], help="MLP hidden widths"
+        "--mlp", type=int, nargs="*", default=[512, 1024, 2048], help="MLP hidden widths"
     )
     ap.add_argument(
         "--resnet", type=int, nargs="*", default=[1, 2, 4], help="ResNet-20 width multipliers"

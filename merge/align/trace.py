@@ -8,8 +8,10 @@ mapping tied state-dict names onto one canonical name.
 from __future__ import annotations
 
 import inspect
+import io
+import logging
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,7 +143,8 @@ def trace(model: nn.Module, args: Args) -> Traced:
         except Exception as e:
             errors.append(f"torch.fx.symbolic_trace: {_first_line(e)}")
         try:
-            ep = torch.export.export(model, args[0], args[1], strict=False)
+            with _quiet_torch_logs():
+                ep = torch.export.export(model, args[0], args[1], strict=False)
             gm = ep.module()
             shapes = {n: _shape_from(n.meta.get("val")) for n in gm.graph.nodes}
             return Traced(gm, shapes, "torch.export")
@@ -152,6 +155,30 @@ def trace(model: nn.Module, args: Args) -> Traced:
         + "\n  ".join(errors)
         + "\n  write the spec by hand (YAML or JSON, see docs/align.md) and pass it with --spec / spec="
     )
+
+
+@contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """torch.export logs, and prints to stderr, whole graphs when it gives up; our error message
+    says what matters."""
+    loggers = [
+        logging.getLogger(n)
+        for n in (
+            "torch.fx.experimental.symbolic_shapes",
+            "torch.export",
+            "torch._export",
+            "torch._dynamo",
+        )
+    ]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _first_line(e: Exception) -> str:

@@ -189,10 +189,12 @@ def weight_matching(
                     improved = True
                 solved_at[name] = tuple(version[q] for q in neighbours[name])
             history.append(objective(perms))
-            if progress:
-                progress(f"restart {r + 1}/{restarts}, sweep {sweeps}: objective {history[-1]:.6g}")
             if not improved:
                 break
+        if progress:
+            progress(
+                f"restart {r + 1}/{restarts}: objective {history[-1]:.6g} after {sweeps} sweeps"
+            )
         runs.append({"restart": r, "objective": history[-1], "sweeps": sweeps})
         if best is None or history[-1] > best[0]:
             best = (history[-1], perms, history, sweeps)
