@@ -7,7 +7,7 @@
 Part 1, overhead. A plain pass is the evaluator on a model whose weights are already loaded.
 A path point is what `merge path` does per α: combine A and B into the same model instance in
 place (one `torch.lerp` per tensor), then the same evaluation. Overhead = point / plain − 1,
-median of repeats, for models from 0.3 M to 13 M parameters and a small transformer LM. The
+fastest of interleaved repeats, for models from 0.3 M to 13 M parameters and a small transformer LM. The
 target is ≤ 10% wherever the evaluation reads a realistic amount of data.
 
 Part 2, executors. A sweep of N points on one model, run sequentially, on the local process
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -52,14 +52,18 @@ class Factory:
         return make(**self.kwargs)
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _best_times(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
+    """Fastest of `repeats` runs of each function, interleaved so that load from other processes
+    hits all of them alike (the minimum is the least disturbed run)."""
+    for fn in fns:
+        fn()  # warm-up
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best
 
 
 def overhead(repeats: int) -> list[list[Any]]:
@@ -97,9 +101,14 @@ def overhead(repeats: int) -> list[list[Any]]:
         runner = Runner(job)
         runner.space.apply({"a": 0.5, "b": 0.5})
         point_ = Point("p", {"alpha": 0.5}, {"a": 0.5, "b": 0.5})
-        plain = _median_time(functools.partial(ev, runner.model), repeats)
-        point = _median_time(functools.partial(runner.evaluate, point_), repeats)
-        write = _median_time(functools.partial(runner.space.apply, point_.weights), repeats)
+        plain, point, write = _best_times(
+            [
+                functools.partial(ev, runner.model),
+                functools.partial(runner.evaluate, point_),
+                functools.partial(runner.space.apply, point_.weights),
+            ],
+            repeats,
+        )
         params = sum(p.numel() for p in runner.model.parameters())
         rows.append(
             [
@@ -107,8 +116,9 @@ def overhead(repeats: int) -> list[list[Any]]:
                 f"{params / 1e6:.2f} M",
                 1e3 * plain,
                 1e3 * point,
-                1e3 * write,
                 100 * (point / plain - 1),
+                1e3 * write,
+                100 * write / plain,
             ]
         )
     return rows
@@ -174,14 +184,33 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--points", type=int, default=24)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads of this process (default: torch's)",
+    )
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {load:.1f}"
+    )
     if args.part in ("all", "overhead"):
         rows = overhead(args.repeats)
-        print("\nPath point vs one plain evaluation pass (median of repeats)")
+        print("\nPath point vs one plain evaluation pass (fastest of interleaved repeats)")
         print(
             format_table(
-                ["model and data", "params", "plain ms", "point ms", "weights ms", "overhead %"],
+                [
+                    "model and data",
+                    "params",
+                    "plain ms",
+                    "point ms",
+                    "overhead %",
+                    "weights ms",
+                    "weights / plain %",
+                ],
                 rows,
             )
         )
