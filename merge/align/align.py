@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from merge.align.activation_matching import activation_matching
-from merge.align.infer import _example_args, infer_spec
+from merge.align.infer import example_args, infer_spec
 from merge.align.permute import apply_permutation
 from merge.align.spec import PermutationSpec
 from merge.align.verify import Checker, VerificationError, relative_change, verify_spec
@@ -78,7 +78,7 @@ def align_state_dicts(
     state_a, state_b = complete_tied(model, state_a), complete_tied(model, state_b)
     load_weights(model, state_a, source="checkpoint A")  # every name and shape checked, A then B
     load_weights(model, state_b, source="checkpoint B")
-    args = _example_args(model, example_input, data)
+    args = example_args(model, example_input, data)
     if spec is None:
         spec = infer_spec(model, example_input=args[1] if args[1] else args[0], heads=heads)
     if progress:

@@ -1415,10 +1415,10 @@ def infer_spec(
             projection's input together; a KV head with its block of query heads under grouped
             -query attention). Dimensions within a head are never permuted, so RoPE is safe.
     """
-    return _infer(model, _example_args(model, example_input, data), heads).resolve()
+    return _infer(model, example_args(model, example_input, data), heads).resolve()
 
 
-def _example_args(model: nn.Module, example_input: Any, data: Any) -> Args:
+def example_args(model: nn.Module, example_input: Any, data: Any) -> Args:
     if example_input is not None:
         if isinstance(example_input, dict):
             return (), dict(example_input)

@@ -110,7 +110,6 @@ def register(cli: click.Group) -> None:
         """
         from merge import entrypoints
         from merge.align import align_state_dicts, infer_spec, load_spec
-        from merge.align.infer import _example_args
         from merge.io import load_state_dict, save_state_dict
 
         say = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
@@ -137,9 +136,7 @@ def register(cli: click.Group) -> None:
         spec = load_spec(spec_path) if spec_path else None
         if show_spec:
             if spec is None:
-                spec = infer_spec(
-                    net, example_input=_unpack(_example_args(net, None, batches)), heads=heads
-                )
+                spec = infer_spec(net, data=batches, heads=heads)  # reused below: inferred once
             click.echo(spec.format())
             if output is None:
                 return
@@ -182,7 +179,3 @@ def register(cli: click.Group) -> None:
             + f"; {sum(g.moved for g in report.groups.values())} units moved in {len(report.groups)} groups"
         )
         say(f"wrote {written} and {report_file}")
-
-
-def _unpack(args: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
-    return args[1] if args[1] else args[0]
