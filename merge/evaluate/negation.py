@@ -17,7 +17,7 @@ import torch
 
 from merge.errors import UsageError
 from merge.evaluate.barriers import higher_is_better
-from merge.evaluate.evaluators import Batches, DataSpec, Evaluator, PrefixedEvaluators
+from merge.evaluate.evaluators import Batches, DataSpec, Evaluator, PrefixedEvaluators, model_device
 from merge.evaluate.executors import Progress, run_points
 from merge.evaluate.grids import linspace
 from merge.evaluate.paths import check_endpoints, collect_curves, resolve_evaluator
@@ -92,7 +92,7 @@ def negation(
             "random_baseline": random_baseline,
             "seed": seed,
             "executor": executor,
-            "device": device,
+            "device": str(model_device(runner.model)),
             "cache": runner.space.cache,
         },
     )

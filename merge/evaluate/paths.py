@@ -23,6 +23,7 @@ from merge.evaluate.evaluators import (
     Evaluator,
     as_batches,
     make_evaluator,
+    model_device,
 )
 from merge.evaluate.executors import Progress, run_points
 from merge.evaluate.grids import alpha_grid, linspace
@@ -130,6 +131,7 @@ def interpolation_path(
     )
     runner = Runner(job)
     settings["cache"] = runner.space.cache
+    settings["device"] = str(model_device(runner.model))
     if runner.has_batchnorm and not (bn_reset or repair):
         notes.append(BN_NOTE)
     if bn_reset and not runner.has_batchnorm:
@@ -328,7 +330,7 @@ def scale_grid(
             "bn_reset": bn_reset,
             "bn_batches": bn_batches,
             "executor": executor,
-            "device": device,
+            "device": str(model_device(runner.model)),
             "cache": runner.space.cache,
             "points": len(points),
         },

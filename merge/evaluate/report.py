@@ -142,6 +142,12 @@ def _grid(result: Result) -> str:
         lines.append(f"{len(rows)} points; the 10 best by {key}:")
         rows = best
     lines.append(format_table(headers, rows))
+    if result.kind == "disentanglement":
+        sel = result.selection
+        lines.append(
+            f"ξ over the grid: max {_fmt(sel['max_xi'])}, mean {_fmt(sel['mean_xi'])}; "
+            f"mean over α ∈ [0, 1]²: {_fmt(sel['mean_xi_unit_square'])} (0 = fully disentangled)"
+        )
     best_sel = result.selection.get("best")
     if best_sel:
         lines.append(

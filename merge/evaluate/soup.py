@@ -13,7 +13,7 @@ from typing import Any
 
 from merge.errors import UsageError
 from merge.evaluate.barriers import higher_is_better
-from merge.evaluate.evaluators import Batches, DataSpec, Evaluator
+from merge.evaluate.evaluators import Batches, DataSpec, Evaluator, model_device
 from merge.evaluate.executors import Progress, run_points
 from merge.evaluate.paths import resolve_evaluator
 from merge.evaluate.results import Curve, Result
@@ -112,7 +112,7 @@ def greedy_soup(
         settings={
             "metric": metric,
             "executor": executor,
-            "device": device,
+            "device": str(model_device(runner.model)),
             "cache": runner.space.cache,
             "order": [names[i] for i in ranked],
         },
