@@ -114,17 +114,31 @@ class _Stats:
         return mean, (self.ss / self.n - mean**2).clamp_min(0).sqrt()
 
 
-def _endpoint_stats(
-    model: nn.Module, points: list[str], data: Iterable[Any], num_batches: int | None
+def _measure(
+    model: nn.Module,
+    points: list[str],
+    data: Iterable[Any],
+    num_batches: int | None,
+    goal: dict[str, tuple[Tensor, Tensor]] | None = None,
+    eps: float = 1e-5,
 ) -> dict[str, _Stats]:
+    """One pass over `data` recording each point's channel statistics; with `goal`, each point's
+    output is also corrected to the goal mean/std with its batch statistics as it passes."""
     stats = {p: _Stats() for p in points}
     mods = dict(model.named_modules())
-    hooks = [
-        mods[p].register_forward_hook(
-            lambda m, i, o, p=p: stats[p].add(o, _channel_axis(m, o)) and None
-        )
-        for p in points
-    ]
+
+    def hook(p: str, m: nn.Module, out: Tensor) -> Tensor | None:
+        axis = _channel_axis(m, out)
+        mean, std = stats[p].add(out, axis)
+        if goal is None:
+            return None
+        mu, sd = goal[p]
+        shape = [1] * out.dim()
+        shape[axis] = -1
+        scale = (sd / (std + eps)).to(out.dtype).view(shape)
+        return (out - mean.to(out.dtype).view(shape)) * scale + mu.to(out.dtype).view(shape)
+
+    hooks = [mods[p].register_forward_hook(lambda m, i, o, p=p: hook(p, m, o)) for p in points]
     try:
         with eval_mode(model):
             _run(model, data, num_batches)
@@ -154,31 +168,14 @@ def repair(
     points = repair_points(model)
     if not points:
         return model
-    sa = _endpoint_stats(model_a, points, data, num_batches)
-    sb = _endpoint_stats(model_b, points, data, num_batches)
+    sa = _measure(model_a, points, data, num_batches)
+    sb = _measure(model_b, points, data, num_batches)
     goal = {}
     for p in points:
         (ma, da), (mb, db) = sa[p].mean_std(), sb[p].mean_std()
         goal[p] = ((1 - alpha) * ma + alpha * mb, (1 - alpha) * da + alpha * db)
-    stats = {p: _Stats() for p in points}
+    stats = _measure(model, points, data, num_batches, goal, eps)
     mods = dict(model.named_modules())
-
-    def correct(p: str, m: nn.Module, out: Tensor) -> Tensor:
-        axis = _channel_axis(m, out)
-        mean, std = stats[p].add(out, axis)
-        mu, sd = goal[p]
-        shape = [1] * out.dim()
-        shape[axis] = -1
-        scale = (sd / (std + eps)).to(out.dtype).view(shape)
-        return (out - mean.to(out.dtype).view(shape)) * scale + mu.to(out.dtype).view(shape)
-
-    hooks = [mods[p].register_forward_hook(lambda m, i, o, p=p: correct(p, m, o)) for p in points]
-    try:
-        with eval_mode(model):
-            _run(model, data, num_batches)
-    finally:
-        for h in hooks:
-            h.remove()
     for p in points:
         m = mods[p]
         mean, std = stats[p].mean_std()
