@@ -12,8 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from torch import nn
-
 from merge.errors import UsageError
 from merge.evaluate.barriers import curve_barriers
 from merge.evaluate.evaluators import (
@@ -463,11 +461,3 @@ def _jsonable(x: Any) -> Any:
         if hasattr(x, "__dict__"):
             return _jsonable(vars(x))
         return str(x)
-
-
-def model_spec_name(model: ModelSpec) -> str:
-    if isinstance(model, str):
-        return model
-    if isinstance(model, nn.Module):
-        return type(model).__name__
-    return getattr(model, "__qualname__", repr(model))

@@ -68,6 +68,10 @@ class Result:
     notes: list[str] = field(default_factory=list)
     files: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown result kind {self.kind!r}; one of {', '.join(KINDS)}")
+
     def curve(self, name: str) -> Curve:
         for c in self.curves:
             if c.name == name:
