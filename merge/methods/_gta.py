@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from merge.methods._checks import check_choice
+from merge.methods._threads import one_thread
 from merge.methods.selection import bernoulli_mask, trim_below
 
 ELECT_CHOICES = ("sum", "count")
@@ -130,6 +131,35 @@ def fused_merge(
     Bernoulli(keep_prob[i]) and rescale by 1/keep_prob[i] (DARE, paper); then `combine`. The
     random draws go chunk by chunk, model by model, so a seed gives the same output every time.
     """
+    with one_thread():
+        return _fused_merge(
+            method,
+            tensors,
+            base,
+            weight,
+            thresholds,
+            keep_prob,
+            generator,
+            elect,
+            normalize,
+            scale,
+            compat,
+        )
+
+
+def _fused_merge(
+    method: str,
+    tensors: Sequence[Tensor],
+    base: Tensor,
+    weight: Sequence[float],
+    thresholds: Sequence[float | None] | None,
+    keep_prob: Sequence[float] | None,
+    generator: torch.Generator | None,
+    elect: str | None,
+    normalize: bool,
+    scale: float,
+    compat: str,
+) -> Tensor:
     n = base.numel()
     flat_b = base.reshape(-1)
     flats = [x.reshape(-1) for x in tensors]

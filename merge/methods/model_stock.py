@@ -9,6 +9,7 @@ from torch import Tensor
 
 from merge.methods._checks import check_count
 from merge.methods._registry import register
+from merge.methods._threads import one_thread
 
 
 def model_stock_ratio(deltas: Tensor, *, filter_wise: bool) -> Tensor:
@@ -52,7 +53,8 @@ def model_stock(tensors: Sequence[Tensor], *, base: Tensor, filter_wise: bool = 
         deltas = torch.stack([x - base for x in tensors])  # (N, *shape)
         t = model_stock_ratio(deltas, filter_wise=True)
         return base + t * deltas.mean(0)
-    return _model_stock_flat(tensors, base)
+    with one_thread():
+        return _model_stock_flat(tensors, base)
 
 
 _CHUNK = 1 << 18

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from merge.methods._threads import one_thread
+
 SMALL = 1 << 18  # below this many elements a plain kthvalue is as fast as anything else
 SAMPLE = 1 << 16  # sample size; the bracket then holds ~8/sqrt(SAMPLE) ≈ 3% of the entries
 CHUNK = 1 << 20  # elements per counting chunk: fits in L2 and keeps temporaries small
@@ -44,7 +46,8 @@ def kth_largest_abs(
     if method == "kthvalue" or (method == "auto" and n < SMALL):
         a = flat.abs() if sub is None else (flat - sub).abs_()
         return float(a.kthvalue(n - k + 1).values)
-    return _bracket_kth_largest_abs(flat, sub, k)
+    with one_thread():
+        return _bracket_kth_largest_abs(flat, sub, k)
 
 
 def _bracket_kth_largest_abs(flat: Tensor, sub: Tensor | None, k: int) -> float:
