@@ -285,7 +285,6 @@ class LoraSource(TensorSource):
         return None
 
 
-
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
