@@ -111,6 +111,12 @@ def fisher(
     eps: float = 1e-6,
 ) -> Tensor:
     """Σ_i w_i F_i⊙θ_i / Σ_i w_i F_i, with each Fisher F_i floored at `eps`."""
+    if isinstance(statistics, str):
+        raise UsageError(
+            f"method `fisher`: `statistics: {statistics}` names a file, but recipes cannot route "
+            "statistics files to a method yet; use `merge data-merge fisher ...` or "
+            "merge.methods.data_aware.merge_with_data"
+        )
     if statistics is None or len(statistics) != len(tensors):
         got = "none" if statistics is None else str(len(statistics))
         raise UsageError(

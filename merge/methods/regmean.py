@@ -73,6 +73,12 @@ def regmean(
 ) -> Tensor:
     """W* = (Σ G̃_i W_iᵀ)ᵀ(Σ G̃_i)⁻ᵀ for a linear weight with Grams; weighted mean otherwise."""
     check_fraction("regmean", "alpha", alpha)
+    if isinstance(statistics, str):
+        raise UsageError(
+            f"method `regmean`: `statistics: {statistics}` names a file, but recipes cannot route "
+            "statistics files to a method yet; use `merge data-merge regmean ...` or "
+            "merge.methods.data_aware.merge_with_data"
+        )
     if statistics is None:
         total = float(sum(weight))
         out = torch.zeros_like(tensors[0])

@@ -86,3 +86,12 @@ def test_regmean_shrink_and_fallback():
 def test_regmean_wrong_gram_shape_is_named():
     with pytest.raises(UsageError, match=r"needs \(in, in\) = \(2, 2\) Gram matrices"):
         regmean([torch.ones(3, 2)], weight=[1.0], statistics=[torch.ones(3, 3)])
+
+
+def test_statistics_file_names_are_refused_with_the_alternative():
+    with pytest.raises(
+        UsageError, match=r"`statistics: f.safetensors` names a file.*merge data-merge fisher"
+    ):
+        fisher([torch.ones(2)], weight=[1.0], statistics="f.safetensors")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=r"merge data-merge regmean"):
+        regmean([torch.ones(2, 2)], weight=[1.0], statistics="g.safetensors")  # type: ignore[arg-type]
