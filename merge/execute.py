@@ -386,6 +386,9 @@ def _copy_support_files(layout: TensorSource, dest: Path, dtype: torch.dtype | N
             except (json.JSONDecodeError, UnicodeDecodeError):
                 shutil.copy2(src, target)
                 continue
+            if "_diffusers_version" in config:  # diffusers configs carry no dtype
+                shutil.copy2(src, target)
+                continue
             name = str(dtype).replace("torch.", "")
             if "dtype" in config:
                 config["dtype"] = name

@@ -203,6 +203,18 @@ def build_plan(
     passthrough_from = passthrough_from or (
         "base" if "base" in checkpoints else (checkpoints[0] if checkpoints else None)
     )
+    # DoRA adapters are not deltas: `base + k * dora` means peft's scale k applied inside the norm.
+    nonlinear = {n for n in deltas if getattr(sources[n], "nonlinear", False)}
+    dora_base = "base" if "base" in checkpoints else (checkpoints[0] if checkpoints else "")
+    for call in all_calls(out_form):
+        inside = nonlinear & set().union(
+            *(m.inputs() for m in call.models), call.base.inputs() if call.base else set()
+        )
+        for n in sorted(inside):
+            problems.append(
+                f"`{n}` is a DoRA adapter, which is not a delta: it can only be added to the base it "
+                f"was trained on, as `{dora_base} + k * {n}`, not passed to `{call.method}` in step `{call.step}`"
+            )
     jobs: list[Job] = []
     for name in names:
         have = [n for n in used if name in keys_by[n]]
@@ -240,7 +252,9 @@ def build_plan(
         except (ValueError, UsageError) as e:
             problems.append(f"`{name}`: {e}")
             continue
-        form_inputs = tuple(sorted(form_inputs_of(form), key=used.index))
+        if nonlinear:
+            form = _scale_nonlinear(form, name, sources, nonlinear, dora_base, problems)
+        form_inputs = tuple(sorted(form_inputs_of(form), key=lambda n: used.index(n.split("@")[0])))
         single = form.single_input()
         out_dt = out_dtype_forced or ref.dtype
         if single is not None:
@@ -256,16 +270,45 @@ def build_plan(
             + "\n  ".join(problems)
         )
 
-    # Sequential reads: follow the first read input's file and offset.
+    # Sequential reads: follow the layout input's file and offset (so each output file, e.g. a
+    # pipeline component, is written in one run), else the first input read.
     def order(j: Job) -> tuple[str, int]:
         if not j.inputs:
             return ("", 0)
-        m = sources[j.inputs[0]].meta(j.name)
+        lead = layout if layout in j.inputs else j.inputs[0]
+        m = sources[lead].meta(j.name)
         return (m.file, m.offset)
 
     jobs.sort(key=order)
     _check_coefficients(program, sources, notes)
     return Plan(program, sources, jobs, layout, notes)
+
+
+def _scale_nonlinear(
+    form: Affine,
+    tensor: str,
+    sources: dict[str, TensorSource],
+    nonlinear: set[str],
+    base: str,
+    problems: list[str],
+) -> Affine:
+    """Rewrite `k * dora` as `1 * dora.with_scale(k)`; refuse it without its base beside it."""
+    terms: list[tuple[object, float]] = []
+    present = {x for x, _ in form.terms if isinstance(x, str)}
+    for leaf, c in form.terms:
+        if isinstance(leaf, str) and leaf in nonlinear:
+            if base not in present:
+                problems.append(
+                    f"`{tensor}`: DoRA adapter `{leaf}` must be added to `{base}`, the base it was "
+                    f"opened against (write `{base} + {c:g} * {leaf}`)"
+                )
+            key = f"{leaf}@{c:g}"
+            if key not in sources:
+                sources[key] = sources[leaf].with_scale(c)  # type: ignore[attr-defined]
+            terms.append((key, 1.0))
+        else:
+            terms.append((leaf, c))
+    return Affine(tuple(terms))  # type: ignore[arg-type]
 
 
 def form_inputs_of(form: Affine) -> set[str]:
