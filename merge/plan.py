@@ -302,9 +302,11 @@ def _scale_nonlinear(
                     f"`{tensor}`: DoRA adapter `{leaf}` must be added to `{base}`, the base it was "
                     f"opened against (write `{base} + {c:g} * {leaf}`)"
                 )
-            key = f"{leaf}@{c:g}"
+            # The strength is absolute: the adapter's own scale (e.g. from `bake --scale`) times k.
+            strength = c * float(getattr(sources[leaf], "scale", 1.0))
+            key = f"{leaf}@{strength:g}"
             if key not in sources:
-                sources[key] = sources[leaf].with_scale(c)  # type: ignore[attr-defined]
+                sources[key] = sources[leaf].with_scale(strength)  # type: ignore[attr-defined]
             terms.append((key, 1.0))
         else:
             terms.append((leaf, c))
