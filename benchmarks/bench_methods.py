@@ -4,6 +4,7 @@
     python benchmarks/bench_methods.py --sizes 1e7      # quicker
     python benchmarks/bench_methods.py --argsort-1e8    # also time argsort on 1e8 (about 11 s)
     python benchmarks/bench_methods.py --e2e /tmp/bench-data/1GB   # TIES/DARE/stock vs linear
+    python benchmarks/bench_methods.py --sizes "" --merge-size 0 --sweep 2,4,8   # TA vs TIES
 
 Selection: the k-th largest |x| (k = 0.2 n, randn fp32) by a full `argsort` (what mergekit's
 `magnitude()` does), `kthvalue`, `topk`, and ours (sample bracket then count; exact).
@@ -100,6 +101,86 @@ def bench_merges(n: int, repeat: int) -> list[tuple[str, float]]:
     return [(name, best_of(fn, repeat)) for name, fn in cases]
 
 
+def _sweep_one(n_tasks: int, seed: int) -> tuple[float, float, float]:
+    """(averaging, task arithmetic, TIES) mean test accuracy for one task count and seed."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    block, classes = 8, 4
+    dim = n_tasks * block
+    torch.manual_seed(seed)
+
+    def data(t: int, n: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(1000 * seed + t)
+        centres = torch.randn(classes * 3, block, generator=g) * 1.5
+        labels = torch.arange(classes).repeat_interleave(3)
+        g = torch.Generator().manual_seed(s)
+        pick = torch.randint(0, len(centres), (n,), generator=g)
+        x = torch.zeros(n, dim)
+        noise = 0.5 * torch.randn(n, block, generator=g)
+        x[:, t * block : (t + 1) * block] = centres[pick] + noise
+        return x, labels[pick]
+
+    def mlp() -> nn.Module:
+        return nn.Sequential(nn.Linear(dim, 64), nn.ReLU(), nn.Linear(64, classes))
+
+    def fit(m: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict[str, torch.Tensor]:
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        for _ in range(steps):
+            i = torch.randint(0, len(x), (64,))
+            loss = F.cross_entropy(m(x[i]), y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+    xp = torch.randn(2000, dim)
+    yp = (xp[:, ::8].sum(1) > 0).long() + 2 * (xp[:, 1::8].sum(1) > 0).long()
+    base = fit(mlp(), xp, yp, 200)
+    tuned = []
+    for t in range(n_tasks):
+        m = mlp()
+        m.load_state_dict(base)
+        tuned.append(fit(m, *data(t, 1000, 1), 150))
+    ev = mlp()
+    val = [data(t, 300, 2) for t in range(n_tasks)]
+    test = [data(t, 1000, 3) for t in range(n_tasks)]
+    ones = [1.0] * n_tasks
+
+    def acc(state: dict[str, torch.Tensor], dd: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        ev.load_state_dict(state)
+        with torch.no_grad():
+            return sum(float((ev(x).argmax(-1) == y).float().mean()) for x, y in dd) / len(dd)
+
+    def ta(lam: float) -> dict[str, torch.Tensor]:
+        return {
+            k: task_arithmetic([s[k] for s in tuned], base=base[k], weight=ones, scale=lam)
+            for k in base
+        }
+
+    def ti(lam: float) -> dict[str, torch.Tensor]:
+        d = [0.2] * n_tasks
+        return {
+            k: ties([s[k] for s in tuned], base=base[k], weight=ones, density=d, scale=lam)
+            for k in base
+        }
+
+    avg = acc({k: linear([s[k] for s in tuned], weight=ones) for k in base}, test)
+    lam_ta = max((0.1, 0.2, 0.3, 0.5, 0.7, 1.0), key=lambda v: acc(ta(v), val))
+    lam_ti = max((0.6, 0.8, 1.0, 1.5, 2.0), key=lambda v: acc(ti(v), val))
+    return avg, acc(ta(lam_ta), test), acc(ti(lam_ti), test)
+
+
+def task_sweep(counts: list[int], seeds: list[int]) -> list[tuple[int, float, float, float]]:
+    """Mean test accuracy of averaging, task arithmetic and TIES (λ picked on validation) as
+    the number of tasks grows; tiny MLPs fine-tuned from one base on synthetic block tasks."""
+    rows = []
+    for n_tasks in counts:
+        runs = [_sweep_one(n_tasks, seed) for seed in seeds]
+        rows.append((n_tasks, *(sum(r[i] for r in runs) / len(runs) for i in range(3))))
+    return rows
+
+
 E2E_SCRIPT = r"""
 import sys, json, resource, time
 from merge.api import run_recipe
@@ -143,6 +224,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--e2e", type=Path, default=None)
     ap.add_argument("--e2e-methods", default="linear,ties,dare_ties,model_stock")
+    ap.add_argument("--sweep", default="", help="task counts for the TA-vs-TIES sweep, e.g. 2,4,8")
+    ap.add_argument("--sweep-seeds", default="0,1,2")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s)\n")
@@ -161,6 +244,15 @@ def main() -> None:
     )
     for name, t in rows:
         print(f"| {name} | {t * 1000:.0f} ms | {t / ref:.1f}x |")
+    if args.sweep:
+        counts = [int(c) for c in args.sweep.split(",")]
+        seeds = [int(c) for c in args.sweep_seeds.split(",")]
+        print(
+            f"\n| tasks | averaging | task arithmetic | TIES | TIES − TA |  (mean over seeds {seeds})"
+        )
+        print("| ---: | ---: | ---: | ---: | ---: |")
+        for n_tasks, a, ta, ti in task_sweep(counts, seeds):
+            print(f"| {n_tasks} | {a:.3f} | {ta:.3f} | {ti:.3f} | {ti - ta:+.3f} |")
     if args.e2e:
         rows3 = bench_e2e(args.e2e, Path("/tmp/bench_methods_out"), args.e2e_methods.split(","))
         ref = rows3[0][1]
