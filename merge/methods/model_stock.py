@@ -67,7 +67,7 @@ def _model_stock_flat(tensors: Sequence[Tensor], base: Tensor) -> Tensor:
     flat_b = base.reshape(-1)
     flats = [x.reshape(-1) for x in tensors]
     n = flat_b.numel()
-    gram = torch.zeros(n_models, n_models, dtype=torch.float64)
+    gram = torch.zeros(n_models, n_models, dtype=torch.float64, device=base.device)
     bufs = [torch.empty(min(n, _CHUNK), dtype=base.dtype, device=base.device) for _ in tensors]
     for start in range(0, n, _CHUNK):
         stop = min(n, start + _CHUNK)
@@ -77,7 +77,8 @@ def _model_stock_flat(tensors: Sequence[Tensor], base: Tensor) -> Tensor:
         ]
         for i in range(n_models):
             for j in range(i, n_models):
-                gram[i, j] += float(torch.dot(ds[i], ds[j]))
+                gram[i, j] += torch.dot(ds[i], ds[j])  # stays on the device: no sync per chunk
+    gram = gram.cpu()  # one host sync per tensor
     norms = gram.diagonal().sqrt()
     cos = [
         max(-1.0, min(1.0, float(gram[i, j]) / max(float(norms[i] * norms[j]), 1e-6)))
