@@ -109,3 +109,32 @@ def test_cli_writes_one_folder_per_sigma(tmp_path):
     assert [p.name for p in out] == ["sigma_0.050", "sigma_0.080"]
     got = load_state_dict(out[0])["w"]
     torch.testing.assert_close(got, snaps[-2][2].float().reshape(2, 3))  # σ 0.05 at t = 64: exact
+
+
+def test_merge_ema_sigma_rel_command(tmp_path):
+    from click.testing import CliRunner
+
+    from merge.cli import cli
+    from merge.io import load_state_dict, save_state_dict
+
+    snaps = _power_ema_run(32, [0.05, 0.10], 8, dim=4)
+    manifest = {"snapshots": []}
+    for i, (t, s, e) in enumerate(snaps):
+        save_state_dict({"w": e.float()}, tmp_path / f"s{i}.safetensors")
+        manifest["snapshots"].append({"path": f"s{i}.safetensors", "step": t, "sigma_rel": s})
+    (tmp_path / "manifest.json").write_text(__import__("json").dumps(manifest))
+    res = CliRunner().invoke(
+        cli,
+        [
+            "ema",
+            str(tmp_path / "manifest.json"),
+            "--sigma-rel",
+            "0.1",
+            "-o",
+            str(tmp_path / "out"),
+            "-q",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    got = load_state_dict(tmp_path / "out" / "sigma_0.100")["w"]
+    torch.testing.assert_close(got, snaps[-1][2].float())  # σ 0.10 at t = 32 is stored: exact
