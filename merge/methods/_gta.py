@@ -93,15 +93,18 @@ CHUNK = 1 << 18  # elements per fused chunk: every temporary stays in cache
 
 
 def magnitude_thresholds(
-    tensors: Sequence[Tensor], base: Tensor, density: Sequence[float]
+    tensors: Sequence[Tensor], base: Tensor, density: Sequence[float], *, at_least_one: bool = False
 ) -> list[float | None]:
-    """Per model, the k-th largest |x_i − base| (k = ⌊d_i·n⌋); None at density 1, inf at k = 0."""
+    """Per model, the k-th largest |x_i − base| (k = ⌊d_i·n⌋, ≥ 1 with `at_least_one` as in
+    mergekit 0.1.5); None at density 1, inf at k = 0."""
     from merge.methods.selection import keep_count, kth_largest_abs
 
     out: list[float | None] = []
     n = base.numel()
     for x, d in zip(tensors, density):
         k = keep_count(n, float(d))
+        if at_least_one and n > 0:
+            k = max(k, 1)
         if float(d) >= 1.0:
             out.append(None)
         elif k == 0:

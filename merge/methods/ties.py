@@ -50,7 +50,7 @@ def ties(
             )
         thresholds: list[float | None] = [float(t) for t in threshold]
     else:
-        thresholds = magnitude_thresholds(tensors, base, density)
+        thresholds = magnitude_thresholds(tensors, base, density, at_least_one=compat == "mergekit")
     return fused_merge(
         "ties",
         tensors,

@@ -286,3 +286,12 @@ def test_scope_model_uses_one_threshold_over_the_whole_model():
         UsageError, match="`scope: model` needs each model's model-wide `threshold`"
     ):
         ties([ft[0]], base=base[0], weight=[1.0], density=[0.2], scope="model")
+
+
+def test_tiny_density_keeps_nothing_in_paper_mode_and_one_entry_in_mergekit_mode():
+    base = torch.zeros(3)
+    x = T([0.5, -2.0, 0.1])
+    # ⌊0.2·3⌋ = 0: paper/peft keep nothing; mergekit 0.1.5 keeps at least the largest
+    torch.testing.assert_close(ties([x], base=base, weight=[1.0], density=[0.2]), base)
+    mk = ties([x], base=base, weight=[1.0], density=[0.2], compat="mergekit")
+    torch.testing.assert_close(mk, T([0.0, -2.0, 0.0]))
