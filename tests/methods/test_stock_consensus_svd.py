@@ -122,3 +122,28 @@ def test_iso_cts_isotropic_and_orthonormal():
 def test_polar_factor_of_orthonormal_is_itself():
     q, _ = torch.linalg.qr(torch.randn(5, 3, dtype=torch.float64))
     torch.testing.assert_close(polar_factor(q), q)
+
+
+def test_iso_cts_hand_worked_one_task():
+    d = torch.diag(T([4.0, 2.0]))
+    # r = 2, f = 0.5: k = 1 common direction (e1, σ 4); the residual diag(0, 2) gives e2 (σ 2);
+    # U = V = I after orthogonalisation, every σ set to the mean 3
+    torch.testing.assert_close(
+        iso_cts([d], base=torch.zeros(2, 2), common_space_fraction=0.5), 3.0 * torch.eye(2)
+    )
+
+
+def test_linear_and_task_arithmetic_hand_worked_and_peft():
+    from peft.utils import merge_utils
+
+    from merge.methods.linear import linear
+
+    x1, x2 = T([1.0, 2.0, 3.0]), T([3.0, 0.0, -1.0])
+    # (1·x1 + 3·x2)/4
+    torch.testing.assert_close(linear([x1, x2], weight=[1.0, 3.0]), T([2.5, 0.5, 0.0]))
+    base = T([1.0, 1.0, 1.0])
+    # base + 0.5·(1·(x1 − base) + 2·(x2 − base)) = base + 0.5·[4, 1, −2]
+    out = task_arithmetic([x1, x2], base=base, weight=[1.0, 2.0], scale=0.5)
+    torch.testing.assert_close(out, T([3.0, 1.5, 0.0]))
+    ref = merge_utils.task_arithmetic([x1 - base, x2 - base], T([1.0, 2.0]))
+    torch.testing.assert_close(out, base + 0.5 * ref)
