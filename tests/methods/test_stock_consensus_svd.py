@@ -142,8 +142,8 @@ def test_linear_and_task_arithmetic_hand_worked_and_peft():
     # (1·x1 + 3·x2)/4
     torch.testing.assert_close(linear([x1, x2], weight=[1.0, 3.0]), T([2.5, 0.5, 0.0]))
     base = T([1.0, 1.0, 1.0])
-    # base + 0.5·(1·(x1 − base) + 2·(x2 − base)) = base + 0.5·[4, 1, −2]
+    # base + 0.5·(1·[0, 1, 2] + 2·[2, −1, −2]) = base + 0.5·[4, −1, −2]
     out = task_arithmetic([x1, x2], base=base, weight=[1.0, 2.0], scale=0.5)
-    torch.testing.assert_close(out, T([3.0, 1.5, 0.0]))
+    torch.testing.assert_close(out, T([3.0, 0.5, 0.0]))
     ref = merge_utils.task_arithmetic([x1 - base, x2 - base], T([1.0, 2.0]))
     torch.testing.assert_close(out, base + 0.5 * ref)
