@@ -54,11 +54,32 @@ def llama_tensors(
     return out
 
 
-def build_checkpoint(dest: Path, spec: list[tuple[str, tuple[int, ...]]], seed: int) -> None:
+def write_config(dest: Path, hidden: int, inter: int, layers: int, vocab: int) -> None:
+    """A real Llama config.json, so the folder loads with transformers (and mergekit)."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        tie_word_embeddings=False,
+    ).to_dict()
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    cfg["torch_dtype"] = "bfloat16"
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def build_checkpoint(
+    dest: Path, spec: list[tuple[str, tuple[int, ...]]], seed: int, shape: tuple[int, int, int, int]
+) -> None:
     """Stream random bf16 tensors into a sharded folder without holding the model in memory."""
     from merge.io.writer import OutputTensor, StagedOutput, TensorFileWriter, plan_files, write_json
 
     if dest.exists():
+        write_config(dest, *shape)
         return
     tensors = [OutputTensor(n, s, torch.bfloat16) for n, s in spec]
     plans, index = plan_files(tensors, shard_size=10**9)
@@ -75,10 +96,8 @@ def build_checkpoint(dest: Path, spec: list[tuple[str, tuple[int, ...]]], seed: 
         w.finish()
         if index:
             write_json(staged.path("model.safetensors.index.json"), index)
-        (staged.path("config.json")).write_text(
-            json.dumps({"model_type": "llama", "torch_dtype": "bfloat16"})
-        )
         staged.commit()
+    write_config(dest, *shape)
 
 
 COPY_SCRIPT = r"""
@@ -128,12 +147,13 @@ def timed(cmd: list[str]) -> tuple[float, int]:
     return wall, int(stats["rss"])
 
 
-def timed_external(cmd: list[str]) -> tuple[float, int]:
+def timed_external(cmd: list[str]) -> tuple[float, int] | None:
     t0 = time.perf_counter()
     res = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
-        raise SystemExit(f"{cmd[0]} failed:\n{res.stderr[-2000:]}")
+        print(f"{cmd[0]} failed (left out of the table):\n{res.stderr[-1500:]}", file=sys.stderr)
+        return None
     rss = next(
         int(line.split()[-1]) * 1024
         for line in res.stderr.splitlines()
@@ -169,7 +189,7 @@ def main() -> None:
         names = ["base", "ft1", "ft2", "ft3"]
         print(f"building {key} set in {root} ...", file=sys.stderr, flush=True)
         for i, n in enumerate(names):
-            build_checkpoint(root / n, spec, seed=i)
+            build_checkpoint(root / n, spec, seed=i, shape=SHAPES[key])
         model_bytes = sum(f.stat().st_size for f in (root / "base").glob("*.safetensors"))
         ins = [root / n for n in names]
         warm(ins)
@@ -179,7 +199,7 @@ def main() -> None:
             "version: 1\ninputs: {" + ", ".join(f"{n}: {root / n}" for n in names) + "}\n"
             "steps:\n  final: base + 0.5 * ((ft1 - base) + (ft2 - base) + (ft3 - base))\n"
         )
-        results = {}
+        results: dict[str, tuple[float, int]] = {}
         results["copy (3 inputs)"] = timed([py, "-c", COPY_SCRIPT, *map(str, ins[1:]), str(out)])
         results["linear (3 inputs)"] = timed(
             [py, "-c", MERGE_SCRIPT, "linear", *map(str, ins[1:]), "-o", str(out), "--force", "-q"]
@@ -197,11 +217,8 @@ def main() -> None:
                 )
             )
             shutil.rmtree(out, ignore_errors=True)
-            results["mergekit linear (3 inputs)"] = timed_external(
-                ["mergekit-yaml", str(mk), str(out), "--copy-tokenizer", "false"]
-                if False
-                else ["mergekit-yaml", str(mk), str(out)]
-            )
+            if (r := timed_external(["mergekit-yaml", str(mk), str(out)])) is not None:
+                results["mergekit linear (3 inputs)"] = r
             mt = root / "mergekit-ta.yaml"
             mt.write_text(
                 f"merge_method: task_arithmetic\nbase_model: {root / 'base'}\ndtype: bfloat16\nparameters: {{lambda: 0.5}}\nmodels:\n"
@@ -210,15 +227,15 @@ def main() -> None:
                 )
             )
             shutil.rmtree(out, ignore_errors=True)
-            results["mergekit task arithmetic"] = timed_external(
-                ["mergekit-yaml", str(mt), str(out)]
-            )
+            if (r := timed_external(["mergekit-yaml", str(mt), str(out)])) is not None:
+                results["mergekit task arithmetic"] = r
         shutil.rmtree(out, ignore_errors=True)
         for name, (wall, rss) in results.items():
             bound = results["copy (4 inputs)" if "task" in name else "copy (3 inputs)"][0]
             mk = results.get(
                 "mergekit task arithmetic" if "task" in name else "mergekit linear (3 inputs)"
             )
+            print(f"{key} {name}: {wall:.2f} s, {rss / 2**20:.0f} MiB", file=sys.stderr, flush=True)
             rows.append(
                 (
                     key,

@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from merge.errors import RecipeError, UsageError, did_you_mean
 from merge.expr import Affine, Call, ExprError, fold, parse
 from merge.methods import get_method
-from merge.methods._registry import bind_params
 
 ParamValue = float | int | bool | str | list[float]
 CURRENT_VERSION = 1
@@ -276,17 +275,21 @@ def _method_call(
     models_map = (
         {m: None for m in step.models} if isinstance(step.models, list) else dict(step.models)
     )
+    params = dict(step.model_extra or {})
+    # A per-model parameter given at step level is every model's default.
+    step_level = {k: v for k, v in params.items() if k in spec.per_model}
     models: list[Affine] = []
     names: list[str] = []
     model_params: list[tuple[tuple[str, object], ...]] = []
+    given_all: list[dict[str, Any]] = []
     for m, mp in models_map.items():
         a = ref(m, f"models.{m}")
         if a is None:
             continue
         models.append(a)
         names.append(m)
-        given = dict(mp or {})
-        for k in given:
+        own = dict(mp or {})
+        for k in own:
             if k not in spec.per_model:
                 problems.append(
                     (
@@ -294,32 +297,26 @@ def _method_call(
                         f"`{k}` is not a per-model parameter of `{spec.name}`{did_you_mean(k, spec.per_model)}; per-model parameters: {', '.join(spec.per_model) or 'none'}",
                     )
                 )
+        given = {**step_level, **own}
         for k, default in spec.per_model.items():
             if k not in given and default is None:
                 problems.append(
                     (f"models.{m}", f"method `{spec.name}` needs per-model parameter `{k}`")
                 )
+        given_all.append({k: v for k, v in given.items() if k in spec.per_model})
         model_params.append(tuple((k, _freeze(v)) for k, v in given.items() if k in spec.per_model))
     base = ref(step.base, "base") if step.base else None
-    if spec.needs_base and step.base is None:
-        problems.append(
-            ("base", f"method `{spec.name}` needs a base model: add `base: <input name>`")
-        )
-    if step.base is not None and not spec.accepts_base:
-        problems.append(("base", f"method `{spec.name}` takes no base model; remove `base:`"))
-    n = len(models_map)
-    if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
-        want = (
-            f"{spec.min_models}"
-            if spec.max_models == spec.min_models
-            else f"at least {spec.min_models}"
-            + (f" and at most {spec.max_models}" if spec.max_models else "")
-        )
-        problems.append(
-            ("models", f"method `{spec.name}` takes {want} models (besides the base); got {n}")
-        )
-    params = dict(step.model_extra or {})
-    for msg in bind_params(spec, params):
+    from merge.methods.validate import call_problems
+
+    # Model count, base, parameter names, ranges and choices: the method catalogue's own checks.
+    global_given = {k: v for k, v in params.items() if k not in spec.per_model}
+    for msg in call_problems(
+        spec.name,
+        len(models_map),
+        has_base=step.base is not None,
+        params=global_given,
+        per_model_params=given_all,
+    ):
         problems.append(("", msg))
     if problems:
         return None, problems

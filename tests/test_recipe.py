@@ -107,3 +107,23 @@ def test_gradient_rule_matches_mergekit() -> None:
     assert gradient_value([0.0, 0.5, 1.0, 0.0], 0.5) == pytest.approx(0.75)  # s = 1.5
     assert gradient_value([0.2, 0.8], 1.0) == 0.8
     assert gradient_value([0.3], 0.7) == 0.3
+
+
+def test_step_level_per_model_params_are_defaults_and_ranges_are_checked() -> None:
+    r: dict = {
+        "inputs": {"base": "b", "a": "a", "c": "c"},
+        "steps": {
+            "s": {
+                "method": "ties",
+                "base": "base",
+                "models": {"a": {}, "c": {"density": 0.3}},
+                "density": 0.5,
+            }
+        },
+    }
+    (call,) = load_recipe(r).output.calls()
+    assert dict(call.model_params[0])["density"] == 0.5  # the step-level default
+    assert dict(call.model_params[1])["density"] == 0.3  # a model's own value wins
+    r["steps"]["s"]["density"] = 1.5
+    with pytest.raises(RecipeError, match=r"`density` 1.5 \(model 1\) is outside \(0, 1\]"):
+        load_recipe(r)
