@@ -113,6 +113,9 @@ class Engine:
         chunk: int = CHUNK_ELEMENTS,
         quiet: bool = False,
     ):
+        from merge.model_scope import resolve_model_scope
+
+        resolve_model_scope(plan, quiet=quiet)  # a first pass, only for `scope: model` methods
         self.plan = plan
         self.device = pick_device(device)
         self.seed = plan.program.recipe.options.seed if seed is None else seed

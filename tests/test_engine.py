@@ -219,3 +219,43 @@ def test_method_errors_name_the_tensor_and_step() -> None:
         match=r"while merging tensor `model.embed_tokens.weight` in step `result` with `_test_fails`: RuntimeError: boom",
     ):
         merge_expression("_test_fails(a)", {"a": tensors(0)})
+
+
+def test_ties_scope_model_uses_one_threshold_per_model() -> None:
+    """`scope: model` (the paper) trims with one threshold over all of a model's tensors."""
+    from merge.io import open_checkpoint
+
+    base, a, b = tensors(0), tensors(1), tensors(2)
+    r = {
+        "inputs": {"base": "<memory:base>", "a": "<memory:a>", "b": "<memory:b>"},
+        "steps": {
+            "s": {
+                "method": "ties",
+                "base": "base",
+                "models": ["a", "b"],
+                "density": 0.3,
+                "scope": "model",
+            }
+        },
+    }
+    srcs = {n: open_checkpoint(d) for n, d in (("base", base), ("a", a), ("b", b))}
+    out = evaluate_recipe_in_memory(r, preopened=srcs)
+    floats = [k for k in base if base[k].is_floating_point()]
+    # Reference: the paper's TIES written out, with each model's global top-30% threshold.
+    taus = {n: {k: d[k] - base[k] for k in floats} for n, d in (("a", a), ("b", b))}
+    kept = {}
+    for n, t in taus.items():
+        flat = torch.cat([v.reshape(-1).abs() for v in t.values()])
+        k = int(0.3 * flat.numel())
+        thr = flat.sort(descending=True).values[k - 1]
+        kept[n] = {key: torch.where(v.abs() >= thr, v, torch.zeros_like(v)) for key, v in t.items()}
+    for key in floats:
+        stack = torch.stack([kept["a"][key], kept["b"][key]])
+        sign = torch.sign(stack.sum(0))
+        agree = (torch.sign(stack) == sign) & (stack != 0)
+        mean = (stack * agree).sum(0) / agree.sum(0).clamp(min=1)
+        torch.testing.assert_close(out[key], base[key] + mean, rtol=1e-6, atol=1e-6, msg=key)
+    # Per-tensor scope differs on this model (thresholds differ across tensors).
+    r["steps"]["s"]["scope"] = "tensor"  # type: ignore[index]
+    per_tensor = evaluate_recipe_in_memory(r, preopened=srcs)
+    assert any(not torch.equal(per_tensor[k], out[k]) for k in floats)
