@@ -259,3 +259,15 @@ def test_ties_scope_model_uses_one_threshold_per_model() -> None:
     r["steps"]["s"]["scope"] = "tensor"  # type: ignore[index]
     per_tensor = evaluate_recipe_in_memory(r, preopened=srcs)
     assert any(not torch.equal(per_tensor[k], out[k]) for k in floats)
+
+
+def test_top_level_api() -> None:
+    import merge
+
+    out = merge.merge_expression(
+        "0.5 * a + 0.5 * b", {"a": {"w": torch.ones(2)}, "b": {"w": torch.zeros(2)}}
+    )
+    assert torch.equal(out["w"], torch.full((2,), 0.5))
+    assert merge.open_checkpoint({"w": torch.ones(1)}).keys() == ["w"]
+    with pytest.raises(AttributeError, match="module `merge` has no attribute `nope`"):
+        merge.nope  # noqa: B018
