@@ -15,7 +15,6 @@ from merge.evaluate.demo import alignment_act
 def test_alignment_act_shows_the_barrier_falling(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pytest.importorskip("merge.align")
     start = time.perf_counter()
     text = alignment_act(tmp_path / "act", quiet=True)
     assert time.perf_counter() - start < 60

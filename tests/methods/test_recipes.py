@@ -10,12 +10,12 @@ import pytest
 import torch
 import yaml
 
+import merge.api as api
 from merge.io import load_state_dict, save_state_dict
 from merge.methods.model_stock import model_stock
 from merge.methods.slerp import slerp
 from merge.methods.ties import ties
 
-api = pytest.importorskip("merge.api")
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 NAMES = {
     "model.layers.0.mlp.up_proj.weight": (6, 4),
