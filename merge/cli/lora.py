@@ -53,6 +53,7 @@ def lora_group() -> None:
 )
 @click.option("--shard-size", default="5GB", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 def bake_cmd(
     base: str,
     adapters: tuple[str, ...],
@@ -61,6 +62,7 @@ def bake_cmd(
     dtype: str | None,
     shard_size: str,
     force: bool,
+    quiet: bool,
 ) -> None:
     """Write BASE + Σ scale·ADAPTER (= peft merge_and_unload / diffusers fuse_lora; DoRA included)."""
     from merge.lora.bake import bake
@@ -80,12 +82,13 @@ def bake_cmd(
         dtype=dtype,
         shard_size=shard_size,
         force=force,
-        quiet=False,
+        quiet=quiet,
         unmatched=unmatched,
     )
     for u in unmatched:
         click.echo(f"warning: {u}", err=True)
-    click.echo(f"baked {len(adapters)} adapter(s) into {base} -> {out}")
+    if not quiet:
+        click.echo(f"baked {len(adapters)} adapter(s) into {base} -> {out}")
 
 
 @lora_group.command("combine")
