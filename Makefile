@@ -25,6 +25,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check merge tests benchmarks
+	$(BIN)/ruff format --check merge tests benchmarks
 	$(BIN)/mypy merge
 
 bench: $(STAMP)

@@ -23,5 +23,7 @@ def test_k_times_dora_in_an_expression_equals_peft_at_scale_k(llama: dict, work:
 def test_dora_inside_a_method_or_without_its_base_is_refused(llama: dict, work: Path) -> None:
     inputs = {"base": str(llama["base"]), "dora": str(llama["adapters"]["dora"])}
     with pytest.raises(PlanError, match="`dora` is a DoRA adapter, which is not a delta"):
-        merge_expression("linear(base, base + dora, weight=[1, 1])", inputs, work / "bad1", force=True)
+        merge_expression(
+            "linear(base, base + dora, weight=[1, 1])", inputs, work / "bad1", force=True
+        )
     assert not (work / "bad1").exists()
