@@ -79,6 +79,7 @@ class _Item:
     job: Job
     start: int
     stop: int
+    slot: int = 0
 
 
 class _Slots:
@@ -122,9 +123,8 @@ class Engine:
         self.chunk = chunk
         self.quiet = quiet
         self._slots = _Slots()
-        self._acc: Tensor | None = None
+        self._buffers: dict[str, Tensor] = {}  # reused: the accumulator and one output per slot
         self._coefs: dict[str, Tensor] = {}
-        self._out: Tensor | None = None
 
     # -- reading -----------------------------------------------------------------------------------
     def _items(self) -> Iterator[_Item]:
@@ -159,16 +159,16 @@ class Engine:
         return out
 
     # -- computing ---------------------------------------------------------------------------------
-    def _buffer(self, attr: str, n: int, dtype: torch.dtype) -> Tensor:
-        buf: Tensor | None = getattr(self, attr)
+    def _buffer(self, key: str, n: int, dtype: torch.dtype) -> Tensor:
+        buf = self._buffers.get(key)
         need = n * dtype.itemsize
         if buf is None or buf.numel() < need:
             buf = torch.empty(
                 max(need, 8 * min(self.chunk, n)),
                 dtype=torch.uint8,
-                device=self.device if attr == "_acc" else "cpu",
+                device=self.device if key == "acc" else "cpu",
             )
-            setattr(self, attr, buf)
+            self._buffers[key] = buf
         return buf[:need].view(dtype)
 
     def _compute_chunk(self, item: _Item, data: dict[str, Tensor]) -> Tensor:
@@ -179,10 +179,10 @@ class Engine:
             x = data[name]
             if x.dtype == job.out_dtype:
                 return x
-            out = self._buffer("_out", n, job.out_dtype)
+            out = self._buffer(f"out{item.slot}", n, job.out_dtype)
             return out.copy_(x)
         work = _work_dtype(job)
-        acc = self._buffer("_acc", n, work)
+        acc = self._buffer("acc", n, work)
         mat = data[MATRIX].to(self.device, non_blocking=True)
         coefs = self._coefs.get(job.name)
         if coefs is None:
@@ -191,7 +191,7 @@ class Engine:
             self._coefs = {job.name: coefs}
         # acc[j] = Σ_i c_i · x_i[j]: one pass over the staged inputs.
         torch.mv(mat.t(), coefs, out=acc)
-        out = self._buffer("_out", n, job.out_dtype)
+        out = self._buffer(f"out{item.slot}", n, job.out_dtype)
         return out.copy_(acc)
 
     def _compute_graph(self, job: Job, data: dict[str, Tensor]) -> Tensor:
@@ -244,7 +244,11 @@ class Engine:
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, write: Callable[[str, Tensor], None]) -> None:
+        """Three stages overlap: a reader thread loads item i+1, the main thread computes item i,
+        and a writer thread writes item i-1. Each item's buffers belong to its slot (i mod 2)."""
         items = list(self._items())
+        for i, it in enumerate(items):
+            it.slot = i % 2
         total = sum(self._item_bytes(it) for it in items)
         bar = tqdm(
             total=total,
@@ -256,37 +260,44 @@ class Engine:
             leave=False,
             dynamic_ncols=True,
         )
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-prefetch")
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read")
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-write")
+        written: Future[None] | None = None
         try:
-            future: Future[dict[str, Tensor]] | None = (
-                pool.submit(self._load, items[0], 0) if items else None
+            loading: Future[dict[str, Tensor]] | None = (
+                reader.submit(self._load, items[0], 0) if items else None
             )
             for i, item in enumerate(items):
-                assert future is not None
-                data = future.result()
-                future = (
-                    pool.submit(self._load, items[i + 1], (i + 1) % 2)
-                    if i + 1 < len(items)
-                    else None
-                )
-                job = item.job
-                try:
-                    out = (
-                        self._compute_graph(job, data)
-                        if job.mode == "graph"
-                        else self._compute_chunk(item, data)
-                    )
-                except MergeError:
-                    raise
-                except Exception as e:
-                    raise ExecutionError(
-                        f"while merging tensor `{job.name}`: {type(e).__name__}: {e}"
-                    ) from e
-                write(job.name, out)
-                bar.update(self._item_bytes(item))
+                assert loading is not None
+                data = loading.result()
+                if written is not None:
+                    # Item i-1 must be written before its slot is read into again (item i+1).
+                    written.result()
+                    bar.update(self._item_bytes(items[i - 1]))
+                if i + 1 < len(items):
+                    loading = reader.submit(self._load, items[i + 1], items[i + 1].slot)
+                out = self._compute(item, data)
+                written = writer.submit(write, item.job.name, out)
+            if written is not None:
+                written.result()
+                bar.update(self._item_bytes(items[-1]))
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            reader.shutdown(wait=True, cancel_futures=True)
+            writer.shutdown(wait=True, cancel_futures=True)
             bar.close()
+
+    def _compute(self, item: _Item, data: dict[str, Tensor]) -> Tensor:
+        job = item.job
+        try:
+            if job.mode == "graph":
+                return self._compute_graph(job, data)
+            return self._compute_chunk(item, data)
+        except MergeError:
+            raise
+        except Exception as e:
+            raise ExecutionError(
+                f"while merging tensor `{job.name}`: {type(e).__name__}: {e}"
+            ) from e
 
     def _item_bytes(self, item: _Item) -> int:
         """Bytes read and written for one item (what the progress bar counts)."""
