@@ -52,31 +52,18 @@ def dare_linear(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """base + λ Σ w_i m_i⊙δ_i/d_i, m_i ~ Bernoulli(d_i) (mergekit: L1-norm rescale)."""
-    check_density("dare_linear", density)
-    check_compat("dare_linear", compat)
-    if compat == "paper" and rescale:
-        return fused_merge(
-            "dare_linear",
-            tensors,
-            base,
-            weight,
-            keep_prob=density,
-            generator=generator,
-            elect=None,
-            normalize=normalize,
-            scale=scale,
-            compat=compat,
-        )
-    deltas = _dropped(tensors, base, density, rescale, compat, generator)
-    return combine(
+    return _dare(
         "dare_linear",
+        tensors,
         base,
-        deltas,
         weight,
-        elect=None,
-        normalize=normalize,
-        scale=scale,
-        compat=compat,
+        density,
+        None,
+        rescale,
+        normalize,
+        scale,
+        compat,
+        generator,
     )
 
 
@@ -100,12 +87,41 @@ def dare_ties(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """DARE drop-and-rescale, then TIES sign election and disjoint merge (dis-sum by default)."""
-    check_density("dare_ties", density)
-    check_compat("dare_ties", compat)
+    check_choice("dare_ties", "elect", elect, ELECT_CHOICES)
+    return _dare(
+        "dare_ties",
+        tensors,
+        base,
+        weight,
+        density,
+        elect,
+        rescale,
+        normalize,
+        scale,
+        compat,
+        generator,
+    )
+
+
+def _dare(
+    name: str,
+    tensors: Sequence[Tensor],
+    base: Tensor,
+    weight: Sequence[float],
+    density: Sequence[float],
+    elect: str | None,
+    rescale: bool,
+    normalize: bool,
+    scale: float,
+    compat: str,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Both DARE variants: the fused kernel for the paper's 1/p rescale, else drop then combine."""
+    check_density(name, density)
+    check_compat(name, compat)
     if compat == "paper" and rescale:
-        check_choice("dare_ties", "elect", elect, ELECT_CHOICES)
         return fused_merge(
-            "dare_ties",
+            name,
             tensors,
             base,
             weight,
@@ -118,12 +134,5 @@ def dare_ties(
         )
     deltas = _dropped(tensors, base, density, rescale, compat, generator)
     return combine(
-        "dare_ties",
-        base,
-        deltas,
-        weight,
-        elect=elect,
-        normalize=normalize,
-        scale=scale,
-        compat=compat,
+        name, base, deltas, weight, elect=elect, normalize=normalize, scale=scale, compat=compat
     )
