@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -411,11 +410,3 @@ def _copy_support_files(layout: TensorSource, dest: Path, dtype: torch.dtype | N
             target.write_text(json.dumps(config, indent=2) + "\n")
         else:
             shutil.copy2(src, target)
-
-
-def env_summary() -> dict[str, str]:
-    return {
-        "torch": torch.__version__,
-        "threads": str(torch.get_num_threads()),
-        "pid": str(os.getpid()),
-    }

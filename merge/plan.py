@@ -460,7 +460,3 @@ def format_form(form: Affine) -> str:
             what = f"{leaf.method}({', '.join(format_form(m) for m in leaf.models)}{', base=' + format_form(leaf.base) if leaf.base else ''}{', ' + ps if ps else ''})"
         parts.append(what if c == 1.0 else f"{c:g}*{what}")
     return " + ".join(parts).replace("+ -", "- ") or "0"
-
-
-def all_program_calls(program: Program) -> list[Call]:
-    return all_calls(program.output)

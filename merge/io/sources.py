@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -181,7 +180,3 @@ class MemorySource(TensorSource):
         fp = super().fingerprint()
         fp["bytes"] = sum(self.meta(k).nbytes for k in self.keys())
         return fp
-
-
-def json_dumps_compact(obj: object) -> str:
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True, default=str)
