@@ -137,18 +137,28 @@ finally:
 """
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
+def timed(cmd: list[str], out: Path | None = None) -> tuple[float, int]:
     """Wall time and peak RSS of one command, as `/usr/bin/time -v` reports it.
 
     (A child's own getrusage would inherit this benchmark's peak across fork and exec.)
     """
-    got = timed_external(cmd)
+    got = timed_external(cmd, out)
     if got is None:
         raise SystemExit(f"{' '.join(cmd[:4])} failed")
     return got
 
 
-def timed_external(cmd: list[str]) -> tuple[float, int] | None:
+def settle(out: Path | None = None) -> None:
+    """Start every timed run from the same state: the previous output removed and no dirty pages
+    waiting for writeback. Otherwise a run pays for the previous run's writeback (dirty-page
+    throttling made the same 1 GB write take 0.2 s or 2.7 s on this machine)."""
+    if out is not None:
+        shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+
+
+def timed_external(cmd: list[str], out: Path | None = None) -> tuple[float, int] | None:
+    settle(out)
     t0 = time.perf_counter()
     res = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -217,7 +227,7 @@ def main() -> None:
             "-q",
         ]
         ta = [py, "-c", MERGE_SCRIPT, "run", str(recipe), "-o", str(out), "--force", "-q"]
-        timed(copy4)  # warm-up: interpreter, libraries and every input in the page cache
+        timed(copy4, out)  # warm-up: interpreter, libraries and every input in the page cache
         # Best of `--repeat`, interleaved so that slow moments of the shared machine hit all alike.
         for _ in range(args.repeat):
             for name, cmd in (
@@ -226,7 +236,7 @@ def main() -> None:
                 ("copy (4 inputs)", copy4),
                 ("task arithmetic (base + 3)", ta),
             ):
-                got = timed(cmd)
+                got = timed(cmd, out)
                 if name not in results or got[0] < results[name][0]:
                     results[name] = (got[0], max(got[1], results.get(name, got)[1]))
         if args.ties:
@@ -236,7 +246,7 @@ def main() -> None:
                 "steps:\n  final: {method: ties, base: base, models: [ft1, ft2, ft3], density: 0.2}\n"
             )
             results["ties (base + 3, density 0.2)"] = timed(
-                [py, "-c", MERGE_SCRIPT, "run", str(ties), "-o", str(out), "--force", "-q"]
+                [py, "-c", MERGE_SCRIPT, "run", str(ties), "-o", str(out), "--force", "-q"], out
             )
         if shutil.which("mergekit-yaml"):
             mk = root / "mergekit-linear.yaml"
@@ -246,8 +256,7 @@ def main() -> None:
                     f"  - model: {root / n}\n    parameters: {{weight: 1.0}}\n" for n in names[1:]
                 )
             )
-            shutil.rmtree(out, ignore_errors=True)
-            if (r := timed_external(["mergekit-yaml", str(mk), str(out)])) is not None:
+            if (r := timed_external(["mergekit-yaml", str(mk), str(out)], out)) is not None:
                 results["mergekit linear (3 inputs)"] = r
             mt = root / "mergekit-ta.yaml"
             mt.write_text(
@@ -256,8 +265,7 @@ def main() -> None:
                     f"  - model: {root / n}\n    parameters: {{weight: 1.0}}\n" for n in names[1:]
                 )
             )
-            shutil.rmtree(out, ignore_errors=True)
-            if (r := timed_external(["mergekit-yaml", str(mt), str(out)])) is not None:
+            if (r := timed_external(["mergekit-yaml", str(mt), str(out)], out)) is not None:
                 results["mergekit task arithmetic"] = r
             if args.ties:
                 mties = root / "mergekit-ties.yaml"
@@ -268,8 +276,7 @@ def main() -> None:
                         for n in names[1:]
                     )
                 )
-                shutil.rmtree(out, ignore_errors=True)
-                if (r := timed_external(["mergekit-yaml", str(mties), str(out)])) is not None:
+                if (r := timed_external(["mergekit-yaml", str(mties), str(out)], out)) is not None:
                     results["mergekit ties"] = r
         shutil.rmtree(out, ignore_errors=True)
         for name, (wall, rss) in results.items():

@@ -1,8 +1,8 @@
 """The one streaming loop: read the few tensors an output tensor needs, compute in float32, write.
 
-Weighted sums ("affine" jobs) and plain copies stream in chunks through two reused buffer
-slots: a reader thread fills one slot while the main thread computes the other, so memory is
-a few chunks whatever the tensor or model size. Jobs with method calls ("graph" jobs) read
+Weighted sums ("affine" jobs) and plain copies stream in chunks through three buffer slots: a
+reader thread fills one while the main thread computes another and a writer thread writes the
+third, so memory is a few chunks whatever the tensor or model size. Jobs with method calls ("graph" jobs) read
 whole tensors, since methods such as TIES or SLERP need the whole tensor.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,9 +40,12 @@ from merge.io.writer import (
 from merge.methods import get_method
 from merge.plan import Job, Plan, ResolvedCall
 
-MATRIX = "\0matrix"  # key of the staged (inputs, n) matrix of an affine chunk
-# 8M elements: 32 MiB of float32 per buffer, large enough to stream at memory speed.
+# 8M elements per read: 16 MiB of bf16 per input, large enough for sequential reads at disk speed.
 CHUNK_ELEMENTS = 1 << 23
+# 1M elements per combine block: the float32 accumulator and one converted input (8 MiB) stay in
+# the last-level cache, so each input's bytes cross main memory once instead of three times
+# (convert out, read back, accumulate). Measured in benchmarks/bench_core.py's kernel table.
+BLOCK_ELEMENTS = 1 << 20
 
 
 def pick_device(device: str) -> torch.device:
@@ -62,14 +66,14 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 def estimate_peak_bytes(plan: Plan, chunk: int = CHUNK_ELEMENTS) -> int:
-    """Rough peak of our own buffers: two read slots and the accumulators, or whole fp32 tensors."""
+    """Rough peak of our own buffers: the read slots and the accumulators, or whole fp32 tensors."""
     peak = 0
     for j in plan.jobs:
         if j.mode == "graph":
             peak = max(peak, (len(j.inputs) * 2 + 3) * j.numel * 4)
         else:
             n = min(j.numel, chunk)
-            peak = max(peak, 2 * len(j.inputs) * n * 8 + n * 8 + n * 8)
+            peak = max(peak, SLOTS * (len(j.inputs) + 1) * n * 8 + 2 * BLOCK_ELEMENTS * 8)
     return peak
 
 
@@ -81,11 +85,16 @@ class _Item:
     slot: int = 0
 
 
+# Items in flight: one being read, one being computed, one being written. Each owns a slot of
+# buffers, so the writer may lag one item behind the compute without either waiting.
+SLOTS = 3
+
+
 class _Slots:
-    """Two sets of reused byte buffers, one per input position, grown on demand."""
+    """SLOTS sets of reused byte buffers, one per input position, grown on demand."""
 
     def __init__(self) -> None:
-        self._bufs: list[list[Tensor]] = [[], []]
+        self._bufs: list[list[Tensor]] = [[] for _ in range(SLOTS)]
 
     def view(self, slot: int, pos: int, n: int, dtype: torch.dtype) -> Tensor:
         bufs = self._bufs[slot]
@@ -95,6 +104,39 @@ class _Slots:
         if bufs[pos].numel() < need:
             bufs[pos] = torch.empty(need, dtype=torch.uint8)
         return bufs[pos][:need].view(dtype)
+
+
+def weighted_sum_into(
+    inputs: list[Tensor], coefs: list[float], acc: Tensor, scratch: Tensor | None
+) -> Tensor:
+    """acc = Σ c_i·x_i in acc's dtype, with every x_i converted once (through `scratch` when
+    its dtype differs from acc's, so no temporary is allocated). Summed in input order."""
+    if not inputs:  # every term cancelled, e.g. `a - a`
+        return acc.zero_()
+    first, c0 = inputs[0], coefs[0]
+    acc.copy_(first)
+    if c0 != 1.0:
+        acc.mul_(c0)
+    for x, c in zip(inputs[1:], coefs[1:]):
+        if x.dtype != acc.dtype:
+            assert scratch is not None
+            x = scratch.copy_(x)
+        acc.add_(x, alpha=c)
+    return acc
+
+
+def combine_blocked(inputs: list[Tensor], coefs: list[float], out: Tensor, work: Tensor) -> Tensor:
+    """out = Σ c_i·x_i, computed in `work`'s dtype block by block (`work` holds two blocks:
+    accumulator and scratch) and cast once into `out`."""
+    block = work.numel() // 2
+    acc_buf, scratch_buf = work[:block], work[block:]
+    n = out.numel()
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        acc = acc_buf[: e - s]
+        weighted_sum_into([x[s:e] for x in inputs], coefs, acc, scratch_buf[: e - s])
+        out[s:e].copy_(acc)
+    return out
 
 
 def _work_dtype(job: Job) -> torch.dtype:
@@ -123,7 +165,7 @@ class Engine:
         self.quiet = quiet
         self._slots = _Slots()
         self._buffers: dict[str, Tensor] = {}  # reused: the accumulator and one output per slot
-        self._coefs: dict[str, Tensor] = {}
+        self._coefs: dict[str, list[float]] = {}
 
     # -- reading -----------------------------------------------------------------------------------
     def _items(self) -> Iterator[_Item]:
@@ -135,6 +177,9 @@ class Engine:
                     yield _Item(j, s, min(j.numel, s + self.chunk))
 
     def _load(self, item: _Item, slot: int) -> dict[str, Tensor]:
+        """One item's inputs in their own dtype: a view of the file's pages for this chunk where
+        the source can map it (no copy; unmapped when the item is dropped), else read into the
+        slot's reused buffers; whole tensors for graph jobs. The main thread converts."""
         job = item.job
         out: dict[str, Tensor] = {}
         for pos, name in enumerate(job.inputs):
@@ -143,18 +188,11 @@ class Engine:
             if job.mode == "graph":
                 out[name] = src.read(job.name)
             else:
-                buf = self._slots.view(slot, pos, item.stop - item.start, meta.dtype)
-                out[name] = src.read_range(job.name, item.start, item.stop, out=buf)
-        if job.mode == "affine":
-            # Stage the chunk as one (inputs, n) float32 matrix here, on the reader thread, so
-            # the dtype conversion overlaps the main thread's math; the main thread then needs
-            # a single matrix-vector product for the weighted sum.
-            n = item.stop - item.start
-            mat = self._slots.view(slot, len(job.inputs), len(job.inputs) * n, _work_dtype(job))
-            mat = mat.view(len(job.inputs), n)
-            for pos, name in enumerate(job.inputs):
-                mat[pos].copy_(out[name])
-            return {MATRIX: mat}
+                mapped = src.map_range(job.name, item.start, item.stop)
+                if mapped is None:
+                    buf = self._slots.view(slot, pos, item.stop - item.start, meta.dtype)
+                    mapped = src.read_range(job.name, item.start, item.stop, out=buf)
+                out[name] = mapped
         return out
 
     # -- computing ---------------------------------------------------------------------------------
@@ -180,18 +218,23 @@ class Engine:
                 return x
             out = self._buffer(f"out{item.slot}", n, job.out_dtype)
             return out.copy_(x)
-        work = _work_dtype(job)
-        acc = self._buffer("acc", n, work)
-        mat = data[MATRIX].to(self.device, non_blocking=True)
         coefs = self._coefs.get(job.name)
         if coefs is None:
             by_input = dict(job.form.terms)
-            coefs = torch.tensor([by_input[i] for i in job.inputs], dtype=work, device=self.device)
+            coefs = [float(by_input[i]) for i in job.inputs]
             self._coefs = {job.name: coefs}
-        # acc[j] = Σ_i c_i · x_i[j]: one pass over the staged inputs.
-        torch.mv(mat.t(), coefs, out=acc)
+        inputs = [data[i] for i in job.inputs]
         out = self._buffer(f"out{item.slot}", n, job.out_dtype)
-        return out.copy_(acc)
+        if self.device.type == "cpu":
+            combine_blocked(
+                inputs, coefs, out, self._buffer("acc", 2 * BLOCK_ELEMENTS, _work_dtype(job))
+            )
+        else:
+            work = _work_dtype(job)
+            acc = self._buffer("acc", n, work)
+            on_device = [x.to(self.device, dtype=work, non_blocking=True) for x in inputs]
+            out.copy_(weighted_sum_into(on_device, coefs, acc, None))
+        return out
 
     def _compute_graph(self, job: Job, data: dict[str, Tensor]) -> Tensor:
         work = torch.float64 if job.out_dtype == torch.float64 else torch.float32
@@ -244,10 +287,11 @@ class Engine:
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, write: Callable[[str, Tensor], None]) -> None:
         """Three stages overlap: a reader thread loads item i+1, the main thread computes item i,
-        and a writer thread writes item i-1. Each item's buffers belong to its slot (i mod 2)."""
+        and a writer thread writes item i-1. Item i's buffers belong to slot i mod SLOTS, so a
+        slot is reused only after the item that last held it has been written."""
         items = list(self._items())
         for i, it in enumerate(items):
-            it.slot = i % 2
+            it.slot = i % SLOTS
         total = sum(self._item_bytes(it) for it in items)
         bar = tqdm(
             total=total,
@@ -261,7 +305,14 @@ class Engine:
         )
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read")
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-write")
-        written: Future[None] | None = None
+        pending: deque[tuple[_Item, Future[None]]] = deque()  # submitted writes, oldest first
+
+        def wait_written(keep: int) -> None:
+            while len(pending) > keep:
+                done, fut = pending.popleft()
+                fut.result()
+                bar.update(self._item_bytes(done))
+
         try:
             loading: Future[dict[str, Tensor]] | None = (
                 reader.submit(self._load, items[0], 0) if items else None
@@ -269,17 +320,14 @@ class Engine:
             for i, item in enumerate(items):
                 assert loading is not None
                 data = loading.result()
-                if written is not None:
-                    # Item i-1 must be written before its slot is read into again (item i+1).
-                    written.result()
-                    bar.update(self._item_bytes(items[i - 1]))
+                # Item i+1 goes into the slot of item i+1-SLOTS: that write must be done.
+                wait_written(SLOTS - 2)
                 if i + 1 < len(items):
                     loading = reader.submit(self._load, items[i + 1], items[i + 1].slot)
                 out = self._compute(item, data)
-                written = writer.submit(write, item.job.name, out)
-            if written is not None:
-                written.result()
-                bar.update(self._item_bytes(items[-1]))
+                del data
+                pending.append((item, writer.submit(write, item.job.name, out)))
+            wait_written(0)
         finally:
             reader.shutdown(wait=True, cancel_futures=True)
             writer.shutdown(wait=True, cancel_futures=True)
