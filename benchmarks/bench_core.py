@@ -10,7 +10,10 @@ in a fresh process so peak RSS is its own (ru_maxrss, what `/usr/bin/time -v` re
 - linear: `merge linear` of 3 inputs;
 - task arithmetic: base + 3 task vectors (4 inputs read);
 - mergekit-yaml on the same inputs when it is installed (not a dependency of ours).
-Files are warm in the page cache for every contestant (each set is read once before timing).
+Files are warm in the page cache for every contestant (each set is read once before timing),
+and every timed run starts after `sync` with the previous output removed, so no run pays for
+another's writeback. Ours run --repeat times, interleaved; the table gives the best run and the
+ratio of medians (mergekit runs once: it takes minutes).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -36,7 +40,7 @@ SHAPES = {
 def llama_tensors(
     hidden: int, inter: int, layers: int, vocab: int
 ) -> list[tuple[str, tuple[int, ...]]]:
-    out = [("model.embed_tokens.weight", (vocab, hidden))]
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}"
         out += [
@@ -190,7 +194,7 @@ def main() -> None:
     ap.add_argument(
         "--keep", action="store_true", help="Keep the synthetic checkpoints afterwards."
     )
-    ap.add_argument("--repeat", type=int, default=2, help="Best of N runs of each of ours.")
+    ap.add_argument("--repeat", type=int, default=5, help="Best of N runs of each of ours.")
     ap.add_argument("--ties", action="store_true", help="Also time TIES (ours and mergekit's).")
     args = ap.parse_args()
     py = sys.executable
@@ -213,6 +217,7 @@ def main() -> None:
             "steps:\n  final: base + 0.5 * ((ft1 - base) + (ft2 - base) + (ft3 - base))\n"
         )
         results: dict[str, tuple[float, int]] = {}
+        walls: dict[str, list[float]] = {}  # every run of ours, for the median column
         copy3 = [py, "-c", COPY_SCRIPT, *map(str, ins[1:]), str(out)]
         copy4 = [py, "-c", COPY_SCRIPT, *map(str, ins), str(out)]
         lin = [
@@ -237,6 +242,7 @@ def main() -> None:
                 ("task arithmetic (base + 3)", ta),
             ):
                 got = timed(cmd, out)
+                walls.setdefault(name, []).append(got[0])
                 if name not in results or got[0] < results[name][0]:
                     results[name] = (got[0], max(got[1], results.get(name, got)[1]))
         if args.ties:
@@ -280,8 +286,15 @@ def main() -> None:
                     results["mergekit ties"] = r
         shutil.rmtree(out, ignore_errors=True)
         for name, (wall, rss) in results.items():
-            four = "task" in name or "ties" in name
-            bound = results["copy (4 inputs)" if four else "copy (3 inputs)"][0]
+            four = "4 inputs" in name or "task" in name or "ties" in name
+            bound_name = "copy (4 inputs)" if four else "copy (3 inputs)"
+            bound = results[bound_name][0]
+            # Median ratio: a second view, since single runs on a shared machine vary by ±30%.
+            med = (
+                statistics.median(walls[name]) / statistics.median(walls[bound_name])
+                if name in walls
+                else None
+            )
             mk = results.get(
                 "mergekit ties"
                 if "ties" in name
@@ -298,6 +311,7 @@ def main() -> None:
                     wall,
                     rss,
                     wall / bound,
+                    med,
                     (wall / mk[0]) if mk and not name.startswith(("copy", "mergekit")) else None,
                 )
             )
@@ -306,11 +320,17 @@ def main() -> None:
     print(
         f"\n{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; inputs warm in the page cache\n"
     )
-    print("| set | model size | job | wall (s) | peak RSS (MiB) | x copy | x mergekit |")
-    print("|---|---:|---|---:|---:|---:|---:|")
-    for key, mb, name, wall, rss, ratio, vs_mk in rows:
+    print(
+        "| set | model size | job | wall (s), best | peak RSS (MiB) | x copy, best | x copy, median | x mergekit |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+
+    def fmt(x: float | None) -> str:
+        return "" if x is None else f"{x:.2f}"
+
+    for key, mb, name, wall, rss, ratio, med, vs_mk in rows:
         print(
-            f"| {key} | {mb / 1e9:.2f} GB | {name} | {wall:.2f} | {rss / 2**20:.0f} | {ratio:.2f} | {'' if vs_mk is None else f'{vs_mk:.2f}'} |"
+            f"| {key} | {mb / 1e9:.2f} GB | {name} | {wall:.2f} | {rss / 2**20:.0f} | {ratio:.2f} | {fmt(med)} | {fmt(vs_mk)} |"
         )
 
 

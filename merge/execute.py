@@ -306,6 +306,10 @@ class Engine:
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read")
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-write")
         pending: deque[tuple[_Item, Future[None]]] = deque()  # submitted writes, oldest first
+        # Streaming math is memory-bound: a second intra-op thread gains little and its spinning
+        # takes the CPU from the reader and writer threads (measured: 3 GB task arithmetic
+        # 7.4 s with one thread, 8.3 s with two). Method calls (TIES...) keep every thread.
+        threads = torch.get_num_threads()
 
         def wait_written(keep: int) -> None:
             while len(pending) > keep:
@@ -324,11 +328,15 @@ class Engine:
                 wait_written(SLOTS - 2)
                 if i + 1 < len(items):
                     loading = reader.submit(self._load, items[i + 1], items[i + 1].slot)
+                want = threads if item.job.mode == "graph" else 1
+                if torch.get_num_threads() != want:
+                    torch.set_num_threads(want)
                 out = self._compute(item, data)
                 del data
                 pending.append((item, writer.submit(write, item.job.name, out)))
             wait_written(0)
         finally:
+            torch.set_num_threads(threads)
             reader.shutdown(wait=True, cancel_futures=True)
             writer.shutdown(wait=True, cancel_futures=True)
             bar.close()

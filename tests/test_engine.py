@@ -271,3 +271,28 @@ def test_top_level_api() -> None:
     assert merge.open_checkpoint({"w": torch.ones(1)}).keys() == ["w"]
     with pytest.raises(AttributeError, match="module `merge` has no attribute `nope`"):
         merge.nope  # noqa: B018
+
+
+def test_weighted_sum_in_blocks_hand_worked() -> None:
+    from merge.execute import combine_blocked
+
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]).to(torch.bfloat16)
+    y = torch.tensor([4.0, 0.0, -2.0, 8.0, 1.0]).to(torch.bfloat16)
+    out = torch.empty(5, dtype=torch.bfloat16)
+    # Blocks of 2 (work holds accumulator + scratch): 0.5x + 0.25y = [1.5, 1, 1, 4, 2.75].
+    combine_blocked([x, y], [0.5, 0.25], out, torch.empty(4))
+    assert torch.equal(out, torch.tensor([1.5, 1.0, 1.0, 4.0, 2.75], dtype=torch.bfloat16))
+    combine_blocked([], [], out, torch.empty(4))  # every term cancelled
+    assert torch.equal(out, torch.zeros(5, dtype=torch.bfloat16))
+
+
+def test_mapped_reads_give_the_same_bytes_as_buffered_reads(
+    three_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from merge.io.safetensors import SafetensorsSource
+
+    expr = "base + 0.7 * (a - base) - 0.4 * (b - base)"
+    mapped = merge_expression(expr, three_models, tmp_path / "mapped.safetensors")
+    monkeypatch.setattr(SafetensorsSource, "map_range", lambda self, name, start, stop: None)
+    buffered = merge_expression(expr, three_models, tmp_path / "buffered.safetensors")
+    assert mapped.read_bytes() == buffered.read_bytes()

@@ -148,6 +148,9 @@ class SafetensorsSource(TensorSource):
         aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
         length = begin - aligned + (stop - start) * item
         fd = self._fd(self._file_of[name])
+        if os.fstat(fd).st_size < begin + (stop - start) * item:
+            # Touching a mapping past the end of a file kills the process (SIGBUS): check first.
+            raise FormatError(f"{m.file}: unexpected end of file while reading `{name}`")
         mapped = mmap.mmap(fd, length, flags=_MAP_FLAGS, prot=mmap.PROT_READ, offset=aligned)
         with warnings.catch_warnings():
             # torch warns that the buffer is read-only; the engine never writes to inputs.

@@ -114,3 +114,40 @@ def test_parse_size() -> None:
     assert parse_size("1024") == 1024
     with pytest.raises(PlanError, match="cannot read size `five`"):
         parse_size("five")
+
+
+def test_map_range_equals_read_range(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    data = {
+        # An odd-sized first tensor puts the others at offsets that are not page-aligned.
+        "odd": torch.randn(3, generator=g).to(torch.float16),
+        "bf16": torch.randn(5000, generator=g).to(torch.bfloat16),
+        "f32": torch.randn(40, 100, generator=g),
+    }
+    save_file(data, tmp_path / "x.safetensors")
+    src = open_checkpoint(tmp_path / "x.safetensors")
+    for name, t in data.items():
+        flat = t.reshape(-1)
+        for start, stop in [
+            (0, flat.numel()),
+            (1, 2),
+            (2047, 4001),
+            (flat.numel() - 1, flat.numel()),
+        ]:
+            if stop > flat.numel():
+                continue
+            view = src.map_range(name, start, stop)
+            assert view is not None and view.dtype == t.dtype
+            assert torch.equal(view, flat[start:stop])
+            assert torch.equal(view, src.read_range(name, start, stop))
+
+
+def test_map_range_of_a_file_truncated_after_opening_is_a_clear_error(tmp_path: Path) -> None:
+    save_file({"a": torch.ones(10000)}, tmp_path / "x.safetensors")
+    src = open_checkpoint(tmp_path / "x.safetensors")
+    with open(tmp_path / "x.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(
+        FormatError, match=r"x.safetensors: unexpected end of file while reading `a`"
+    ):
+        src.map_range("a", 0, 10000)
