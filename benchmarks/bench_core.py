@@ -105,10 +105,14 @@ def build_checkpoint(
 
 
 COPY_SCRIPT = r"""
+import gc
+gc.disable()  # the same start-up as the `merge` console script (merge/console.py)
 import os, sys, json, resource, time, torch
 from pathlib import Path
 from merge.io import open_checkpoint
 from merge.io.writer import OutputTensor, StagedOutput, TensorFileWriter, plan_files
+gc.freeze()
+gc.enable()
 inputs, out = sys.argv[1:-1], Path(sys.argv[-1])
 srcs = [open_checkpoint(p) for p in inputs]
 names = srcs[0].keys()
@@ -132,10 +136,10 @@ print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 10
 
 MERGE_SCRIPT = r"""
 import sys, json, resource, time
-from merge.cli import cli
 t0 = time.perf_counter()
+from merge.console import main  # the `merge` console script
 try:
-    cli(sys.argv[1:], standalone_mode=False)
+    main(sys.argv[1:], standalone_mode=False)
 finally:
     print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "inner": time.perf_counter() - t0}))
 """

@@ -1,3 +1,3 @@
-from merge.cli import main
+from merge.console import main
 
 main()
