@@ -238,9 +238,10 @@ class Engine:
 
     def _compute_graph(self, job: Job, data: dict[str, Tensor]) -> Tensor:
         work = torch.float64 if job.out_dtype == torch.float64 else torch.float32
-        cache: dict[str, Tensor] = {
-            k: v.to(device=self.device, dtype=work).reshape(job.shape) for k, v in data.items()
-        }
+        cache: dict[str, Tensor] = {}
+        for k in list(data):
+            # Pop as we convert, so each input's raw copy is freed before the next is converted.
+            cache[k] = data.pop(k).to(device=self.device, dtype=work).reshape(job.shape)
         result = self._eval_form(job.form, cache, job)
         return result.to(job.out_dtype).cpu()
 
