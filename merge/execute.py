@@ -2,8 +2,8 @@
 
 Weighted sums ("affine" jobs) and plain copies stream in chunks through three buffer slots: a
 reader thread fills one while the main thread computes another and a writer thread writes the
-third, so memory is a few chunks whatever the tensor or model size. Jobs with method calls ("graph" jobs) read
-whole tensors, since methods such as TIES or SLERP need the whole tensor.
+third, so memory is a few chunks whatever the tensor or model size. Jobs with method calls
+("graph" jobs) read whole tensors, since methods such as TIES or SLERP need the whole tensor.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from merge.plan import Job, Plan, ResolvedCall
 CHUNK_ELEMENTS = 1 << 23
 # 1M elements per combine block: the float32 accumulator and one converted input (8 MiB) stay in
 # the last-level cache, so each input's bytes cross main memory once instead of three times
-# (convert out, read back, accumulate). Measured in benchmarks/bench_core.py's kernel table.
+# (convert out, read back, accumulate). Measured on 64M-element bf16 inputs x 4, one thread:
+# 117 ms with 64K blocks, 67 ms with 512K-1M, 84 ms with 2M.
 BLOCK_ELEMENTS = 1 << 20
 
 
