@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import click
@@ -52,4 +51,8 @@ _register_all()
 
 
 def main() -> None:
-    cli(prog_name="merge", args=sys.argv[1:])
+    """Kept for console scripts installed before `merge.console` existed (pip regenerates them
+    on reinstall); the one implementation is `merge.console.main`."""
+    from merge.console import main as console_main
+
+    console_main()
