@@ -200,7 +200,11 @@ def main() -> None:
     )
     ap.add_argument("--repeat", type=int, default=5, help="Best of N runs of each of ours.")
     ap.add_argument("--ties", action="store_true", help="Also time TIES (ours and mergekit's).")
+    ap.add_argument(
+        "--device", default="cpu", help="Where our merges compute: cpu (default), cuda or auto."
+    )
     args = ap.parse_args()
+    on_device = ["--device", args.device]
     py = sys.executable
     rows = []
     for size in args.sizes.split(","):
@@ -234,8 +238,20 @@ def main() -> None:
             str(out),
             "--force",
             "-q",
+            *on_device,
         ]
-        ta = [py, "-c", MERGE_SCRIPT, "run", str(recipe), "-o", str(out), "--force", "-q"]
+        ta = [
+            py,
+            "-c",
+            MERGE_SCRIPT,
+            "run",
+            str(recipe),
+            "-o",
+            str(out),
+            "--force",
+            "-q",
+            *on_device,
+        ]
         timed(copy4, out)  # warm-up: interpreter, libraries and every input in the page cache
         # Best of `--repeat`, interleaved so that slow moments of the shared machine hit all alike.
         for _ in range(args.repeat):
@@ -256,7 +272,19 @@ def main() -> None:
                 "steps:\n  final: {method: ties, base: base, models: [ft1, ft2, ft3], density: 0.2}\n"
             )
             results["ties (base + 3, density 0.2)"] = timed(
-                [py, "-c", MERGE_SCRIPT, "run", str(ties), "-o", str(out), "--force", "-q"], out
+                [
+                    py,
+                    "-c",
+                    MERGE_SCRIPT,
+                    "run",
+                    str(ties),
+                    "-o",
+                    str(out),
+                    "--force",
+                    "-q",
+                    *on_device,
+                ],
+                out,
             )
         if shutil.which("mergekit-yaml"):
             mk = root / "mergekit-linear.yaml"
