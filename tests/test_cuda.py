@@ -138,7 +138,8 @@ def test_path_on_cuda_equals_cpu(tmp_path: Path) -> None:
         )
         reports[out] = json.loads((tmp_path / out / "path.json").read_text())
     cpu, gpu = (
-        [p["metrics"]["loss"] for p in reports[out]["curves"][0]["points"]] for out in ("ref", "dev")
+        [p["metrics"]["loss"] for p in reports[out]["curves"][0]["points"]]
+        for out in ("ref", "dev")
     )
     assert gpu == pytest.approx(cpu, rel=1e-4)
 
