@@ -56,7 +56,8 @@ test-latest:
 	$(PY) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
 	$(LATEST)/bin/python -m pip install -q "torch==2.13.0"
-	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev,compare,ray]"
+	# lock.in holds torch at the CPU build on disk: anything newer would be a multi-GB CUDA build.
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c lock.in -e ".[dev,compare,ray]"
 	$(LATEST)/bin/python -m pip list --format=freeze > $(LATEST)/resolved.txt
 	$(LATEST)/bin/python -m pytest
 
