@@ -1,10 +1,12 @@
 """The console entry point of `merge` and `mergewright` (and `python -m merge`).
 
-Kept outside `merge.cli` so it runs before torch is imported: the interpreter's cyclic garbage
-collector is paused while the command line loads (torch and its dependencies create about a
-million objects, and each full collection during the later imports walked all of them), then the
-loaded objects are frozen out of future collections. This takes about 0.1 to 0.3 s off every
-command's start, which is a tenth of a merge of a 1 GB model.
+Kept outside `merge.cli` so it runs before torch is imported. First it installs the signal
+policy (`merge.signals`): a Ctrl-C or SIGTERM during the start-up imports is recorded and acted
+on once they are done, so it never tears an import (a traceback, or an abort inside torch) nor
+gets swallowed. Then the interpreter's cyclic garbage collector is paused while the command
+line loads (torch and its dependencies create about a million objects, and each full collection
+during the later imports walked all of them), and the loaded objects are frozen out of future
+collections: about 0.1 to 0.3 s off every command's start.
 """
 
 from __future__ import annotations
@@ -12,16 +14,39 @@ from __future__ import annotations
 import gc
 import sys
 
+from merge.signals import defer_signals, exit_code, raise_on_signals
+
 
 def main(args: list[str] | None = None, *, standalone_mode: bool = True) -> None:
+    defer_signals()
     gc.disable()
     try:
         from merge.cli import cli
     finally:
         gc.freeze()
         gc.enable()
-    cli(
-        prog_name="merge",
-        args=sys.argv[1:] if args is None else args,
-        standalone_mode=standalone_mode,
-    )
+    pending = raise_on_signals()
+    if pending is not None:
+        from merge.errors import Terminated
+
+        e: KeyboardInterrupt = Terminated() if pending == 15 else KeyboardInterrupt()
+        _interrupted(e, "during start-up; no output was written and the inputs are untouched.")
+    try:
+        cli(
+            prog_name="merge",
+            args=sys.argv[1:] if args is None else args,
+            standalone_mode=standalone_mode,
+        )
+    except KeyboardInterrupt as e:  # outside a command (parsing, exit): nothing was staged
+        if not standalone_mode:
+            raise
+        _interrupted(e, "; no output was written and the inputs are untouched.")
+
+
+def _interrupted(e: KeyboardInterrupt, what: str) -> None:
+    from merge.errors import Terminated
+
+    word = "Terminated" if isinstance(e, Terminated) else "Interrupted"
+    sep = "" if what.startswith(";") else " "
+    sys.stderr.write(f"{word}{sep}{what}\n")
+    sys.exit(exit_code(e))

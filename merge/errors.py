@@ -9,6 +9,7 @@
 | ExecutionError           | 1    | a tensor failed while merging (names tensor and step)       |
 | DiskFullError            | 1    | not enough space, or the disk filled while writing          |
 | Interrupted              | 130  | Ctrl-C, after the temporary output was removed              |
+| Terminated               | 143  | SIGTERM, cleaned up like Ctrl-C (a KeyboardInterrupt)       |
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class DiskFullError(MergeError):
 
 class Interrupted(MergeError):
     exit_code = 130
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised by the SIGTERM handler: everything that cleans up after Ctrl-C does after it too."""
 
 
 class MergeWarning(UserWarning):

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from merge import __version__
 from merge.errors import ExecutionError, MergeError, PlanError
 from merge.expr import Affine
+from merge.io.output import check_output
 from merge.io.sources import TensorSource
 from merge.io.writer import (
     DEFAULT_SHARD_SIZE,
@@ -375,29 +376,28 @@ class Engine:
 # ---- output ----------------------------------------------------------------------------------------
 
 
-def check_output_path(output: Path, sources: dict[str, TensorSource]) -> None:
-    """Refuse an output that is, contains, or lies inside an input."""
-    out = output.resolve()
-    for name, s in sources.items():
-        paths = [p.resolve() for p in s.files()]
-        if Path(s.path).exists():  # the file or folder the user named
-            paths.append(Path(s.path).resolve())
-        for p in paths:
-            if out == p or p.is_relative_to(out) or out.is_relative_to(p):
-                raise PlanError(
-                    f"refusing to write the output to {output}: it {'is' if out == p else 'overlaps'} input `{name}` ({p}); "
-                    "choose an output path outside every input"
-                )
+def _input_paths(sources: dict[str, TensorSource]) -> list[tuple[str, str | Path]]:
+    named: list[tuple[str, str | Path]] = [(n, s.path) for n, s in sources.items() if s.path]
+    return named + [(n, f) for n, s in sources.items() for f in s.files()]
 
 
 def output_metadata(plan: Plan) -> dict[str, str]:
+    """The recipe and what identifies each input (its headers' hash and sizes), never paths as
+    spelled: the same inputs named `./m`, `m/` or `/abs/m` give the same bytes."""
     recipe = plan.program.recipe.model_dump(mode="json", by_alias=True, exclude_none=True)
+    recipe["inputs"] = sorted(recipe.get("inputs", {}))  # names; identities in merge_inputs
+    recipe.get("output", {}).pop("path", None)
+    identities = {}
+    for n, s in plan.sources.items():
+        fp = dict(s.fingerprint())
+        fp.pop("path", None)
+        identities[n] = fp
     return {
         "format": "pt",
         "merge_version": __version__,
         "merge_recipe": json.dumps(recipe, sort_keys=True, separators=(",", ":")),
         "merge_inputs": json.dumps(
-            {n: s.fingerprint() for n, s in plan.sources.items()},
+            identities,
             sort_keys=True,
             separators=(",", ":"),
         ),
@@ -415,7 +415,7 @@ def write_plan(
 ) -> Path:
     """Execute `plan` into `output` (`x.safetensors`: one file; otherwise a sharded folder), atomically."""
     output = Path(output)
-    check_output_path(output, plan.sources)
+    check_output(output, _input_paths(plan.sources), force=force)
     recipe = plan.program.recipe
     size = parse_size(
         shard_size if shard_size is not None else recipe.output.shard_size or DEFAULT_SHARD_SIZE
@@ -430,7 +430,8 @@ def write_plan(
     else:
         plans, indexes = layout.plan_output(tensors, shard_size=size, metadata=meta)
     engine = Engine(plan, device=device, quiet=quiet)
-    with StagedOutput(output, is_dir=not single, force=force) as staged:
+    inputs = _input_paths(plan.sources)
+    with StagedOutput(output, is_dir=not single, force=force, inputs=inputs) as staged:
         check_free_space(output, sum(p.data_bytes for p in plans))
         writer = TensorFileWriter(staged.path(), plans)
         engine.run(writer.write)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
@@ -13,6 +14,9 @@ class MergeGroup(click.Group):
     """Maps MergeError to one clear message and its exit code; `--debug` shows the traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        output = sys.modules.get("merge.io.output")  # not imported yet: nothing to reset
+        if output is not None:
+            output.reset_state()
         try:
             return super().invoke(ctx)
         except MergeError as e:
@@ -20,14 +24,15 @@ class MergeGroup(click.Group):
                 raise
             click.echo(f"Error: {e}", err=True)
             ctx.exit(e.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as `Terminated` (merge.signals)
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(
-                "Interrupted; the partial output was removed and the inputs are untouched.",
-                err=True,
-            )
-            ctx.exit(130)
+            from merge.errors import Terminated
+            from merge.io.output import interrupted_message
+            from merge.signals import exit_code
+
+            click.echo(interrupted_message(isinstance(e, Terminated)), err=True)
+            ctx.exit(exit_code(e))
 
 
 @click.group(cls=MergeGroup, context_settings={"help_option_names": ["-h", "--help"]})

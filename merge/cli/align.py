@@ -129,8 +129,9 @@ def register(cli: click.Group) -> None:
                 raise PlanError(
                     f"the report {report_file} already exists; pass --force to replace it"
                 )
-            if output.exists() and not force:
-                raise PlanError(f"output {output} already exists; pass --force to replace it")
+            from merge.io.output import check_output
+
+            check_output(output, checkpoints, force=force)
         net = entrypoints.make_model(model)
         batches = entrypoints.make_data(data) if data else None
         spec = load_spec(spec_path) if spec_path else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,17 +9,6 @@ from typing import Any
 import click
 
 from merge.errors import UsageError
-
-
-def _sigterm_as_interrupt() -> None:
-    # A killed job cleans up like Ctrl-C: the staged output is removed on the way out.
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. inside a test runner thread)
-        pass
 
 
 def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -76,7 +64,6 @@ def _write(
     """Run a recipe with the shared output options; report the path written."""
     from merge.api import run_recipe
 
-    _sigterm_as_interrupt()
     if output_required and opts["output"] is None:
         raise UsageError(f"{command} needs -o/--output")
     path = run_recipe(recipe, **opts, **extra)
@@ -298,7 +285,6 @@ def demo(workdir: Path, force: bool, quiet: bool) -> None:
     """Train a tiny base and fine-tunes on synthetic tasks, then show task arithmetic at work."""
     from merge.demo import run_demo
 
-    _sigterm_as_interrupt()
     click.echo(run_demo(workdir, force=force, quiet=quiet))
 
 

@@ -443,6 +443,10 @@ def register(cli: click.Group) -> None:
         from merge.evaluate.negation import negation
 
         _check_inputs(base, finetuned)
+        if opts["save"]:  # refused now, not after the evaluations
+            from merge.io.output import check_output
+
+            check_output(opts["save"], [base, finetuned])
         folders = [base, finetuned]
         target = (
             evaluator_from(opts, folders, data_key="target_data", eval_key="target_eval")
@@ -500,6 +504,10 @@ def register(cli: click.Group) -> None:
         from merge.evaluate.soup import greedy_soup
 
         _check_inputs(*ingredients)
+        if opts["save"]:
+            from merge.io.output import check_output
+
+            check_output(opts["save"], ingredients)
         names = _unique_names(ingredients)
         states = dict(zip(names, ingredients))
         result = greedy_soup(

@@ -5,11 +5,10 @@ from __future__ import annotations
 import warnings
 
 import click
-import torch
 
 from merge.errors import MergeWarning, UsageError
 
-SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SAVE_DTYPES = ("float32", "float16", "bfloat16")  # names only: torch loads when a command runs
 
 
 def _floats(text: str | None, what: str) -> list[float] | None:
@@ -65,7 +64,10 @@ def bake_cmd(
     quiet: bool,
 ) -> None:
     """Write BASE + Σ scale·ADAPTER (= peft merge_and_unload / diffusers fuse_lora; DoRA included)."""
+    from merge.io.output import check_output
     from merge.lora.bake import bake
+
+    check_output(output, [base, *adapters], force=force)
 
     s = _floats(scales, "--scale") or [1.0]
     if len(s) == 1:
@@ -140,7 +142,10 @@ def combine_cmd(
     force: bool,
 ) -> None:
     """One adapter equal to Σ w_i·ΔW_i: exact (concatenated ranks) unless --rank/--energy."""
+    from merge.io.output import check_output
     from merge.lora.combine import combine
+
+    check_output(output, [*adapters, *([base] if base else [])], force=force)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MergeWarning)
@@ -215,7 +220,12 @@ def extract_cmd(
     force: bool,
 ) -> None:
     """A LoRA from TUNED − BASE by truncated SVD per module."""
+    import torch
+
+    from merge.io.output import check_output
     from merge.lora.extract import extract
+
+    check_output(output, [base, tuned], force=force)
 
     report, _ = extract(
         base,
@@ -226,7 +236,7 @@ def extract_cmd(
         fmt=fmt,
         svd=svd,
         min_diff=min_diff,
-        dtype=SAVE_DTYPES[save_dtype],
+        dtype=getattr(torch, save_dtype),
         force=force,
     )
     click.echo(report.summary())
@@ -245,7 +255,10 @@ def extract_cmd(
 @click.option("--force", is_flag=True)
 def convert_cmd(adapter: str, fmt: str, base: str | None, output: str, force: bool) -> None:
     """Rewrite ADAPTER in another format; the delta is unchanged."""
+    from merge.io.output import check_output
     from merge.lora.convert import convert
+
+    check_output(output, [adapter, *([base] if base else [])], force=force)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MergeWarning)

@@ -106,8 +106,10 @@ def stats_cmd(
     """Save Fisher diagonals or RegMean Gram matrices of CHECKPOINT (same tensor names)."""
     from merge.entrypoints import make_data, make_model
     from merge.io import load_state_dict, save_state_dict
+    from merge.io.output import check_output
     from merge.methods.data_aware import compute_statistics
 
+    check_output(output, [checkpoint], force=force)
     model = make_model(model_spec)
     stats = compute_statistics(
         kind,
@@ -180,8 +182,10 @@ def data_merge_cmd(
     """Fisher or RegMean merge of CHECKPOINTS in memory, statistics computed from --data."""
     from merge.entrypoints import make_data, resolve
     from merge.io import load_state_dict, save_state_dict
+    from merge.io.output import check_output
     from merge.methods.data_aware import merge_with_data
 
+    check_output(output, checkpoints, force=force)
     w = None
     if weights is not None:
         try:

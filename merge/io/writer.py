@@ -11,9 +11,8 @@ from __future__ import annotations
 import errno
 import io
 import json
-import os
+import math
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,21 @@ import torch
 from torch import Tensor
 
 from merge.errors import DiskFullError, ExecutionError, PlanError
+from merge.io.output import StagedOutput
 from merge.io.safetensors import TORCH_TO_ST
+
+__all__ = [
+    "DEFAULT_SHARD_SIZE",
+    "FilePlan",
+    "OutputTensor",
+    "StagedOutput",
+    "TensorFileWriter",
+    "check_free_space",
+    "parse_size",
+    "plan_files",
+    "write_json",
+    "write_tensors",
+]
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3  # "5GB", as Hugging Face and mergekit count it
 
@@ -86,16 +99,26 @@ def parse_size(text: str | int) -> int:
         "TB": 1000**4,
         "B": 1,
     }
+    value: float | None = None
     for u, mult in units.items():
         if s.endswith(u):
             try:
-                return int(float(s[: -len(u)]) * mult)
+                value = float(s[: -len(u)]) * mult
             except ValueError:
-                break
-    try:
-        return int(s)
-    except ValueError:
-        raise PlanError(f"cannot read size `{text}`; write it like 5GB, 500MB or 2GiB") from None
+                pass
+            break
+    else:
+        try:
+            value = float(int(s))
+        except ValueError:
+            pass
+    if value is None:
+        raise PlanError(f"cannot read size `{text}`; write it like 5GB, 500MB or 2GiB")
+    if not math.isfinite(value) or value < 1 or value > 2**63:
+        raise PlanError(
+            f"size `{text}` is out of range; give a positive size up to 8 EiB, like 5GB or 500MB"
+        )
+    return int(value)
 
 
 def plan_files(
@@ -134,67 +157,6 @@ def plan_files(
     weight_map = {t.name: Path(p.relpath).name for p in plans for t in p.tensors}
     index = {"metadata": {"total_size": sum(p.data_bytes for p in plans)}, "weight_map": weight_map}
     return plans, index
-
-
-class StagedOutput:
-    """A temporary file or folder beside `dest` that becomes `dest` only on `commit()`.
-
-    Use as a context manager: leaving it without `commit()` (an exception, Ctrl-C) removes the
-    temporary path. An existing `dest` is replaced only with `force`.
-    """
-
-    def __init__(self, dest: Path, *, is_dir: bool, force: bool = False):
-        self.dest = Path(dest)
-        self.is_dir = is_dir
-        self.force = force
-        if self.dest.exists() and not force:
-            raise PlanError(
-                f"output {self.dest} already exists; pass --force to replace it, or choose another -o"
-            )
-        parent = self.dest.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        if is_dir:
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=parent))
-        else:
-            fd, name = tempfile.mkstemp(prefix=f".{self.dest.name}.tmp-", dir=parent)
-            os.close(fd)
-            self.tmp = Path(name)
-        self.committed = False
-
-    def path(self, relpath: str = "") -> Path:
-        return self.tmp / relpath if relpath else self.tmp
-
-    def commit(self) -> Path:
-        if self.dest.exists():
-            # Replace atomically enough: move the old one aside, move ours in, then delete the old.
-            old = self.dest.with_name(f".{self.dest.name}.old-{os.getpid()}")
-            os.replace(self.dest, old)
-            os.replace(self.tmp, self.dest)
-            _remove(old)
-        else:
-            os.replace(self.tmp, self.dest)
-        self.committed = True
-        return self.dest
-
-    def abort(self) -> None:
-        if not self.committed:
-            _remove(self.tmp)
-
-    def __enter__(self) -> StagedOutput:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.abort()
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def check_free_space(where: Path, needed: int) -> None:

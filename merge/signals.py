@@ -1,0 +1,65 @@
+"""One signal policy for every command: SIGINT and SIGTERM end a run the same way, cleanly.
+
+`merge.console` installs it before anything heavy is imported: during start-up a signal is only
+recorded (a torn import gave tracebacks, an abort, or was swallowed), and acted on as soon as the
+command line has loaded; from then on SIGINT raises KeyboardInterrupt and SIGTERM `Terminated`
+(a KeyboardInterrupt), so every `with StagedOutput(...)` removes its staging on the way out.
+The CLI exits 130 after SIGINT and 143 after SIGTERM. Standard library only.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from merge.errors import Terminated
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_pending: list[int] = []
+
+
+def _record(signum: int, frame: object) -> None:
+    _pending.append(signum)
+
+
+def _raise(signum: int, frame: object) -> None:
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def defer_signals() -> None:
+    """Record SIGINT/SIGTERM instead of acting on them (start-up: imports must not be torn)."""
+    for s in SIGNALS:
+        try:
+            signal.signal(s, _record)
+        except ValueError:  # not the main thread
+            return
+
+
+def raise_on_signals() -> int | None:
+    """SIGINT raises KeyboardInterrupt, SIGTERM `Terminated`; returns a signal deferred until now."""
+    for s in SIGNALS:
+        try:
+            signal.signal(s, _raise)
+        except ValueError:
+            return None
+    return _pending[0] if _pending else None
+
+
+def exit_code(e: BaseException) -> int:
+    """128 + the signal's number: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 143 if isinstance(e, Terminated) else 130
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back (delivered on exit) around steps that must not be torn."""
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - no signal masks here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
