@@ -456,10 +456,10 @@ def _copy_support_files(layout: TensorSource, dest: Path, dtype: torch.dtype | N
             try:
                 config = json.loads(src.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError):
-                shutil.copy2(src, target)
+                shutil.copyfile(src, target)  # new files: the umask, not the input's mode
                 continue
             if "_diffusers_version" in config:  # diffusers configs carry no dtype
-                shutil.copy2(src, target)
+                shutil.copyfile(src, target)  # new files: the umask, not the input's mode
                 continue
             name = str(dtype).replace("torch.", "")
             if "dtype" in config:
@@ -468,4 +468,4 @@ def _copy_support_files(layout: TensorSource, dest: Path, dtype: torch.dtype | N
                 config["torch_dtype"] = name
             target.write_text(json.dumps(config, indent=2) + "\n")
         else:
-            shutil.copy2(src, target)
+            shutil.copyfile(src, target)  # new files: the umask, not the input's mode

@@ -53,13 +53,22 @@ def exit_code(e: BaseException) -> int:
 
 @contextmanager
 def signals_held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back (delivered on exit) around steps that must not be torn."""
+    """Hold SIGINT/SIGTERM back around steps that must not be torn; delivered on the way out.
+
+    The Python-level handler is swapped, not the thread's signal mask: a signal sent to the
+    process may land on any thread (the prefetch pool, a progress bar), and Python runs its
+    handler in the main thread whichever thread took it.
+    """
+    caught: list[int] = []
     try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - no signal masks here
+        old = {s: signal.signal(s, lambda n, f: caught.append(n)) for s in SIGNALS}
+    except ValueError:  # not the main thread: no handler of ours can run here anyway
         yield
         return
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        if caught:
+            signal.raise_signal(caught[0])

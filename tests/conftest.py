@@ -35,3 +35,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(why)
+
+
+@pytest.fixture(scope="session")
+def writing_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny real inputs for every writing command (`tests/writing_verbs.py`); never written to."""
+    from writing_verbs import build_world
+
+    return build_world(tmp_path_factory.mktemp("writing_world"))

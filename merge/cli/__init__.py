@@ -24,6 +24,13 @@ class MergeGroup(click.Group):
                 raise
             click.echo(f"Error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except OSError as e:  # outside the writers, which name their output themselves
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            from merge.io.output import describe_os_error
+
+            click.echo(f"Error: {describe_os_error(e)}", err=True)
+            ctx.exit(1)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM as `Terminated` (merge.signals)
             if ctx.obj and ctx.obj.get("debug"):
                 raise

@@ -78,9 +78,10 @@ def foreign_files(folder: Path) -> list[str]:
     return foreign
 
 
-def check_output(
-    dest: str | Path, inputs: Iterable[str | Path] = (), *, force: bool = False
-) -> Path:
+Input = str | Path | tuple[str, str | Path]  # a path, or (recipe name, path)
+
+
+def check_output(dest: str | Path, inputs: Iterable[Input] = (), *, force: bool = False) -> Path:
     """Refuse an output that cannot or must not be written; returns the path.
 
     Refused: an output that is, contains or lies inside an input; an existing one without
@@ -258,6 +259,18 @@ def os_error(e: OSError, dest: Path, doing: str) -> Exception:
     return PlanError(
         f"cannot write the output {dest}: {e.strerror or e}{where}; the partial output was removed"
     )
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OS error met anywhere (the CLI's last resort: no traceback)."""
+    where = f" at {e.filename}" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on device (or no free inodes){where}; free some space or write elsewhere"
+    if e.errno == errno.EROFS:
+        return f"read-only file system{where}; write elsewhere"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}; check the path and its permissions"
+    return f"{(e.strerror or str(e)).lower()}{where}"
 
 
 class StagedOutput:

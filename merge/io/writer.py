@@ -290,5 +290,5 @@ def write_tensors(
             write_json(staged.path("model.safetensors.index.json"), index)
         if not single:
             for rel, src in extra_files:
-                shutil.copy2(src, staged.path(rel))
+                shutil.copyfile(src, staged.path(rel))
         return staged.commit()
