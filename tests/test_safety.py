@@ -83,15 +83,24 @@ def test_free_space_is_checked_before_writing(
 
 
 def test_existing_output_needs_force(three_models: dict[str, Path], tmp_path: Path) -> None:
+    merge_expression(EXPR, three_models, tmp_path / "out")
+    first = sha256_tree(tmp_path / "out")
+    with pytest.raises(PlanError, match="already exists; pass --force to replace it"):
+        merge_expression("base + 0.25 * (a - base)", three_models, tmp_path / "out")
+    assert sha256_tree(tmp_path / "out") == first
+    merge_expression("base + 0.25 * (a - base)", three_models, tmp_path / "out", force=True)
+    assert sha256_tree(tmp_path / "out") != first
+    assert leftovers(tmp_path) == []
+
+
+def test_force_never_replaces_a_folder_a_merge_did_not_write(
+    three_models: dict[str, Path], tmp_path: Path
+) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(PlanError, match="already exists; pass --force to replace it"):
-        merge_expression(EXPR, three_models, tmp_path / "out")
+    with pytest.raises(PlanError, match=r"it holds files no merge wrote \(keep.txt\)"):
+        merge_expression(EXPR, three_models, tmp_path / "out", force=True)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    merge_expression(EXPR, three_models, tmp_path / "out", force=True)
-    assert (tmp_path / "out" / "model.safetensors").is_file() and not (
-        tmp_path / "out" / "keep.txt"
-    ).exists()
     assert leftovers(tmp_path) == []
 
 
@@ -100,6 +109,6 @@ def test_output_overlapping_an_input_is_refused(three_models: dict[str, Path], w
     base = three_models["base"]
     target = {"same": base, "inside": base / "sub", "contains": base.parent}[where]
     before = sha256_tree(base)
-    with pytest.raises(PlanError, match="refusing to write the output to .*input `"):
+    with pytest.raises(PlanError, match="refusing to write the output to .*input `base`"):
         merge_expression(EXPR, three_models, target, force=True)
     assert sha256_tree(base) == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
 
@@ -52,11 +53,39 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
+def _heavy_imports_first(command: click.Command) -> None:
+    """Import torch before the command body runs, with SIGINT/SIGTERM held back meanwhile.
+
+    `merge --help` and usage errors never import it; a signal during the import (seconds) is
+    acted on right after it instead of tearing it (tracebacks, aborts, or swallowed).
+    """
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _heavy_imports_first(sub)
+        return
+    body = command.callback
+    if body is None:
+        return
+
+    @functools.wraps(body)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from merge.signals import signals_held
+
+        with signals_held():
+            import torch  # noqa: F401
+
+        return body(*args, **kwargs)
+
+    command.callback = run
+
+
 def _register_all() -> None:
     from merge.cli import align, core, evaluate, lora, methods
 
     for module in (core, methods, lora, align, evaluate):
         module.register(cli)
+    for command in cli.commands.values():
+        _heavy_imports_first(command)
 
 
 _register_all()

@@ -288,7 +288,10 @@ class StagedOutput:
         self.force = force
         self.committed = False
         self._fd: int | None = None
+        self._made: list[Path] = []
         parent = self.dest.parent
+        # Folders this run creates above the output, removed again if it ends without output.
+        self._made = [p for p in (parent, *parent.parents) if not p.exists()]
         try:
             parent.mkdir(parents=True, exist_ok=True)
             sweep_stale(self.dest)
@@ -350,6 +353,11 @@ class StagedOutput:
             with signals_held():
                 _remove(self.tmp)
                 self._unlock()
+                for p in self._made:  # deepest first; a folder someone else filled stays
+                    try:
+                        p.rmdir()
+                    except OSError:
+                        break
                 _state["removed"].append(self.dest)
 
     def __enter__(self) -> StagedOutput:
