@@ -27,9 +27,14 @@ def _raise(signum: int, frame: object) -> None:
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
+def _ours() -> list[int]:
+    """The signals to handle: not those ignored by whoever started us (`nohup`, `cmd &`)."""
+    return [s for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+
+
 def defer_signals() -> None:
     """Record SIGINT/SIGTERM instead of acting on them (start-up: imports must not be torn)."""
-    for s in SIGNALS:
+    for s in _ours():
         try:
             signal.signal(s, _record)
         except ValueError:  # not the main thread
@@ -38,7 +43,7 @@ def defer_signals() -> None:
 
 def raise_on_signals() -> int | None:
     """SIGINT raises KeyboardInterrupt, SIGTERM `Terminated`; returns a signal deferred until now."""
-    for s in SIGNALS:
+    for s in _ours():
         try:
             signal.signal(s, _raise)
         except ValueError:

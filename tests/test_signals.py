@@ -10,10 +10,19 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from writing_verbs import VERBS, child_env, staging_left, start_slow_merge, tree_hash, wait_for
+from writing_verbs import (
+    SLOW_MERGE,
+    VERBS,
+    child_env,
+    staging_left,
+    start_slow_merge,
+    tree_hash,
+    wait_for,
+)
 
 CASES = [(verb, signal.SIGTERM) for verb in sorted(VERBS)] + [
     (verb, signal.SIGINT) for verb in ("linear", "lora-bake", "ema-sigma-rel", "align")
@@ -97,3 +106,27 @@ def test_help_and_usage_errors_do_not_import_torch() -> None:
         [sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=60
     )
     assert r.stdout.strip().splitlines()[-1] == "False", r.stdout + r.stderr
+
+
+def test_a_signal_ignored_by_the_parent_stays_ignored(
+    writing_world: dict[str, Path], tmp_path: Path
+) -> None:
+    """`nohup`/`cmd &` start a run with SIGINT ignored; the policy must not take it back."""
+    args, _ = VERBS["linear"]
+    out = tmp_path / "out"
+    child = subprocess.Popen(
+        [sys.executable, "-c", SLOW_MERGE, *args(writing_world, str(out))],
+        env=child_env(MERGE_TEST_READY=str(tmp_path / "ready")),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    wait_for((tmp_path / "ready").exists, child, "the first bytes to be written")
+    child.send_signal(signal.SIGINT)  # ignored
+    time.sleep(0.5)
+    assert child.poll() is None
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 143, err
+    assert staging_left(tmp_path) == [] and not out.exists()
