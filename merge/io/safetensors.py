@@ -157,11 +157,11 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
             _check_text(path, name, "a tensor name")
     spans = []
     itemsize = _ITEMSIZE
-    for name, e in header.items():
+    for name, entry in header.items():
         # Fast path for well-formed entries; anything unusual is diagnosed by _check_entry.
         try:
-            begin, end = e["data_offsets"]
-            shape = e["shape"]
+            begin, end = entry["data_offsets"]
+            shape = entry["shape"]
             numel = 1
             for d in shape:
                 if type(d) is not int or d < 0 or d >= MAX_DIM:
@@ -171,13 +171,13 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
                 type(begin) is not int
                 or type(end) is not int
                 or begin < 0
-                or end - begin != numel * itemsize[e["dtype"]]
+                or end - begin != numel * itemsize[entry["dtype"]]
                 or type(shape) is not list
-                or len(e) < 3
+                or len(entry) < 3
             ):
                 raise TypeError
         except (TypeError, KeyError, ValueError):
-            _check_entry(path, name, e)  # raises naming the field
+            _check_entry(path, name, entry)  # raises naming the field
             raise FormatError(f"{path}: tensor `{_shown(name)}` has a malformed entry") from None
         spans.append((begin, end, name))
     # The data section is tiled exactly: sorted by start, each tensor begins where the previous
