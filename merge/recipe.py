@@ -461,6 +461,8 @@ def _compile_steps(
     """Each step folded once, in dependency order (a step may use any other step, not only
     earlier ones). A step that uses a broken step is skipped without a second report."""
     names = set(recipe.steps)
+    found: list[tuple[str, str]] = []  # reported in recipe order, not compile order
+    outer, problems = problems, found
     parsed: dict[str, object] = {}
     for step_name, step in recipe.steps.items():
         if isinstance(step, str):
@@ -532,6 +534,8 @@ def _compile_steps(
             problems.append((where, "the expression is too deeply nested; split it into steps"))
         if len(problems) > before or step_name not in folded:
             broken.add(step_name)
+    rank = {n: i for i, n in enumerate(recipe.steps)}
+    outer += sorted(found, key=lambda p: rank.get(p[0].split(".")[1], 0))
     return {n: folded[n] for n in recipe.steps if n in folded}
 
 
