@@ -45,10 +45,12 @@ MAX_YAML_NODES = 100_000
 MAX_PROBLEM_CHARS = 600
 
 
-def parse_shard_size(value: str | int) -> int:
-    """Bytes of a shard size written like 5GB, 500MB or 2GiB; refuses sizes under 1 MB.
+def parse_shard_size(value: str | int, *, typed: bool = True) -> int:
+    """Bytes of a shard size written like 5GB, 500MB or 2GiB.
 
-    Raises UsageError (the recipe layer adds the key path).
+    Sizes a person typed (`typed`: a recipe file, `--shard-size`) must be at least 1 MB;
+    programs (the Python API, tests of sharding) may ask for smaller shards. Raises UsageError
+    (the recipe layer adds the key path).
     """
     from merge.errors import PlanError
     from merge.io.writer import parse_size
@@ -60,7 +62,9 @@ def parse_shard_size(value: str | int) -> int:
     except (PlanError, OverflowError) as e:
         text = str(e) if isinstance(e, PlanError) else f"size `{value}` is too large"
         raise UsageError(text) from None
-    if size < MIN_SHARD_SIZE:
+    if size < 1:
+        raise UsageError(f"a shard size must be positive, not `{value}`")
+    if typed and size < MIN_SHARD_SIZE:
         raise UsageError(
             f"a shard size of {size} bytes (`{value}`) is surely a mistake; shards must be at "
             f"least {MIN_SHARD_TEXT} (write e.g. 5GB or 500MB)"
@@ -83,7 +87,7 @@ class OutputSpec(_Strict):
     @classmethod
     def _shard_size_reads(cls, v: str | int) -> str | int:
         try:
-            parse_shard_size(v)
+            parse_shard_size(v, typed=False)
         except UsageError as e:
             raise ValueError(str(e)) from None
         return v
@@ -213,6 +217,11 @@ def load_recipe(
             raise RecipeError(_clipped(problems), name) from None
     except RecursionError:
         raise RecipeError("the recipe nests too deeply to validate", name) from None
+    if name is not None and "shard_size" in recipe.output.model_fields_set:
+        try:
+            parse_shard_size(recipe.output.shard_size)
+        except UsageError as e:
+            problems.append(("output.shard_size", str(e)))
     if vars:
         unknown = [k for k in vars if k not in recipe.vars]
         problems += [

@@ -230,11 +230,16 @@ def test_mergekit_lambda_gets_a_scale_hint() -> None:
         ("1e400GB", "size `1e400GB` is too large"),
     ],
 )
-def test_shard_size_is_checked_by_validate(size: str, message: str) -> None:
+def test_shard_size_is_checked_by_validate(tmp_path: Path, size: str, message: str) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"inputs: {{a: a}}\nsteps: {{s: a}}\noutput: {{shard_size: {size}}}\n")
     with pytest.raises(RecipeError) as e:
-        load_recipe({"inputs": {"a": "a"}, "steps": {"s": "a"}, "output": {"shard_size": size}})
+        load_recipe(recipe)
     assert e.value.problems == [("output.shard_size", message)]
-    assert load_recipe({"inputs": {"a": "a"}, "steps": {"s": "a"}, "output": {"shard_size": "2MB"}})
+    recipe.write_text("inputs: {a: a}\nsteps: {s: a}\noutput: {shard_size: 2MB}\n")
+    assert load_recipe(recipe)
+    # Programs (the Python API, sharding tests) may ask for tiny shards.
+    assert load_recipe({"inputs": {"a": "a"}, "steps": {"s": "a"}, "output": {"shard_size": "1KB"}})
 
 
 # ---- issue 15.6: non-finite numbers ---------------------------------------------------------
@@ -386,4 +391,17 @@ def test_catastrophic_regex_override_fails_fast() -> None:
     assert time.perf_counter() - t < 2
     assert Override.model_validate({"regex": r"layers\.(\d+)\.mlp", "d": 1}).matches(
         "x.layers.3.mlp.w"
+    )
+
+
+def test_cli_shard_size_of_5_bytes_is_refused() -> None:
+    from click.testing import CliRunner
+
+    from merge.cli import cli
+
+    res = CliRunner().invoke(cli, ["linear", "a", "b", "-o", "x", "--shard-size", "5B"])
+    assert res.exit_code == 2
+    assert (
+        "Invalid value for '--shard-size': a shard size of 5 bytes (`5B`) is surely a mistake; "
+        "shards must be at least 1MB (write e.g. 5GB or 500MB)" in res.output
     )

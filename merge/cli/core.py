@@ -12,6 +12,19 @@ import click
 from merge.errors import UsageError
 
 
+def _check_shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """`--shard-size` as typed: readable and at least 1 MB (`5B` is surely a typo for 5GB)."""
+    if value is None:
+        return None
+    from merge.recipe import parse_shard_size
+
+    try:
+        parse_shard_size(value)
+    except UsageError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 def _sigterm_as_interrupt() -> None:
     # A killed job cleans up like Ctrl-C: the staged output is removed on the way out.
     def handler(signum: int, frame: object) -> None:
@@ -43,7 +56,8 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--shard-size",
                 default=None,
-                help="Largest shard of a folder output, e.g. 5GB (default) or 500MB.",
+                callback=_check_shard_size,
+                help="Largest shard of a folder output, e.g. 5GB (default) or 500MB; at least 1MB.",
             ),
             click.option(
                 "--device",
