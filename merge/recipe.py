@@ -6,6 +6,7 @@ misspelt names get a "did you mean" suggestion. Nothing here reads a tensor.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import math
 import re
@@ -121,6 +122,8 @@ class Override(BaseModel):
             return fnmatch.fnmatchcase(tensor, self.glob)
         if self.regex is None:
             return False
+        if isinstance(self._compiled, UsageError):  # timed out before: fail at once
+            raise self._compiled
         if self._compiled is None:
             self._compiled = regex.compile(self.regex)
         # The `regex` engine (a dependency of transformers, which we require) takes the same
@@ -128,11 +131,12 @@ class Override(BaseModel):
         try:
             return self._compiled.search(tensor, timeout=REGEX_TIMEOUT_S) is not None
         except TimeoutError:
-            raise UsageError(
+            self._compiled = UsageError(
                 f"override regex `{_clip(self.regex, 100)}` took more than "
                 f"{REGEX_TIMEOUT_S * 1000:.0f} ms on tensor `{_clip(tensor, 200)}` (catastrophic "
                 "backtracking); simplify it, e.g. avoid nested repeats like `(a+)+`, or use `glob:`"
-            ) from None
+            )
+            raise self._compiled from None
 
 
 class Options(_Strict):
@@ -767,6 +771,30 @@ def _override_problems(
                     f"no method call{' in step ' + ov.step if ov.step else ''} takes `{k}`{did_you_mean(k, valid)}{hint}",
                 )
             )
+    return out
+
+
+def unmatched_overrides(recipe: Recipe, tensors: Sequence[str]) -> list[str]:
+    """A message for each override whose `glob:`/`regex:` selects none of `tensors`, with the
+    nearest tensor names (the planner warns with them: such an override silently does nothing)."""
+    out = []
+    for i, ov in enumerate(recipe.overrides):
+        if ov.glob is None and ov.regex is None:
+            continue
+        if any(ov.matches(t) for t in tensors):
+            continue
+        kind, pattern = ("glob", ov.glob) if ov.glob is not None else ("regex", ov.regex)
+        probe = re.sub(r"[*?\[\]^$()+|\\{}]", "", pattern or "")
+        matcher = difflib.SequenceMatcher(b=probe, autojunk=False)
+        scored = []
+        for t in list(tensors)[:20_000]:
+            matcher.set_seq1(t)
+            scored.append((-matcher.ratio(), t))
+        near = [t for _, t in sorted(scored)[:3]]
+        out.append(
+            f"overrides[{i}]: {kind} `{_clip(pattern or '', 200)}` matches no tensor, so it changes "
+            "nothing" + (f"; nearest names: {', '.join(near)}" if near else "")
+        )
     return out
 
 

@@ -405,3 +405,28 @@ def test_cli_shard_size_of_5_bytes_is_refused() -> None:
         "Invalid value for '--shard-size': a shard size of 5 bytes (`5B`) is surely a mistake; "
         "shards must be at least 1MB (write e.g. 5GB or 500MB)" in res.output
     )
+
+
+def test_override_matching_no_tensor_warns_with_the_nearest_names(
+    three_models: dict[str, Path],
+) -> None:
+    from merge.api import plan_recipe
+    from merge.errors import MergeWarning
+
+    recipe = {
+        "inputs": {k: str(v) for k, v in three_models.items()},
+        "steps": {"s": {"method": "ties", "base": "base", "models": ["a", "b"], "density": 0.5}},
+        "overrides": [
+            {"glob": "*.mlp.up_proj.weight", "density": 0.3},
+            {"glob": "*.mpl.up_proj.weight", "density": 0.3},
+        ],
+    }
+    with pytest.warns(MergeWarning) as record:
+        plan = plan_recipe(recipe)
+    messages = [str(w.message) for w in record if "overrides[" in str(w.message)]
+    assert messages == [
+        "overrides[1]: glob `*.mpl.up_proj.weight` matches no tensor, so it changes nothing; "
+        "nearest names: model.layers.0.mlp.up_proj.weight, model.layers.1.mlp.up_proj.weight, "
+        "model.layers.2.mlp.up_proj.weight"
+    ]
+    assert messages[0] in plan.notes

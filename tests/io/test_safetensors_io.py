@@ -156,3 +156,28 @@ def test_read_of_a_file_truncated_after_opening_is_a_clear_error(tmp_path: Path)
         "after merge opened it",
     ):
         src.read_range("a", 0, 10000)
+
+
+def test_non_finite_input_tensor_warns_once_naming_it(tmp_path: Path) -> None:
+    from merge.errors import MergeWarning
+
+    w = torch.ones(1000)
+    w[7], w[500] = float("nan"), float("inf")
+    save_file({"ok": torch.ones(4), "w": w}, tmp_path / "x.safetensors")
+    src = open_checkpoint(tmp_path / "x.safetensors")
+    with pytest.warns(MergeWarning) as record:
+        src.read("ok")
+        src.read_range("w", 0, 100)
+        src.read_range("w", 400, 600)  # the same tensor again: no second warning
+    assert [str(r.message) for r in record] == [
+        f"{tmp_path / 'x.safetensors'}: tensor `w` holds 1 NaN or Inf values in the range read; "
+        "the merged tensor will be non-finite where it uses them"
+    ]
+    # Large finite values whose float32 sum overflows are not reported.
+    big = torch.full((10,), 3e38)
+    save_file({"big": big}, tmp_path / "big.safetensors")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)
+        assert torch.equal(open_checkpoint(tmp_path / "big.safetensors").read("big"), big)
