@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -236,7 +235,7 @@ def test_fuzzed_headers_give_only_merge_errors(tmp_path: Path) -> None:
         out = tmp_path / f"out{i}"
         try:
             result = classify(
-                lambda: merge_expression(
+                lambda out=out: merge_expression(
                     "0.5 * a + 0.5 * b", {"a": str(good), "b": str(case)}, out, quiet=True
                 )
             )

@@ -21,13 +21,13 @@ from typing import Any
 
 import yaml
 from core_fixtures import tensors
+from test_fuzz_headers import CASE_SECONDS, classify
 
 from merge.api import plan_recipe
 from merge.errors import MergeError
 from merge.io import save_state_dict
 from merge.plan import describe_plan
 from merge.recipe import load_recipe
-from test_fuzz_headers import CASE_SECONDS, classify
 
 SEED = 20261130
 N_MUTANTS = 400
@@ -201,7 +201,7 @@ def test_fuzzed_recipes_give_only_merge_errors(tmp_path: Path) -> None:
         else:
             path.write_bytes(text.encode("utf-8", "surrogatepass"))
 
-        def validate() -> None:
+        def validate(i: int = i, path: Path = path) -> None:
             try:
                 program = load_recipe(path)
                 plan = plan_recipe(program)
