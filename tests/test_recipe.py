@@ -430,3 +430,21 @@ def test_override_matching_no_tensor_warns_with_the_nearest_names(
         "model.layers.2.mlp.up_proj.weight"
     ]
     assert messages[0] in plan.notes
+
+
+def test_cli_non_finite_weights_and_vars_are_refused(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from merge.cli import cli
+
+    res = CliRunner().invoke(cli, ["linear", "a", "b", "--weights", "nan,1", "-o", "x"])
+    assert res.exit_code == 2
+    assert "--weights must be finite numbers; got nan in `nan,1`" in res.output
+    (tmp_path / "r.yaml").write_text(
+        "inputs: {a: a, b: b}\nvars: {lam: 1}\nsteps: {s: lam * a + b}\n"
+    )
+    res = CliRunner().invoke(
+        cli, ["validate", str(tmp_path / "r.yaml"), "--var", "lam=inf", "--no-inputs"]
+    )
+    assert res.exit_code == 2
+    assert "vars.lam: must be a finite number, got inf" in res.output

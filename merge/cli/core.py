@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -100,11 +101,16 @@ def _write(
 
 def _parse_floats(text: str, flag: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UsageError(
             f"{flag} takes comma-separated numbers, like 0.5,0.3,0.2; got `{text}`"
         ) from None
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x, v in zip(parts, values) if not math.isfinite(v)]
+    if bad:
+        raise UsageError(f"{flag} must be finite numbers; got {', '.join(bad)} in `{text}`")
+    return values
 
 
 def _parse_vars(pairs: tuple[str, ...]) -> dict[str, float]:
