@@ -72,7 +72,7 @@ def _open_path(path: Path, unsafe_pickle: bool) -> TensorSource:
         return open_pipeline(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = _files_from_index(index)
+        files = files_from_index(index)
         return SafetensorsSource(files, display=str(path), root=path)
     # Only regular files: opening a FIFO would block, and a device never ends.
     st = sorted(p for p in path.glob("*.safetensors") if p.is_file())
@@ -81,7 +81,7 @@ def _open_path(path: Path, unsafe_pickle: bool) -> TensorSource:
     index = path / "pytorch_model.bin.index.json"
     if index.is_file():
         return TorchFileSource(
-            _files_from_index(index), display=str(path), root=path, unsafe_pickle=unsafe_pickle
+            files_from_index(index), display=str(path), root=path, unsafe_pickle=unsafe_pickle
         )
     pt = sorted(p for p in path.iterdir() if p.suffix in TORCH_SUFFIXES and p.is_file())
     if pt:
@@ -124,7 +124,7 @@ def _magic(path: Path) -> bytes:
         return b""
 
 
-def _files_from_index(index: Path) -> list[Path]:
+def files_from_index(index: Path) -> list[Path]:
     """The shard files a `*.index.json` names, each a regular file inside the index's folder."""
     try:
         data = json.loads(index.read_bytes().decode("utf-8"))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from merge.errors import FormatError
-from merge.io.sources import TensorMeta, TensorSource
+from merge.io.sources import TensorMeta, TensorSource, check_finite
 
 # Types found in real training checkpoints that cannot run code when unpickled.
 HARMLESS_GLOBALS: list[Any] = [
@@ -198,6 +198,7 @@ class TorchFileSource(TensorSource):
         self._meta: dict[str, TensorMeta] = {}
         self._file_of: dict[str, int] = {}
         self._open: tuple[int, dict[str, Tensor]] | None = None
+        self._warned: set[str] = set()
         for i, f in enumerate(self._files):
             tensors = self._shard(i)
             for k, v in tensors.items():
@@ -227,9 +228,10 @@ class TorchFileSource(TensorSource):
     def read_range(self, name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
         t = self._shard(self._file_of[name])[name]
         flat = t.reshape(-1)[start:stop]
-        if out is not None:
-            return out.copy_(flat)
-        return flat.clone()
+        result = out.copy_(flat) if out is not None else flat.clone()
+        if result.is_floating_point() and name not in self._warned:
+            check_finite(result, name, str(self._files[self._file_of[name]]), self._warned)
+        return result
 
     def files(self) -> list[Path]:
         return list(self._files)

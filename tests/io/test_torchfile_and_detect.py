@@ -186,3 +186,28 @@ def test_unsafe_pickle_load_failure_is_a_clear_error(tmp_path: Path) -> None:
         r"\((ModuleNotFoundError|UnpicklingError|RuntimeError)",
     ):
         open_checkpoint(f, unsafe_pickle=True)
+
+
+def test_non_finite_tensor_in_a_pt_file_warns(tmp_path: Path) -> None:
+    from merge.errors import MergeWarning
+
+    torch.save({"w": torch.tensor([1.0, float("nan")])}, tmp_path / "m.pt")
+    with pytest.warns(MergeWarning, match=r"m.pt: tensor `w` holds 1 NaN or Inf values"):
+        open_checkpoint(tmp_path / "m.pt").read("w")
+
+
+def test_diffusers_pipeline_index_and_model_index_are_validated(tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "model_index.json").write_text("[1]")
+    with pytest.raises(FormatError, match="model_index.json must be a JSON object of components"):
+        open_checkpoint(tmp_path)
+    (tmp_path / "model_index.json").write_text(
+        json.dumps({"unet": ["diffusers", "UNet2DConditionModel"]})
+    )
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "../../secret.safetensors"}})
+    )
+    with pytest.raises(FormatError, match=r"`weight_map`.a points outside the model folder"):
+        open_checkpoint(tmp_path)
