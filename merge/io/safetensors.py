@@ -9,6 +9,7 @@ whereas a positioned read of a shrunken file returns short and becomes a clear e
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -278,6 +279,18 @@ class SafetensorsSource(TensorSource):
         self._fds: dict[int, int] = {}
         self._warned: set[str] = set()
         self._lock = threading.Lock()
+        # Headers hold up to hundreds of thousands of small objects, all kept: pausing the
+        # cyclic GC spares the repeated full collections their allocation would trigger
+        # (in a large process each one walks every live object).
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._read_headers()
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    def _read_headers(self) -> None:
         for i, f in enumerate(self._files):
             entries, meta, data_start = read_header(f)
             if i == 0:
