@@ -12,6 +12,7 @@ planner reads the checkpoints' coefficients straight off the form.
 from __future__ import annotations
 
 import ast
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Union
@@ -21,6 +22,13 @@ from merge.errors import did_you_mean
 
 class ExprError(ValueError):
     """A problem in one expression; the recipe layer adds the key path."""
+
+
+class HiddenNameError(ExprError):
+    """A name that is defined but broken (its own problem is reported elsewhere)."""
+
+
+MAX_EXPR_CHARS = 100_000  # a recipe expression is a line or two; longer is generated or hostile
 
 
 # ---- parsed syntax tree (no names resolved yet) -------------------------------------------------
@@ -62,11 +70,27 @@ _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 
 def parse(text: str) -> Node:
     """Parse an expression string into a Node tree, refusing anything outside the grammar."""
+    if len(text) > MAX_EXPR_CHARS:
+        raise ExprError(
+            f"the expression is {len(text):,} characters long (at most {MAX_EXPR_CHARS:,}); "
+            "split it into steps"
+        )
     try:
         tree = ast.parse(text.strip(), mode="eval")
+        return _convert(tree.body, text)
     except SyntaxError as e:
-        raise ExprError(f"cannot parse `{text}`: {e.msg} at column {e.offset}") from None
-    return _convert(tree.body, text)
+        raise ExprError(f"cannot parse `{_short(text)}`: {e.msg} at column {e.offset}") from None
+    except (RecursionError, MemoryError):
+        # CPython's parser and our converter recurse per nesting level (a 5,000-term sum is
+        # 5,000 levels deep); both give up long before memory is at risk.
+        raise ExprError(
+            "the expression is too deeply nested (thousands of terms or parentheses); "
+            "split it into steps"
+        ) from None
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _convert(n: ast.AST, text: str) -> Node:
@@ -75,7 +99,14 @@ def _convert(n: ast.AST, text: str) -> Node:
         and isinstance(n.value, int | float)
         and not isinstance(n.value, bool)
     ):
-        return Num(float(n.value))
+        try:
+            value = float(n.value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            literal = ast.get_source_segment(text, n) or str(n.value)
+            raise ExprError(f"the number `{_short(literal)}` is too large for a float")
+        return Num(value)
     if isinstance(n, ast.Name):
         return Name(n.id)
     if isinstance(n, ast.BinOp) and type(n.op) in _OPS:
@@ -199,13 +230,37 @@ def fold(
     steps: Mapping[str, Affine],
     vars: Mapping[str, float],
     step: str,
+    hidden: set[str] | frozenset[str] = frozenset(),
 ) -> Value:
-    """Resolve names and fold a parsed expression into a float or an Affine form."""
+    """Resolve names and fold a parsed expression into a float or an Affine form.
 
+    Names in `hidden` are defined but broken: using one raises HiddenNameError, which callers
+    skip (the name's own problem is reported). Every number it produces is finite.
+    """
+    value = _fold(node, inputs=inputs, steps=steps, vars=vars, step=step, hidden=hidden)
+    coefs = [value] if isinstance(value, float) else [c for _, c in value.terms]
+    if not all(math.isfinite(c) for c in coefs):
+        raise ExprError(
+            "a coefficient overflows to infinity or is not a number; use smaller numbers"
+        )
+    return value
+
+
+def _fold(
+    node: Node,
+    *,
+    inputs: set[str],
+    steps: Mapping[str, Affine],
+    vars: Mapping[str, float],
+    step: str,
+    hidden: set[str] | frozenset[str],
+) -> Value:
     def go(n: Node) -> Value:
         if isinstance(n, Num):
             return n.value
         if isinstance(n, Name):
+            if n.id in hidden:
+                raise HiddenNameError(n.id)
             if n.id in vars:
                 return float(vars[n.id])
             if n.id in steps:
@@ -226,7 +281,10 @@ def fold(
             if isinstance(a, float) and isinstance(b, float):
                 if n.op == "/" and b == 0:
                     raise ExprError("division by zero")
-                return {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else 0.0}[n.op]
+                out = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else 0.0}[n.op]
+                if not math.isfinite(out):
+                    raise ExprError(f"`{a:g} {n.op} {b:g}` overflows to infinity")
+                return out
             if n.op in "+-":
                 if isinstance(a, float) or isinstance(b, float):
                     raise ExprError(
@@ -286,6 +344,8 @@ def _fold_call(n: CallExpr, go: object, step: str) -> Call:
                 raise ExprError(
                     f"parameter `{k}` of `{n.method}` must be a number or a list of numbers"
                 )
+        if not all(math.isfinite(x) for x in (value if isinstance(value, tuple) else (value,))):  # type: ignore[arg-type]
+            raise ExprError(f"parameter `{k}` of `{n.method}` must be finite, got {value}")
         if k in spec.per_model:
             # In a call, a list for a per-model parameter gives one value per model.
             if isinstance(value, tuple):

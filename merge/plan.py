@@ -24,7 +24,7 @@ from merge.io.detect import open_checkpoint
 from merge.io.sources import TensorSource
 from merge.methods import get_method
 from merge.methods.linear import normalized_weights
-from merge.recipe import Program, all_calls
+from merge.recipe import Program, all_calls, unmatched_overrides
 
 DTYPE_NAMES = {
     "float32": torch.float32,
@@ -281,6 +281,9 @@ def build_plan(
 
     jobs.sort(key=order)
     _check_coefficients(program, sources, notes)
+    for msg in unmatched_overrides(recipe, names):
+        notes.append(msg)
+        warnings.warn(msg, MergeWarning, stacklevel=2)
     return Plan(program, sources, jobs, layout, notes)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,19 @@ from typing import Any
 import click
 
 from merge.errors import UsageError
+
+
+def _check_shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """`--shard-size` as typed: readable and at least 1 MB (`5B` is surely a typo for 5GB)."""
+    if value is None:
+        return None
+    from merge.recipe import parse_shard_size
+
+    try:
+        parse_shard_size(value)
+    except UsageError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
 
 
 def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -31,7 +45,8 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--shard-size",
                 default=None,
-                help="Largest shard of a folder output, e.g. 5GB (default) or 500MB.",
+                callback=_check_shard_size,
+                help="Largest shard of a folder output, e.g. 5GB (default) or 500MB; at least 1MB.",
             ),
             click.option(
                 "--device",
@@ -73,11 +88,16 @@ def _write(
 
 def _parse_floats(text: str, flag: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UsageError(
             f"{flag} takes comma-separated numbers, like 0.5,0.3,0.2; got `{text}`"
         ) from None
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x, v in zip(parts, values) if not math.isfinite(v)]
+    if bad:
+        raise UsageError(f"{flag} must be finite numbers; got {', '.join(bad)} in `{text}`")
+    return values
 
 
 def _parse_vars(pairs: tuple[str, ...]) -> dict[str, float]:

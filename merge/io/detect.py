@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from merge.errors import FormatError, UsageError
@@ -25,6 +26,7 @@ QUANTIZED_KEYS = [
     (re.compile(r"\.(absmax|quant_map|nested_absmax|quant_state\.\w+)$"), "bitsandbytes 4-bit"),
     (re.compile(r"\.(weight_scale|weight_scale_inv|input_scale)$"), "fp8 (with scale tensors)"),
 ]
+QUANTIZED_ANY = re.compile("|".join(f"(?:{p.pattern})" for p, _ in QUANTIZED_KEYS))
 
 
 def open_checkpoint(spec: object, *, unsafe_pickle: bool = False) -> TensorSource:
@@ -42,7 +44,11 @@ def open_checkpoint(spec: object, *, unsafe_pickle: bool = False) -> TensorSourc
             f"cannot open {type(spec).__name__} as a checkpoint; give a path, a hub id, a dict or an nn.Module"
         )
     path = Path(spec)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError) as e:  # a name too long, or with a NUL
+        raise UsageError(f"input {spec!r} is not a usable path ({e})") from None
+    if not exists:
         if HUB_ID.match(str(spec)) and not str(spec).startswith("."):
             path = resolve_hub_id(str(spec))
         else:
@@ -55,26 +61,32 @@ def open_checkpoint(spec: object, *, unsafe_pickle: bool = False) -> TensorSourc
 def _open_path(path: Path, unsafe_pickle: bool) -> TensorSource:
     if path.is_file():
         return _open_file(path, unsafe_pickle)
+    if not path.is_dir():
+        raise FormatError(
+            f"{path}: not a regular file (a FIFO, device or socket) nor a folder; "
+            "merge reads checkpoint files and folders of them"
+        )
     if (path / "model_index.json").is_file():
         from merge.io.diffusers import open_pipeline
 
         return open_pipeline(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = _files_from_index(index)
+        files = files_from_index(index)
         return SafetensorsSource(files, display=str(path), root=path)
-    st = sorted(path.glob("*.safetensors"))
+    # Only regular files: opening a FIFO would block, and a device never ends.
+    st = sorted(p for p in path.glob("*.safetensors") if p.is_file())
     if st:
         return SafetensorsSource(st, display=str(path), root=path)
     index = path / "pytorch_model.bin.index.json"
     if index.is_file():
         return TorchFileSource(
-            _files_from_index(index), display=str(path), root=path, unsafe_pickle=unsafe_pickle
+            files_from_index(index), display=str(path), root=path, unsafe_pickle=unsafe_pickle
         )
-    pt = sorted(p for p in path.iterdir() if p.suffix in TORCH_SUFFIXES)
+    pt = sorted(p for p in path.iterdir() if p.suffix in TORCH_SUFFIXES and p.is_file())
     if pt:
         return TorchFileSource(pt, display=str(path), root=path, unsafe_pickle=unsafe_pickle)
-    gguf = sorted(path.glob("*.gguf"))
+    gguf = sorted(p for p in path.glob("*.gguf") if p.is_file())
     if gguf:
         raise FormatError(
             f"{path}: holds GGUF files ({gguf[0].name}), a quantized format merge cannot merge; use the original safetensors weights"
@@ -112,12 +124,36 @@ def _magic(path: Path) -> bytes:
         return b""
 
 
-def _files_from_index(index: Path) -> list[Path]:
+def files_from_index(index: Path) -> list[Path]:
+    """The shard files a `*.index.json` names, each a regular file inside the index's folder."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise FormatError(f"{index}: not a valid shard index ({e}); it needs a `weight_map`") from e
-    files = list(dict.fromkeys(weight_map.values()))
+        data = json.loads(index.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FormatError(f"{index}: not a valid shard index ({str(e)[:200]})") from None
+    except OSError as e:
+        raise FormatError(f"{index}: cannot read ({e.strerror})") from e
+    if not isinstance(data, dict) or "weight_map" not in data:
+        raise FormatError(f"{index}: not a valid shard index (no `weight_map`)")
+    weight_map = data["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise FormatError(f"{index}: `weight_map` must map tensor names to file names")
+    files: dict[str, None] = {}
+    for name, f in weight_map.items():
+        where = f"{index}: `weight_map`.{ascii(name)[1:-1][:200]}"
+        if not isinstance(f, str) or not f or "\0" in f:
+            raise FormatError(f"{where} must be a file name, not {json.dumps(f)[:80]}")
+        try:
+            f.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FormatError(f"{where} must be a file name, not {ascii(f)[:80]}") from None
+        # Shards sit in the index's folder: an index must not reach other files on the machine.
+        # (Checked on the name, not the resolved path: hub caches link shards to blobs elsewhere.)
+        rel = Path(f)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise FormatError(
+                f"{where} points outside the model folder ({f}); shard files must sit beside the index"
+            )
+        files[f] = None
     missing = [f for f in files if not (index.parent / f).is_file()]
     if missing:
         raise FormatError(
@@ -140,17 +176,21 @@ def check_not_quantized(source: TensorSource, path: Path) -> None:
             raise FormatError(
                 f"{path}: is a quantized checkpoint ({method}, from config.json `quantization_config`); merge needs the unquantized weights"
             )
+    float8 = {torch.float8_e4m3fn, torch.float8_e5m2}
     for k in source.keys():
         m = source.meta(k)
-        if "float8" in str(m.dtype):
+        if m.dtype in float8:
             raise FormatError(
                 f"{path}: tensor `{k}` is {str(m.dtype).replace('torch.', '')}: an fp8-quantized checkpoint; merge needs bf16/fp16/fp32 weights"
             )
-        for pattern, fmt in QUANTIZED_KEYS:
-            if pattern.search(k):
-                raise FormatError(
-                    f"{path}: tensor `{k}` marks a {fmt} quantized checkpoint; merge needs the unquantized weights"
-                )
+    # One pass of one combined pattern: headers can list hundreds of thousands of names.
+    for k in source.keys():
+        hit = QUANTIZED_ANY.search(k)
+        if hit is not None:
+            fmt = next(fmt for pattern, fmt in QUANTIZED_KEYS if pattern.search(k))
+            raise FormatError(
+                f"{path}: tensor `{k}` marks a {fmt} quantized checkpoint; merge needs the unquantized weights"
+            )
 
 
 def resolve_hub_id(repo_id: str) -> Path:

@@ -30,12 +30,13 @@ def _component_files(folder: Path) -> tuple[list[Path], str]:
     for stem in WEIGHT_PREFIXES:
         index = folder / f"{stem}.safetensors.index.json"
         if index.is_file():
-            files = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
-            return [folder / f for f in files], stem
+            from merge.io.detect import files_from_index
+
+            return files_from_index(index), stem
         single = folder / f"{stem}.safetensors"
         if single.is_file():
             return [single], stem
-    st = sorted(folder.glob("*.safetensors"))
+    st = sorted(p for p in folder.glob("*.safetensors") if p.is_file())  # no FIFOs
     if st:
         # a variant such as diffusion_pytorch_model.fp16.safetensors: keep its stem
         return [st[0]], st[0].name[: -len(".safetensors")]
@@ -71,13 +72,19 @@ class PipelineSource(TensorSource):
         self._root = Path(path)
         self.path = str(path)
         try:
-            self.model_index = json.loads((self._root / "model_index.json").read_text())
-        except json.JSONDecodeError as e:
-            raise FormatError(f"{path}/model_index.json is not valid JSON ({e})") from e
+            self.model_index = json.loads((self._root / "model_index.json").read_bytes())
+        except (ValueError, RecursionError) as e:  # JSON or UTF-8 errors, absurd nesting
+            raise FormatError(
+                f"{path}/model_index.json is not valid JSON ({str(e)[:200]})"
+            ) from None
+        except OSError as e:
+            raise FormatError(f"{path}/model_index.json: cannot read ({e.strerror})") from None
+        if not isinstance(self.model_index, dict):
+            raise FormatError(f"{path}/model_index.json must be a JSON object of components")
         self.components: dict[str, TensorSource] = {}
         self.stems: dict[str, str] = {}
         for name, spec in self.model_index.items():
-            if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            if name.startswith("_") or not isinstance(spec, list) or not spec or spec[0] is None:
                 continue
             folder = self._root / name
             if not folder.is_dir():
@@ -136,7 +143,7 @@ class PipelineSource(TensorSource):
         weight_files = {f.resolve() for f in self.files()}
         out: list[tuple[str, Path]] = [("model_index.json", self._root / "model_index.json")]
         for name, spec in self.model_index.items():
-            if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            if name.startswith("_") or not isinstance(spec, list) or not spec or spec[0] is None:
                 continue
             folder = self._root / name
             if not folder.is_dir():

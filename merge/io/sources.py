@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from merge.errors import MergeWarning
 
 if TYPE_CHECKING:
     from merge.io.writer import FilePlan, OutputTensor
@@ -39,6 +42,25 @@ class TensorMeta:
     @property
     def is_float(self) -> bool:
         return self.dtype in FLOAT_DTYPES
+
+
+def check_finite(chunk: Tensor, name: str, file: str, warned: set[str]) -> None:
+    """Warn once per tensor (recorded in `warned`) when a chunk read from `file` holds NaN or Inf.
+
+    A sum is NaN or Inf whenever an element is, so one cheap reduction filters; only a
+    non-finite sum (possibly an overflow of finite values) pays for the exact elementwise test.
+    """
+    if chunk.numel() == 0 or math.isfinite(float(chunk.sum(dtype=torch.float32))):
+        return
+    bad = int((~torch.isfinite(chunk)).sum())
+    if bad:
+        warned.add(name)
+        warnings.warn(
+            f"{file}: tensor `{name}` holds {bad} NaN or Inf values in the range read; "
+            "the merged tensor will be non-finite where it uses them",
+            MergeWarning,
+            stacklevel=2,
+        )
 
 
 class TensorSource:

@@ -8,6 +8,8 @@ the list of globals it names, unless the user passes `--unsafe-pickle` explicitl
 from __future__ import annotations
 
 import collections
+import pickletools
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 
 from merge.errors import FormatError
-from merge.io.sources import TensorMeta, TensorSource
+from merge.io.sources import TensorMeta, TensorSource, check_finite
 
 # Types found in real training checkpoints that cannot run code when unpickled.
 HARMLESS_GLOBALS: list[Any] = [
@@ -57,19 +59,37 @@ except Exception:  # pragma: no cover
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "ema_state_dict", "params")
 
 
+_ANNOUNCED: set[str] = set()
+
+
 def _load(path: Path, unsafe_pickle: bool) -> object:
     mmap = zipfile.is_zipfile(path)  # legacy (non-zip) pickles cannot be memory-mapped
     if unsafe_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        if str(path) not in _ANNOUNCED:  # once per file, though shards are reopened
+            _ANNOUNCED.add(str(path))
+            found = _unsafe_globals(path)
+            names = ", ".join(found) if found else "none beyond tensors"
+            print(
+                f"--unsafe-pickle: loading {path} with full pickle; it may run code. "
+                f"Globals it names beyond tensors (all allowed): {names}",
+                file=sys.stderr,
+            )
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        except Exception as e:
+            raise FormatError(
+                f"{path}: cannot load this PyTorch file, even with --unsafe-pickle "
+                f"({type(e).__name__}: {str(e)[:300]}); a module it needs may be missing"
+            ) from None
     try:
         with torch.serialization.safe_globals(HARMLESS_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         found = _unsafe_globals(path)
-        if found is None and "weights_only" not in str(e) and "Unsupported global" not in str(e):
+        if not found and "weights_only" not in str(e) and "Unsupported global" not in str(e):
             raise FormatError(
                 f"{path}: cannot read this PyTorch file ({type(e).__name__}: {str(e)[:300]})"
-            ) from e
+            ) from None
         names = ", ".join(found) if found else "(see the message below)"
         raise FormatError(
             f"{path}: refusing to unpickle objects beyond tensors; globals found: {names}. "
@@ -79,15 +99,62 @@ def _load(path: Path, unsafe_pickle: bool) -> object:
         ) from None
 
 
-def _unsafe_globals(path: Path) -> list[str] | None:
-    try:
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:
-        return None
-    allowed = {
+def _allowed_names() -> set[str]:
+    names = {
         f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', '')}" for g in HARMLESS_GLOBALS
     }
-    return [g for g in found if g not in allowed]
+    try:  # what torch's weights-only unpickler accepts by itself (tensor rebuilds, storages)
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        names |= set(_get_allowed_globals())
+    except Exception:  # pragma: no cover - a private helper; the zip path does not need it
+        pass
+    return names
+
+
+def _unsafe_globals(path: Path) -> list[str] | None:
+    """Globals the pickle names beyond the allowed ones (None when the file cannot be scanned)."""
+    try:
+        if zipfile.is_zipfile(path):
+            found = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        else:
+            found = _legacy_pickle_globals(path)
+    except Exception:
+        return None
+    allowed = _allowed_names()
+    return [g for g in dict.fromkeys(found) if g not in allowed]
+
+
+def _legacy_pickle_globals(path: Path) -> list[str]:
+    """`module.name` of every GLOBAL / STACK_GLOBAL in a legacy torch file's pickles.
+
+    The legacy format is a run of pickles (magic number, protocol, system info, the object,
+    the storage keys) followed by raw storage bytes; only opcodes are read, nothing is run.
+    """
+    found: list[str] = []
+    with open(path, "rb") as f:
+        for _ in range(5):
+            strings: list[object] = []  # recent string pushes, for STACK_GLOBAL
+            memo: dict[object, object] = {}
+            try:
+                for op, arg, _pos in pickletools.genops(f):
+                    if op.name == "GLOBAL":
+                        found.append(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    elif "UNICODE" in op.name or op.name.endswith("STRING"):
+                        strings.append(arg)
+                    elif op.name in ("MEMOIZE",):
+                        memo[len(memo)] = strings[-1] if strings else None
+                    elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                        memo[arg] = strings[-1] if strings else None
+                    elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                        strings.append(memo.get(arg))
+                    if op.name == "STOP":
+                        break
+            except Exception:  # the raw storage bytes after the last pickle
+                break
+    return found
 
 
 def _find_tensors(obj: object, path: Path) -> dict[str, Tensor]:
@@ -131,6 +198,7 @@ class TorchFileSource(TensorSource):
         self._meta: dict[str, TensorMeta] = {}
         self._file_of: dict[str, int] = {}
         self._open: tuple[int, dict[str, Tensor]] | None = None
+        self._warned: set[str] = set()
         for i, f in enumerate(self._files):
             tensors = self._shard(i)
             for k, v in tensors.items():
@@ -160,9 +228,10 @@ class TorchFileSource(TensorSource):
     def read_range(self, name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
         t = self._shard(self._file_of[name])[name]
         flat = t.reshape(-1)[start:stop]
-        if out is not None:
-            return out.copy_(flat)
-        return flat.clone()
+        result = out.copy_(flat) if out is not None else flat.clone()
+        if result.is_floating_point() and name not in self._warned:
+            check_finite(result, name, str(self._files[self._file_of[name]]), self._warned)
+        return result
 
     def files(self) -> list[Path]:
         return list(self._files)

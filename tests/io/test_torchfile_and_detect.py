@@ -143,3 +143,71 @@ def test_module_and_dict_inputs() -> None:
     assert torch.equal(src.read("weight"), m.weight.detach())
     with pytest.raises(UsageError, match="must map names to torch tensors"):
         open_checkpoint({"a": 1})
+
+
+def test_legacy_pickle_refusal_names_the_offending_globals(tmp_path: Path) -> None:
+    f = tmp_path / "old.pt"
+    torch.save(
+        {"state_dict": sd(), "args": argparse.Namespace(lr=0.1)},
+        f,
+        _use_new_zipfile_serialization=False,
+    )
+    with pytest.raises(FormatError) as e:
+        open_checkpoint(f)
+    assert (
+        f"{f}: refusing to unpickle objects beyond tensors; globals found: argparse.Namespace. "
+        in str(e.value)
+    )
+
+
+def test_unsafe_pickle_says_once_what_it_loads_and_allows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "train.ckpt"
+    torch.save({"state_dict": sd(), "args": argparse.Namespace(lr=0.1)}, f)
+    src = open_checkpoint(f, unsafe_pickle=True)
+    assert same({k: src.read(k) for k in sd()}, sd())
+    open_checkpoint(f, unsafe_pickle=True)
+    err = capsys.readouterr().err
+    line = (
+        f"--unsafe-pickle: loading {f} with full pickle; it may run code. "
+        "Globals it names beyond tensors (all allowed): argparse.Namespace\n"
+    )
+    assert err.count(line) == 1, err
+
+
+def test_unsafe_pickle_load_failure_is_a_clear_error(tmp_path: Path) -> None:
+    # A (legacy-format) pickle naming a module that does not exist: unpickling fails on import.
+    f = tmp_path / "bad.pt"
+    f.write_bytes(b"\x80\x02cno_such_module_here\nGone\nq\x00)\x81q\x01.")
+    with pytest.raises(
+        FormatError,
+        match=rf"{f}: cannot load this PyTorch file, even with --unsafe-pickle "
+        r"\((ModuleNotFoundError|UnpicklingError|RuntimeError)",
+    ):
+        open_checkpoint(f, unsafe_pickle=True)
+
+
+def test_non_finite_tensor_in_a_pt_file_warns(tmp_path: Path) -> None:
+    from merge.errors import MergeWarning
+
+    torch.save({"w": torch.tensor([1.0, float("nan")])}, tmp_path / "m.pt")
+    with pytest.warns(MergeWarning, match=r"m.pt: tensor `w` holds 1 NaN or Inf values"):
+        open_checkpoint(tmp_path / "m.pt").read("w")
+
+
+def test_diffusers_pipeline_index_and_model_index_are_validated(tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "model_index.json").write_text("[1]")
+    with pytest.raises(FormatError, match="model_index.json must be a JSON object of components"):
+        open_checkpoint(tmp_path)
+    (tmp_path / "model_index.json").write_text(
+        json.dumps({"unet": ["diffusers", "UNet2DConditionModel"]})
+    )
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "../../secret.safetensors"}})
+    )
+    with pytest.raises(FormatError, match=r"`weight_map`.a points outside the model folder"):
+        open_checkpoint(tmp_path)
