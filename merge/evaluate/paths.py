@@ -20,6 +20,7 @@ from merge.evaluate.evaluators import (
     DataSpec,
     Evaluator,
     as_batches,
+    declared_directions,
     make_evaluator,
     model_device,
 )
@@ -185,11 +186,19 @@ def interpolation_path(
             ("b", "aligned", {"alpha": 1.0}, False),
         ]
     check_endpoints(runner, result, checks)
+    directions, unknown = declared_directions(ev), []  # type: ignore[var-annotated]
     for c in result.curves:
         c.barriers = (
-            curve_barriers(c.coords("alpha"), [p["metrics"] for p in c.points])
+            curve_barriers(c.coords("alpha"), [p["metrics"] for p in c.points], directions, unknown)
             if result.ok
             else None
+        )
+    if unknown:
+        result.notes.append(
+            "no barrier for "
+            + ", ".join(f"`{m}`" for m in unknown)
+            + ": whether larger is better is unknown; declare `higher_is_better` in the evaluator"
+            " or pass --higher-is-better/--lower-is-better"
         )
     if not result.ok:
         result.notes.append(
