@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_leaves
 from merge.align.infer import inferred_graph
 from merge.align.permute import Perms, identity_perms
 from merge.align.spec import PermutationSpec
-from merge.align.trace import Args, canonical_names, first_batch, split_batch
+from merge.align.trace import Args, canonical_names, first_batch, replayable, split_batch
 from merge.align.weight_matching import GroupResult, MatchReport, _check_pair
 from merge.errors import UsageError
 
@@ -97,6 +97,35 @@ def _load(gm: fx.GraphModule, model: nn.Module, state: Mapping[str, Tensor]) -> 
     return gm.eval()
 
 
+def route_probes(
+    spec: PermutationSpec, inferred: PermutationSpec
+) -> tuple[dict[str, list[tuple[str, int, int]]], list[str]]:
+    """Which traced activations feed each group of `spec`, and notes on those that feed none.
+
+    A traced group's activations go to the spec group that holds its members: the same tensor,
+    axis *and* offset (two branches of a concatenation share a tensor axis at different offsets),
+    and every member that the spec names must name the same group.
+    """
+    owner = {
+        (m.tensor, m.axis, m.offset): name for name, g in spec.groups.items() for m in g.members
+    }
+    probes: dict[str, list[tuple[str, int, int]]] = {}
+    notes = []
+    for name, plist in inferred.probes.items():
+        g = inferred.groups[name]
+        targets = sorted(
+            {owner[k] for m in g.members if (k := (m.tensor, m.axis, m.offset)) in owner}
+        )
+        if len(targets) > 1:
+            notes.append(
+                f"traced group `{name}` spans the spec's groups {', '.join(targets)}; "
+                "its activations are not used"
+            )
+        elif targets and spec.groups[targets[0]].size == g.size:
+            probes.setdefault(targets[0], []).extend(plist)
+    return probes, notes
+
+
 def activation_matching(
     model: nn.Module,
     spec: PermutationSpec,
@@ -114,17 +143,10 @@ def activation_matching(
     """
     _check_pair(spec, state_a, state_b)
     start = time.perf_counter()
+    data = replayable(data)  # tracing looks at the first batch; the pass below still sees it
     args0 = first_batch(data)
     traced, inferred = inferred_graph(model, args0)
-    owner = {(m.tensor, m.axis): name for name, g in spec.groups.items() for m in g.members}
-    probes: dict[str, list[tuple[str, int, int]]] = {}
-    for name, plist in inferred.probes.items():
-        g = inferred.groups[name]
-        target = next(
-            (owner[(m.tensor, m.axis)] for m in g.members if (m.tensor, m.axis) in owner), None
-        )
-        if target is not None and spec.groups[target].size == g.size:
-            probes.setdefault(target, []).extend(plist)
+    probes, notes = route_probes(spec, inferred)
     wanted = {node for plist in probes.values() for node, _, _ in plist}
     gm_a, gm_b = _load(traced.gm, model, state_a), _load(traced.gm, model, state_b)
     moments = {
@@ -153,9 +175,13 @@ def activation_matching(
                         _units(rec_b.values[node], axis, n, block),
                     )
             batches += 1
+    if batches == 0:
+        raise UsageError(
+            "activation matching saw no batch: the data (--data) yielded nothing"
+            + (f" within max_batches={max_batches}" if max_batches is not None else "")
+        )
     perms = identity_perms(spec)
     groups: dict[str, GroupResult] = {}
-    notes = []
     total_before = total_after = 0.0
     for name, g in spec.groups.items():
         plist = probes.get(name, [])

@@ -12,6 +12,7 @@ from merge.align.activation_matching import activation_matching
 from merge.align.infer import example_args, infer_spec
 from merge.align.permute import apply_permutation
 from merge.align.spec import PermutationSpec
+from merge.align.trace import replayable
 from merge.align.verify import Checker, VerificationError, relative_change, verify_spec
 from merge.align.weight_matching import MatchReport, weight_matching
 from merge.entrypoints import load_weights, make_model
@@ -69,6 +70,8 @@ def align_state_dicts(
         raise UsageError(
             "activation matching needs data: pass `data=` (--data on the command line)"
         )
+    if data is not None:
+        data = replayable(data)  # the example input and the matching pass share a generator
     if isinstance(model_factory_or_module, nn.Module):
         model = model_factory_or_module
     else:

@@ -110,6 +110,7 @@ def register(cli: click.Group) -> None:
         """
         from merge import entrypoints
         from merge.align import align_state_dicts, infer_spec, load_spec
+        from merge.align.trace import replayable
         from merge.io import load_state_dict, save_state_dict
 
         say = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
@@ -132,7 +133,7 @@ def register(cli: click.Group) -> None:
             if output.exists() and not force:
                 raise PlanError(f"output {output} already exists; pass --force to replace it")
         net = entrypoints.make_model(model)
-        batches = entrypoints.make_data(data) if data else None
+        batches = replayable(entrypoints.make_data(data)) if data else None
         spec = load_spec(spec_path) if spec_path else None
         if show_spec:
             if spec is None:

@@ -43,3 +43,8 @@ class DataDependent(nn.Module):
 
 def make_untraceable() -> nn.Module:
     return DataDependent()
+
+
+def two_batches():  # type: ignore[no-untyped-def]
+    """A one-shot generator of two batches (what a streaming loader hands over)."""
+    yield from make_data()[:2]

@@ -136,3 +136,18 @@ def test_exit_codes_and_nothing_written_on_failure(
     code, text = invoke("align", a, b, "--model", model, "-o", out, "-q")
     assert code == 1 and "already exists; pass --force to replace it" in text
     assert invoke("align", a, b, "--model", model, "-o", out, "-q", "--force")[0] == 0
+
+
+def test_align_activation_on_a_one_shot_generator(
+    checkpoints: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # Tracing and the example input look at the first batch; both batches are still matched.
+    a, b = checkpoints
+    code, text = invoke(
+        "align", a, b, "--model", f"{ENTRY}:make_model", "--method", "activation",
+        "--data", f"{ENTRY}:two_batches", "-o", tmp_path / "aligned", "-q",
+    )  # fmt: skip
+    assert code == 0, text
+    report = json.loads((tmp_path / "aligned.align.json").read_text())
+    assert report["extra"]["batches"] == 2
+    assert sum(g["moved"] for g in report["groups"].values()) > 100

@@ -9,8 +9,10 @@ from align_helpers import MLP_KW, TrainedPair, barrier, path_losses, toy_cases
 from scipy.optimize import linear_sum_assignment
 
 from merge.align import activation_matching, apply_permutation, infer_spec, weight_matching
+from merge.align.activation_matching import route_probes
 from merge.align.permute import invert, random_perms
 from merge.align.spec import PermutationSpec, spec_from_dict
+from merge.errors import UsageError
 from merge.toy import make_mlp, make_resnet, synthetic_images
 
 CASES = ["mlp", "vgg", "resnet", "transformer"]
@@ -228,3 +230,73 @@ def test_weight_matching_is_never_worse_than_the_identity() -> None:
         assert report.objective_before == pytest.approx(identity)
         assert achieved == pytest.approx(report.objective_after)
         assert report.objective_after >= report.objective_before, f"seed {seed}"
+
+
+class Concat(torch.nn.Module):
+    """Two equal-width branches concatenated into one layer: one tensor axis, two groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.left, self.right = torch.nn.Linear(6, 8), torch.nn.Linear(6, 8)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(torch.cat([self.left(x), self.right(x)], dim=1)))
+
+
+def test_activation_matching_on_a_one_shot_generator_and_a_concatenation() -> None:
+    model = Concat().eval()
+    spec = infer_spec(model, torch.randn(4, 6))
+    a = model.state_dict()
+    planted = random_perms(spec, seed=5)
+    b = apply_permutation(spec, planted, a)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(64, 6, generator=g), None) for _ in range(2)]
+    perms, report = activation_matching(model, spec, a, b, (batch for batch in data))
+    assert report.extra["batches"] == 2  # was 0: tracing and the first batch used both up
+    for name in spec.groups:
+        np.testing.assert_array_equal(perms[name], invert(planted[name]), err_msg=name)
+    with pytest.raises(UsageError, match="activation matching saw no batch"):
+        activation_matching(model, spec, a, b, data, max_batches=0)
+
+
+def test_activations_are_routed_by_offset_along_a_concatenated_axis() -> None:
+    # A traced group can list the shared consumer axis first; its offset says which branch it is.
+    spec = spec_from_dict(
+        {
+            "groups": {
+                "L": {
+                    "size": 8,
+                    "members": [["left.weight", 0], {"tensor": "head.weight", "axis": 1}],
+                },
+                "R": {
+                    "size": 8,
+                    "members": [
+                        ["right.weight", 0],
+                        {"tensor": "head.weight", "axis": 1, "offset": 8},
+                    ],
+                },
+            }
+        }
+    )
+    traced = spec_from_dict(
+        {
+            "groups": {
+                "t0": {
+                    "size": 8,
+                    "members": [{"tensor": "head.weight", "axis": 1}, ["left.weight", 0]],
+                },
+                "t1": {"size": 8, "members": [{"tensor": "head.weight", "axis": 1, "offset": 8}]},
+                "t2": {"size": 8, "members": [["right.weight", 0], ["left.weight", 0]]},
+            }
+        }
+    )
+    traced.probes = {
+        "t0": [("relu_left", 1, 1)],
+        "t1": [("relu_right", 1, 1)],
+        "t2": [("mixed", 1, 1)],
+    }
+    probes, notes = route_probes(spec, traced)
+    assert probes == {"L": [("relu_left", 1, 1)], "R": [("relu_right", 1, 1)]}
+    assert notes == ["traced group `t2` spans the spec's groups L, R; its activations are not used"]
