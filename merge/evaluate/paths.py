@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from torch import nn
+
 from merge.errors import UsageError
 from merge.evaluate.barriers import curve_barriers
 from merge.evaluate.evaluators import (
@@ -138,6 +140,11 @@ def interpolation_path(
             "--bn-reset: the model has no BatchNorm layer, so there is nothing to recompute; no +bn_reset curve"
         )
         bn_reset = False
+    if repair and bn is not None and not _repairable(runner.model, bn):
+        from merge.align.repair import NOTHING_TO_REPAIR
+
+        notes.append(f"--repair: {NOTHING_TO_REPAIR}; no +repair curve")
+        repair = False
 
     variants = [("naive", "b")] + ([("aligned", "b_aligned")] if align else [])
     points: list[Point] = []
@@ -470,3 +477,9 @@ def _jsonable(x: Any) -> Any:
         if hasattr(x, "__dict__"):
             return _jsonable(vars(x))
         return str(x)
+
+
+def _repairable(model: nn.Module, data: Batches) -> bool:
+    from merge.align.repair import repair_points
+
+    return bool(repair_points(model, data))
