@@ -62,6 +62,9 @@ class _Moments:
 
     def add(self, a: Tensor, b: Tensor) -> None:  # (samples, n) each
         a, b = a.double(), b.double()
+        if a.device != self.sab.device:  # the sums live beside the activations
+            for k in ("sa", "sb", "saa", "sbb", "sab"):
+                setattr(self, k, getattr(self, k).to(a.device))
         self.count += a.shape[0]
         self.sa += a.sum(0)
         self.sb += b.sum(0)
@@ -134,6 +137,7 @@ def activation_matching(
     data: Iterable[Any],
     *,
     max_batches: int | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[Perms, MatchReport]:
     """Permutations of B's units that best correlate with A's activations on `data`.
 
@@ -148,7 +152,8 @@ def activation_matching(
     traced, inferred = inferred_graph(model, args0)
     probes, notes = route_probes(spec, inferred)
     wanted = {node for plist in probes.values() for node, _, _ in plist}
-    gm_a, gm_b = _load(traced.gm, model, state_a), _load(traced.gm, model, state_b)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    gm_a, gm_b = (_load(traced.gm, model, s).to(dev) for s in (state_a, state_b))
     moments = {
         (g, node): _Moments(spec.groups[g].size)
         for g, plist in probes.items()
@@ -163,7 +168,7 @@ def activation_matching(
         for i, batch in enumerate(data):
             if max_batches is not None and i >= max_batches:
                 break
-            inputs = flat(split_batch(batch))
+            inputs = [x.to(dev) if isinstance(x, Tensor) else x for x in flat(split_batch(batch))]
             rec_a, rec_b = _Recorder(gm_a, wanted), _Recorder(gm_b, wanted)
             rec_a.run(*inputs, enable_io_processing=traced.tracer != "torch.export")
             rec_b.run(*inputs, enable_io_processing=traced.tracer != "torch.export")
@@ -190,8 +195,10 @@ def activation_matching(
             groups[name] = GroupResult(g.size, len(g.members), 0.0, 0.0, 0)
             continue
         C = (
-            torch.stack([moments[(name, node)].correlation() for node, _, _ in plist]).mean(0)
-        ).numpy()
+            (torch.stack([moments[(name, node)].correlation() for node, _, _ in plist]).mean(0))
+            .cpu()
+            .numpy()
+        )
         _, cols = linear_sum_assignment(C, maximize=True)
         idx = np.arange(g.size)
         before, after = float(np.trace(C)) / g.size, float(C[idx, cols].sum()) / g.size

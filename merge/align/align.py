@@ -6,6 +6,7 @@ import copy
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from merge.align.activation_matching import activation_matching
@@ -48,6 +49,7 @@ def align_state_dicts(
     restarts: int = 3,
     max_sweeps: int = 100,
     heads: bool = False,
+    device: str | torch.device | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Tensor], MatchReport]:
     """B permuted into A's unit order, and the report; B's function is unchanged (checked).
@@ -63,6 +65,8 @@ def align_state_dicts(
         data: batches `(inputs, targets)` / tensors / dicts; also gives the example input.
         spec: a hand-written spec (`load_spec`) instead of the inferred one.
         heads: let the inferred spec permute attention heads (see `infer_spec`).
+        device: where the matching runs (weight matching's cost matrices, activation matching's
+            forward passes); the equivalence checks stay on the CPU.
     """
     if method not in METHODS:
         raise UsageError(f"unknown alignment method `{method}`: use one of {', '.join(METHODS)}")
@@ -105,11 +109,12 @@ def align_state_dicts(
             seed=seed,
             restarts=restarts,
             max_sweeps=max_sweeps,
+            device=device,
             progress=progress,
         )
     else:
         assert data is not None
-        perms, report = activation_matching(model, spec, state_a, state_b, data)
+        perms, report = activation_matching(model, spec, state_a, state_b, data, device=device)
         report.seed = seed
     aligned = apply_permutation(spec, perms, state_b)
     change = relative_change(

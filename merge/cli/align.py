@@ -74,6 +74,12 @@ def register(cli: click.Group) -> None:
         help="Weight-matching runs; the best objective is kept.",
     )
     @click.option(
+        "--device",
+        default="cpu",
+        show_default=True,
+        help="Where the matching runs: cpu, cuda, cuda:N or auto (the checks stay on the CPU in float64).",
+    )
+    @click.option(
         "-o",
         "--output",
         type=click.Path(path_type=Path),
@@ -96,6 +102,7 @@ def register(cli: click.Group) -> None:
         heads: bool,
         seed: int,
         restarts: int,
+        device: str,
         output: Path | None,
         force: bool,
         unsafe_pickle: bool,
@@ -111,9 +118,11 @@ def register(cli: click.Group) -> None:
         from merge import entrypoints
         from merge.align import align_state_dicts, infer_spec, load_spec
         from merge.align.trace import replayable
+        from merge.execute import pick_device
         from merge.io import load_state_dict, save_state_dict
 
         say = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+        dev = pick_device(device)
         if not show_spec or output is not None or checkpoints:
             if len(checkpoints) != 2:
                 raise UsageError(
@@ -153,6 +162,7 @@ def register(cli: click.Group) -> None:
             spec=spec,
             restarts=restarts,
             heads=heads,
+            device=dev,
             progress=say,
         )
         assert output is not None

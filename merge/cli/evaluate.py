@@ -232,6 +232,9 @@ def _finish(result: Any, output: str | None, verb: str, no_plot: bool) -> None:
 
 
 def _common(opts: dict[str, Any]) -> dict[str, Any]:
+    from merge.evaluate.runner import resolve_device
+
+    resolve_device(opts["device"])  # before any work: a bad --device is a clean error
     return {
         "device": opts["device"],
         "cache": opts["cache"],

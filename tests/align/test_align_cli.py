@@ -151,3 +151,19 @@ def test_align_activation_on_a_one_shot_generator(
     report = json.loads((tmp_path / "aligned.align.json").read_text())
     assert report["extra"]["batches"] == 2
     assert sum(g["moved"] for g in report["groups"].values()) > 100
+
+
+def test_align_device_is_checked_like_every_verb(
+    checkpoints: tuple[Path, Path], tmp_path: Path
+) -> None:
+    a, b = checkpoints
+    args = ["align", a, b, "--model", f"{ENTRY}:make_model", "-o", tmp_path / "x.safetensors"]
+    code, text = invoke(*args, "--device", "gpu")
+    assert (code, text.strip()) == (
+        2,
+        "Error: --device `gpu` is not a device: use cpu, cuda, cuda:N or auto",
+    )
+    if not torch.cuda.is_available():
+        code, text = invoke(*args, "--device", "cuda")
+        assert code == 1 and "torch sees no CUDA device; use --device cpu or auto" in text
+    assert not (tmp_path / "x.safetensors").exists()
