@@ -119,7 +119,8 @@ def register(cli: click.Group) -> None:
         from merge.align import align_state_dicts, infer_spec, load_spec
         from merge.align.trace import replayable
         from merge.execute import pick_device
-        from merge.io import load_state_dict, save_state_dict
+        from merge.io import load_state_dict, open_checkpoint
+        from merge.io.writer import write_tensors
 
         say = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
         dev = pick_device(device)
@@ -172,15 +173,23 @@ def register(cli: click.Group) -> None:
             "model": model,
             **report.to_dict(),
         }
-        written = save_state_dict(
-            aligned,
+        # A folder output is a loadable model folder: B's config, tokenizer and generation files
+        # (the files an `output: copy_files_from` would copy) are copied beside the weights.
+        extra = (
+            open_checkpoint(checkpoints[1], unsafe_pickle=unsafe_pickle).support_files()
+            if output.suffix != ".safetensors"
+            else []
+        )
+        written = write_tensors(
             output,
+            aligned,
             force=force,
             metadata={
                 "merge.align": json.dumps(
                     {"a": checkpoints[0], "b": checkpoints[1], "method": method, "seed": seed}
                 )
             },
+            extra_files=extra,
         )
         report_file = report_path(output)
         report_file.write_text(json.dumps(doc, indent=1, default=str))
@@ -189,4 +198,8 @@ def register(cli: click.Group) -> None:
             + (f" in {report.sweeps} sweeps" if report.sweeps else "")
             + f"; {sum(g.moved for g in report.groups.values())} units moved in {len(report.groups)} groups"
         )
-        say(f"wrote {written} and {report_file}")
+        say(
+            f"wrote {written}"
+            + (f" (with {', '.join(rel for rel, _ in extra)} from B)" if extra else "")
+            + f" and {report_file}"
+        )

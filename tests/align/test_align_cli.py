@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import align_entry
 import pytest
 import torch
 from align_helpers import TrainedPair
@@ -167,3 +168,49 @@ def test_align_device_is_checked_like_every_verb(
         code, text = invoke(*args, "--device", "cuda")
         assert code == 1 and "torch sees no CUDA device; use --device cpu or auto" in text
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_align_of_hugging_face_folders_writes_a_loadable_folder(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        align_entry.make_tiny_llama().save_pretrained(tmp_path / name)
+    out = tmp_path / "b_aligned"
+    code, text = invoke(
+        "align", tmp_path / "a", tmp_path / "b", "--model", f"{ENTRY}:make_tiny_llama", "-o", out
+    )
+    assert code == 0, text
+    assert f"wrote {out} (with config.json, generation_config.json from B)" in text
+    aligned = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b").eval()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(aligned(ids).logits, b(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_hub_error_names_the_installed_hf_command(tmp_path: Path) -> None:
+    # A hub id that cannot be fetched (the endpoint refuses): the hint names `hf download`, the
+    # command huggingface_hub installs (`huggingface-cli` is gone from it).
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    assert shutil.which("hf", path=str(Path(sys.executable).parent))
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_ETAG_TIMEOUT": "2",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "2",
+        "PYTHONPATH": str(Path(__file__).parents[2]),
+    }
+    env.pop("HF_HUB_OFFLINE", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "merge", "align", "someorg/no-such-model", "someorg/no-such-model",
+         "--model", f"{ENTRY}:make_model", "-o", str(tmp_path / "x.safetensors")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert "download it first with `hf download someorg/no-such-model`" in r.stderr
+    assert "huggingface-cli" not in r.stderr
