@@ -11,15 +11,17 @@ which sum to 1; so the whole EMA streams in one pass like any weighted sum.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
+
 from merge.errors import UsageError
 from merge.recipe import linear_recipe
 
-STEP_IN_NAME = re.compile(r"(\d+)(?!.*\d)")  # the last integer in a checkpoint's name
 BUFFER_NAMES = r"(^|\.)(running_mean|running_var)$"
 
 
@@ -46,11 +48,21 @@ def swa_weights(n: int) -> list[float]:
     return [1.0 / n] * n
 
 
-def step_decays(steps: Sequence[int], step_decay: float) -> list[float]:
-    """Per-checkpoint decays from a per-step decay: d_k = d^(s_k − s_{k−1}).
+def step_decays(
+    steps: Sequence[int],
+    step_decay: float,
+    *,
+    warmup_gamma: float | None = None,
+    warmup_power: float = 0.75,
+) -> list[float]:
+    """Per-checkpoint decays from one EMA update per training step: D_k = Π_{s_{k−1} < j ≤ s_k} d_j.
 
-    Exact when the weights were constant between checkpoints; otherwise the best one can do
-    from checkpoints alone.
+    d_j is timm's `ModelEmaV3.get_decay(j)` (update j follows optimiser step j, so the checkpoint
+    at step s has seen s updates): the constant `step_decay` without warm-up, else
+    min(d, warm(j − 1)), 0 at j = 1 (the first update copies). The product runs over every step,
+    as the training loop applied it, not once per checkpoint. Exact when the weights were constant
+    between checkpoints (each checkpoint stands for the steps since the previous one); otherwise
+    the best one can do from checkpoints alone.
     """
     _check_decay(step_decay, "--step-decay")
     for a, b in pairwise(steps):
@@ -58,24 +70,97 @@ def step_decays(steps: Sequence[int], step_decay: float) -> list[float]:
             raise UsageError(
                 f"checkpoint steps must increase: got {a} then {b}; list checkpoints in training order"
             )
-    return [1.0] + [step_decay ** (b - a) for a, b in pairwise(steps)]
+    if warmup_gamma is None:
+        return [1.0] + [step_decay ** (b - a) for a, b in pairwise(steps)]
+    _check_warmup(warmup_gamma, warmup_power)
+    return [1.0] + [
+        _warmup_product(a, b, step_decay, warmup_gamma, warmup_power) for a, b in pairwise(steps)
+    ]
+
+
+def checkpoint_decays(
+    n: int, decay: float, *, warmup_gamma: float | None = None, warmup_power: float = 0.75
+) -> list[float]:
+    """Decays for one EMA update per checkpoint: checkpoint k is update k (timm's rule, as above)."""
+    _check_decay(decay, "--decay")
+    if warmup_gamma is None:
+        return [decay] * n
+    _check_warmup(warmup_gamma, warmup_power)
+    return [1.0] + [timm_decay(k, decay, warmup_gamma, warmup_power) for k in range(1, n)]
 
 
 def warmup_decay(step: float, decay: float, gamma: float, power: float) -> float:
-    """timm ModelEmaV3 warm-up: min(decay, 1 − (1 + t/γ)^(−power))."""
+    """timm ModelEmaV3 warm-up at t steps: min(decay, 1 − (1 + t/γ)^(−power))."""
     return min(decay, 1.0 - (1.0 + step / gamma) ** (-power))
 
 
+def timm_decay(update: int, decay: float, gamma: float, power: float) -> float:
+    """`ModelEmaV3(use_warmup=True, update_after_step=0).get_decay(update)`: t = update − 1, 0 if t ≤ 0."""
+    t = max(0, update - 1)
+    return 0.0 if t <= 0 else warmup_decay(t, decay, gamma, power)
+
+
+def _warmup_product(a: int, b: int, decay: float, gamma: float, power: float) -> float:
+    """Π_{a < j ≤ b} timm_decay(j): factor by factor while the warm-up is below `decay`, then d^count."""
+    if decay == 0.0 or a < 1 <= b:
+        return 0.0  # update 1 copies (decay 0), and so does every update when decay is 0
+    # warm(t) ≥ decay  ⇔  t ≥ γ((1 − d)^(−1/p) − 1); update j uses t = j − 1.
+    last_warm = min(b, math.ceil(gamma * ((1.0 - decay) ** (-1.0 / power) - 1.0)) + 1)
+    log_product = 0.0
+    for lo in range(a + 1, last_warm + 1, 1_000_000):  # chunks bound the memory for long warm-ups
+        t = np.arange(lo - 1, min(lo + 1_000_000, last_warm + 1) - 1, dtype=np.float64)
+        factors = np.minimum(decay, 1.0 - (1.0 + t / gamma) ** (-power))
+        log_product += float(np.log(factors).sum())
+    rest = b - max(a, last_warm)
+    return math.exp(log_product) * decay**rest
+
+
+def _check_warmup(gamma: float, power: float) -> None:
+    if not gamma > 0 or not power > 0:
+        raise UsageError(f"--warmup-gamma and --warmup-power must be > 0; got {gamma} and {power}")
+
+
+# A step-like token: ckpt-0100, checkpoint-100, step_100, step100, global_step100, iter_100,
+# epoch=3-step=100 (the last such token wins), snapshot-000100; or a name that is only digits.
+STEP_TOKEN = re.compile(
+    r"(?:^|[^a-z])(?:global_step|steps?|ckpt|checkpoint|iter(?:ation)?|it|snapshot)[-_=]?(\d+)(?![\d])",
+    re.IGNORECASE,
+)
+ONLY_DIGITS = re.compile(r"^\d+$")
+
+
+def step_from_name(path: str | Path) -> int | None:
+    """The training step a checkpoint's path names: its name, else its folder's (`checkpoint-100/model.safetensors`)."""
+    parts = Path(path).parts
+    for part in reversed(parts[-2:]):
+        stem = part.split(".")[0] if not ONLY_DIGITS.match(part) else part
+        found = STEP_TOKEN.findall(part) or STEP_TOKEN.findall(stem)
+        if found:
+            return int(found[-1])
+        if ONLY_DIGITS.match(stem):
+            return int(stem)
+    return None
+
+
 def steps_from_names(paths: Sequence[str | Path]) -> list[int]:
-    """Training steps read from checkpoint names (`ckpt-0100`, `step_200.safetensors`)."""
-    out = []
+    """Training steps read from checkpoint names (`ckpt-0100`, `step_200.safetensors`, `checkpoint-300/`).
+
+    Only a step-like token counts (see `STEP_TOKEN`): `ft1` or `model-v2` name no step.
+    """
+    out, missing = [], []
     for p in paths:
-        m = STEP_IN_NAME.search(Path(p).name.split(".")[0]) or STEP_IN_NAME.search(str(p))
-        if m is None:
-            raise UsageError(
-                f"cannot read a training step from the name `{p}`; pass --every N instead"
-            )
-        out.append(int(m.group(1)))
+        step = step_from_name(p)
+        if step is None:
+            missing.append(str(p))
+        else:
+            out.append(step)
+    if missing:
+        raise UsageError(
+            "cannot read a training step from "
+            + ", ".join(f"`{m}`" for m in missing)
+            + " (names like checkpoint-100, step_100, ckpt-0100 or epoch=3-step=100 carry one);"
+            " pass --every N for evenly spaced checkpoints, or rename them"
+        )
     return out
 
 

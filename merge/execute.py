@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from merge import __version__
-from merge.errors import ExecutionError, MergeError, PlanError
+from merge.errors import ExecutionError, MergeError, PlanError, UsageError
 from merge.expr import Affine
 from merge.io.output import check_output
 from merge.io.sources import TensorSource
@@ -51,13 +51,25 @@ BLOCK_ELEMENTS = 1 << 20
 
 
 def pick_device(device: str) -> torch.device:
+    """The one check of `--device` for every command: cpu, cuda, cuda:N or auto."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device `{device}` is not a device: use cpu, cuda, cuda:N or auto")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise PlanError(
             "--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto"
         )
-    return torch.device(device)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise PlanError(
+            f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+            f"numbered from 0; use --device cuda"
+        )
+    return dev
 
 
 def tensor_seed(seed: int, name: str) -> int:

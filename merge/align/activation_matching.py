@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_leaves
 from merge.align.infer import inferred_graph
 from merge.align.permute import Perms, identity_perms
 from merge.align.spec import PermutationSpec
-from merge.align.trace import Args, canonical_names, first_batch, split_batch
+from merge.align.trace import Args, canonical_names, first_batch, replayable, split_batch
 from merge.align.weight_matching import GroupResult, MatchReport, _check_pair
 from merge.errors import UsageError
 
@@ -62,6 +62,9 @@ class _Moments:
 
     def add(self, a: Tensor, b: Tensor) -> None:  # (samples, n) each
         a, b = a.double(), b.double()
+        if a.device != self.sab.device:  # the sums live beside the activations
+            for k in ("sa", "sb", "saa", "sbb", "sab"):
+                setattr(self, k, getattr(self, k).to(a.device))
         self.count += a.shape[0]
         self.sa += a.sum(0)
         self.sb += b.sum(0)
@@ -97,6 +100,35 @@ def _load(gm: fx.GraphModule, model: nn.Module, state: Mapping[str, Tensor]) -> 
     return gm.eval()
 
 
+def route_probes(
+    spec: PermutationSpec, inferred: PermutationSpec
+) -> tuple[dict[str, list[tuple[str, int, int]]], list[str]]:
+    """Which traced activations feed each group of `spec`, and notes on those that feed none.
+
+    A traced group's activations go to the spec group that holds its members: the same tensor,
+    axis *and* offset (two branches of a concatenation share a tensor axis at different offsets),
+    and every member that the spec names must name the same group.
+    """
+    owner = {
+        (m.tensor, m.axis, m.offset): name for name, g in spec.groups.items() for m in g.members
+    }
+    probes: dict[str, list[tuple[str, int, int]]] = {}
+    notes = []
+    for name, plist in inferred.probes.items():
+        g = inferred.groups[name]
+        targets = sorted(
+            {owner[k] for m in g.members if (k := (m.tensor, m.axis, m.offset)) in owner}
+        )
+        if len(targets) > 1:
+            notes.append(
+                f"traced group `{name}` spans the spec's groups {', '.join(targets)}; "
+                "its activations are not used"
+            )
+        elif targets and spec.groups[targets[0]].size == g.size:
+            probes.setdefault(targets[0], []).extend(plist)
+    return probes, notes
+
+
 def activation_matching(
     model: nn.Module,
     spec: PermutationSpec,
@@ -105,6 +137,7 @@ def activation_matching(
     data: Iterable[Any],
     *,
     max_batches: int | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[Perms, MatchReport]:
     """Permutations of B's units that best correlate with A's activations on `data`.
 
@@ -114,19 +147,13 @@ def activation_matching(
     """
     _check_pair(spec, state_a, state_b)
     start = time.perf_counter()
+    data = replayable(data)  # tracing looks at the first batch; the pass below still sees it
     args0 = first_batch(data)
     traced, inferred = inferred_graph(model, args0)
-    owner = {(m.tensor, m.axis): name for name, g in spec.groups.items() for m in g.members}
-    probes: dict[str, list[tuple[str, int, int]]] = {}
-    for name, plist in inferred.probes.items():
-        g = inferred.groups[name]
-        target = next(
-            (owner[(m.tensor, m.axis)] for m in g.members if (m.tensor, m.axis) in owner), None
-        )
-        if target is not None and spec.groups[target].size == g.size:
-            probes.setdefault(target, []).extend(plist)
+    probes, notes = route_probes(spec, inferred)
     wanted = {node for plist in probes.values() for node, _, _ in plist}
-    gm_a, gm_b = _load(traced.gm, model, state_a), _load(traced.gm, model, state_b)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    gm_a, gm_b = (_load(traced.gm, model, s).to(dev) for s in (state_a, state_b))
     moments = {
         (g, node): _Moments(spec.groups[g].size)
         for g, plist in probes.items()
@@ -141,7 +168,7 @@ def activation_matching(
         for i, batch in enumerate(data):
             if max_batches is not None and i >= max_batches:
                 break
-            inputs = flat(split_batch(batch))
+            inputs = [x.to(dev) if isinstance(x, Tensor) else x for x in flat(split_batch(batch))]
             rec_a, rec_b = _Recorder(gm_a, wanted), _Recorder(gm_b, wanted)
             rec_a.run(*inputs, enable_io_processing=traced.tracer != "torch.export")
             rec_b.run(*inputs, enable_io_processing=traced.tracer != "torch.export")
@@ -153,9 +180,13 @@ def activation_matching(
                         _units(rec_b.values[node], axis, n, block),
                     )
             batches += 1
+    if batches == 0:
+        raise UsageError(
+            "activation matching saw no batch: the data (--data) yielded nothing"
+            + (f" within max_batches={max_batches}" if max_batches is not None else "")
+        )
     perms = identity_perms(spec)
     groups: dict[str, GroupResult] = {}
-    notes = []
     total_before = total_after = 0.0
     for name, g in spec.groups.items():
         plist = probes.get(name, [])
@@ -164,8 +195,10 @@ def activation_matching(
             groups[name] = GroupResult(g.size, len(g.members), 0.0, 0.0, 0)
             continue
         C = (
-            torch.stack([moments[(name, node)].correlation() for node, _, _ in plist]).mean(0)
-        ).numpy()
+            (torch.stack([moments[(name, node)].correlation() for node, _, _ in plist]).mean(0))
+            .cpu()
+            .numpy()
+        )
         _, cols = linear_sum_assignment(C, maximize=True)
         idx = np.arange(g.size)
         before, after = float(np.trace(C)) / g.size, float(C[idx, cols].sum()) / g.size

@@ -6,12 +6,14 @@ import copy
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from merge.align.activation_matching import activation_matching
 from merge.align.infer import example_args, infer_spec
 from merge.align.permute import apply_permutation
 from merge.align.spec import PermutationSpec
+from merge.align.trace import replayable
 from merge.align.verify import Checker, VerificationError, relative_change, verify_spec
 from merge.align.weight_matching import MatchReport, weight_matching
 from merge.entrypoints import load_weights, make_model
@@ -47,6 +49,7 @@ def align_state_dicts(
     restarts: int = 3,
     max_sweeps: int = 100,
     heads: bool = False,
+    device: str | torch.device | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Tensor], MatchReport]:
     """B permuted into A's unit order, and the report; B's function is unchanged (checked).
@@ -62,6 +65,8 @@ def align_state_dicts(
         data: batches `(inputs, targets)` / tensors / dicts; also gives the example input.
         spec: a hand-written spec (`load_spec`) instead of the inferred one.
         heads: let the inferred spec permute attention heads (see `infer_spec`).
+        device: where the matching runs (weight matching's cost matrices, activation matching's
+            forward passes); the equivalence checks stay on the CPU.
     """
     if method not in METHODS:
         raise UsageError(f"unknown alignment method `{method}`: use one of {', '.join(METHODS)}")
@@ -69,6 +74,8 @@ def align_state_dicts(
         raise UsageError(
             "activation matching needs data: pass `data=` (--data on the command line)"
         )
+    if data is not None:
+        data = replayable(data)  # the example input and the matching pass share a generator
     if isinstance(model_factory_or_module, nn.Module):
         model = model_factory_or_module
     else:
@@ -102,11 +109,12 @@ def align_state_dicts(
             seed=seed,
             restarts=restarts,
             max_sweeps=max_sweeps,
+            device=device,
             progress=progress,
         )
     else:
         assert data is not None
-        perms, report = activation_matching(model, spec, state_a, state_b, data)
+        perms, report = activation_matching(model, spec, state_a, state_b, data, device=device)
         report.seed = seed
     aligned = apply_permutation(spec, perms, state_b)
     change = relative_change(

@@ -22,7 +22,14 @@ import torch.fx as fx
 from torch import nn
 
 from merge.align.spec import FixedAxis, Group, Member, PermutationSpec
-from merge.align.trace import Args, Traced, canonical_names, guess_example, split_batch, trace
+from merge.align.trace import (
+    Args,
+    Traced,
+    canonical_names,
+    first_batch,
+    guess_example,
+    trace,
+)
 
 FIXED = 0
 _KERNEL_AXES = {d: "spatial axis of a convolution kernel" for d in (2, 3, 4)}
@@ -1426,8 +1433,7 @@ def example_args(model: nn.Module, example_input: Any, data: Any) -> Args:
             tuple(example_input) if isinstance(example_input, tuple | list) else (example_input,)
         ), {}
     if data is not None:
-        for batch in data:
-            return split_batch(batch)
+        return first_batch(data)
     return guess_example(model)
 
 

@@ -29,11 +29,16 @@ def permute_tensor(
     axes: Mapping[int, list[tuple[str, Member]]],
     perms: Mapping[str, np.ndarray],
     *,
-    skip: str | None = None,
+    skip: Member | None = None,
 ) -> Tensor:
-    """Gather `t` along every axis listed in `axes` with the groups' perms (group `skip` left out)."""
+    """Gather `t` along every axis listed in `axes` with the groups' perms (member `skip` left out).
+
+    Leaving out one member, not its whole group, is Git Re-Basin's `except_axis`: a group that
+    sits on two axes of one tensor (a d→d map inside a residual stream) keeps its current
+    permutation on the other axis while it is solved on this one.
+    """
     for axis, entries in axes.items():
-        chosen = [(m, np.asarray(perms[g])) for g, m in entries if g != skip and g in perms]
+        chosen = [(m, np.asarray(perms[g])) for g, m in entries if m != skip and g in perms]
         if chosen:
             t = t.index_select(axis % t.dim(), axis_index(t.shape[axis], chosen).to(t.device))
     return t

@@ -13,16 +13,23 @@ Both work in place on in-memory modules and return the model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+import warnings
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from merge.align.trace import eval_mode, split_batch
-from merge.errors import UsageError
+from merge.errors import MergeWarning, UsageError
 
 _BN = nn.modules.batchnorm._BatchNorm
+NOTHING_TO_REPAIR = (
+    "REPAIR has nothing to correct in this model: no BatchNorm layer and no Linear/Conv with a "
+    "bias before the output layer (LayerNorm/RMSNorm nets without biases), so it leaves the "
+    "interpolated model unchanged"
+)
 
 
 def _batches(data: Iterable[Any], num_batches: int | None) -> Iterable[Any]:
@@ -32,11 +39,29 @@ def _batches(data: Iterable[Any], num_batches: int | None) -> Iterable[Any]:
         yield batch
 
 
+def _to(obj: Any, device: torch.device) -> Any:
+    """Tensors inside a batch moved to `device` (tuples, lists and dicts followed)."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
+
+
+def _device(model: nn.Module) -> torch.device:
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def _run(model: nn.Module, data: Iterable[Any], num_batches: int | None) -> int:
     seen = 0
+    device = _device(model)
     for batch in _batches(data, num_batches):
         args, kwargs = split_batch(batch)
-        model(*args, **kwargs)
+        model(*_to(args, device), **_to(kwargs, device))
         seen += 1
     if not seen:
         raise UsageError("the data yielded no batches")
@@ -70,15 +95,39 @@ def _channel_axis(module: nn.Module, x: Tensor) -> int:
     return x.dim() - 1 if isinstance(module, nn.Linear) else 1
 
 
-def repair_points(model: nn.Module) -> list[str]:
-    """Where REPAIR corrects: BatchNorm layers (affine) and Linear/Conv layers with a bias, except
-    the last Linear/Conv (the classifier, whose output order and scale are the function)."""
-    layers = [
-        (n, m)
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear | nn.modules.conv._ConvNd)
+def _layers(model: nn.Module) -> list[str]:
+    return [
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.modules.conv._ConvNd)
     ]
-    last = layers[-1][0] if layers else None
+
+
+@torch.no_grad()
+def output_layer(model: nn.Module, data: Iterable[Any] | None = None) -> str | None:
+    """The Linear/Conv that runs last on the first batch of `data` (the classifier head).
+
+    Without data, the last one registered, which is wrong for a model that defines its head
+    first; REPAIR passes its data.
+    """
+    layers = _layers(model)
+    if not layers or data is None:
+        return layers[-1] if layers else None
+    mods = dict(model.named_modules())
+    order: list[str] = []
+    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: order.append(n)) for n in layers]
+    try:
+        with eval_mode(model):
+            _run(model, data, 1)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order[-1] if order else layers[-1]
+
+
+def repair_points(model: nn.Module, data: Iterable[Any] | None = None) -> list[str]:
+    """Where REPAIR corrects: BatchNorm layers (affine) and Linear/Conv layers with a bias, except
+    the output layer (`output_layer`: the classifier, whose output order and scale are the
+    function). Empty for nets whose layers have neither (LayerNorm/RMSNorm nets without biases)."""
+    last = output_layer(model, data)
     out = []
     for name, m in model.named_modules():
         if (isinstance(m, _BN) and m.affine) or (
@@ -165,8 +214,9 @@ def repair(
     interpolated model, with each point already corrected by its batch statistics (as REPAIR's
     reset layers do), measures what to fold into the weights. See `repair_points` for where.
     """
-    points = repair_points(model)
+    points = repair_points(model, data)
     if not points:
+        warnings.warn(NOTHING_TO_REPAIR, MergeWarning, stacklevel=2)
         return model
     sa = _measure(model_a, points, data, num_batches)
     sb = _measure(model_b, points, data, num_batches)

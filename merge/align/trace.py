@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import itertools
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, redirect_stderr
@@ -56,7 +57,49 @@ def split_batch(batch: Any) -> Args:
     )
 
 
+class OneShotData:
+    """A one-shot iterator (a generator) whose first batch can be looked at before its one pass.
+
+    Tracing and the example input look at the first batch; the pass over the data then starts
+    with that same batch, so a two-batch generator is matched on two batches, not zero.
+    """
+
+    def __init__(self, data: Iterable[Any]):
+        self._it = iter(data)
+        self._head: list[Any] = []
+        self._used = False
+
+    def first(self) -> Any:
+        if not self._head:
+            for batch in self._it:
+                self._head.append(batch)
+                break
+        if not self._head:
+            raise UsageError("the data (--data) yielded no batches")
+        return self._head[0]
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._used:
+            raise UsageError(
+                "the data (--data) is a one-shot iterator and was already used up; "
+                "return a list or a DataLoader from make_data()"
+            )
+        self._used = True
+        return itertools.chain(self._head, self._it)
+
+
+def replayable(data: Iterable[Any]) -> Iterable[Any]:
+    """`data` itself when iterating it twice is safe (a list, a DataLoader), else a `OneShotData`."""
+    if isinstance(data, Iterator):
+        return OneShotData(data)
+    return data
+    return OneShotData(data)
+
+
 def first_batch(data: Iterable[Any]) -> Args:
+    """The first batch as (args, kwargs), without using up a `OneShotData`."""
+    if isinstance(data, OneShotData):
+        return split_batch(data.first())
     for batch in data:
         return split_batch(batch)
     raise UsageError("the data (--data) yielded no batches")

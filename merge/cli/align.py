@@ -74,6 +74,12 @@ def register(cli: click.Group) -> None:
         help="Weight-matching runs; the best objective is kept.",
     )
     @click.option(
+        "--device",
+        default="cpu",
+        show_default=True,
+        help="Where the matching runs: cpu, cuda, cuda:N or auto (the checks stay on the CPU in float64).",
+    )
+    @click.option(
         "-o",
         "--output",
         type=click.Path(path_type=Path),
@@ -96,6 +102,7 @@ def register(cli: click.Group) -> None:
         heads: bool,
         seed: int,
         restarts: int,
+        device: str,
         output: Path | None,
         force: bool,
         unsafe_pickle: bool,
@@ -110,9 +117,13 @@ def register(cli: click.Group) -> None:
         """
         from merge import entrypoints
         from merge.align import align_state_dicts, infer_spec, load_spec
-        from merge.io import load_state_dict, save_state_dict
+        from merge.align.trace import replayable
+        from merge.execute import pick_device
+        from merge.io import load_state_dict, open_checkpoint
+        from merge.io.writer import write_tensors
 
         say = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+        dev = pick_device(device)
         if not show_spec or output is not None or checkpoints:
             if len(checkpoints) != 2:
                 raise UsageError(
@@ -133,7 +144,7 @@ def register(cli: click.Group) -> None:
 
             check_output(output, checkpoints, force=force)
         net = entrypoints.make_model(model)
-        batches = entrypoints.make_data(data) if data else None
+        batches = replayable(entrypoints.make_data(data)) if data else None
         spec = load_spec(spec_path) if spec_path else None
         if show_spec:
             if spec is None:
@@ -153,6 +164,7 @@ def register(cli: click.Group) -> None:
             spec=spec,
             restarts=restarts,
             heads=heads,
+            device=dev,
             progress=say,
         )
         assert output is not None
@@ -162,15 +174,23 @@ def register(cli: click.Group) -> None:
             "model": model,
             **report.to_dict(),
         }
-        written = save_state_dict(
-            aligned,
+        # A folder output is a loadable model folder: B's config, tokenizer and generation files
+        # (the files an `output: copy_files_from` would copy) are copied beside the weights.
+        extra = (
+            open_checkpoint(checkpoints[1], unsafe_pickle=unsafe_pickle).support_files()
+            if output.suffix != ".safetensors"
+            else []
+        )
+        written = write_tensors(
             output,
+            aligned,
             force=force,
             metadata={
                 "merge.align": json.dumps(
                     {"a": checkpoints[0], "b": checkpoints[1], "method": method, "seed": seed}
                 )
             },
+            extra_files=extra,
         )
         report_file = report_path(output)
         report_file.write_text(json.dumps(doc, indent=1, default=str))
@@ -179,4 +199,8 @@ def register(cli: click.Group) -> None:
             + (f" in {report.sweeps} sweeps" if report.sweeps else "")
             + f"; {sum(g.moved for g in report.groups.values())} units moved in {len(report.groups)} groups"
         )
-        say(f"wrote {written} and {report_file}")
+        say(
+            f"wrote {written}"
+            + (f" (with {', '.join(rel for rel, _ in extra)} from B)" if extra else "")
+            + f" and {report_file}"
+        )

@@ -211,13 +211,15 @@ def inspect(
 @click.option(
     "--step-decay",
     type=float,
-    help="EMA decay per training step; needs --every N or steps in the names.",
+    help="EMA decay per training step; needs --every N or a step in each name (checkpoint-100, step_100, ckpt-0100, epoch=3-step=100).",
 )
 @click.option(
     "--every", type=int, help="Training steps between consecutive checkpoints (with --step-decay)."
 )
 @click.option(
-    "--warmup-gamma", type=float, help="timm ModelEmaV3 warm-up: decay_t = 1 - (1 + t/γ)^(-power)."
+    "--warmup-gamma",
+    type=float,
+    help="timm ModelEmaV3 warm-up, min(decay, 1 - (1 + t/γ)^(-power)), applied at every training step (--step-decay) or checkpoint (--decay).",
 )
 @click.option("--warmup-power", type=float, default=0.75, show_default=True)
 @click.option("--swa", is_flag=True, help="Uniform average (stochastic weight averaging).")
@@ -269,21 +271,24 @@ def ema(
     n = len(checkpoints)
     if swa:
         weights = E.swa_weights(n)
-    else:
-        if step_decay is not None:
-            steps = [i * every for i in range(n)] if every else E.steps_from_names(checkpoints)
-            decays = E.step_decays(steps, step_decay)
+    elif step_decay is not None:
+        if every:
+            steps = [i * every for i in range(n)]
         else:
-            assert decay is not None
-            E._check_decay(decay, "--decay")
-            steps = list(range(n))
-            decays = [decay] * n
-        if warmup_gamma is not None:
-            base_decays = decays
-            decays = [
-                min(d, E.warmup_decay(s, 1.0, warmup_gamma, warmup_power))
-                for d, s in zip(base_decays, steps)
-            ]
+            steps = E.steps_from_names(checkpoints)
+            if not opts["quiet"]:
+                click.echo(
+                    "steps read from the names: "
+                    + ", ".join(f"{Path(c).name or c} → {s}" for c, s in zip(checkpoints, steps)),
+                    err=True,
+                )
+        decays = E.step_decays(
+            steps, step_decay, warmup_gamma=warmup_gamma, warmup_power=warmup_power
+        )
+        weights = E.weights_from_decays(decays)
+    else:
+        assert decay is not None
+        decays = E.checkpoint_decays(n, decay, warmup_gamma=warmup_gamma, warmup_power=warmup_power)
         weights = E.weights_from_decays(decays)
     if not opts["quiet"]:
         click.echo("weights: " + ", ".join(f"{w:.6g}" for w in weights), err=True)

@@ -108,6 +108,20 @@ _run_options = _options(
             default=None,
             help="Folder for the JSON, CSV and plots (default: ./merge-<command>).",
         ),
+        click.option(
+            "--higher-is-better",
+            "higher_is_better",
+            multiple=True,
+            metavar="METRIC",
+            help="A metric whose larger values are better (repeatable); overrides the evaluator's declaration. Needed for metrics the evaluator does not declare and merge does not know.",
+        ),
+        click.option(
+            "--lower-is-better",
+            "lower_is_better",
+            multiple=True,
+            metavar="METRIC",
+            help="A metric whose smaller values are better (repeatable).",
+        ),
         click.option("--no-plot", is_flag=True, help="Skip the PNG/SVG plots."),
         click.option("-q", "--quiet", is_flag=True, help="No per-point progress."),
     ]
@@ -133,6 +147,23 @@ def model_spec(model: str | None, folders: list[str]) -> Any:
 
 
 def evaluator_from(
+    opts: dict[str, Any], folders: list[str], *, data_key: str = "data", eval_key: str = "eval_fn"
+) -> Any:
+    from merge.evaluate.evaluators import set_directions
+
+    return set_directions(
+        _evaluator_from(opts, folders, data_key=data_key, eval_key=eval_key),
+        higher=_names(opts.get("higher_is_better")),
+        lower=_names(opts.get("lower_is_better")),
+    )
+
+
+def _names(values: Any) -> list[str]:
+    """Repeatable and comma-separated: `--higher-is-better bleu,mcc --higher-is-better f1`."""
+    return [n.strip() for v in values or () for n in str(v).split(",") if n.strip()]
+
+
+def _evaluator_from(
     opts: dict[str, Any], folders: list[str], *, data_key: str = "data", eval_key: str = "eval_fn"
 ) -> Any:
     from merge.evaluate.evaluators import (
@@ -201,6 +232,9 @@ def _finish(result: Any, output: str | None, verb: str, no_plot: bool) -> None:
 
 
 def _common(opts: dict[str, Any]) -> dict[str, Any]:
+    from merge.evaluate.runner import resolve_device
+
+    resolve_device(opts["device"])  # before any work: a bad --device is a clean error
     return {
         "device": opts["device"],
         "cache": opts["cache"],

@@ -24,27 +24,114 @@ from merge.errors import UsageError
 
 DEFINITIONS = ("max_minus_mean", "max_minus_linear", "midpoint")
 
-# Metric names whose larger values are better; every other metric is taken as lower-is-better.
-HIGHER_IS_BETTER = (
-    "accuracy",
-    "acc",
-    "top1",
-    "top5",
-    "f1",
-    "score",
-    "auc",
-    "precision",
-    "recall",
-    "exact_match",
-)
+# Directions of common metric names, by exact name (after `val_`/`eval_`/`test_`/`target_`/
+# `control_` prefixes): True when larger is better. An evaluator's declared `higher_is_better`
+# and the CLI's --higher-is-better/--lower-is-better come first; a name in neither is not guessed.
+KNOWN_DIRECTIONS: dict[str, bool] = {
+    **dict.fromkeys(
+        (
+            "accuracy",
+            "acc",
+            "top1",
+            "top5",
+            "top1_accuracy",
+            "top5_accuracy",
+            "balanced_accuracy",
+            "f1",
+            "macro_f1",
+            "micro_f1",
+            "auc",
+            "roc_auc",
+            "precision",
+            "recall",
+            "exact_match",
+            "bleu",
+            "sacrebleu",
+            "chrf",
+            "rouge1",
+            "rouge2",
+            "rougel",
+            "rougelsum",
+            "meteor",
+            "matthews_correlation",
+            "mcc",
+            "pearson",
+            "pearsonr",
+            "spearman",
+            "spearmanr",
+            "miou",
+            "mean_iou",
+            "iou",
+            "dice",
+            "map",
+            "psnr",
+            "ssim",
+            "r2",
+        ),
+        True,
+    ),
+    **dict.fromkeys(
+        (
+            "loss",
+            "nll",
+            "perplexity",
+            "ppl",
+            "error",
+            "top1_error",
+            "top5_error",
+            "error_rate",
+            "wer",
+            "cer",
+            "mse",
+            "mae",
+            "rmse",
+            "fid",
+            "lpips",
+            "bpb",
+            "bits_per_byte",
+        ),
+        False,
+    ),
+}
+_PREFIXES = ("val_", "valid_", "validation_", "eval_", "test_", "target_", "control_")
 
 
-def higher_is_better(metric: str) -> bool:
-    """Whether larger values of `metric` are better, judged from its name (`val_accuracy` -> True)."""
-    name = metric.lower()
-    return any(
-        name == h or name.endswith("_" + h) or name.startswith(h + "_") for h in HIGHER_IS_BETTER
-    )
+def metric_direction(metric: str, declared: Mapping[str, bool] | None = None) -> bool | None:
+    """True if larger `metric` is better, False if smaller, None if neither declared nor known.
+
+    `declared` (the evaluator's `higher_is_better` and the CLI's overrides) is looked up first,
+    by the full name and then without a prefix; then `KNOWN_DIRECTIONS`; `*_loss`/`*_error`
+    are lower-is-better, `*_accuracy` higher. Nothing else is guessed.
+    """
+    names = [metric]
+    low = metric.lower()
+    for pre in _PREFIXES:
+        if low.startswith(pre):
+            names.append(metric[len(pre) :])
+    for n in names:
+        if declared and n in declared:
+            return bool(declared[n])
+    for n in names:
+        key = n.lower()
+        if key in KNOWN_DIRECTIONS:
+            return KNOWN_DIRECTIONS[key]
+        if key.endswith(("_loss", "_error", "_perplexity")):
+            return False
+        if key.endswith("_accuracy"):
+            return True
+    return None
+
+
+def higher_is_better(metric: str, declared: Mapping[str, bool] | None = None) -> bool:
+    """`metric_direction`, refusing a metric whose direction is unknown."""
+    d = metric_direction(metric, declared)
+    if d is None:
+        raise UsageError(
+            f"cannot tell whether larger `{metric}` is better: declare it in the evaluator "
+            f'(`evaluate.higher_is_better = {{"{metric}": True}}`) or pass '
+            f"--higher-is-better {metric} (or --lower-is-better {metric})"
+        )
+    return d
 
 
 def _check(alphas: Sequence[float], values: Sequence[float]) -> tuple[list[float], list[float]]:
@@ -127,9 +214,16 @@ NOT_METRICS = frozenset({"n", "examples", "tokens", "batches", "seconds"})
 
 
 def curve_barriers(
-    alphas: Sequence[float], points: Sequence[Mapping[str, float]]
+    alphas: Sequence[float],
+    points: Sequence[Mapping[str, float]],
+    directions: Mapping[str, bool] | None = None,
+    unknown: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """`barriers` for every finite metric that all points of a curve have, keyed by metric name."""
+    """`barriers` for every finite metric that all points of a curve have, keyed by metric name.
+
+    A metric whose direction is neither declared nor known gets no barrier; its name is appended
+    to `unknown` (for a note), never guessed.
+    """
     if not points:
         return {}
     names = [
@@ -142,5 +236,10 @@ def curve_barriers(
         vals = [p.get(m) for p in points]
         if any(not isinstance(x, int | float) or not math.isfinite(float(x)) for x in vals):
             continue
-        out[m] = barriers(alphas, [float(x) for x in vals], higher_is_better=higher_is_better(m))  # type: ignore[arg-type]
+        higher = metric_direction(m, directions)
+        if higher is None:
+            if unknown is not None and m not in unknown:
+                unknown.append(m)
+            continue
+        out[m] = barriers(alphas, [float(x) for x in vals], higher_is_better=higher)  # type: ignore[arg-type]
     return out

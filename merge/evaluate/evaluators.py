@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from merge.errors import UsageError
 
 Batch = Any
+IGNORE_INDEX = -100  # label of positions that are not scored (PyTorch's and Hugging Face's default)
 DataSpec = str | Callable[[], Iterable[Batch]] | Iterable[Batch]
 
 
@@ -153,6 +154,7 @@ class ClassificationEvaluator:
     """Mean cross-entropy `loss` and `accuracy` (top-1, in [0, 1]) over every example of `data`."""
 
     kind = "classification"
+    higher_is_better: ClassVar[dict[str, bool]] = {"loss": False, "accuracy": True}
 
     def __init__(self, data: DataSpec | Batches):
         self.data = as_batches(data)
@@ -172,9 +174,15 @@ class ClassificationEvaluator:
                 targets = targets.to(logits.device)
                 if logits.dim() > 2:  # (batch, ..., classes): a per-position task
                     logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+                keep = targets != IGNORE_INDEX  # padding and special tokens (Hugging Face's -100)
+                logits, targets = logits[keep], targets[keep]
                 loss_sum += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
                 correct += int((logits.argmax(-1) == targets).sum())
                 n += int(targets.numel())
+        if n == 0:
+            raise UsageError(
+                f"{self.data.what}: no labelled example (every target is {IGNORE_INDEX}, or the data is empty)"
+            )
         self.examples = n
         return {"loss": loss_sum / n, "accuracy": correct / n}
 
@@ -187,6 +195,7 @@ class CausalLMEvaluator:
     """
 
     kind = "lm"
+    higher_is_better: ClassVar[dict[str, bool]] = {"loss": False, "perplexity": False}
 
     def __init__(self, data: DataSpec | Batches):
         self.data = as_batches(data)
@@ -229,6 +238,18 @@ class CallableEvaluator:
 
     def __init__(self, fn: str | Callable[[nn.Module], Mapping[str, float]]):
         self.fn = fn
+
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        """The user function's own `higher_is_better` mapping (`evaluate.higher_is_better = {...}`)."""
+        from merge.entrypoints import resolve
+
+        declared = getattr(resolve(self.fn, "--eval"), "higher_is_better", None) or {}
+        if not isinstance(declared, Mapping):
+            raise UsageError(
+                f"--eval `{_name(self.fn)}`: `higher_is_better` must be a dict of metric name -> bool"
+            )
+        return {str(k): bool(v) for k, v in declared.items()}
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         from merge.entrypoints import resolve
@@ -299,8 +320,42 @@ class PrefixedEvaluators:
     def __init__(self, evaluators: Mapping[str, Evaluator]):
         self.evaluators = dict(evaluators)
 
+    @property
+    def higher_is_better(self) -> dict[str, bool]:
+        return {
+            f"{prefix}_{k}": v
+            for prefix, ev in self.evaluators.items()
+            for k, v in declared_directions(ev).items()
+        }
+
     def __call__(self, model: nn.Module) -> dict[str, float]:
         out: dict[str, float] = {}
         for prefix, ev in self.evaluators.items():
             out.update({f"{prefix}_{k}": float(v) for k, v in ev(model).items()})
         return out
+
+
+def declared_directions(evaluator: object) -> dict[str, bool]:
+    """Metric directions the evaluator declares (`higher_is_better`), then the user's overrides."""
+    declared = dict(getattr(evaluator, "higher_is_better", None) or {})
+    declared.update(getattr(evaluator, "direction_overrides", None) or {})
+    return declared
+
+
+def set_directions(
+    evaluator: Evaluator, higher: Iterable[str] = (), lower: Iterable[str] = ()
+) -> Evaluator:
+    """Record the CLI's --higher-is-better/--lower-is-better names on `evaluator` (they win)."""
+    higher, lower = list(higher), list(lower)
+    both = sorted(set(higher) & set(lower))
+    if both:
+        raise UsageError(
+            f"{', '.join(f'`{m}`' for m in both)} given to both --higher-is-better and --lower-is-better"
+        )
+    if higher or lower:
+        overrides = {**dict.fromkeys(lower, False), **dict.fromkeys(higher, True)}
+        evaluator.direction_overrides = overrides  # type: ignore[attr-defined]
+        if isinstance(evaluator, PrefixedEvaluators):
+            for ev in evaluator.evaluators.values():
+                set_directions(ev, higher, lower)
+    return evaluator

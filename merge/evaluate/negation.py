@@ -17,7 +17,14 @@ import torch
 
 from merge.errors import UsageError
 from merge.evaluate.barriers import higher_is_better
-from merge.evaluate.evaluators import Batches, DataSpec, Evaluator, PrefixedEvaluators, model_device
+from merge.evaluate.evaluators import (
+    Batches,
+    DataSpec,
+    Evaluator,
+    PrefixedEvaluators,
+    declared_directions,
+    model_device,
+)
 from merge.evaluate.executors import Progress, run_points
 from merge.evaluate.grids import linspace
 from merge.evaluate.paths import check_endpoints, collect_curves, resolve_evaluator
@@ -100,7 +107,9 @@ def negation(
     check_endpoints(
         runner, result, [("base", "negation", {"lambda": 0.0}, executor == "sequential")]
     )
-    sel = choose_lambda(result, metric=metric, threshold=threshold)
+    sel = choose_lambda(
+        result, metric=metric, threshold=threshold, directions=declared_directions(ev)
+    )
     if random_baseline and sel.get("lambda") is not None:
         lam = sel["lambda"]
         r = runner.evaluate(Point("random", {"lambda": lam}, {"base": 1.0 + lam, "random": -lam}))
@@ -113,7 +122,13 @@ def negation(
     return result
 
 
-def choose_lambda(result: Result, *, metric: str, threshold: float) -> dict[str, Any]:
+def choose_lambda(
+    result: Result,
+    *,
+    metric: str,
+    threshold: float,
+    directions: Mapping[str, bool] | None = None,
+) -> dict[str, Any]:
     """The protocol's choice over the curve's points; marks each point `feasible`."""
     points = result.curve("negation").points
     t_key, c_key = f"target_{metric}", f"control_{metric}"
@@ -122,7 +137,7 @@ def choose_lambda(result: Result, *, metric: str, threshold: float) -> dict[str,
         raise UsageError(
             f"--metric `{metric}` is not among the evaluators' metrics ({', '.join(have)})"
         )
-    higher = higher_is_better(metric)
+    higher = higher_is_better(t_key, directions)
     base = next(p for p in points if p["coords"]["lambda"] == 0.0)["metrics"]
     limit = threshold * base[c_key] if higher else base[c_key] / threshold
     best = None

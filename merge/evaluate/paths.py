@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from torch import nn
+
 from merge.errors import UsageError
 from merge.evaluate.barriers import curve_barriers
 from merge.evaluate.evaluators import (
@@ -20,6 +22,7 @@ from merge.evaluate.evaluators import (
     DataSpec,
     Evaluator,
     as_batches,
+    declared_directions,
     make_evaluator,
     model_device,
 )
@@ -137,6 +140,11 @@ def interpolation_path(
             "--bn-reset: the model has no BatchNorm layer, so there is nothing to recompute; no +bn_reset curve"
         )
         bn_reset = False
+    if repair and bn is not None and not _repairable(runner.model, bn):
+        from merge.align.repair import NOTHING_TO_REPAIR
+
+        notes.append(f"--repair: {NOTHING_TO_REPAIR}; no +repair curve")
+        repair = False
 
     variants = [("naive", "b")] + ([("aligned", "b_aligned")] if align else [])
     points: list[Point] = []
@@ -185,11 +193,19 @@ def interpolation_path(
             ("b", "aligned", {"alpha": 1.0}, False),
         ]
     check_endpoints(runner, result, checks)
+    directions, unknown = declared_directions(ev), []  # type: ignore[var-annotated]
     for c in result.curves:
         c.barriers = (
-            curve_barriers(c.coords("alpha"), [p["metrics"] for p in c.points])
+            curve_barriers(c.coords("alpha"), [p["metrics"] for p in c.points], directions, unknown)
             if result.ok
             else None
+        )
+    if unknown:
+        result.notes.append(
+            "no barrier for "
+            + ", ".join(f"`{m}`" for m in unknown)
+            + ": whether larger is better is unknown; declare `higher_is_better` in the evaluator"
+            " or pass --higher-is-better/--lower-is-better"
         )
     if not result.ok:
         result.notes.append(
@@ -461,3 +477,9 @@ def _jsonable(x: Any) -> Any:
         if hasattr(x, "__dict__"):
             return _jsonable(vars(x))
         return str(x)
+
+
+def _repairable(model: nn.Module, data: Batches) -> bool:
+    from merge.align.repair import repair_points
+
+    return bool(repair_points(model, data))

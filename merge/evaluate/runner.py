@@ -58,9 +58,10 @@ class Job:
 
 
 def resolve_device(device: str | None) -> str:
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    """`--device` checked as every command checks it (`merge.execute.pick_device`)."""
+    from merge.execute import pick_device
+
+    return str(pick_device(device or "auto"))
 
 
 def build_model(

@@ -13,7 +13,13 @@ from typing import Any
 
 from merge.errors import UsageError
 from merge.evaluate.barriers import higher_is_better
-from merge.evaluate.evaluators import Batches, DataSpec, Evaluator, model_device
+from merge.evaluate.evaluators import (
+    Batches,
+    DataSpec,
+    Evaluator,
+    declared_directions,
+    model_device,
+)
 from merge.evaluate.executors import Progress, run_points
 from merge.evaluate.paths import resolve_evaluator
 from merge.evaluate.results import Curve, Result
@@ -58,7 +64,7 @@ def greedy_soup(
         raise UsageError(
             f"--metric `{metric}` is not among the evaluator's metrics ({', '.join(single_results[0]['metrics'])})"
         )
-    higher = higher_is_better(metric)
+    higher = higher_is_better(metric, declared_directions(ev))
     sign = 1.0 if higher else -1.0
 
     def score(r: Mapping[str, Any]) -> float:

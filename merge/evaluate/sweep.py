@@ -18,7 +18,7 @@ from torch import Tensor
 
 from merge.errors import RecipeError, UsageError, did_you_mean
 from merge.evaluate.barriers import higher_is_better
-from merge.evaluate.evaluators import Batches, DataSpec, Evaluator
+from merge.evaluate.evaluators import Batches, DataSpec, Evaluator, declared_directions
 from merge.evaluate.executors import Progress, run_points
 from merge.evaluate.grids import product
 from merge.evaluate.paths import collect_curves, resolve_evaluator, scale_grid
@@ -169,7 +169,7 @@ def sweep_recipe(
         },
     )
     result.curves = collect_curves(points, results, {"sweep": {}})
-    result.selection = best_point(result, metric)
+    result.selection = best_point(result, metric, declared_directions(ev))
     return result
 
 
@@ -200,22 +200,28 @@ def sweep_task_vectors(
         **kwargs,
     )
     result.settings.update({"ranges": {n: v for n, v in ranges}, "metric": metric})
-    result.selection = best_point(result, metric)
+    given = kwargs.get("evaluator")
+    directions = declared_directions(resolve_evaluator(given, None) if given is not None else None)
+    result.selection = best_point(result, metric, directions)
     return result
 
 
-def best_point(result: Result, metric: str) -> dict[str, Any]:
+def best_point(
+    result: Result, metric: str, directions: Mapping[str, bool] | None = None
+) -> dict[str, Any]:
     points = [p for c in result.curves for p in c.points]
     if not points or metric not in points[0]["metrics"]:
         have = ", ".join(points[0]["metrics"]) if points else "none"
         raise UsageError(f"--metric `{metric}` is not among the evaluator's metrics ({have})")
-    sign = -1.0 if higher_is_better(metric) else 1.0
+    higher = higher_is_better(metric, directions)
+    sign = -1.0 if higher else 1.0
     finite = [p for p in points if math.isfinite(float(p["metrics"][metric]))]
     if not finite:
         return {"metric": metric, "best": None}
     best = min(finite, key=lambda p: sign * float(p["metrics"][metric]))
     return {
         "metric": metric,
+        "higher_is_better": higher,
         "best": {
             "coords": best["coords"],
             "value": best["metrics"][metric],

@@ -218,5 +218,5 @@ def resolve_hub_id(repo_id: str) -> Path:
     except Exception as e:
         raise UsageError(
             f"`{repo_id}` is neither a local path nor in the Hugging Face cache, and downloading it failed "
-            f"({type(e).__name__}); check the name, or download it first with `huggingface-cli download {repo_id}`"
+            f"({type(e).__name__}); check the name, or download it first with `hf download {repo_id}` (the command of huggingface_hub)"
         ) from e

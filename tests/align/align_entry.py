@@ -43,3 +43,19 @@ class DataDependent(nn.Module):
 
 def make_untraceable() -> nn.Module:
     return DataDependent()
+
+
+def two_batches():  # type: ignore[no-untyped-def]
+    """A one-shot generator of two batches (what a streaming loader hands over)."""
+    yield from make_data()[:2]
+
+
+def make_tiny_llama() -> nn.Module:
+    """A tiny transformers Llama, for `merge align` on Hugging Face folders."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import align_entry
 import pytest
 import torch
 from align_helpers import TrainedPair
@@ -136,3 +137,80 @@ def test_exit_codes_and_nothing_written_on_failure(
     code, text = invoke("align", a, b, "--model", model, "-o", out, "-q")
     assert code == 1 and "already exists; pass --force to replace it" in text
     assert invoke("align", a, b, "--model", model, "-o", out, "-q", "--force")[0] == 0
+
+
+def test_align_activation_on_a_one_shot_generator(
+    checkpoints: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # Tracing and the example input look at the first batch; both batches are still matched.
+    a, b = checkpoints
+    code, text = invoke(
+        "align", a, b, "--model", f"{ENTRY}:make_model", "--method", "activation",
+        "--data", f"{ENTRY}:two_batches", "-o", tmp_path / "aligned", "-q",
+    )  # fmt: skip
+    assert code == 0, text
+    report = json.loads((tmp_path / "aligned.align.json").read_text())
+    assert report["extra"]["batches"] == 2
+    assert sum(g["moved"] for g in report["groups"].values()) > 100
+
+
+def test_align_device_is_checked_like_every_verb(
+    checkpoints: tuple[Path, Path], tmp_path: Path
+) -> None:
+    a, b = checkpoints
+    args = ["align", a, b, "--model", f"{ENTRY}:make_model", "-o", tmp_path / "x.safetensors"]
+    code, text = invoke(*args, "--device", "gpu")
+    assert (code, text.strip()) == (
+        2,
+        "Error: --device `gpu` is not a device: use cpu, cuda, cuda:N or auto",
+    )
+    if not torch.cuda.is_available():
+        code, text = invoke(*args, "--device", "cuda")
+        assert code == 1 and "torch sees no CUDA device; use --device cpu or auto" in text
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_align_of_hugging_face_folders_writes_a_loadable_folder(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        align_entry.make_tiny_llama().save_pretrained(tmp_path / name)
+    out = tmp_path / "b_aligned"
+    code, text = invoke(
+        "align", tmp_path / "a", tmp_path / "b", "--model", f"{ENTRY}:make_tiny_llama", "-o", out
+    )
+    assert code == 0, text
+    assert f"wrote {out} (with config.json, generation_config.json from B)" in text
+    aligned = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b").eval()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(aligned(ids).logits, b(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_hub_error_names_the_installed_hf_command(tmp_path: Path) -> None:
+    # A hub id that cannot be fetched (the endpoint refuses): the hint names `hf download`, the
+    # command huggingface_hub installs (`huggingface-cli` is gone from it).
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    assert shutil.which("hf", path=str(Path(sys.executable).parent))
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_ETAG_TIMEOUT": "2",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "2",
+        "PYTHONPATH": str(Path(__file__).parents[2]),
+    }
+    env.pop("HF_HUB_OFFLINE", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "merge", "align", "someorg/no-such-model", "someorg/no-such-model",
+         "--model", f"{ENTRY}:make_model", "-o", str(tmp_path / "x.safetensors")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert "download it first with `hf download someorg/no-such-model`" in r.stderr
+    assert "huggingface-cli" not in r.stderr

@@ -17,6 +17,7 @@ from merge.align import (
     infer_spec,
     load_spec,
     spec_from_dict,
+    verify_spec,
     weight_matching,
 )
 from merge.errors import FormatError, UsageError
@@ -170,3 +171,51 @@ def test_bad_permutations_and_methods() -> None:
         align_state_dicts(make_model, a, b, method="sinkhorn")
     with pytest.raises(UsageError, match="activation matching needs data"):
         align_state_dicts(make_model, a, b, method="activation")
+
+
+def test_a_small_missed_bias_fails_the_float64_check() -> None:
+    """A hand spec without layers.0.bias, on a model whose bias is tiny: the change (~1e-7) is
+    far above float64's 1e-9, and no op computes in float32, so the tolerance stays 1e-9."""
+    model = make_model().eval()
+    with torch.no_grad():
+        model.layers[0].bias.mul_(1e-6)
+    spec = spec_from_dict(
+        {
+            "groups": {
+                "P_layers.0": {
+                    "size": 128,
+                    "members": [["layers.0.weight", 0], ["layers.1.weight", 1]],
+                },
+            }
+        }
+    )
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(VerificationError) as e:
+        verify_spec(model, spec, ((x,), {}))
+    assert "permutation group `P_layers.0` is not a symmetry of the model" in str(e.value)
+    assert "> 1e-09" in str(e.value)
+
+
+def test_float32_islands_in_a_float64_run_get_the_float32_tolerance() -> None:
+    class Upcast(torch.nn.Module):  # an RMSNorm that computes in float32, as Llama's does
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 256), torch.nn.Linear(256, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            hf = h.float()
+            hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return self.b(hf.to(h.dtype))
+
+    spec = spec_from_dict(
+        {
+            "groups": {
+                "h": {"size": 256, "members": [["a.weight", 0], ["a.bias", 0], ["b.weight", 1]]}
+            }
+        }
+    )
+    torch.manual_seed(0)
+    report = verify_spec(Upcast(), spec, ((torch.randn(64, 8),), {}))
+    assert report.rtol == 1e-5 and 1e-9 < max(report.max_change) <= 1e-5
+    assert report.notes[0].startswith("the model computes parts in float32 (_to_copy")

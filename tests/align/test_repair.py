@@ -11,6 +11,7 @@ from torch import nn
 
 from merge.align import align_state_dicts, repair, reset_batchnorm
 from merge.align.repair import repair_points
+from merge.errors import MergeWarning
 from merge.toy import evaluate_loss, make_mlp, make_resnet, make_vgg, synthetic_images
 
 
@@ -117,3 +118,59 @@ def test_repair_corrects_batchnorm_layers() -> None:
     mb, sb = _channel_stats(b, "layer3.0.bn2", x)
     torch.testing.assert_close(s, (sa + sb) / 2, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(m, (ma + mb) / 2, rtol=1e-3, atol=1e-3)
+
+
+class HeadFirst(nn.Module):
+    """A classifier head registered before the body: registration order is not execution order."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.head = nn.Linear(16, 3)
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_repair_leaves_the_head_that_runs_last_alone() -> None:
+    a, b = HeadFirst(0).eval(), HeadFirst(1).eval()
+    x = torch.randn(256, 6, generator=torch.Generator().manual_seed(0))
+    data = [(x, None)]
+    assert repair_points(a, data) == [
+        "body.0",
+        "body.2",
+    ]  # was ["head", "body.0"]: body.2 last registered
+    mid = _interpolate(a, b.state_dict(), 0.5)
+    head_before = mid.head.weight.clone()
+    repair(mid, a, b, 0.5, data)
+    assert torch.equal(mid.head.weight, head_before)
+    _, s = _channel_stats(mid, "body.2", x)
+    _, sa = _channel_stats(a, "body.2", x)
+    _, sb = _channel_stats(b, "body.2", x)
+    torch.testing.assert_close(s, (sa + sb) / 2, rtol=1e-3, atol=1e-3)
+
+
+class NoBias(nn.Module):
+    """LayerNorm and bias-free Linears (Llama-style): nothing for REPAIR to fold into."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(6, 16, bias=False)
+        self.norm = nn.LayerNorm(16, elementwise_affine=False)
+        self.out = nn.Linear(16, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(self.up(x)))
+
+
+def test_repair_says_when_it_has_nothing_to_correct() -> None:
+    model = NoBias()
+    with pytest.warns(MergeWarning, match="REPAIR has nothing to correct in this model"):
+        repair(model, NoBias(), NoBias(), 0.5, [(torch.randn(8, 6), None)])
+
+
+def test_repair_moves_batches_to_the_models_device() -> None:
+    # A model on the meta device cannot take CPU inputs: the batch must follow the model.
+    model = HeadFirst(0).to("meta")
+    assert repair_points(model, [(torch.randn(4, 6), None)]) == ["body.0", "body.2"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import evaluate_entry as entry
 import pytest
+import torch
 from click.testing import CliRunner
 
 from merge.cli import cli
@@ -331,3 +332,23 @@ def test_merge_sweep_over_a_recipe_var(mlp_pair, tmp_path: Path) -> None:
         code == 2
         and "--param `vars.lam=0:1`: `0:1` is not `start:stop:num` (num a positive integer)" in out
     )
+
+
+@pytest.mark.parametrize("verb", ["path", "greedy-soup", "negate"])
+def test_bad_device_is_a_clean_error_for_every_verb(verb: str, mlp_pair, tmp_path: Path) -> None:
+    args = [verb, str(mlp_pair.path_a), str(mlp_pair.path_b), "--model", f"{E}:make_model"]
+    data = ["--data", f"{E}:test_data"]
+    if verb == "negate":
+        data = ["--target-data", f"{E}:test_data", "--control-data", f"{E}:test_data"]
+    code, out = run(*args, *data, "--device", "gpu", "-o", str(tmp_path / "r"), "-q")
+    assert (code, out.strip()) == (
+        2,
+        "Error: --device `gpu` is not a device: use cpu, cuda, cuda:N or auto",
+    )
+    if not torch.cuda.is_available():
+        code, out = run(*args, *data, "--device", "cuda", "-o", str(tmp_path / "r"), "-q")
+        assert (code, out.strip()) == (
+            1,
+            "Error: --device cuda was asked for but torch sees no CUDA device; use --device cpu or auto",
+        )
+    assert not (tmp_path / "r").exists()
