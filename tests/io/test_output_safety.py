@@ -33,11 +33,11 @@ def out_for(verb: str, folder: Path) -> Path:
     return folder / ("out.safetensors" if verb == "stats" else "out")
 
 
-def assert_clean_error(r: Result, pattern: str) -> None:
-    """Exit 1 with the message, and no traceback (a MergeError, not a raw exception)."""
+def assert_clean_error(r: Result, pattern: str, code: int = 1) -> None:
+    """Exit `code` (1, or 2 for usage) with the message, and no traceback (not a raw exception)."""
     import re
 
-    assert r.exit_code == 1, text(r)
+    assert r.exit_code == code, text(r)
     assert isinstance(r.exception, SystemExit), repr(r.exception)
     assert re.search(pattern, text(r)), text(r)
 
@@ -377,7 +377,8 @@ def test_an_impossible_shard_size_is_a_clear_error(
 ) -> None:
     args, _ = VERBS["linear"]
     r = invoke(*args(writing_world, str(tmp_path / "out")), "--shard-size", size)
-    assert_clean_error(r, rf"size `{size}` is out of range; give a positive size")
+    # A usage error (exit 2), found while parsing the option, before anything is read.
+    assert_clean_error(r, rf"size `{size}` is out of range; give a positive size", code=2)
     assert staging_left(tmp_path) == []
 
 
