@@ -99,7 +99,7 @@ def merge_with_data(
             dead = dead_inputs(grams) if grams is not None else 0
             if dead:
                 warnings.warn(
-                    f"RegMean: `{name}`: {dead} of {grams[0].shape[0]} input features were "
+                    f"RegMean: `{name}`: {dead} of {ref.shape[-1]} input features were "
                     "zero on every example of every model's data (dead units or constant "
                     "inputs); the data says nothing about those columns, so they keep the "
                     "weighted mean",

@@ -50,7 +50,9 @@ def compute_fisher(
     was_training = model.training
 
     def add_squared(out: Tensor, weight: float = 1.0) -> None:
-        grads = torch.autograd.grad(out, list(params.values()), retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            out, list(params.values()), retain_graph=True, allow_unused=True
+        )
         for (n, _), g in zip(params.items(), grads):
             if g is not None:
                 fisher[n].add_(g.float().square(), alpha=weight)
