@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from merge.errors import MergeWarning, UsageError
+from merge.errors import ExecutionError, MergeWarning, UsageError
 from merge.methods.data_aware import merge_with_data
 from merge.methods.fisher import compute_fisher, fisher
 from merge.methods.regmean import compute_grams, regmean, shrink_off_diagonal
@@ -224,3 +224,29 @@ def test_grams_warn_about_attention_out_proj():
     with pytest.warns(MergeWarning, match=r"1 linear layer never ran .*`attn\.out_proj`"):
         grams = compute_grams(Attn(), [(torch.randn(2, 3, 4), None)])
     assert set(grams) == {"fc.weight"}
+
+
+def test_fisher_skips_padded_positions():
+    class Masked(_TokenClassifier):
+        def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None):  # type: ignore[override]
+            return self.head(x)
+
+    torch.manual_seed(8)
+    model = Masked()
+    x = torch.randn(2, 2, 3)
+    mask = torch.tensor([[1, 0], [1, 1]])  # example 0's second position is padding
+    f = compute_fisher(model, [{"x": x, "attention_mask": mask}], kind="exact")
+    with torch.no_grad():
+        p = torch.softmax(model(x), -1)
+    v = torch.stack([p[0, 0], p[1, 0], p[1, 1]])
+    v = v * (1 - v)  # the three real positions
+    torch.testing.assert_close(f["head.bias"], v.mean(0))
+
+
+def test_data_merge_refuses_non_finite_weights_naming_the_tensor():
+    a = {"w": torch.ones(2), "b": torch.zeros(1)}
+    b = {"w": torch.tensor([1.0, float("nan")]), "b": torch.zeros(1)}
+    with pytest.raises(
+        ExecutionError, match=r"method `regmean`: model 2 has 1 NaN and 0 inf value in tensor `w`"
+    ):
+        merge_with_data("regmean", [a, b], make_model=lambda: nn.Linear(2, 1), data=[[]])
