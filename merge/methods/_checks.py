@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from merge.errors import UsageError, did_you_mean
+import torch
+from torch import Tensor
+
+from merge.errors import ExecutionError, UsageError, did_you_mean
 
 COMPAT_CHOICES = ("paper", "mergekit")
 
@@ -59,3 +62,39 @@ def check_fraction(method: str, param: str, value: float, *, closed_low: bool = 
     if not (low_ok and value <= 1):
         interval = "[0, 1]" if closed_low else "(0, 1]"
         raise UsageError(f"method `{method}`: `{param}` is {value}, outside {interval}")
+
+
+def _is_finite(x: Tensor) -> bool:
+    # aminmax propagates NaN and shows ±inf: one pass, no boolean mask the size of x.
+    if x.numel() == 0 or not x.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(x.detach())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def check_finite(
+    method: str,
+    tensors: Sequence[Tensor],
+    base: Tensor | None = None,
+    *,
+    tensor_name: str | None = None,
+) -> None:
+    """Refuse NaN or ±inf in any input: every method would spread or silently drop them.
+
+    One shared rule for every method (the engine may call it with the tensor's name before a
+    method runs; the methods call it without). Raises ExecutionError naming the input, how many
+    values are NaN and inf, and the tensor when `tensor_name` is given.
+    """
+    named = [("the base", base)] if base is not None else []
+    named += [(f"model {i + 1}", x) for i, x in enumerate(tensors)]
+    for who, x in named:
+        if x is None or _is_finite(x):
+            continue
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        where = f" in tensor `{tensor_name}`" if tensor_name else ""
+        raise ExecutionError(
+            f"method `{method}`: {who} has {n_nan} NaN and {n_inf} inf value"
+            f"{'s' if n_nan + n_inf != 1 else ''}{where}; merging non-finite weights gives "
+            "meaningless output, so it is refused: repair or drop that checkpoint"
+        )

@@ -48,7 +48,7 @@ class MethodSpec:
     @property
     def global_params(self) -> dict[str, inspect.Parameter]:
         """Keyword parameters a recipe may set for the whole call (not per model)."""
-        skip = {"tensors", "base", "generator", *self.per_model}
+        skip = {"tensors", "base", "generator", "tensor_name", *self.per_model}
         return {
             n: p
             for n, p in self.signature.parameters.items()

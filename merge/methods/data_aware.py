@@ -10,15 +10,17 @@ memory; for streaming merges, save the statistics (`merge stats`) and pass them 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
 from merge.entrypoints import load_weights
-from merge.errors import UsageError
+from merge.errors import MergeWarning, UsageError
+from merge.methods._checks import check_finite
 from merge.methods.fisher import compute_fisher, fisher
-from merge.methods.regmean import compute_grams, regmean
+from merge.methods.regmean import compute_grams, dead_inputs, regmean
 
 
 def compute_statistics(
@@ -65,6 +67,9 @@ def merge_with_data(
             f"give one data set for all models or one per model ({len(states)}), not {len(data)}"
         )
     w = list(weight) if weight is not None else [1.0] * len(states)
+    for name, ref in states[0].items():
+        if ref.is_floating_point():
+            check_finite(method, [s[name] for s in states], tensor_name=name)
     model = make_model()
     stats = [
         compute_statistics(
@@ -91,6 +96,16 @@ def merge_with_data(
                 out[name] = regmean(xs, weight=w)
         else:
             grams = [st[name] for st in stats] if all(name in st for st in stats) else None
+            dead = dead_inputs(grams) if grams is not None else 0
+            if dead:
+                warnings.warn(
+                    f"RegMean: `{name}`: {dead} of {ref.shape[-1]} input features were "
+                    "zero on every example of every model's data (dead units or constant "
+                    "inputs); the data says nothing about those columns, so they keep the "
+                    "weighted mean",
+                    MergeWarning,
+                    stacklevel=2,
+                )
             out[name] = regmean(xs, weight=w, statistics=grams, alpha=alpha)
         out[name] = out[name].to(ref.dtype)
     return out

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from merge.errors import UsageError
-from merge.methods._checks import check_compat
+from merge.methods._checks import check_compat, check_finite
 from merge.methods._registry import register
 
 
@@ -53,6 +53,7 @@ def karcher(
 ) -> Tensor:
     """(Σ α_i‖x_i‖)·u*, u* the α-weighted Karcher mean of x_i/‖x_i‖ (α = w/Σw; mergekit: 1/N)."""
     check_compat("karcher", compat)
+    check_finite("karcher", tensors)
     n = len(tensors)
     if compat == "mergekit":
         alpha_all = torch.full((n,), 1.0 / n, dtype=torch.float64)

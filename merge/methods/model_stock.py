@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from merge.methods._checks import check_count
+from merge.errors import MergeWarning
+from merge.methods._checks import check_compat, check_count, check_finite
 from merge.methods._registry import register
 from merge.methods._threads import one_thread
 
 
-def model_stock_ratio(deltas: Tensor, *, filter_wise: bool) -> Tensor:
+def model_stock_ratio(
+    deltas: Tensor, *, filter_wise: bool, compat: str = "paper", tensor_name: str | None = None
+) -> Tensor:
     """t = N·c/(1 + (N−1)·c), c the mean pairwise cosine of the task vectors `deltas` (N, ...).
 
     Flattened per tensor, or per row (last dimension) when `filter_wise`; returns t broadcastable
-    against one tensor. Cosines use max(‖a‖‖b‖, 1e−6) and are clamped to [−1, 1], as in mergekit.
+    against one tensor. Cosines use max(‖a‖‖b‖, 1e−6) and are clamped to [−1, 1], as in mergekit;
+    `paper` then clamps the mean c to [0, 1] with a warning (see `_warn_negative`), so t ∈ [0, 1];
+    `mergekit` (0.1.5) keeps c < 0 (t < 0) and t = 0 only at the pole |1 + (N−1)c| < 1e−6.
     """
     n = deltas.shape[0]
     if filter_wise and deltas.dim() > 2:
@@ -32,9 +38,16 @@ def model_stock_ratio(deltas: Tensor, *, filter_wise: bool) -> Tensor:
             total += (dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0)
             pairs += 1
     c = total / pairs
-    den = 1.0 + (n - 1) * c
-    # At the pole (c = −1/(N−1)) there is no finite estimate: keep the base (as mergekit 0.1.5).
-    t = torch.where(den.abs() < _POLE, 0.0, n * c / torch.where(den.abs() < _POLE, 1.0, den))
+    if compat == "mergekit":
+        den = 1.0 + (n - 1) * c
+        pole = den.abs() < _POLE
+        t = torch.where(pole, 0.0, n * c / torch.where(pole, 1.0, den))
+    else:
+        negative = int((c < 0).sum())
+        if negative:
+            _warn_negative(float(c.min()), negative, c.numel(), tensor_name)
+        c = c.clamp(min=0.0)
+        t = n * c / (1.0 + (n - 1) * c)  # c ∈ [0, 1]: the denominator is ≥ 1
     if filter_wise and deltas.dim() > 2:
         return t.reshape(*deltas.shape[1:-1], 1)
     return t.reshape([1] * (deltas.dim() - 1))
@@ -46,22 +59,51 @@ def model_stock_ratio(deltas: Tensor, *, filter_wise: bool) -> Tensor:
     min_models=2,
     properties={"idempotent"},
 )
-def model_stock(tensors: Sequence[Tensor], *, base: Tensor, filter_wise: bool = False) -> Tensor:
-    """t·mean_i(x_i) + (1−t)·base with t = N cos φ / (1 + (N−1) cos φ)."""
+def model_stock(
+    tensors: Sequence[Tensor],
+    *,
+    base: Tensor,
+    filter_wise: bool = False,
+    compat: str = "paper",
+    tensor_name: str | None = None,
+) -> Tensor:
+    """t·mean_i(x_i) + (1−t)·base with t = N cos φ / (1 + (N−1) cos φ), cos φ clamped to ≥ 0."""
     check_count("model_stock", len(tensors), at_least=2)
+    check_compat("model_stock", compat)
+    check_finite("model_stock", tensors, base, tensor_name=tensor_name)
     if filter_wise and base.dim() > 1:
         deltas = torch.stack([x - base for x in tensors])  # (N, *shape)
-        t = model_stock_ratio(deltas, filter_wise=True)
+        t = model_stock_ratio(deltas, filter_wise=True, compat=compat, tensor_name=tensor_name)
         return base + t * deltas.mean(0)
     with one_thread():
-        return _model_stock_flat(tensors, base)
+        return _model_stock_flat(tensors, base, compat, tensor_name)
 
 
-_CHUNK = 1 << 18
-_POLE = 1e-6  # |1 + (N−1)c| below this: the base is kept  # fused chunk: the task vectors never exist as full-size tensors
+def _warn_negative(c_min: float, n_neg: int, n_all: int, tensor_name: str | None) -> None:
+    """c < 0 is clamped to 0 (t = 0, the base): the paper's geometry needs cos φ > 0.
+
+    Model Stock assumes fine-tunes that scatter around a common centre, so their task vectors
+    make an acute angle; for c < 0 the formula gives t < 0 (extrapolating away from the
+    fine-tunes, t → −∞ at the pole c = −1/(N−1); cos −0.999 gave t ≈ −2000). mergekit 0.1.5
+    applies it unclamped.
+    """
+    where = f"tensor `{tensor_name}`" if tensor_name else "a tensor"
+    rows = f" in {n_neg} of {n_all} rows" if n_all > 1 else ""
+    warnings.warn(
+        f"model_stock: {where} has task vectors pointing apart (mean cosine {c_min:.3g} < 0"
+        f"{rows}); Model Stock needs cos > 0, so t is clamped to 0 there and the base is kept",
+        MergeWarning,
+        stacklevel=3,
+    )
 
 
-def _model_stock_flat(tensors: Sequence[Tensor], base: Tensor) -> Tensor:
+_CHUNK = 1 << 18  # fused chunk: the task vectors never exist as full-size tensors
+_POLE = 1e-6  # compat mergekit: |1 + (N−1)c| below this keeps the base (as mergekit 0.1.5)
+
+
+def _model_stock_flat(
+    tensors: Sequence[Tensor], base: Tensor, compat: str, tensor_name: str | None = None
+) -> Tensor:
     """Two chunked passes: Gram entries of the task vectors, then base + t·mean_i δ_i."""
     n_models = len(tensors)
     flat_b = base.reshape(-1)
@@ -86,8 +128,14 @@ def _model_stock_flat(tensors: Sequence[Tensor], base: Tensor) -> Tensor:
         for j in range(i + 1, n_models)
     ]
     c = sum(cos) / len(cos)
-    den = 1.0 + (n_models - 1) * c
-    t = 0.0 if abs(den) < _POLE else n_models * c / den
+    if compat == "mergekit":
+        den = 1.0 + (n_models - 1) * c
+        t = 0.0 if abs(den) < _POLE else n_models * c / den
+    else:
+        if c < 0:
+            _warn_negative(c, 1, 1, tensor_name)
+            c = 0.0
+        t = n_models * c / (1.0 + (n_models - 1) * c)
     # base + t·mean_i(x_i − base) = (1 − t)·base + (t/N)·Σ x_i
     out = flat_b * (1.0 - t)
     for x in flats:

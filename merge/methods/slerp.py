@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from merge.errors import UsageError
-from merge.methods._checks import check_compat, check_count
+from merge.methods._checks import check_compat, check_count, check_finite
 from merge.methods._registry import register
 
 DOT_THRESHOLD = 0.9995  # |cos Ω| above this: the vectors are (anti)parallel, so lerp instead
@@ -59,31 +59,45 @@ def slerp(
 ) -> Tensor:
     """slerp(v0, v1, t): v0 = base (mergekit's base_model) and v1 = the model, or two models."""
     check_compat("slerp", compat)
+    check_finite("slerp", tensors, base)
     v0, v1 = _pair("slerp", tensors, base, with_base_as_v0=True)
     return slerp_tensors(v0, v1, float(t), compat=compat)
 
 
-def _nuslerp_vectors(v0: Tensor, v1: Tensor, t: float, flatten: bool, row_wise: bool) -> Tensor:
-    """Row- or whole-tensor slerp with a per-vector lerp fallback where |sin θ| < 1e-8."""
+def _nuslerp_vectors(
+    v0: Tensor, v1: Tensor, t: float, flatten: bool, row_wise: bool, compat: str
+) -> Tensor:
+    """Row- or whole-tensor slerp; lerp per vector where it is (anti)parallel or zero.
+
+    The angle is tested through cos θ, never through sin θ: in float32 sin(acos(−1)) = −8.7e−8,
+    which once passed a |sin θ| ≥ 1e−8 test and divided the result by ~1e−7. `paper` lerps where
+    |cos θ| > 0.9995 (as `slerp`) or a vector is zero; `mergekit` (0.1.5) lerps only where
+    1 − cos²θ ≤ 1e−16 and slerps a zero vector at θ = π/2 (it normalises by max(‖v‖, 1e−7)).
+    """
     shape = v0.shape
     if flatten or v0.dim() < 2:
-        a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+        a, b = v0.reshape(1, -1), v1.reshape(1, -1)  # (1, n)
     elif row_wise:  # mergekit's naming: row_wise slerps the columns
-        a, b = v0.transpose(0, -1), v1.transpose(0, -1)
+        a, b = v0.transpose(0, -1), v1.transpose(0, -1)  # (cols, rows)
     else:
-        a, b = v0, v1
-    ua = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=1e-7)
-    ub = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=1e-7)
-    cos = (ua * ub).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)
-    theta = torch.acos(cos)
-    sin = torch.sin(theta)
-    safe = sin.abs() >= 1e-8
-    s_safe = torch.where(safe, sin, 1.0)
-    res = torch.where(
-        safe,
-        (torch.sin((1.0 - t) * theta) * a + torch.sin(t * theta) * b) / s_safe,
-        (1.0 - t) * a + t * b,
-    )
+        a, b = v0, v1  # (rows, cols)
+    na = torch.linalg.vector_norm(a, dim=-1, keepdim=True)  # (vectors, 1)
+    nb = torch.linalg.vector_norm(b, dim=-1, keepdim=True)
+    if compat == "mergekit":
+        cos = ((a / na.clamp(min=1e-7)) * (b / nb.clamp(min=1e-7))).sum(-1, keepdim=True)
+        cos = cos.double().clamp(-1.0, 1.0)
+        lerp = (1.0 - cos.square()) <= 1e-16
+    else:
+        dot = (a * b).sum(-1, keepdim=True).double()
+        den = (na.double() * nb.double()).clamp(min=_NORM_EPS**2)
+        cos = (dot / den).clamp(-1.0, 1.0)
+        zero = (na <= _NORM_EPS) | (nb <= _NORM_EPS)
+        lerp = zero | (cos.abs() > DOT_THRESHOLD)
+    theta = torch.acos(torch.where(lerp, 0.0, cos))  # lerp rows: θ = 0, never divided by
+    sin = torch.where(lerp, 1.0, torch.sin(theta))
+    c0 = torch.where(lerp, 1.0 - t, torch.sin((1.0 - t) * theta) / sin).to(a.dtype)
+    c1 = torch.where(lerp, t, torch.sin(t * theta) / sin).to(a.dtype)
+    res = c0 * a + c1 * b
     if not (flatten or v0.dim() < 2) and row_wise:
         res = res.transpose(0, -1)
     return res.reshape(shape)
@@ -109,11 +123,12 @@ def nuslerp(
     """slerp at t = w₂/(w₁+w₂) of x₁, x₂ (of x_i − base, then + base, when a base is given)."""
     check_compat("nuslerp", compat)
     check_count("nuslerp", len(tensors), at_least=2, at_most=2)
+    check_finite("nuslerp", tensors, base)
     total = float(weight[0]) + float(weight[1])
     t = 0.5 if abs(total) < 1e-6 else float(weight[1]) / total
     if base is None:
-        return _nuslerp_vectors(tensors[0], tensors[1], t, flatten, row_wise)
-    d = _nuslerp_vectors(tensors[0] - base, tensors[1] - base, t, flatten, row_wise)
+        return _nuslerp_vectors(tensors[0], tensors[1], t, flatten, row_wise, compat)
+    d = _nuslerp_vectors(tensors[0] - base, tensors[1] - base, t, flatten, row_wise, compat)
     return d.add_(base)
 
 
@@ -133,6 +148,7 @@ def multislerp(
     eps: float = 1e-8,
 ) -> Tensor:
     """(Σ w_i‖x_i‖)·exp_m̂(Σ w_i log_m̂(u_i)), one tangent step at the weighted mean direction m̂."""
+    check_finite("multislerp", tensors, base)
     w = torch.tensor([float(v) for v in weight], dtype=torch.float64)
     if normalize_weights:
         if abs(float(w.sum())) < 1e-12:

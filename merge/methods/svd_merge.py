@@ -1,6 +1,8 @@
 """Spectral merges of 2-D task vectors: TSV-Merge, Iso-C and Iso-CTS (other tensors: mean τ).
 
 All SVDs run in float64 on the layer's task vectors and the result is cast back to float32.
+They run on one intra-op thread (CPU): LAPACK's blocking depends on the thread count, so the
+same recipe could otherwise round differently under OMP_NUM_THREADS=1 and 2 (issue 15.19).
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from merge.methods._checks import check_fraction
+from merge.methods._checks import check_finite, check_fraction
 from merge.methods._registry import register
+from merge.methods._threads import one_thread
 
 
 def polar_factor(a: Tensor) -> Tensor:
@@ -52,10 +55,12 @@ def tsv_factors(deltas: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
 )
 def tsv(tensors: Sequence[Tensor], *, base: Tensor, scale: float = 1.0) -> Tensor:
     """base + α·U⊥ diag(σ̂) V⊥ᵀ from the tasks' top singular vectors (2-D); else base + α·mean τ."""
+    check_finite("tsv", tensors, base)
     if base.dim() != 2:
         return _mean_delta(tensors, base).mul_(scale).add_(base)
-    u, s, v = tsv_factors([x - base for x in tensors])
-    delta = (u * s) @ v.T
+    with one_thread():
+        u, s, v = tsv_factors([x - base for x in tensors])
+        delta = (u * s) @ v.T
     return delta.to(base.dtype).mul_(scale).add_(base)
 
 
@@ -67,13 +72,15 @@ def tsv(tensors: Sequence[Tensor], *, base: Tensor, scale: float = 1.0) -> Tenso
 )
 def iso_c(tensors: Sequence[Tensor], *, base: Tensor, scale: float = 1.0) -> Tensor:
     """base + α·σ̄ U Vᵀ where Σ_t τ_t = U diag(σ) Vᵀ and σ̄ = mean(σ) (2-D); else base + α·mean τ."""
+    check_finite("iso_c", tensors, base)
     if base.dim() != 2:
         return _mean_delta(tensors, base).mul_(scale).add_(base)
     total = torch.zeros_like(base, dtype=torch.float64)
     for x in tensors:
         total += (x - base).double()
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    delta = s.mean() * (u @ vh)
+    with one_thread():
+        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        delta = s.mean() * (u @ vh)
     return delta.to(base.dtype).mul_(scale).add_(base)
 
 
@@ -92,13 +99,21 @@ def iso_cts(
 ) -> Tensor:
     """Common top-k subspace of Σ τ_t plus each task's top components outside it, isotropic σ̄."""
     check_fraction("iso_cts", "common_space_fraction", common_space_fraction)
+    check_finite("iso_cts", tensors, base)
     if base.dim() != 2:
         return _mean_delta(tensors, base).mul_(scale).add_(base)
-    deltas = [(x - base).double() for x in tensors]
+    with one_thread():
+        delta = _iso_cts_delta([(x - base).double() for x in tensors], common_space_fraction)
+    return delta.to(base.dtype).mul_(scale).add_(base)
+
+
+def _iso_cts_delta(deltas: list[Tensor], common_space_fraction: float) -> Tensor:
     t = len(deltas)
-    r = min(base.shape)
+    r = min(deltas[0].shape)
     k = int(common_space_fraction * r)
-    per_task = (r - k) // t  # components each task adds outside the common subspace
+    # Components each task adds outside the common subspace: rounded as the reference (Python's
+    # round, half to even; ViT-B, 20 tasks: round(7.7) = 8), at most ⌊r/T⌋ so that k ≥ 0.
+    per_task = min(round((r - k) / t), r // t)
     k = r - per_task * t  # so that r − k is divisible by T
     u, s, vh = torch.linalg.svd(sum(deltas), full_matrices=False)
     us, ss, vs = [u[:, :k]], [s[:k]], [vh[:k].T]
@@ -113,5 +128,4 @@ def iso_cts(
     u_all = polar_factor(torch.cat(us, dim=1))  # (m, r)
     v_all = polar_factor(torch.cat(vs, dim=1))  # (n, r)
     sigma = torch.cat(ss).mean()
-    delta = sigma * (u_all @ v_all.T)
-    return delta.to(base.dtype).mul_(scale).add_(base)
+    return sigma * (u_all @ v_all.T)

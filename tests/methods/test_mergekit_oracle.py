@@ -90,7 +90,7 @@ def test_karcher_matches_mergekit_uniform_weights():
 def test_model_stock_matches_mergekit(filter_wise):
     group = TensorGroup.from_tensors([BASE, *XS], base_index=0)
     ref = mk_registry.get("model_stock").merge_group(group, filter_wise=filter_wise)
-    ours = get_method("model_stock").fn(XS, base=BASE, filter_wise=filter_wise)
+    ours = get_method("model_stock").fn(XS, base=BASE, filter_wise=filter_wise, compat="mergekit")
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
