@@ -25,7 +25,7 @@ from writing_verbs import (
 )
 
 CASES = [(verb, signal.SIGTERM) for verb in sorted(VERBS)] + [
-    (verb, signal.SIGINT) for verb in ("linear", "lora-bake", "ema-sigma-rel", "align")
+    (verb, signal.SIGINT) for verb in ("linear", "lora-bake")
 ]
 
 

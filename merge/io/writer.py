@@ -114,10 +114,10 @@ def parse_size(text: str | int) -> int:
             pass
     if value is None:
         raise PlanError(f"cannot read size `{text}`; write it like 5GB, 500MB or 2GiB")
-    if not math.isfinite(value) or value < 1 or value > 2**63:
-        raise PlanError(
-            f"size `{text}` is out of range; give a positive size up to 8 EiB, like 5GB or 500MB"
-        )
+    if value > 2**63:  # inf included: `1e400GB`
+        raise PlanError(f"size `{text}` is too large")  # the recipe's wording (merge.recipe)
+    if not math.isfinite(value) or value < 1:
+        raise PlanError(f"size `{text}` is out of range; give a positive size, like 5GB or 500MB")
     return int(value)
 
 

@@ -371,14 +371,26 @@ def test_the_current_folder_is_refused_as_output(
     assert (tmp_path / "notes.txt").read_text() == "keep"
 
 
-@pytest.mark.parametrize("size", ["1e400GB", "-5GB", "0", "nanGB"])
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        ("1e400GB", r"size `1e400GB` is too large"),
+        ("-5GB", r"size `-5GB` is out of range; give a positive size"),
+        ("0", r"size `0` is out of range; give a positive size"),
+        ("nanGB", r"size `nanGB` is out of range; give a positive size"),
+    ],
+)
 def test_an_impossible_shard_size_is_a_clear_error(
-    writing_world: dict[str, Path], tmp_path: Path, size: str
+    writing_world: dict[str, Path], tmp_path: Path, size: str, message: str
 ) -> None:
+    from merge.io.writer import parse_size
+
+    with pytest.raises(PlanError, match=message):
+        parse_size(size)  # the recipe's `shard_size` and the Python API
     args, _ = VERBS["linear"]
     r = invoke(*args(writing_world, str(tmp_path / "out")), "--shard-size", size)
     # A usage error (exit 2), found while parsing the option, before anything is read.
-    assert_clean_error(r, rf"size `{size}` is out of range; give a positive size", code=2)
+    assert_clean_error(r, message, code=2)
     assert staging_left(tmp_path) == []
 
 
