@@ -76,14 +76,12 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _write(
     recipe: Any, command: str, opts: dict[str, Any], *, output_required: bool = True, **extra: Any
 ) -> None:
-    """Run a recipe with the shared output options; report the path written."""
+    """Run a recipe with the shared output options (the writer reports what it wrote)."""
     from merge.api import run_recipe
 
     if output_required and opts["output"] is None:
         raise UsageError(f"{command} needs -o/--output")
-    path = run_recipe(recipe, **opts, **extra)
-    if not opts["quiet"]:
-        click.echo(f"wrote {path}")
+    run_recipe(recipe, **opts, **extra)
 
 
 def _parse_floats(text: str, flag: str) -> list[float]:
