@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from merge import __version__
+from merge.dtypes import guard_float16
 from merge.errors import ExecutionError, MergeError, PlanError, UsageError
 from merge.expr import Affine
 from merge.io.output import check_output
@@ -441,7 +442,7 @@ def write_plan(
     with StagedOutput(output, is_dir=not single, force=force, inputs=inputs) as staged:
         check_free_space(output, sum(p.data_bytes for p in plans))
         writer = TensorFileWriter(staged.path(), plans)
-        engine.run(writer.write)
+        engine.run(guard_float16(writer.write))
         writer.finish()
         if not single:
             for rel, obj in indexes.items():

@@ -62,6 +62,11 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 help="How to reconcile different key sets (default strict).",
             ),
             click.option(
+                "--mixed-architectures",
+                is_flag=True,
+                help="With --keys: write an output its copied config.json does not describe.",
+            ),
+            click.option(
                 "--unsafe-pickle",
                 is_flag=True,
                 help="Allow PyTorch pickles with arbitrary objects (runs their code: trusted files only).",
