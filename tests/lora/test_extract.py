@@ -182,7 +182,7 @@ def test_extract_from_gpt2_conv1d_loads_in_peft(work: Path) -> None:
 
     cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=16, vocab_size=64)
     torch.manual_seed(0)
-    GPT2LMHeadModel(cfg).save_pretrained(work / "gpt2")
+    GPT2LMHeadModel(cfg).save_pretrained(work / "c1d_gpt2")
     torch.manual_seed(0)
     tuned = GPT2LMHeadModel(cfg)
     g = torch.Generator().manual_seed(5)
@@ -191,24 +191,28 @@ def test_extract_from_gpt2_conv1d_loads_in_peft(work: Path) -> None:
             if p.dim() == 2 and ".h." in name:  # c_attn [32, 96], c_proj, c_fc [32, 128]
                 u = torch.randn(p.shape[0], 2, generator=g)
                 p.add_(0.05 * u @ torch.randn(2, p.shape[1], generator=g))
-    tuned.save_pretrained(work / "gpt2_ft")
-    report, _ = extract(work / "gpt2", work / "gpt2_ft", work / "gpt2_lora", rank=2, svd="full")
+    tuned.save_pretrained(work / "c1d_gpt2_ft")
+    report, _ = extract(
+        work / "c1d_gpt2", work / "c1d_gpt2_ft", work / "c1d_gpt2_lora", rank=2, svd="full"
+    )
     assert sorted(report.modules) == sorted(
         f"transformer.h.{i}.{m}"
         for i in range(2)
         for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     )
-    assert json.loads((work / "gpt2_lora" / "adapter_config.json").read_text())["fan_in_fan_out"]
+    assert json.loads((work / "c1d_gpt2_lora" / "adapter_config.json").read_text())[
+        "fan_in_fan_out"
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = PeftModel.from_pretrained(
-            GPT2LMHeadModel.from_pretrained(work / "gpt2"), work / "gpt2_lora"
+            GPT2LMHeadModel.from_pretrained(work / "c1d_gpt2"), work / "c1d_gpt2_lora"
         )
     a = pm.base_model.model.transformer.h[0].attn.c_attn.lora_A["default"].weight
     assert list(a.shape) == [2, 32]  # [r, in]: peft's Conv1D shape
     peft_merged = pm.merge_and_unload().state_dict()
-    ours = _state(bake(work / "gpt2", [(work / "gpt2_lora", 1.0)], work / "gpt2_baked"))
-    want = _state(work / "gpt2_ft")
+    ours = _state(bake(work / "c1d_gpt2", [(work / "c1d_gpt2_lora", 1.0)], work / "c1d_gpt2_baked"))
+    want = _state(work / "c1d_gpt2_ft")
     for k, v in ours.items():
         torch.testing.assert_close(peft_merged[k], v, atol=1e-6, rtol=1e-5, msg=k)
         torch.testing.assert_close(v, want[k], atol=1e-5, rtol=1e-5, msg=k)
