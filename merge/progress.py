@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Protocol, TextIO
+from typing import Protocol, TextIO, TypeVar
+
+T = TypeVar("T")
 
 PLAIN_PERIOD_S = 30.0  # seconds between two plain progress lines
 
@@ -32,18 +35,27 @@ def human_bytes(n: float) -> str:
 class PlainProgress:
     """`desc: 40% (1.2 GB of 3.0 GB), 12 s` every `period` seconds and once when closed."""
 
-    def __init__(self, total: int, desc: str, stream: TextIO, period: float = PLAIN_PERIOD_S):
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        stream: TextIO,
+        period: float = PLAIN_PERIOD_S,
+        unit: str = "B",
+    ):
         self.total, self.desc, self.stream, self.period = total, desc, stream, period
+        self.unit = unit
         self.done = 0
         self.start = self.last = time.monotonic()
         self.closed = False
 
     def _line(self, now: float) -> None:
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        self.stream.write(
-            f"{self.desc}: {pct:.0f}% ({human_bytes(self.done)} of {human_bytes(self.total)}), "
-            f"{now - self.start:.0f} s\n"
-        )
+        if self.unit == "B":
+            amount = f"{human_bytes(self.done)} of {human_bytes(self.total)}"
+        else:
+            amount = f"{self.done} of {self.total} {self.unit}"
+        self.stream.write(f"{self.desc}: {pct:.0f}% ({amount}), {now - self.start:.0f} s\n")
         self.stream.flush()
         self.last = now
 
@@ -87,6 +99,24 @@ def byte_progress(total: int, desc: str, *, quiet: bool, stream: TextIO | None =
         file=stream,
     )
     return bar
+
+
+def counted(items: Collection[T], desc: str, *, quiet: bool, unit: str = "tensors") -> Iterator[T]:
+    """`items` with progress: tqdm on a TTY, plain lines every PLAIN_PERIOD_S otherwise."""
+    stream = sys.stderr
+    if quiet:
+        yield from items
+        return
+    if stream.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(items, desc=desc, leave=False, file=stream)
+        return
+    bar = PlainProgress(len(items), desc, stream, unit=unit)
+    for x in items:
+        yield x
+        bar.update(1)
+    bar.close()
 
 
 def write_summary(

@@ -79,3 +79,16 @@ def test_cli_merge_log_has_no_bar_frames_and_says_what_it_wrote(tmp_path: Path) 
     assert re.search(r"^merging: 100% \(228 B of 228 B\), \d+ s$", r.output, re.M), (
         r.output
     )  # read + written
+
+
+def test_counted_items_write_plain_lines_in_logs(monkeypatch: object) -> None:
+    import sys
+
+    from merge.progress import counted
+
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)  # type: ignore[attr-defined]
+    assert list(counted(["a", "b", "c"], "inspecting", quiet=False)) == ["a", "b", "c"]
+    assert re.fullmatch(r"inspecting: 100% \(3 of 3 tensors\), \d+ s\n", log.getvalue())
+    assert list(counted(["a"], "inspecting", quiet=True)) == ["a"]
+    assert log.getvalue().count("\n") == 1
