@@ -479,9 +479,6 @@ def _copy_support_files(layout: TensorSource, dest: Path, dtype: torch.dtype | N
     files = layout.support_files()
     for rel, src in files:
         target = dest / rel
-        if src.is_dir():  # an empty module folder (sentence-transformers Normalize)
-            target.mkdir(parents=True, exist_ok=True)
-            continue
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.name == "config.json" and dtype is not None:
             try:

@@ -83,8 +83,8 @@ def select_support_files(root: Path, tensor_files: set[str]) -> list[tuple[str, 
     """(relpath, source) of the files a model folder `root` needs beside merged weights, sorted.
 
     `tensor_files`: the names of the input's own weight files (never copied). Module folders of
-    sentence-transformers are copied whole, even when empty (`2_Normalize/`): an empty folder is
-    returned as (relpath, folder).
+    sentence-transformers are copied whole (an empty one, such as `2_Normalize/`, holds nothing
+    its loader reads: hub repositories cannot even store it).
     """
     out: list[tuple[str, Path]] = []
     wanted = set(MODEL_FILES) | _auto_map_modules(root / "config.json")
@@ -98,8 +98,6 @@ def select_support_files(root: Path, tensor_files: set[str]) -> list[tuple[str, 
         if not folder.is_dir():
             continue
         files = [f for f in sorted(folder.rglob("*")) if f.is_file()]
-        if not files:
-            out.append((module, folder))
         out += [(f.relative_to(root).as_posix(), f) for f in files]
     return out
 

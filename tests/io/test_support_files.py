@@ -24,7 +24,8 @@ def test_single_file_input_copies_format_files_by_name(tmp_path: Path) -> None:
     save_file({"w": torch.ones(2, 2)}, src / "model.safetensors")
     save_file({"w": torch.zeros(2, 2)}, tmp_path / "other.safetensors")
     keep = {
-        "config.json": '{"model_type": "llama"}',
+        "config.json": '{"model_type": "foo", "auto_map": {"AutoModel": "modeling_foo.FooModel"}}',
+        "modeling_foo.py": "class FooModel: ...\n",  # custom code that auto_map names
         "generation_config.json": "{}",
         "tokenizer.json": "{}",
         "tokenizer_config.json": "{}",
@@ -45,7 +46,7 @@ def test_single_file_input_copies_format_files_by_name(tmp_path: Path) -> None:
         "linear", src / "model.safetensors", tmp_path / "other.safetensors", "-o", tmp_path / "out"
     )
     assert code == 0, out
-    got = sorted(p.name for p in (tmp_path / "out").iterdir())
+    got = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
     assert got == sorted([*keep, "model.safetensors"])
     assert f"; copied from {src / 'model.safetensors'}: {', '.join(sorted(keep))}" in out
 
@@ -104,7 +105,9 @@ def test_sentence_transformers_folder_keeps_its_modules(tmp_path: Path) -> None:
     m = tmp_path / "m"
     assert not (m / "README.md").exists()
     for module in json.loads((m / "modules.json").read_text()):
-        assert (m / module["path"]).is_dir(), module
+        src = a / module["path"]  # every file of every listed module folder is there
+        for f in (p for p in src.rglob("*") if p.is_file() and module["path"]):
+            assert (m / f.relative_to(a)).read_bytes() == f.read_bytes(), f
     assert (m / "1_Pooling" / "config.json").read_text() == (
         a / "1_Pooling" / "config.json"
     ).read_text()
