@@ -10,12 +10,16 @@ says so and which dtype it writes. float16 holds |v| ≤ 65504 where bfloat16 an
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from merge.errors import ExecutionError
 from merge.io.sources import TensorSource
+
+if TYPE_CHECKING:
+    from merge.plan import Plan
 
 FLOAT16_MAX = 65504.0  # torch.finfo(torch.float16).max
 
@@ -72,11 +76,30 @@ def check_float16_range(name: str, tensor: Tensor) -> None:
         )
 
 
-def guard_float16(write: Callable[[str, Tensor], None]) -> Callable[[str, Tensor], None]:
-    """`write` that first refuses float16 tensors with overflowed (infinite) values."""
+def float16_checked(plan: Plan) -> set[str]:
+    """Output tensors that can overflow float16: written as float16 from anything but a
+    float16 copy (a copy of a float16 tensor keeps its values, whatever they are)."""
+    names = set()
+    for job in plan.jobs:
+        if job.out_dtype != torch.float16:
+            continue
+        if job.mode == "copy" and len(job.inputs) == 1:
+            src = plan.sources[job.inputs[0].split("@")[0]]
+            if job.name in src.key_set() and src.meta(job.name).dtype == torch.float16:
+                continue
+        names.add(job.name)
+    return names
+
+
+def guard_float16(
+    write: Callable[[str, Tensor], None], plan: Plan
+) -> Callable[[str, Tensor], None]:
+    """`write` that first refuses the plan's float16 outputs with overflowed (infinite) values."""
+    checked = float16_checked(plan)
 
     def guarded(name: str, tensor: Tensor) -> None:
-        check_float16_range(name, tensor)
+        if name in checked:
+            check_float16_range(name, tensor)
         write(name, tensor)
 
     return guarded

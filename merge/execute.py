@@ -442,7 +442,7 @@ def write_plan(
     with StagedOutput(output, is_dir=not single, force=force, inputs=inputs) as staged:
         check_free_space(output, sum(p.data_bytes for p in plans))
         writer = TensorFileWriter(staged.path(), plans)
-        engine.run(guard_float16(writer.write))
+        engine.run(guard_float16(writer.write, plan))
         writer.finish()
         if not single:
             for rel, obj in indexes.items():

@@ -166,3 +166,18 @@ def test_float16_overflow_is_refused_by_name(tmp_path: Path) -> None:
     assert code == 0, text
     got = load_file(tmp_path / "m.safetensors")["w"]
     assert got.dtype == torch.bfloat16 and float(got[0]) == pytest.approx(150000.5, rel=1e-2)
+
+
+def test_float16_copies_are_not_checked(tmp_path: Path) -> None:
+    """A float16 tensor copied as it is keeps its values (even ±inf in a mask buffer); a float16
+    output computed or cast from another dtype is checked."""
+    from merge.api import plan_recipe
+    from merge.dtypes import float16_checked
+
+    a, b = _mixed(tmp_path, 3.0)
+    plan = plan_recipe({"inputs": {"a": str(a), "b": str(b)}, "steps": {"m": "a"}})
+    assert {j.mode for j in plan.jobs} == {"copy"} and float16_checked(plan) == set()
+    plan.close()
+    plan = plan_recipe({"inputs": {"a": str(a), "b": str(b)}, "steps": {"m": "b"}}, dtype="float16")
+    assert float16_checked(plan) == {"w", "v"}
+    plan.close()
