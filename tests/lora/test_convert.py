@@ -190,7 +190,9 @@ def test_sd_kohya_to_peft_writes_one_folder_per_component(sd: dict, work: Path) 
 
     k = convert(sd["lora"], "kohya", work / "sd_k_for_peft.safetensors")
     out = convert(k, "peft", work / "sd_peft", base=sd["pipe"])
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+    assert sorted(
+        p.relative_to(out).as_posix() for p in out.rglob("*") if not p.name.startswith(".")
+    ) == [
         "text_encoder",
         "text_encoder/adapter_config.json",
         "text_encoder/adapter_model.safetensors",
