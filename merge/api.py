@@ -54,11 +54,14 @@ def plan_recipe(
     unsafe_pickle: bool = False,
     preopened: Mapping[str, TensorSource] | None = None,
     passthrough_from: str | None = None,
+    mixed_architectures: bool = False,
 ) -> Plan:
     """Validate a recipe and plan it from the inputs' headers (no tensor is read)."""
     program = recipe if isinstance(recipe, Program) else load_recipe(recipe, vars=vars)
     if keys is not None:
         program.recipe.options.keys = keys  # type: ignore[assignment]
+    if mixed_architectures:
+        program.recipe.options.mixed_architectures = True
     sources = open_inputs(program, unsafe_pickle=unsafe_pickle, preopened=preopened)
     return build_plan(program, sources, dtype=dtype, passthrough_from=passthrough_from)
 
@@ -77,6 +80,7 @@ def run_recipe(
     unsafe_pickle: bool = False,
     preopened: Mapping[str, TensorSource] | None = None,
     passthrough_from: str | None = None,
+    mixed_architectures: bool = False,
 ) -> Path:
     """Plan and execute a recipe into `output` (default: the recipe's `output.path`)."""
     plan = plan_recipe(
@@ -87,6 +91,7 @@ def run_recipe(
         unsafe_pickle=unsafe_pickle,
         preopened=preopened,
         passthrough_from=passthrough_from,
+        mixed_architectures=mixed_architectures,
     )
     try:
         target = output or plan.program.recipe.output.path

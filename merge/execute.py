@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,13 +22,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from merge import __version__
+from merge.dtypes import guard_float16
 from merge.errors import ExecutionError, MergeError, PlanError, UsageError
 from merge.expr import Affine
 from merge.io.output import check_output
 from merge.io.sources import TensorSource
+from merge.io.support_files import unmerged_module_weights
 from merge.io.writer import (
     DEFAULT_SHARD_SIZE,
     FilePlan,
@@ -40,6 +43,7 @@ from merge.io.writer import (
 )
 from merge.methods import get_method
 from merge.plan import Job, Plan, ResolvedCall
+from merge.progress import byte_progress, write_summary
 
 # 8M elements per read: 16 MiB of bf16 per input, large enough for sequential reads at disk speed.
 CHUNK_ELEMENTS = 1 << 23
@@ -308,16 +312,7 @@ class Engine:
         for i, it in enumerate(items):
             it.slot = i % SLOTS
         total = sum(self._item_bytes(it) for it in items)
-        bar = tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc="merging",
-            disable=self.quiet,
-            leave=False,
-            dynamic_ncols=True,
-        )
+        bar = byte_progress(total, "merging", quiet=self.quiet)
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read")
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-write")
         pending: deque[tuple[_Item, Future[None]]] = deque()  # submitted writes, oldest first
@@ -443,16 +438,35 @@ def write_plan(
         plans, indexes = layout.plan_output(tensors, shard_size=size, metadata=meta)
     engine = Engine(plan, device=device, quiet=quiet)
     inputs = _input_paths(plan.sources)
+    started, copied = time.monotonic(), []
     with StagedOutput(output, is_dir=not single, force=force, inputs=inputs) as staged:
         check_free_space(output, sum(p.data_bytes for p in plans))
         writer = TensorFileWriter(staged.path(), plans)
-        engine.run(writer.write)
+        engine.run(guard_float16(writer.write, plan))
         writer.finish()
         if not single:
             for rel, obj in indexes.items():
                 write_json(staged.path(rel), obj)
-            _copy_support_files(layout, staged.path(), _uniform_dtype(plans))
-        return staged.commit()
+            copied = _copy_support_files(layout, staged.path(), _uniform_dtype(plans))
+        path = staged.commit()
+    if not quiet:
+        nbytes = sum(p.data_bytes for p in plans)
+        line = write_summary(
+            path,
+            tensors=len(tensors),
+            nbytes=nbytes,
+            files=len(plans),
+            seconds=time.monotonic() - started,
+            copied=copied,
+            source=layout.path,
+        )
+        print(line, file=sys.stderr)
+        for rel in unmerged_module_weights([(r, Path(r)) for r in copied]):
+            print(
+                f"note: {rel} is a module's weights copied from {layout.path}, not merged",
+                file=sys.stderr,
+            )
+    return path
 
 
 def _uniform_dtype(plans: list[FilePlan]) -> torch.dtype | None:
@@ -460,8 +474,10 @@ def _uniform_dtype(plans: list[FilePlan]) -> torch.dtype | None:
     return floats.pop() if len(floats) == 1 else None
 
 
-def _copy_support_files(layout: TensorSource, dest: Path, dtype: torch.dtype | None) -> None:
-    for rel, src in layout.support_files():
+def _copy_support_files(layout: TensorSource, dest: Path, dtype: torch.dtype | None) -> list[str]:
+    """Copy `layout`'s support files into `dest` (config.json gets the output dtype); their relpaths."""
+    files = layout.support_files()
+    for rel, src in files:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.name == "config.json" and dtype is not None:
@@ -469,6 +485,9 @@ def _copy_support_files(layout: TensorSource, dest: Path, dtype: torch.dtype | N
                 config = json.loads(src.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError):
                 shutil.copyfile(src, target)  # new files: the umask, not the input's mode
+                continue
+            if not isinstance(config, dict) or not {"model_type", "architectures"} & set(config):
+                shutil.copyfile(src, target)  # module configs carry no dtype
                 continue
             if "_diffusers_version" in config:  # diffusers configs carry no dtype
                 shutil.copyfile(src, target)  # new files: the umask, not the input's mode
@@ -481,3 +500,4 @@ def _copy_support_files(layout: TensorSource, dest: Path, dtype: torch.dtype | N
             target.write_text(json.dumps(config, indent=2) + "\n")
         else:
             shutil.copyfile(src, target)  # new files: the umask, not the input's mode
+    return [rel for rel, _ in files]

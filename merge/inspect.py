@@ -7,11 +7,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from merge.errors import PlanError
 from merge.io.detect import open_checkpoint
 from merge.io.lora_hook import looks_like_lora
+from merge.progress import counted
 
 
 def _fmt_bytes(n: float) -> str:
@@ -95,7 +95,7 @@ def describe_task_vectors(
         dots = torch.zeros(n, n, dtype=torch.float64)
         base_sq = 0.0
         rows = []
-        for k in tqdm(names, desc="inspecting", disable=quiet, leave=False):
+        for k in counted(names, "inspecting", quiet=quiet):
             bt = b.read(k).to(torch.float64)
             taus = []
             for s in srcs:

@@ -14,12 +14,12 @@ from dataclasses import replace
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from merge.errors import PlanError
 from merge.expr import Affine
 from merge.methods.selection import model_magnitude_threshold
 from merge.plan import Job, Plan, ResolvedCall
+from merge.progress import counted
 
 MODEL_SCOPED = {"ties"}
 
@@ -52,8 +52,8 @@ def resolve_model_scope(plan: Plan, *, quiet: bool = True) -> None:
     if not members:
         return
     thresholds: dict[tuple[str, int], float] = {}
-    for key, entries in tqdm(
-        members.items(), desc="model-wide thresholds", disable=quiet, leave=False
+    for key, entries in counted(
+        list(members.items()), "model-wide thresholds", quiet=quiet, unit="groups"
     ):
         densities = {d for *_, d in entries}
         if len(densities) > 1:

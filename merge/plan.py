@@ -18,10 +18,12 @@ from typing import Any
 
 import torch
 
+from merge.dtypes import mixed_dtype_note
 from merge.errors import MergeWarning, PlanError, UsageError
 from merge.expr import Affine, Call
 from merge.io.detect import open_checkpoint
 from merge.io.sources import TensorSource
+from merge.keysets import output_key_problems, strict_hint
 from merge.methods import get_method
 from merge.methods.linear import normalized_weights
 from merge.recipe import Program, all_calls, unmatched_overrides
@@ -180,12 +182,18 @@ def build_plan(
                         + (" ..." if len(extra) > 6 else "")
                     )
             if problems:
-                problems.append(
-                    "use `options: {keys: intersection}` (or --keys intersection) to merge only the common tensors, or `union` to pass the others through"
-                )
+                problems.append(strict_hint(keys_by, checkpoints))
         names = [k for k in sources[checkpoints[0]].keys() if k in common]
         if mode == "union":
             names += sorted(all_keys - common)
+        problems += output_key_problems(
+            names,
+            mode,
+            layout,
+            sources,
+            checkpoints,
+            mixed_architectures=recipe.options.mixed_architectures,
+        )
     else:
         names = list(sources[deltas[0]].keys())
     for d in deltas:
@@ -200,6 +208,10 @@ def build_plan(
     num_layers = max(layers) + 1 if layers else 1
     dtype_name = dtype or recipe.output.dtype
     out_dtype_forced = DTYPE_NAMES[dtype_name] if dtype_name else None
+    dtype_note = mixed_dtype_note(sources, checkpoints, out_dtype_forced)
+    if dtype_note:
+        notes.append(dtype_note)
+        warnings.warn(dtype_note, MergeWarning, stacklevel=2)
     passthrough_from = passthrough_from or (
         "base" if "base" in checkpoints else (checkpoints[0] if checkpoints else None)
     )

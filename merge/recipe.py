@@ -141,6 +141,7 @@ class Override(BaseModel):
 
 class Options(_Strict):
     keys: Literal["strict", "intersection", "union"] = "strict"
+    mixed_architectures: bool = False  # allow --keys outputs no copied config describes
     seed: int = 0
     compat: Literal["paper", "mergekit"] = "paper"
 

@@ -62,6 +62,11 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 help="How to reconcile different key sets (default strict).",
             ),
             click.option(
+                "--mixed-architectures",
+                is_flag=True,
+                help="With --keys: write an output its copied config.json does not describe.",
+            ),
+            click.option(
                 "--unsafe-pickle",
                 is_flag=True,
                 help="Allow PyTorch pickles with arbitrary objects (runs their code: trusted files only).",
@@ -76,14 +81,12 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _write(
     recipe: Any, command: str, opts: dict[str, Any], *, output_required: bool = True, **extra: Any
 ) -> None:
-    """Run a recipe with the shared output options; report the path written."""
+    """Run a recipe with the shared output options (the writer reports what it wrote)."""
     from merge.api import run_recipe
 
     if output_required and opts["output"] is None:
         raise UsageError(f"{command} needs -o/--output")
-    path = run_recipe(recipe, **opts, **extra)
-    if not opts["quiet"]:
-        click.echo(f"wrote {path}")
+    run_recipe(recipe, **opts, **extra)
 
 
 def _parse_floats(text: str, flag: str) -> list[float]:

@@ -115,7 +115,8 @@ def bake_cmd(
     "fmt",
     type=click.Choice(["peft", "diffusers", "kohya"]),
     default=None,
-    help="Output format (default from -o and the inputs).",
+    help="Output format (default: kohya for kohya/LyCORIS inputs and a .safetensors -o, diffusers "
+    "for pipeline adapters, else peft, a folder).",
 )
 @click.option(
     "--base",
@@ -190,7 +191,8 @@ def combine_cmd(
     "fmt",
     type=click.Choice(["peft", "diffusers", "kohya"]),
     default=None,
-    help="Default: peft (kohya for single-file SD, diffusers for pipelines).",
+    help="Default from the base: peft (a folder) for a model folder, kohya (one .safetensors) "
+    "for single-file SD, diffusers for pipelines. -o must fit the format.",
 )
 @click.option(
     "--svd", type=click.Choice(["auto", "full", "randomized"]), default="auto", show_default=True

@@ -14,11 +14,11 @@ import torch
 from torch import Tensor
 
 from merge.errors import MergeWarning
+from merge.io.support_files import select_support_files
 
 if TYPE_CHECKING:
     from merge.io.writer import FilePlan, OutputTensor
 
-SUPPORT_SUFFIXES = {".json", ".txt", ".model", ".tiktoken", ".jinja", ".py", ".md"}
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -128,24 +128,13 @@ class TensorSource:
     def support_files(self) -> list[tuple[str, Path]]:
         """Non-tensor files an output copies when this input is `copy_files_from`: (relpath, source).
 
-        The default takes a Hugging Face model folder's config, tokenizer and generation files;
-        layouts such as diffusers pipelines override it.
+        The default takes the files a Hugging Face / sentence-transformers folder loads, by name
+        (`merge.io.support_files`); layouts such as diffusers pipelines override it.
         """
         root = self.root()
         if root is None or not root.is_dir() or not self.files() or self.files()[0].parent != root:
             return []
-        tensor_files = {f.name for f in self.files()}
-        out = []
-        for f in sorted(root.iterdir()):
-            if (
-                f.is_file()
-                and f.name not in tensor_files
-                and not f.name.endswith(".index.json")
-                and f.suffix in SUPPORT_SUFFIXES
-                and not f.name.startswith(".")
-            ):
-                out.append((f.name, f))
-        return out
+        return select_support_files(root, {f.name for f in self.files()})
 
     def plan_output(
         self, tensors: list[OutputTensor], *, shard_size: int, metadata: dict[str, str]

@@ -19,7 +19,7 @@ from merge.io.lora_read import Adapter, read_adapter
 from merge.io.sources import TensorSource
 from merge.lora.canon import place
 from merge.lora.factor import Factored, concat, factor_module, factorwise_linear, truncate
-from merge.lora.write import OutModule, write_adapter
+from merge.lora.write import OutModule, check_output, write_adapter
 
 
 @dataclass
@@ -51,10 +51,14 @@ class CombineReport:
 
 
 def default_format(adapters: Sequence[Adapter], output: Path) -> str:
-    if output.suffix == ".safetensors":
-        return "kohya" if adapters[0].format in ("kohya", "lycoris") else "diffusers"
+    """kohya for kohya/LyCORIS inputs written to a file; diffusers for pipeline (component)
+    adapters or diffusers inputs; else PEFT (a folder: `check_output` refuses a file name)."""
     comps = {m.component for a in adapters for m in a.modules.values()}
-    return "diffusers" if comps - {""} else "peft"
+    if output.suffix == ".safetensors" and adapters[0].format in ("kohya", "lycoris"):
+        return "kohya"
+    if comps - {""} or adapters[0].format == "diffusers":
+        return "diffusers"
+    return "peft"
 
 
 def combine(
@@ -72,6 +76,10 @@ def combine(
 ) -> tuple[CombineReport, dict[tuple[str, str], Factored]]:
     """Σ w_i·ΔW_i as one adapter. Returns the report and the factors (component, path) -> Factored."""
     ads = [a if isinstance(a, Adapter) else read_adapter(a) for a in adapters]
+    if output is not None:
+        fmt_given = fmt is not None
+        fmt = fmt or default_format(ads, Path(output))
+        check_output(fmt, Path(output), given=fmt_given)
     w = list(weights) if weights is not None else [1.0] * len(ads)
     if len(w) != len(ads):
         raise UsageError(

@@ -18,7 +18,7 @@ from merge.io.detect import open_checkpoint
 from merge.io.lora_read import Adapter, read_adapter
 from merge.io.sources import TensorSource
 from merge.lora.canon import place
-from merge.lora.write import FORMATS, OutModule, write_adapter
+from merge.lora.write import OutModule, check_output, write_adapter
 
 
 def convert(
@@ -31,8 +31,7 @@ def convert(
     force: bool = False,
 ) -> Path:
     """Write `adapter` in format `to` (peft | kohya | diffusers) at `output`."""
-    if to not in FORMATS:
-        raise UsageError(f"--to must be one of {', '.join(FORMATS)}, not `{to}`")
+    check_output(to, Path(output))
     a = adapter if isinstance(adapter, Adapter) else read_adapter(adapter)
     base_src = (
         open_checkpoint(base) if base is not None and not isinstance(base, TensorSource) else base

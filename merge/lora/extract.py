@@ -4,15 +4,20 @@ Fixed rank (capped by the matrix) or an energy threshold (smallest k with Σ kep
 For a fixed rank on a matrix much larger than the rank, a randomized SVD (range finder with
 q = rank + 10 columns and power iterations until one more gains less than 0.01% of ‖ΔW‖², at
 most 8, else the full SVD); its reported energy is exact for the factors it returns (they are an
-orthogonal projection of ΔW). Output: a PEFT adapter (with
-`rank_pattern` when ranks differ), a diffusers LoRA file (pipelines) or a kohya file.
+orthogonal projection of ΔW). Output: `--to`, else from the base: a PEFT adapter folder for a
+model folder (with `rank_pattern` when ranks differ), a kohya file for a single-file SD checkpoint,
+a diffusers LoRA for a pipeline; an `-o` that the format cannot be (a PEFT adapter named
+`x.safetensors`, a kohya folder) is refused before any SVD. GPT-2-style `Conv1D` projections
+(weights stored `[in, out]`) are written with `fan_in_fan_out: true`, as peft expects.
 1-D deltas: biases of adapted modules are dropped and listed; other changed modules (norms)
 go to `modules_to_save` in a PEFT adapter, else they are listed as dropped. Embeddings use
-peft's embedding LoRA.
+peft's embedding LoRA (PEFT and diffusers); kohya files have none, so there they are dropped
+and listed.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +30,18 @@ from merge.io.detect import open_checkpoint
 from merge.io.sources import TensorSource
 from merge.lora.factor import Factored, choose_rank
 from merge.lora.names import BaseIndex
-from merge.lora.write import OutModule, write_adapter
+from merge.lora.write import OutModule, check_output, write_adapter
 
 EMBEDDING = re.compile(
     r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_embedding|position_embedding|embed_positions|shared|tok_embeddings)$"
 )
+# transformers models whose projections are `Conv1D` (weight stored [in, out], so ΔW = (B·A)ᵀ and
+# peft needs fan_in_fan_out): model_type -> module leaf names (transformers 5: gpt2, openai,
+# imagegpt, decision_transformer modeling files)
+CONV1D_MODULES = {
+    t: ("c_attn", "q_attn", "c_proj", "c_fc")
+    for t in ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+}
 OVERSAMPLE = 10  # extra columns for the randomized range finder
 POWER_ITERS = 2  # for --svd randomized
 MAX_POWER_ITERS = 8  # for --svd auto, before falling back to the full SVD
@@ -148,6 +160,7 @@ def extract(
     force: bool = False,
 ) -> tuple[ExtractReport, dict[tuple[str, str], Factored]]:
     """A LoRA whose delta approximates tuned − base; returns the report and the factors."""
+    given = fmt is not None
     if (rank is None) == (energy is None):
         raise UsageError("give exactly one of --rank and --energy")
     if energy is not None and not 0 < energy <= 1:
@@ -163,6 +176,11 @@ def extract(
             f"{t.path} and {b.path} share no tensor names; extract needs the fine-tune of this base"
         )
     index = BaseIndex(b.keys())
+    out = Path(output) if output is not None else None
+    fmt = fmt or {"ldm": "kohya", "pipeline": "diffusers"}.get(index.layout, "peft")
+    if out is not None:
+        check_output(fmt, out, given=given)
+    conv1d = conv1d_modules(b)
     report = ExtractReport()
     result: dict[tuple[str, str], Factored] = {}
     changed_1d: list[str] = []
@@ -182,9 +200,14 @@ def extract(
             changed_1d.append(k)
             continue
         emb = bool(EMBEDDING.search(module))
-        m = d.T if emb else d.reshape(d.shape[0], -1)  # product space: embedding ΔWᵀ [dim, num]
+        if emb and fmt == "kohya":
+            report.dropped.append(f"{k} (kohya files have no embedding LoRA; --to peft keeps it)")
+            continue
+        # product space [out, in]: embedding ΔWᵀ [dim, num], Conv1D ΔWᵀ (stored [in, out])
+        fifo = not emb and d.dim() == 2 and module in conv1d
+        m = d.T if emb or fifo else d.reshape(d.shape[0], -1)
         bb, aa, kept, total, rand = low_rank(m.contiguous(), rank, energy, svd)
-        f = Factored(bb, aa, tuple(d.shape), transposed=emb, embedding=emb, from_lora=False)
+        f = Factored(bb, aa, tuple(d.shape), transposed=emb or fifo, embedding=emb, from_lora=False)
         name = index.name_of(module)
         result[name] = f
         label = f"{name[0]}/{name[1]}" if name[0] else name[1]
@@ -197,15 +220,6 @@ def extract(
             f"{t.path} does not have the base's shapes ({len(shape_problems)}):\n  "
             + "\n  ".join(shape_problems[:20])
         )
-    out = Path(output) if output is not None else None
-    layout = index.layout
-    fmt = fmt or (
-        "kohya"
-        if layout == "ldm" or (out is not None and out.suffix == ".safetensors")
-        else "diffusers"
-        if layout == "pipeline"
-        else "peft"
-    )
     adapted = {m for (_, m) in result}
     full: dict[str, Tensor] = {}
     save_modules: list[str] = []
@@ -229,3 +243,18 @@ def extract(
             kw |= {"full": full, "modules_to_save": save_modules, "base_name": base_name}
         report.output = write_adapter(fmt, out, mods, **kw)
     return report, result
+
+
+def conv1d_modules(base: TensorSource) -> set[str]:
+    """Module names of `base` that are transformers `Conv1D` (GPT-2 family, from config.json)."""
+    root = base.root()
+    cfg_path = root / "config.json" if root is not None and root.is_dir() else None
+    if cfg_path is None or not cfg_path.is_file():
+        return set()
+    try:
+        model_type = json.loads(cfg_path.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError):
+        return set()
+    leaves = CONV1D_MODULES.get(str(model_type), ())
+    modules = {k.rpartition(".")[0] for k in base.keys() if k.endswith(".weight")}
+    return {m for m in modules if m.rpartition(".")[2] in leaves}

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import collections
 import json
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +20,29 @@ from merge.errors import UsageError
 from merge.io.writer import StagedOutput, write_json, write_tensors
 
 FORMATS = ("peft", "diffusers", "kohya")
+FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 KOHYA_PREFIX = {"unet": "lora_unet", "transformer": "lora_transformer", "": "lora"}
+
+
+def check_output(fmt: str, dest: Path, *, given: bool = True) -> None:
+    """Refuse an `-o` that format `fmt` cannot be, before any work: PEFT is a folder, kohya one
+    `.safetensors` file, diffusers either (`x.safetensors`, or a folder holding
+    `pytorch_lora_weights.safetensors`). `given`: the user chose `fmt` (else it is the default)."""
+    if fmt not in FORMATS:
+        raise AssertionError(fmt)  # check_output refused it
+    chosen = "--to peft" if given else "the default format here, PEFT,"
+    if fmt == "peft" and dest.suffix in FILE_SUFFIXES:
+        raise UsageError(
+            f"-o {dest} names a file, but a PEFT adapter ({chosen}) is a folder "
+            "(adapter_config.json + adapter_model.safetensors): give -o a folder name, or "
+            "--to kohya or --to diffusers for a single .safetensors file"
+        )
+    if fmt == "kohya" and dest.suffix != ".safetensors":
+        raise UsageError(f"a kohya LoRA is one file: give -o a .safetensors name, not {dest}")
+    if fmt == "diffusers" and dest.suffix in FILE_SUFFIXES and dest.suffix != ".safetensors":
+        raise UsageError(
+            f"a diffusers LoRA is a .safetensors file (or a folder): give -o x.safetensors or a folder name, not {dest}"
+        )
 
 
 @dataclass
@@ -107,39 +127,50 @@ def write_peft(
     dtype: torch.dtype = torch.float32,
     force: bool = False,
 ) -> Path:
-    """`adapter_config.json` + `adapter_model.safetensors`; a folder per component when there are several."""
+    """`adapter_config.json` + `adapter_model.safetensors`; a sub-folder per component (`unet/`,
+    `text_encoder/`, ...) when the adapter spans a pipeline, each loadable on its own component."""
     comps = sorted({m.component for m in mods})
-    if len(comps) > 1 or (comps and comps[0]):
-        dest.mkdir(parents=True, exist_ok=True)
-        for c in comps:
-            write_peft(
-                dest / (c or "model"),
-                [m for m in mods if m.component == c],
-                base_name=base_name,
-                dtype=dtype,
-                force=force,
-            )
-        return dest
+    if not comps or comps == [""]:
+        files = _peft_files(mods, full or {}, modules_to_save, base_name, dtype)
+        return _write_folder(dest, files, force)
+    files = {}
+    for c in comps:
+        own = [replace(m, component="") for m in mods if m.component == c]
+        extra = (full or {}, modules_to_save) if not c else ({}, ())
+        for rel, value in _peft_files(own, *extra, base_name, dtype).items():
+            files[f"{c or 'model'}/{rel}"] = value
+    return _write_folder(dest, files, force)
+
+
+def _peft_files(
+    mods: Sequence[OutModule],
+    full: Mapping[str, Tensor],
+    modules_to_save: Sequence[str],
+    base_name: str | None,
+    dtype: torch.dtype,
+) -> dict[str, dict[str, Tensor] | dict[str, object]]:
+    """{file name: tensors (adapter_model.safetensors) or JSON (adapter_config.json)} of one adapter."""
     tensors = {k: v.to(dtype) for k, v in _peft_tensors(mods, "base_model.model.").items()}
-    for k, v in (full or {}).items():
+    for k, v in full.items():
         tensors[f"base_model.model.{k}"] = v.to(dtype) if v.is_floating_point() else v
-    cfg = _config(mods, modules_to_save, base_name)
-    with tempfile.TemporaryDirectory() as td:
-        cfg_path = Path(td) / "adapter_config.json"
-        write_json(cfg_path, cfg)
-        return _write_folder(
-            dest, "adapter_model.safetensors", tensors, [("adapter_config.json", cfg_path)], force
-        )
+    return {
+        "adapter_model.safetensors": tensors,
+        "adapter_config.json": _config(mods, modules_to_save, base_name),
+    }
 
 
 def _write_folder(
-    dest: Path, name: str, tensors: Mapping[str, Tensor], extra: list[tuple[str, Path]], force: bool
+    dest: Path, files: Mapping[str, dict[str, Tensor] | dict[str, object]], force: bool
 ) -> Path:
-    """A folder holding one safetensors file `name` and the extra files, written atomically."""
+    """A folder of safetensors files (`*.safetensors`: tensors) and JSON files, written atomically."""
     with StagedOutput(dest, is_dir=True, force=force) as staged:
-        write_tensors(staged.path(name), tensors, metadata={"format": "pt"}, force=True)
-        for rel, src in extra:
-            shutil.copy2(src, staged.path(rel))
+        for rel, value in files.items():
+            target = staged.path(rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if rel.endswith(".safetensors"):
+                write_tensors(target, value, metadata={"format": "pt"}, force=True)  # type: ignore[arg-type]
+            else:
+                write_json(target, value)
         return staged.commit()
 
 
@@ -240,12 +271,12 @@ def write_kohya(
     }
     if base_version:
         md["ss_base_model_version"] = base_version
-    if dest.suffix != ".safetensors":
-        raise UsageError(f"a kohya LoRA is one file: give -o a .safetensors name, not {dest}")
     return write_tensors(dest, tensors, metadata=md, force=force)
 
 
 def write_adapter(fmt: str, dest: Path, mods: Sequence[OutModule], **kw: object) -> Path:
+    """Write `mods` as a `fmt` adapter at `dest` (checked by `check_output` first)."""
+    check_output(fmt, dest)
     if fmt == "peft":
         return write_peft(dest, mods, **kw)  # type: ignore[arg-type]
     kw.pop("full", None)
@@ -255,4 +286,4 @@ def write_adapter(fmt: str, dest: Path, mods: Sequence[OutModule], **kw: object)
         return write_diffusers(dest, mods, **kw)  # type: ignore[arg-type]
     if fmt == "kohya":
         return write_kohya(dest, mods, **kw)  # type: ignore[arg-type]
-    raise UsageError(f"unknown LoRA format `{fmt}`; choose one of {', '.join(FORMATS)}")
+    raise AssertionError(fmt)  # check_output refused it

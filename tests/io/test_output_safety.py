@@ -329,13 +329,13 @@ def test_os_errors_anywhere_else_are_clear_errors(
     def full(*a: object, **k: object) -> str:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/tmp/scratch")
 
-    monkeypatch.setattr(tempfile, "mkdtemp", full)  # the adapter config's scratch folder too
+    monkeypatch.setattr(tempfile, "mkdtemp", full)  # the staging folder (lora convert has no other)
     args, _ = VERBS["lora-convert"]
     r = invoke(*args(writing_world, str(tmp_path / "out")))
     assert_clean_error(
         r,
-        r"Error: no space left on device \(or no free inodes\) at /tmp/scratch; free some "
-        "space or write elsewhere",
+        r"Error: the disk filled up \(no space or no free inodes\) while creating .*out "
+        r"\(/tmp/scratch\); the partial output was removed; free some space or write elsewhere",
     )
     assert staging_left(tmp_path) == []
 

@@ -179,3 +179,50 @@ def test_unknown_kohya_names_need_base(work: Path) -> None:
         match=r"kohya names such as lora_unet_foo_bar are not in the built-in SD1.x/SDXL tables; pass --base",
     ):
         convert(work / "odd.safetensors", "peft", work / "odd_peft")
+
+
+def test_sd_kohya_to_peft_writes_one_folder_per_component(sd: dict, work: Path) -> None:
+    """14.13: an SD kohya LoRA (unet + text encoder) to PEFT: `unet/` and `text_encoder/` adapter
+    folders (no recursion), each loading with peft and giving the source's deltas."""
+    from diffusers import UNet2DConditionModel
+    from peft import PeftModel
+    from transformers import CLIPTextModel
+
+    k = convert(sd["lora"], "kohya", work / "sd_k_for_peft.safetensors")
+    out = convert(k, "peft", work / "sd_peft", base=sd["pipe"])
+    assert sorted(
+        p.relative_to(out).as_posix() for p in out.rglob("*") if not p.name.startswith(".")
+    ) == [
+        "text_encoder",
+        "text_encoder/adapter_config.json",
+        "text_encoder/adapter_model.safetensors",
+        "unet",
+        "unet/adapter_config.json",
+        "unet/adapter_model.safetensors",
+    ]
+    pipe = sd["pipe"]
+    want = deltas(k, open_checkpoint(pipe))
+    got: dict[str, torch.Tensor] = {}
+    for comp in ("unet", "text_encoder"):
+        got |= {f"{comp}/{n}": v for n, v in deltas(out / comp, None).items()}
+    assert got.keys() == want.keys()
+    for name, v in want.items():
+        torch.testing.assert_close(got[name], v, atol=1e-6, rtol=1e-6, msg=name)
+    # peft loads each folder onto its component; merge_and_unload adds exactly those deltas
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        te = CLIPTextModel.from_pretrained(pipe / "text_encoder")
+        te_base = {n: v.clone() for n, v in te.state_dict().items()}
+        te_merged = PeftModel.from_pretrained(te, out / "text_encoder").merge_and_unload()
+        unet = UNet2DConditionModel.from_pretrained(pipe / "unet")
+        unet_base = {n: v.clone() for n, v in unet.state_dict().items()}
+        unet_merged = PeftModel.from_pretrained(unet, out / "unet").merge_and_unload()
+    for comp, model, base in (
+        ("text_encoder", te_merged, te_base),
+        ("unet", unet_merged, unet_base),
+    ):
+        state = model.state_dict()
+        for name, d in want.items():
+            if name.startswith(comp + "/"):
+                p = name[len(comp) + 1 :]
+                torch.testing.assert_close(state[p] - base[p], d, atol=1e-5, rtol=1e-4, msg=name)
