@@ -111,6 +111,8 @@ class Override(BaseModel):
     regex: str | None = None
     step: str | None = None
     input: str | None = None
+    # True for overrides that may select nothing (tables shared by several layouts): no warning.
+    optional: bool = False
 
     _compiled: Any = PrivateAttr(default=None)
 
@@ -796,7 +798,7 @@ def unmatched_overrides(recipe: Recipe, tensors: Sequence[str]) -> list[str]:
     nearest tensor names (the planner warns with them: such an override silently does nothing)."""
     out = []
     for i, ov in enumerate(recipe.overrides):
-        if ov.glob is None and ov.regex is None:
+        if (ov.glob is None and ov.regex is None) or ov.optional:
             continue
         if any(ov.matches(t) for t in tensors):
             continue

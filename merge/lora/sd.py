@@ -98,19 +98,26 @@ def block_weight_recipe(
     else:
         models = {"A": {"weight": 1.0}, "B": {"weight": w[0]}, "C": {"weight": -w[0]}}
     overrides: list[dict[str, Any]] = []
+    # `optional`: a block table covers every SD layout, and a given model may lack some blocks.
     for blk, alpha in zip(blocks[1:], w[1:]):
         rx = block_regex(blk, arch)
         if alpha == w[0]:
             continue
         if c is None:
             overrides += [
-                {"regex": rx, "step": "merged", "input": "A", "weight": 1 - alpha},
-                {"regex": rx, "step": "merged", "input": "B", "weight": alpha},
+                {
+                    "regex": rx,
+                    "step": "merged",
+                    "input": "A",
+                    "optional": True,
+                    "weight": 1 - alpha,
+                },
+                {"regex": rx, "step": "merged", "input": "B", "optional": True, "weight": alpha},
             ]
         else:
             overrides += [
-                {"regex": rx, "step": "merged", "input": "B", "weight": alpha},
-                {"regex": rx, "step": "merged", "input": "C", "weight": -alpha},
+                {"regex": rx, "step": "merged", "input": "B", "optional": True, "weight": alpha},
+                {"regex": rx, "step": "merged", "input": "C", "optional": True, "weight": -alpha},
             ]
     recipe: dict[str, Any] = {
         "version": 1,
