@@ -79,11 +79,11 @@ def test_same_recipe_gives_the_same_bytes(three_models: dict[str, Path], tmp_pat
 def test_output_dtype_policy(tmp_path: Path) -> None:
     save_state_dict(tensors(0, torch.bfloat16), tmp_path / "x")
     save_state_dict(tensors(1, torch.float16), tmp_path / "y")
-    out = load_state_dict(
-        merge_expression(
+    with pytest.warns(MergeWarning, match=r"mix float dtypes .*; the output is bfloat16, as in"):
+        written = merge_expression(
             "0.5 * x + 0.5 * y", {"x": tmp_path / "x", "y": tmp_path / "y"}, tmp_path / "o"
         )
-    )
+    out = load_state_dict(written)
     assert out["model.embed_tokens.weight"].dtype == torch.bfloat16  # the first checkpoint's dtype
     assert out["model.position_ids"].dtype == torch.int64
     ref = (
