@@ -7,6 +7,8 @@ What maps and how (mergekit's semantics, see docs/methods.md):
 
 - `models[*].model` and `base_model` become `inputs` (the base is named `base`, the others after
   the last component of their path); `merge_method` becomes one step `merged`.
+- parameters a method does not take (mergekit ignores them, e.g. `weight` given to `slerp`)
+  are dropped with one MergeWarning per name; our own recipes refuse them.
 - parameters: scalars and gradient lists pass through (our gradients follow mergekit's rule);
   `lambda` becomes `scale`, `nuslerp_flatten`/`nuslerp_row_wise` become `flatten`/`row_wise`,
   `int8_mask` is dropped (it only changes the dtype of mergekit's sign mask).
@@ -21,8 +23,11 @@ What maps and how (mergekit's semantics, see docs/methods.md):
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
+
+from merge.errors import MergeWarning, did_you_mean
 
 # mergekit method -> (our method, how the base model is used)
 #   "base": base_model is our `base`;  "peer": the base joins the models;  "none": not used.
@@ -219,14 +224,14 @@ def translate(d: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     per_model = set(spec.per_model)
     valid = per_model | set(spec.global_params)
 
+    unused: dict[str, list[str]] = {}  # mergekit ignores what a method does not take
+
     def our_name(key: str, where: str) -> str | None:
         if key in _DROP:
             return None
         name = _RENAME.get(key, key)
         if name not in valid:
-            problems.append(
-                f"{where}: parameter `{key}` has no counterpart in `{method}` (it takes: {', '.join(sorted(valid))})"
-            )
+            unused.setdefault(key, []).append(where)
             return None
         return name
 
@@ -311,4 +316,12 @@ def translate(d: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
                 problems.append(f"tokenizer_source `{tok}` is not one of the merged models")
     if global_overrides or overrides:
         recipe["overrides"] = global_overrides + overrides
+    for key, wheres in unused.items():
+        warnings.warn(
+            f"mergekit config: `{method}` takes no parameter `{key}`{did_you_mean(key, valid)}; "
+            f"ignored as mergekit ignores it ({', '.join(wheres)}; `{method}` takes: "
+            f"{', '.join(sorted(valid))})",
+            MergeWarning,
+            stacklevel=2,
+        )
     return recipe, problems

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from merge.errors import MergeWarning
 from merge.mergekit_import import is_mergekit_config, translate
+from merge.methods import get_method
 
 TIES_YML = """
 models:
@@ -173,22 +175,79 @@ def test_untranslatable_keys_are_each_named():
     assert len(problems) == 1 and problems[0].startswith(
         "`slices`: layer stacking or partial layer ranges"
     )
-    _, problems = translate(
-        {
-            "merge_method": "ties",
-            "base_model": "/m/base",
-            "models": [{"model": "/m/a", "parameters": {"densty": 0.5}}],
-            "tokenizer_source": "union",
-            "chat_template": "chatml",
-        }
-    )
+    with pytest.warns(MergeWarning, match="takes no parameter `densty`"):
+        _, problems = translate(
+            {
+                "merge_method": "ties",
+                "base_model": "/m/base",
+                "models": [{"model": "/m/a", "parameters": {"densty": 0.5}}],
+                "tokenizer_source": "union",
+                "chat_template": "chatml",
+            }
+        )
     assert problems == [
         "`chat_template`: not a mergekit key this translator knows; remove it",
-        "models[0].parameters.densty: parameter `densty` has no counterpart in `ties` (it takes: compat, density, elect, normalize, scale, scope, threshold, weight)",
         "tokenizer_source: union builds a merged vocabulary and re-maps embedding rows, which merge does not do; merge models that share a vocabulary, or use `tokenizer_source: base`",
     ]
     _, problems = translate({"merge_method": "arcee_fusion", "models": [{"model": "/m/a"}]})
     assert problems[0].startswith("merge_method `arcee_fusion` has no counterpart in merge")
+
+
+@pytest.mark.parametrize("method", ["slerp", "sce", "ram", "model_stock", "nearswap"])
+def test_unused_mergekit_parameters_warn_once_each_and_are_dropped(method):
+    config = {
+        "merge_method": method,
+        "base_model": "/m/base",
+        "models": [
+            {"model": "/m/a", "parameters": {"weight": 0.5}},
+            {"model": "/m/b", "parameters": {"weight": 0.5, "densty": 0.3}},
+        ],
+        "parameters": {"t": 0.5} if method in ("slerp", "nearswap") else {},
+    }
+    if method in ("slerp", "nearswap"):
+        config["models"] = [*config["models"][:1], {"model": "/m/base"}]
+    with pytest.warns(MergeWarning) as record:
+        recipe, problems = translate(config)
+    assert problems == []
+    messages = sorted(str(w.message) for w in record)
+    takes = ", ".join(
+        sorted(set(get_method(method).per_model) | set(get_method(method).global_params))
+    )
+    expected = [
+        f"mergekit config: `{method}` takes no parameter `weight`; ignored as mergekit ignores it "
+        f"(models[0].parameters.weight{', models[1].parameters.weight' if method not in ('slerp', 'nearswap') else ''}; `{method}` takes: {takes})"
+    ]
+    if method not in ("slerp", "nearswap"):
+        expected.insert(
+            0,
+            f"mergekit config: `{method}` takes no parameter `densty`{' (did you mean `density`?)' if 'density' in takes else ''}; "
+            f"ignored as mergekit ignores it (models[1].parameters.densty; `{method}` takes: {takes})",
+        )
+    assert messages == expected
+    assert all("weight" not in p for p in recipe["steps"]["merged"]["models"].values())
+    import merge.recipe as recipe_mod
+
+    recipe_mod.compile_recipe(recipe_mod.Recipe.model_validate(recipe))
+
+
+def test_our_recipes_stay_strict_about_unused_parameters():
+    from merge.errors import RecipeError
+    from merge.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match="`weight` is not a per-model parameter of `slerp`"):
+        load_recipe(
+            {
+                "inputs": {"base": "/m/base", "a": "/m/a"},
+                "steps": {
+                    "s": {
+                        "method": "slerp",
+                        "base": "base",
+                        "t": 0.5,
+                        "models": {"a": {"weight": 1.0}},
+                    }
+                },
+            }
+        )
 
 
 def test_lora_references_are_refused():
