@@ -15,7 +15,9 @@ What maps and how (mergekit's semantics, see docs/methods.md):
 - filters (`[{filter, value}, ...]`, first substring match wins, then the next level:
   model → slice → top level) become `overrides` with `regex:` on the escaped substring,
   emitted in reverse order because in a recipe the last matching override wins.
-- `dtype`/`out_dtype` become `output.dtype` (we compute in float32 whatever the dtype);
+- `dtype`/`out_dtype` become `output.dtype`; `dtype` is also `options.compute_dtype`: the
+  trimming methods (ties, breadcrumbs) round task vectors to it as mergekit computes in it;
+  the rest of the math stays float32, so outputs agree within that dtype's rounding;
   `tokenizer_source: base` (or a model) becomes `output.copy_files_from`.
 - one `slices` entry whose sources share a `layer_range` starting at 0 is treated as `models`.
 """
@@ -282,6 +284,10 @@ def translate(d: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
         "output": {"from": STEP},
         "options": {"compat": "mergekit"},
     }
+    if d.get("dtype") is not None:
+        dt = str(d["dtype"]).removeprefix("torch.")
+        if dt in _DTYPES:
+            recipe["options"]["compute_dtype"] = dt
     dtype = d.get("out_dtype") or d.get("dtype")
     if dtype is not None:
         dt = str(dtype).removeprefix("torch.")

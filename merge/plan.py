@@ -371,6 +371,8 @@ def _resolve_call(call: Call, tensor: str, t: float, program: Program, present: 
     per_model = {k: [_param(mp[k], t) for mp in model_params] for k in spec.per_model}
     if "compat" in spec.global_params and "compat" not in params:
         params["compat"] = program.recipe.options.compat
+    if "compute_dtype" in spec.global_params and "compute_dtype" not in params:
+        params["compute_dtype"] = program.recipe.options.compute_dtype
     models = tuple(resolve_form(m, tensor, t, program, present) for m in call.models)
     base = resolve_form(call.base, tensor, t, program, present) if call.base is not None else None
     if call.method == "linear":

@@ -143,6 +143,9 @@ class Options(_Strict):
     keys: Literal["strict", "intersection", "union"] = "strict"
     seed: int = 0
     compat: Literal["paper", "mergekit"] = "paper"
+    # mergekit's compute dtype (its config's `dtype`): task vectors are rounded to it before
+    # trimming under `compat: mergekit`. Set by the mergekit import; float32 math otherwise.
+    compute_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
 
 
 class Recipe(_Strict):

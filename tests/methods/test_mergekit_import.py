@@ -93,7 +93,7 @@ def test_ties_example_translates_exactly():
             }
         },
         "output": {"from": "merged", "dtype": "float16"},
-        "options": {"compat": "mergekit"},
+        "options": {"compat": "mergekit", "compute_dtype": "float16"},
         "overrides": [
             {"regex": "mlp", "step": "merged", "input": "wizardmath_13b_v1_0", "weight": 0.5}
         ],
