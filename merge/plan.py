@@ -150,6 +150,10 @@ def build_plan(
     passthrough_from: str | None = None,
 ) -> Plan:
     """Check headers and produce one Job per output tensor, in sequential-read order."""
+    if program.recipe.slices:  # layer slices: one plan per slice over renaming views
+        from merge.slices import build_sliced_plan
+
+        return build_sliced_plan(program, sources, dtype=dtype, passthrough_from=passthrough_from)
     recipe = program.recipe
     out_form = program.output
     used = program.used_inputs()
