@@ -270,7 +270,7 @@ def read_config(source: TensorSource) -> dict[str, Any] | None:
 
 
 def _renamed(form: Affine, names: Mapping[str, str]) -> Affine:
-    from merge.expr import Affine, Call
+    from merge.expr import Affine
 
     terms: list[tuple[str | Call, float]] = []
     for leaf, c in form.terms:
