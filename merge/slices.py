@@ -172,10 +172,12 @@ def compile_slices(
         problems.append(
             ("output.copy_files_from", f"no input named `{recipe.output.copy_files_from}`")
         )
+    # Overrides may name a slice's step (`step: slice1`): check them against the slice steps.
+    as_steps = recipe.model_copy(update={"steps": dict.fromkeys(folded, "")})
     for i, ov in enumerate(recipe.overrides):
         problems += [
             (f"overrides[{i}]{'.' + p if p else ''}", m)
-            for p, m in _override_problems(ov, recipe, folded)
+            for p, m in _override_problems(ov, as_steps, folded)
         ]
     if problems:
         raise RecipeError(problems, name)

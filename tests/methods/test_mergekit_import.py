@@ -107,16 +107,21 @@ def test_slerp_slices_with_filters_become_overrides_in_reverse_order():
         "base": "psmathur/orca_mini_v3_13b",
         "platypus2_13b": "garage-bAInd/Platypus2-13B",
     }
-    assert recipe["steps"]["merged"] == {
-        "method": "slerp",
-        "base": "base",
-        "t": 0.5,
-        "models": {"platypus2_13b": {}},
-    }
+    assert recipe["slices"] == [
+        {
+            "sources": [
+                {"input": "base", "layers": [0, 40]},
+                {"input": "platypus2_13b", "layers": [0, 40]},
+            ],
+            "method": "slerp",
+            "base": "base",
+            "t": 0.5,
+        }
+    ]
     # mergekit: first matching filter wins; recipe: last matching override wins
     assert recipe["overrides"] == [
-        {"regex": "mlp", "step": "merged", "t": [1.0, 0.5, 0.7, 0.3, 0.0]},
-        {"regex": "self_attn", "step": "merged", "t": [0.0, 0.5, 0.3, 0.7, 1.0]},
+        {"regex": "mlp", "step": "slice0", "t": [1.0, 0.5, 0.7, 0.3, 0.0]},
+        {"regex": "self_attn", "step": "slice0", "t": [0.0, 0.5, 0.3, 0.7, 1.0]},
     ]
 
 
@@ -170,11 +175,79 @@ def test_karcher_takes_the_base_as_a_peer_and_tokenizer_base_copies_files():
     assert recipe["output"] == {"from": "merged", "copy_files_from": "base"}
 
 
-def test_untranslatable_keys_are_each_named():
-    _, problems = translate(yaml.safe_load(FRANKEN_YML))
-    assert len(problems) == 1 and problems[0].startswith(
-        "`slices`: layer stacking or partial layer ranges"
+def test_frankenmerge_slices_translate_to_recipe_slices():
+    recipe, problems = translate(yaml.safe_load(FRANKEN_YML))
+    assert problems == []
+    assert recipe["inputs"] == {
+        "orca_mini_v3_13b": "psmathur/orca_mini_v3_13b",
+        "platypus2_13b": "garage-bAInd/Platypus2-13B",
+    }
+    assert recipe["slices"] == [
+        {"sources": [{"input": "orca_mini_v3_13b", "layers": [0, 24]}], "method": "passthrough"},
+        {"sources": [{"input": "platypus2_13b", "layers": [20, 40]}], "method": "passthrough"},
+    ]
+    assert recipe["output"] == {"dtype": "float16"}
+
+
+def test_per_slice_base_and_parameters_translate():
+    recipe, problems = translate(
+        {
+            "merge_method": "ties",
+            "base_model": "/m/base",
+            "parameters": {"density": 0.5},
+            "slices": [
+                {
+                    "sources": [
+                        {"model": "/m/base", "layer_range": [0, 2]},
+                        {"model": "/m/a", "layer_range": [0, 2], "parameters": {"weight": 0.3}},
+                    ],
+                    "parameters": {"weight": 0.7, "density": [{"filter": "mlp", "value": 0.2}]},
+                },
+                {
+                    "sources": [
+                        {"model": "/m/a", "layer_range": [2, 4]},
+                        {"model": "/m/b", "layer_range": [2, 4]},
+                    ],
+                    "base_model": "/m/a",
+                    "parameters": {"weight": 1.0},
+                },
+            ],
+        }
     )
+    assert problems == []
+    assert recipe["slices"] == [
+        {
+            "sources": [
+                {"input": "base", "layers": [0, 2]},
+                {"input": "a", "layers": [0, 2], "density": 0.5, "weight": 0.3},
+            ],
+            "method": "ties",
+            "base": "base",
+        },
+        {
+            "sources": [
+                {"input": "a", "layers": [2, 4]},
+                {"input": "b", "layers": [2, 4], "density": 0.5, "weight": 1.0},
+            ],
+            "method": "ties",
+            "base": "a",
+        },
+    ]
+    assert recipe["overrides"] == [{"regex": "mlp", "step": "slice0", "input": "a", "density": 0.2}]
+    _, problems = translate(
+        {
+            "merge_method": "ties",
+            "base_model": "/m/base",
+            "slices": [{"sources": [{"model": "/m/a", "layer_range": [0, 2]}]}],
+        }
+    )
+    assert problems == [
+        "slices[0]: the base model `/m/base` is not among this slice's sources; list it with "
+        "the same `layer_range` as the others"
+    ]
+
+
+def test_untranslatable_keys_are_each_named():
     with pytest.warns(MergeWarning, match="takes no parameter `densty`"):
         _, problems = translate(
             {
@@ -260,13 +333,15 @@ def test_lora_references_are_refused():
     assert "applies a LoRA (`model+lora`)" in problems[0]
 
 
-@pytest.mark.parametrize("text", [TIES_YML, SLERP_YML])
-def test_translations_validate_as_recipes(text):
+@pytest.mark.parametrize(
+    "text,last", [(TIES_YML, "merged"), (SLERP_YML, "slice0"), (FRANKEN_YML, "slice1")]
+)
+def test_translations_validate_as_recipes(text, last):
     import merge.recipe as recipe_mod
 
     recipe, _ = translate(yaml.safe_load(text))
     program = recipe_mod.compile_recipe(recipe_mod.Recipe.model_validate(recipe))
-    assert program.output_step == "merged"
+    assert program.output_step == last
 
 
 def test_recipes_are_not_mergekit_configs():
