@@ -39,7 +39,7 @@ from merge.io.writer import (
     write_json,
 )
 from merge.methods import get_method
-from merge.plan import Job, Plan, ResolvedCall
+from merge.plan import DTYPE_NAMES, Job, Plan, ResolvedCall
 
 # 8M elements per read: 16 MiB of bf16 per input, large enough for sequential reads at disk speed.
 CHUNK_ELEMENTS = 1 << 23
@@ -252,6 +252,9 @@ class Engine:
 
     def _compute_graph(self, job: Job, data: dict[str, Tensor]) -> Tensor:
         work = torch.float64 if job.out_dtype == torch.float64 else torch.float32
+        options = self.plan.program.recipe.options
+        if options.compat == "mergekit" and options.compute_dtype:  # mergekit's arithmetic
+            work = DTYPE_NAMES[options.compute_dtype]
         cache: dict[str, Tensor] = {}
         for k in list(data):
             # Pop as we convert, so each input's raw copy is freed before the next is converted.

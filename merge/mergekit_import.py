@@ -251,7 +251,7 @@ def translate(d: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
         base_name = None if group_base is None else input_for(group_base)
         sliced = parsed(slice_params, f"{where}.parameters")
         step: dict[str, Any] = {"method": method}
-        models: list[tuple[str, Mapping[str, Any]]] = []
+        models: list[tuple[str, Mapping[str, Any], int]] = []  # (input, params, index)
         layer_sources: list[dict[str, Any]] = []
         base_listed = False
         for i, (ref, params, layers) in enumerate(srcs):
@@ -271,14 +271,14 @@ def translate(d: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
                 base_listed = True
                 if base_role == "base":
                     continue  # the base listed among the models (mergekit lists it too)
-            models.append((name, params))
+            models.append((name, params, i))
         if base_role == "peer" and base_name is not None and not base_listed:
             if sliced_config:
                 problems.append(
                     f"{where}: `{mk_method}` uses the base as one of the models; list it among the slice's sources"
                 )
             else:
-                models.append((base_name, {}))
+                models.append((base_name, {}, -1))
         if base_role == "base" and base_name is not None:
             if sliced_config and not base_listed:
                 if spec.needs_base:
@@ -297,7 +297,7 @@ def translate(d: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
             for f, v in reversed(filters):
                 global_overrides.append({"regex": re.escape(f), "step": step_name, name_: v})
         model_map: dict[str, dict[str, Any]] = {}
-        for i, (name, params) in enumerate(models):
+        for name, params, i in models:
             own = parsed(
                 params,
                 f"{where}.sources[{i}].parameters" if sliced_config else f"models[{i}].parameters",

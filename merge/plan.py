@@ -122,6 +122,13 @@ def open_inputs(
     )
     for name in deferred:
         sources[name] = lora_hook.open_lora(program.input_path(name), base)
+    options = program.recipe.options
+    if options.compat == "mergekit" and options.compute_dtype:  # mergekit casts inputs first
+        from merge.io.views import CastView
+
+        for name in sources:
+            if sources[name].kind == "checkpoint" and name not in (preopened or {}):
+                sources[name] = CastView(sources[name], DTYPE_NAMES[options.compute_dtype])
     return sources
 
 
