@@ -427,8 +427,12 @@ def write_plan(
     shard_size: int | str | None = None,
     device: str = "cpu",
     quiet: bool = False,
+    card: bool = True,
 ) -> Path:
-    """Execute `plan` into `output` (`x.safetensors`: one file; otherwise a sharded folder), atomically."""
+    """Execute `plan` into `output` (`x.safetensors`: one file; otherwise a sharded folder), atomically.
+
+    A folder gets a model card (README.md) and the recipe (merge-recipe.yaml) unless `card` is off.
+    """
     output = Path(output)
     check_output(output, _input_paths(plan.sources), force=force)
     recipe = plan.program.recipe
@@ -455,6 +459,10 @@ def write_plan(
             for rel, obj in indexes.items():
                 write_json(staged.path(rel), obj)
             _copy_support_files(layout, staged.path(), _uniform_dtype(plans))
+            if card:
+                from merge.card import write_card
+
+                write_card(plan, staged.path(), output.name)
         return staged.commit()
 
 
