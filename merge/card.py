@@ -49,9 +49,11 @@ def _methods(plan: Plan) -> list[tuple[str, str, str | None]]:
     return out
 
 
-def model_card(plan: Plan, title: str) -> str:
-    """README.md text for the merged model."""
+def model_card(plan: Plan) -> str:
+    """README.md text for the merged model (independent of where it is written, so the same
+    recipe gives the same bytes)."""
     recipe = plan.program.recipe
+    title = recipe.description or "Merged model"
     used = plan.program.used_inputs()
     front: dict[str, Any] = {"base_model": [recipe.inputs[n] for n in used]}
     if any(rel == "config.json" for rel, _ in plan.sources[plan.layout_input].support_files()):
@@ -95,7 +97,7 @@ def model_card(plan: Plan, title: str) -> str:
     return "\n".join(lines)
 
 
-def write_card(plan: Plan, folder: Path, title: str) -> None:
+def write_card(plan: Plan, folder: Path) -> None:
     """Write README.md and merge-recipe.yaml into the output folder."""
-    (folder / "README.md").write_text(model_card(plan, title))
+    (folder / "README.md").write_text(model_card(plan))
     (folder / RECIPE_FILE).write_text(recipe_yaml(plan))

@@ -462,7 +462,7 @@ def write_plan(
             if card:
                 from merge.card import write_card
 
-                write_card(plan, staged.path(), output.name)
+                write_card(plan, staged.path())
         return staged.commit()
 
 
