@@ -55,6 +55,8 @@ _METHODS: dict[str, tuple[str, str]] = {
     "nearswap": ("nearswap", "base"),
     "sce": ("sce", "base"),
     "ram": ("ram", "base"),
+    "ramplus_tl": ("ramplus_tl", "base"),
+    "arcee_fusion": ("arcee_fusion", "base"),
 }
 _RENAME = {"lambda": "scale", "nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}
 _DROP = {"int8_mask"}  # no effect on the values

@@ -262,8 +262,8 @@ def test_untranslatable_keys_are_each_named():
         "`chat_template`: not a mergekit key this translator knows; remove it",
         "tokenizer_source: union builds a merged vocabulary and re-maps embedding rows, which merge does not do; merge models that share a vocabulary, or use `tokenizer_source: base`",
     ]
-    _, problems = translate({"merge_method": "arcee_fusion", "models": [{"model": "/m/a"}]})
-    assert problems[0].startswith("merge_method `arcee_fusion` has no counterpart in merge")
+    _, problems = translate({"merge_method": "model_breadcrumbs", "models": [{"model": "/m/a"}]})
+    assert problems[0].startswith("merge_method `model_breadcrumbs` has no counterpart in merge")
 
 
 @pytest.mark.parametrize("method", ["slerp", "sce", "ram", "model_stock", "nearswap"])
