@@ -23,9 +23,21 @@ TOOL = "mergewright"
 RECIPE_FILE = "merge-recipe.yaml"
 
 
+def input_paths(plan: Plan) -> dict[str, str]:
+    """Each input as an absolute, resolved path where it is local (a hub id as given), so the
+    card and recipe file do not depend on how the inputs were spelled or where merge ran."""
+    out = {}
+    for name, raw in plan.program.recipe.inputs.items():
+        path = Path(plan.program.input_path(name))
+        out[name] = str(path.resolve()) if path.exists() else raw
+    return out
+
+
 def recipe_dict(plan: Plan) -> dict[str, Any]:
-    """The recipe as it ran, as plain data (None values left out)."""
-    return plan.program.recipe.model_dump(mode="json", by_alias=True, exclude_none=True)
+    """The recipe as it ran, as plain data (None values left out), inputs resolved."""
+    data = plan.program.recipe.model_dump(mode="json", by_alias=True, exclude_none=True)
+    data["inputs"] = input_paths(plan)
+    return data
 
 
 def recipe_yaml(plan: Plan) -> str:
@@ -55,7 +67,8 @@ def model_card(plan: Plan) -> str:
     recipe = plan.program.recipe
     title = recipe.description or "Merged model"
     used = plan.program.used_inputs()
-    front: dict[str, Any] = {"base_model": [recipe.inputs[n] for n in used]}
+    paths = input_paths(plan)
+    front: dict[str, Any] = {"base_model": [paths[n] for n in used]}
     if any(rel == "config.json" for rel, _ in plan.sources[plan.layout_input].support_files()):
         front["library_name"] = "transformers"
     front["tags"] = ["merge", TOOL]
@@ -82,7 +95,7 @@ def model_card(plan: Plan) -> str:
     if not methods:
         lines.append("- weighted sums of the inputs (task-vector arithmetic, see the recipe)")
     lines += ["", "## Inputs", "", "| name | model |", "| --- | --- |"]
-    lines += [f"| {n} | {recipe.inputs[n]} |" for n in used]
+    lines += [f"| {n} | {paths[n]} |" for n in used]
     lines += [
         "",
         "## Recipe",
