@@ -81,8 +81,10 @@ def run_recipe(
     preopened: Mapping[str, TensorSource] | None = None,
     passthrough_from: str | None = None,
     mixed_architectures: bool = False,
+    no_card: bool = False,
 ) -> Path:
-    """Plan and execute a recipe into `output` (default: the recipe's `output.path`)."""
+    """Plan and execute a recipe into `output` (default: the recipe's `output.path`); a folder
+    output gets a model card and the recipe file unless `no_card`."""
     plan = plan_recipe(
         recipe,
         vars=vars,
@@ -102,7 +104,15 @@ def run_recipe(
         out = Path(target)
         if output is None and not out.is_absolute():
             out = plan.program.base_dir / out
-        return write_plan(plan, out, force=force, shard_size=shard_size, device=device, quiet=quiet)
+        return write_plan(
+            plan,
+            out,
+            force=force,
+            shard_size=shard_size,
+            device=device,
+            quiet=quiet,
+            card=not no_card,
+        )
     finally:
         plan.close()
 

@@ -42,7 +42,7 @@ from merge.io.writer import (
     write_json,
 )
 from merge.methods import get_method
-from merge.plan import Job, Plan, ResolvedCall
+from merge.plan import DTYPE_NAMES, Job, Plan, ResolvedCall
 from merge.progress import byte_progress, write_summary
 
 # 8M elements per read: 16 MiB of bf16 per input, large enough for sequential reads at disk speed.
@@ -256,6 +256,9 @@ class Engine:
 
     def _compute_graph(self, job: Job, data: dict[str, Tensor]) -> Tensor:
         work = torch.float64 if job.out_dtype == torch.float64 else torch.float32
+        options = self.plan.program.recipe.options
+        if options.compat == "mergekit" and options.compute_dtype:  # mergekit's arithmetic
+            work = DTYPE_NAMES[options.compute_dtype]
         cache: dict[str, Tensor] = {}
         for k in list(data):
             # Pop as we convert, so each input's raw copy is freed before the next is converted.
@@ -419,8 +422,12 @@ def write_plan(
     shard_size: int | str | None = None,
     device: str = "cpu",
     quiet: bool = False,
+    card: bool = True,
 ) -> Path:
-    """Execute `plan` into `output` (`x.safetensors`: one file; otherwise a sharded folder), atomically."""
+    """Execute `plan` into `output` (`x.safetensors`: one file; otherwise a sharded folder), atomically.
+
+    A folder gets a model card (README.md) and the recipe (merge-recipe.yaml) unless `card` is off.
+    """
     output = Path(output)
     check_output(output, _input_paths(plan.sources), force=force)
     recipe = plan.program.recipe
@@ -448,6 +455,10 @@ def write_plan(
             for rel, obj in indexes.items():
                 write_json(staged.path(rel), obj)
             copied = _copy_support_files(layout, staged.path(), _uniform_dtype(plans))
+            if card:
+                from merge.card import write_card
+
+                write_card(plan, staged.path())
         path = staged.commit()
     if not quiet:
         nbytes = sum(p.data_bytes for p in plans)

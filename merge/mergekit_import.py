@@ -7,22 +7,32 @@ What maps and how (mergekit's semantics, see docs/methods.md):
 
 - `models[*].model` and `base_model` become `inputs` (the base is named `base`, the others after
   the last component of their path); `merge_method` becomes one step `merged`.
+- parameters a method does not take (mergekit ignores them, e.g. `weight` given to `slerp`)
+  are dropped with one MergeWarning per name; our own recipes refuse them.
 - parameters: scalars and gradient lists pass through (our gradients follow mergekit's rule);
   `lambda` becomes `scale`, `nuslerp_flatten`/`nuslerp_row_wise` become `flatten`/`row_wise`,
   `int8_mask` is dropped (it only changes the dtype of mergekit's sign mask).
 - filters (`[{filter, value}, ...]`, first substring match wins, then the next level:
   model → slice → top level) become `overrides` with `regex:` on the escaped substring,
   emitted in reverse order because in a recipe the last matching override wins.
-- `dtype`/`out_dtype` become `output.dtype` (we compute in float32 whatever the dtype);
+- `dtype`/`out_dtype` become `output.dtype`; `dtype` is also `options.compute_dtype`: the
+  trimming methods (ties, breadcrumbs) round task vectors to it as mergekit computes in it;
+  the rest of the math stays float32, so outputs agree within that dtype's rounding;
   `tokenizer_source: base` (or a model) becomes `output.copy_files_from`.
-- one `slices` entry whose sources share a `layer_range` starting at 0 is treated as `models`.
+- `slices` become the recipe's `slices` (merge/slices.py): each source's `layer_range` its
+  `layers`, a slice's `base_model` (else the top-level one) its `base`, which must be one of
+  its sources; slice-level parameters sit between the model's and the top level's, and
+  filters become overrides on step `slice<i>`.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
+
+from merge.errors import MergeWarning, did_you_mean
 
 # mergekit method -> (our method, how the base model is used)
 #   "base": base_model is our `base`;  "peer": the base joins the models;  "none": not used.
@@ -45,6 +55,8 @@ _METHODS: dict[str, tuple[str, str]] = {
     "nearswap": ("nearswap", "base"),
     "sce": ("sce", "base"),
     "ram": ("ram", "base"),
+    "ramplus_tl": ("ramplus_tl", "base"),
+    "arcee_fusion": ("arcee_fusion", "base"),
 }
 _RENAME = {"lambda": "scale", "nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}
 _DROP = {"int8_mask"}  # no effect on the values
@@ -159,33 +171,26 @@ def translate(d: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
         return {}, problems
     method, base_role = _METHODS[mk_method]
 
-    sources: list[tuple[Any, Mapping[str, Any]]] = []  # (model ref, its parameters)
-    slice_params: Mapping[str, Any] = {}
+    # One group per output step: (where, [(model ref, params, layer range or None)], slice
+    # parameters, slice base ref or None). `models:` is one group; `slices:` one per slice.
+    groups: list[tuple[str, list[tuple[Any, Mapping[str, Any], Any]], Mapping[str, Any], Any]] = []
     if "modules" in d:
         problems.append("`modules`: multi-module configs are not translated")
     if "slices" in d and "models" in d:
         problems.append("give `models` or `slices`, not both")
+    sliced_config = "slices" in d and "models" not in d
     if "models" in d:
-        for m in d.get("models") or []:
-            m = m if isinstance(m, Mapping) else {"model": m}
-            sources.append((m.get("model"), m.get("parameters") or {}))
-    elif "slices" in d:
-        slices = d.get("slices") or []
-        ranges = {tuple(s.get("layer_range") or ()) for sl in slices for s in sl.get("sources", [])}
-        if len(slices) != 1 or len(ranges) != 1 or next(iter(ranges))[:1] != (0,):
-            problems.append(
-                "`slices`: layer stacking or partial layer ranges (frankenmerges) cannot be "
-                "expressed in a recipe yet; only one slice whose sources all use the same "
-                "`layer_range` starting at 0 is translated"
-            )
-            return {}, problems
-        slice_params = slices[0].get("parameters") or {}
-        if slices[0].get("base_model"):
-            problems.append(
-                "`slices[0].base_model`: a per-slice base model is not translated; use the top-level `base_model`"
-            )
-        for s in slices[0].get("sources", []):
-            sources.append((s.get("model"), s.get("parameters") or {}))
+        ms = [m if isinstance(m, Mapping) else {"model": m} for m in d.get("models") or []]
+        groups.append(
+            ("models", [(m.get("model"), m.get("parameters") or {}, None) for m in ms], {}, None)
+        )
+    elif sliced_config:
+        for i, sl in enumerate(d.get("slices") or []):
+            srcs = [
+                (s.get("model"), s.get("parameters") or {}, s.get("layer_range"))
+                for s in sl.get("sources") or []
+            ]
+            groups.append((f"slices[{i}]", srcs, sl.get("parameters") or {}, sl.get("base_model")))
     else:
         problems.append("a mergekit config needs `models` or `slices`")
 
@@ -197,21 +202,14 @@ def translate(d: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
         if base_path is not None:
             inputs["base"] = base_path
             taken.add("base")
-    models: list[tuple[str, Mapping[str, Any]]] = []
-    for i, (ref, params) in enumerate(sources):
-        path = _model_path(ref, f"models[{i}].model", problems)
-        if path is None:
-            continue
-        if path == base_path:
-            if base_role == "base" or base_role == "peer":
-                continue  # the base listed among the models (mergekit lists it too)
-            models.append(("base", params))
-            continue
+
+    def input_for(path: str) -> str:
+        for n, p in inputs.items():
+            if p == path:
+                return n
         name = _input_name(path, taken)
         inputs[name] = path
-        models.append((name, params))
-    if base_role == "peer" and base_path is not None:
-        models.append(("base", {}))
+        return name
 
     from merge.methods import get_method  # late: importing the registry loads every method
 
@@ -219,14 +217,14 @@ def translate(d: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     per_model = set(spec.per_model)
     valid = per_model | set(spec.global_params)
 
+    unused: dict[str, list[str]] = {}  # mergekit ignores what a method does not take
+
     def our_name(key: str, where: str) -> str | None:
         if key in _DROP:
             return None
         name = _RENAME.get(key, key)
         if name not in valid:
-            problems.append(
-                f"{where}: parameter `{key}` has no counterpart in `{method}` (it takes: {', '.join(sorted(valid))})"
-            )
+            unused.setdefault(key, []).append(where)
             return None
         return name
 
@@ -242,41 +240,105 @@ def translate(d: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
         return out
 
     top = parsed(d.get("parameters") or {}, "parameters")
-    sliced = parsed(slice_params, "slices[0].parameters")
-    step: dict[str, Any] = {"method": method}
-    if base_role == "base" and base_path is not None:
-        step["base"] = "base"
     overrides: list[dict[str, Any]] = []
     global_overrides: list[dict[str, Any]] = []
-    for name_ in sorted(set(top) | set(sliced)):
-        if name_ in per_model:
-            continue
-        fallback, filters = _resolve([sliced.get(name_, []), top.get(name_, [])])
-        if fallback is not None:
-            step[name_] = fallback
-        for f, v in reversed(filters):
-            global_overrides.append({"regex": re.escape(f), "step": STEP, name_: v})
-    model_map: dict[str, dict[str, Any]] = {}
-    for i, (name, params) in enumerate(models):
-        own = parsed(params, f"models[{i}].parameters")
-        mp: dict[str, Any] = {}
-        for p in sorted(per_model & (set(own) | set(sliced) | set(top))):
-            fallback, filters = _resolve([own.get(p, []), sliced.get(p, []), top.get(p, [])])
+    steps: list[dict[str, Any]] = []
+    for g, (where, srcs, slice_params, slice_base) in enumerate(groups):
+        step_name = f"slice{g}" if sliced_config else STEP
+        group_base = base_path
+        if slice_base is not None:
+            group_base = _model_path(slice_base, f"{where}.base_model", problems)
+            if group_base is not None:
+                input_for(group_base)
+        base_name = None if group_base is None else input_for(group_base)
+        sliced = parsed(slice_params, f"{where}.parameters")
+        step: dict[str, Any] = {"method": method}
+        models: list[tuple[str, Mapping[str, Any], int]] = []  # (input, params, index)
+        layer_sources: list[dict[str, Any]] = []
+        base_listed = False
+        for i, (ref, params, layers) in enumerate(srcs):
+            loc = f"{where}.sources[{i}]" if sliced_config else f"models[{i}]"
+            path = _model_path(ref, f"{loc}.model", problems)
+            if path is None:
+                continue
+            name = input_for(path)
+            if sliced_config:
+                if not (isinstance(layers, list | tuple) and len(layers) == 2):
+                    problems.append(
+                        f"{where}.sources[{i}].layer_range: expected [start, stop], got {layers!r}"
+                    )
+                    continue
+                layer_sources.append({"input": name, "layers": [int(layers[0]), int(layers[1])]})
+            if path == group_base and base_role in ("base", "peer"):
+                base_listed = True
+                if base_role == "base":
+                    continue  # the base listed among the models (mergekit lists it too)
+            models.append((name, params, i))
+        if base_role == "peer" and base_name is not None and not base_listed:
+            if sliced_config:
+                problems.append(
+                    f"{where}: `{mk_method}` uses the base as one of the models; list it among the slice's sources"
+                )
+            else:
+                models.append((base_name, {}, -1))
+        if base_role == "base" and base_name is not None:
+            if sliced_config and not base_listed:
+                if spec.needs_base:
+                    problems.append(
+                        f"{where}: the base model `{group_base}` is not among this slice's sources; "
+                        "list it with the same `layer_range` as the others"
+                    )
+            else:
+                step["base"] = base_name
+        for name_ in sorted(set(top) | set(sliced)):
+            if name_ in per_model:
+                continue
+            fallback, filters = _resolve([sliced.get(name_, []), top.get(name_, [])])
             if fallback is not None:
-                mp[p] = fallback
+                step[name_] = fallback
             for f, v in reversed(filters):
-                overrides.append({"regex": re.escape(f), "step": STEP, "input": name, p: v})
-        model_map[name] = mp
-    step["models"] = model_map
+                global_overrides.append({"regex": re.escape(f), "step": step_name, name_: v})
+        model_map: dict[str, dict[str, Any]] = {}
+        for name, params, i in models:
+            own = parsed(
+                params,
+                f"{where}.sources[{i}].parameters" if sliced_config else f"models[{i}].parameters",
+            )
+            mp: dict[str, Any] = {}
+            for p in sorted(per_model & (set(own) | set(sliced) | set(top))):
+                fallback, filters = _resolve([own.get(p, []), sliced.get(p, []), top.get(p, [])])
+                if fallback is not None:
+                    mp[p] = fallback
+                for f, v in reversed(filters):
+                    overrides.append(
+                        {"regex": re.escape(f), "step": step_name, "input": name, p: v}
+                    )
+            model_map[name] = mp
+        if sliced_config:
+            for src in layer_sources:
+                src.update(model_map.get(src["input"], {}))
+            step.pop("method")
+            steps.append({"sources": layer_sources, "method": method, **step})
+        else:
+            step["models"] = model_map
+            steps.append(step)
 
     recipe: dict[str, Any] = {
         "version": 1,
         "description": f"translated from a mergekit `{mk_method}` config",
         "inputs": inputs,
-        "steps": {STEP: step},
-        "output": {"from": STEP},
-        "options": {"compat": "mergekit"},
     }
+    if sliced_config:
+        recipe["slices"] = steps
+        recipe["output"] = {}
+    else:
+        recipe["steps"] = {STEP: steps[0]} if steps else {}
+        recipe["output"] = {"from": STEP}
+    recipe["options"] = {"compat": "mergekit"}
+    if d.get("dtype") is not None:
+        dt = str(d["dtype"]).removeprefix("torch.")
+        if dt in _DTYPES:
+            recipe["options"]["compute_dtype"] = dt
     dtype = d.get("out_dtype") or d.get("dtype")
     if dtype is not None:
         dt = str(dtype).removeprefix("torch.")
@@ -311,4 +373,12 @@ def translate(d: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
                 problems.append(f"tokenizer_source `{tok}` is not one of the merged models")
     if global_overrides or overrides:
         recipe["overrides"] = global_overrides + overrides
+    for key, wheres in unused.items():
+        warnings.warn(
+            f"mergekit config: `{method}` takes no parameter `{key}`{did_you_mean(key, valid)}; "
+            f"ignored as mergekit ignores it ({', '.join(wheres)}; `{method}` takes: "
+            f"{', '.join(sorted(valid))})",
+            MergeWarning,
+            stacklevel=2,
+        )
     return recipe, problems

@@ -124,6 +124,13 @@ def open_inputs(
     )
     for name in deferred:
         sources[name] = lora_hook.open_lora(program.input_path(name), base)
+    options = program.recipe.options
+    if options.compat == "mergekit" and options.compute_dtype:  # mergekit casts inputs first
+        from merge.io.views import CastView
+
+        for name in sources:
+            if sources[name].kind == "checkpoint" and name not in (preopened or {}):
+                sources[name] = CastView(sources[name], DTYPE_NAMES[options.compute_dtype])
     return sources
 
 
@@ -152,6 +159,10 @@ def build_plan(
     passthrough_from: str | None = None,
 ) -> Plan:
     """Check headers and produce one Job per output tensor, in sequential-read order."""
+    if program.recipe.slices:  # layer slices: one plan per slice over renaming views
+        from merge.slices import build_sliced_plan
+
+        return build_sliced_plan(program, sources, dtype=dtype, passthrough_from=passthrough_from)
     recipe = program.recipe
     out_form = program.output
     used = program.used_inputs()
@@ -383,6 +394,8 @@ def _resolve_call(call: Call, tensor: str, t: float, program: Program, present: 
     per_model = {k: [_param(mp[k], t) for mp in model_params] for k in spec.per_model}
     if "compat" in spec.global_params and "compat" not in params:
         params["compat"] = program.recipe.options.compat
+    if "compute_dtype" in spec.global_params and "compute_dtype" not in params:
+        params["compute_dtype"] = program.recipe.options.compute_dtype
     models = tuple(resolve_form(m, tensor, t, program, present) for m in call.models)
     base = resolve_form(call.base, tensor, t, program, present) if call.base is not None else None
     if call.method == "linear":

@@ -30,6 +30,7 @@ from pydantic import (
 from merge.errors import RecipeError, UsageError, did_you_mean
 from merge.expr import Affine, Call, ExprError, HiddenNameError, fold, names_in, parse
 from merge.methods import get_method
+from merge.slices import SliceSpec
 
 ParamValue = float | int | bool | str | list[float]
 CURRENT_VERSION = 1
@@ -146,6 +147,9 @@ class Options(_Strict):
     mixed_architectures: bool = False  # allow --keys outputs no copied config describes
     seed: int = 0
     compat: Literal["paper", "mergekit"] = "paper"
+    # mergekit's compute dtype (its config's `dtype`): task vectors are rounded to it before
+    # trimming under `compat: mergekit`. Set by the mergekit import; float32 math otherwise.
+    compute_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
 
 
 class Recipe(_Strict):
@@ -153,7 +157,8 @@ class Recipe(_Strict):
     description: str | None = None
     inputs: dict[str, str]
     vars: dict[str, FiniteFloat] = Field(default_factory=dict)
-    steps: dict[str, str | MethodStep]
+    steps: dict[str, str | MethodStep] = Field(default_factory=dict)
+    slices: list[SliceSpec] | None = None  # layer slices instead of steps (merge/slices.py)
     output: OutputSpec = Field(default_factory=lambda: OutputSpec.model_validate({}))
     overrides: list[Override] = Field(default_factory=list)
     options: Options = Field(default_factory=Options)
@@ -186,7 +191,11 @@ class Program:
         return raw
 
     def used_inputs(self) -> list[str]:
-        used = self.output.inputs()
+        used = (
+            set().union(*(a.inputs() for a in self.steps.values()))
+            if self.recipe.slices
+            else self.output.inputs()
+        )
         return [n for n in self.recipe.inputs if n in used]
 
 
@@ -416,6 +425,10 @@ def compile_recipe(
     """
     problems = list(problems or [])
     broken = set(broken or ())
+    if recipe.slices is not None:
+        from merge.slices import compile_slices
+
+        return compile_slices(recipe, name=name, base_dir=base_dir or Path.cwd(), problems=problems)
     if recipe.version > CURRENT_VERSION:
         problems.append(
             (

@@ -72,6 +72,11 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 help="Allow PyTorch pickles with arbitrary objects (runs their code: trusted files only).",
             ),
             click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+            click.option(
+                "--no-card",
+                is_flag=True,
+                help="Write no model card (README.md) or recipe file beside the weights.",
+            ),
         ]
     ):
         fn = deco(fn)

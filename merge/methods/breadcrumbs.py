@@ -9,7 +9,7 @@ from torch import Tensor
 from merge.methods._checks import check_compat, check_density, check_fraction
 from merge.methods._gta import combine
 from merge.methods._registry import register
-from merge.methods.sparsify import breadcrumbs_band
+from merge.methods.sparsify import breadcrumbs_band, mergekit_delta
 
 _REF = "Davari & Belilovsky 2024, Model Breadcrumbs (arXiv:2312.06795)"
 
@@ -21,13 +21,19 @@ def _banded(
     density: Sequence[float],
     gamma: Sequence[float],
     compat: str,
+    compute_dtype: str | None,
 ) -> list[Tensor]:
     check_density(name, density)
     check_compat(name, compat)
     for g in gamma:
         check_fraction(name, "gamma", float(g))
     return [
-        breadcrumbs_band(x - base, float(d), float(g), compat=compat)
+        breadcrumbs_band(
+            mergekit_delta(x, base, compute_dtype) if compat == "mergekit" else x - base,
+            float(d),
+            float(g),
+            compat=compat,
+        )
         for x, d, g in zip(tensors, density, gamma)
     ]
 
@@ -48,9 +54,10 @@ def breadcrumbs(
     normalize: bool = False,
     scale: float = 1.0,
     compat: str = "paper",
+    compute_dtype: str | None = None,
 ) -> Tensor:
     """base + λ Σ w_i m_i⊙δ_i, m_i keeps magnitude ranks (γ, γ+density] of each row of δ_i."""
-    deltas = _banded("breadcrumbs", tensors, base, density, gamma, compat)
+    deltas = _banded("breadcrumbs", tensors, base, density, gamma, compat, compute_dtype)
     return combine(
         "breadcrumbs",
         base,
@@ -80,9 +87,10 @@ def breadcrumbs_ties(
     normalize: bool = False,
     scale: float = 1.0,
     compat: str = "paper",
+    compute_dtype: str | None = None,
 ) -> Tensor:
     """Breadcrumbs masks, then TIES sign election and disjoint merge."""
-    deltas = _banded("breadcrumbs_ties", tensors, base, density, gamma, compat)
+    deltas = _banded("breadcrumbs_ties", tensors, base, density, gamma, compat, compute_dtype)
     return combine(
         "breadcrumbs_ties",
         base,

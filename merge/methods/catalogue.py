@@ -1,6 +1,7 @@
 """Importing this module registers every method of the catalogue (beyond linear and TA)."""
 
 from merge.methods import (  # noqa: F401  (each import registers its methods)
+    arcee_fusion,
     breadcrumbs,
     consensus,
     dare,
@@ -11,6 +12,7 @@ from merge.methods import (  # noqa: F401  (each import registers its methods)
     nearswap,
     passthrough,
     ram,
+    ramplus,
     regmean,
     sce,
     slerp,

@@ -12,7 +12,58 @@ from torch import Tensor
 
 from merge.methods.selection import bernoulli_mask, trim
 
-__all__ = ["breadcrumbs_band", "dare_drop", "della_drop", "l1_rescale", "trim"]
+__all__ = [
+    "breadcrumbs_band",
+    "dare_drop",
+    "della_drop",
+    "in_compute_dtype",
+    "l1_rescale",
+    "magnitude_top_k",
+    "mergekit_delta",
+    "trim",
+]
+
+COMPUTE_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def in_compute_dtype(x: Tensor, compute_dtype: str | None) -> Tensor:
+    """x rounded to `compute_dtype` and back (mergekit computes task vectors in the config's
+    dtype, so trimming sees its rounded magnitudes and their ties); unchanged when None."""
+    if compute_dtype is None:
+        return x
+    return x.to(COMPUTE_DTYPES[compute_dtype]).to(x.dtype)
+
+
+def mergekit_delta(x: Tensor, base: Tensor, compute_dtype: str | None) -> Tensor:
+    """x − base as mergekit computes it: inputs cast to `compute_dtype`, subtracted there."""
+    return in_compute_dtype(
+        in_compute_dtype(x, compute_dtype) - in_compute_dtype(base, compute_dtype), compute_dtype
+    )
+
+
+def magnitude_top_k(delta: Tensor, density: float) -> Tensor:
+    """delta with exactly k = max(1, ⌊density·n⌋) largest magnitudes kept (mergekit 0.1.5).
+
+    Ties at the threshold are broken as mergekit breaks them: by the position in a descending
+    `torch.sort` of the float32 magnitudes, so with many equal magnitudes (bf16, constant
+    tensors) the same k entries survive. A threshold keeps every tied entry instead.
+    """
+    if density >= 1.0:
+        return delta
+    n = delta.numel()
+    if n == 0:
+        return delta
+    k = max(1, int(density * n))
+    order = torch.sort(delta.abs().reshape(-1).float(), descending=True).indices
+    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    mask[order[:k]] = 1
+    return delta * mask.reshape(delta.shape)
+
 
 _L1_EPS = 1e-7  # mergekit skips the L1 rescale when either norm is below this
 
@@ -58,12 +109,13 @@ def breadcrumbs_band(delta: Tensor, density: float, gamma: float, *, compat: str
         if target == 0:
             return torch.zeros_like(delta)
         n_bot = max(0, n - target - int(gamma * n))
-        a = delta.abs().reshape(-1)
-        # Keep ascending magnitude ranks [n_bot, n_bot + target) (mergekit 0.1.5).
-        lo = a.kthvalue(n_bot + 1).values if n_bot > 0 else a.new_tensor(-1.0)
-        hi = a.kthvalue(n_bot + target).values
-        keep = (a >= lo) & (a <= hi)
-        return torch.where(keep.reshape(delta.shape), delta, zero)
+        # Keep ascending magnitude ranks [n_bot, n_bot + target) (mergekit 0.1.5), ties broken
+        # by the position in an ascending sort as mergekit does (a band of thresholds would keep
+        # every entry tied at either edge: constant tensors such as norms have many).
+        order = torch.sort(delta.abs().reshape(-1).float(), descending=False).indices
+        mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+        mask[order[n_bot : n_bot + target]] = 1
+        return delta * mask.reshape(delta.shape)
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(-1, delta.shape[-1])
     n = rows.shape[-1]  # rows: (R, n)
     n_top = int(gamma * n)

@@ -8,8 +8,9 @@ from torch import Tensor
 
 from merge.errors import UsageError
 from merge.methods._checks import check_choice, check_compat, check_density
-from merge.methods._gta import ELECT_CHOICES, fused_merge, magnitude_thresholds
+from merge.methods._gta import ELECT_CHOICES, combine, fused_merge, magnitude_thresholds
 from merge.methods._registry import register
+from merge.methods.sparsify import magnitude_top_k, mergekit_delta
 
 
 @register(
@@ -30,6 +31,7 @@ def ties(
     scale: float = 1.0,
     scope: str = "tensor",
     compat: str = "paper",
+    compute_dtype: str | None = None,
 ) -> Tensor:
     """base + λ·dis-mean over sign-agreeing trimmed δ_i (top ⌊density·n⌋ |δ| per tensor).
 
@@ -41,6 +43,21 @@ def ties(
     check_compat("ties", compat)
     check_choice("ties", "elect", elect, ELECT_CHOICES)
     check_choice("ties", "scope", scope, ("tensor", "model"))
+    if compat == "mergekit" and scope == "tensor":
+        deltas = [
+            magnitude_top_k(mergekit_delta(x, base, compute_dtype), float(d))
+            for x, d in zip(tensors, density)
+        ]
+        return combine(
+            "ties",
+            base,
+            deltas,
+            weight,
+            elect=elect,
+            normalize=normalize,
+            scale=scale,
+            compat=compat,
+        )
     if scope == "model":
         if threshold is None or any(float(t) < 0 for t in threshold):
             raise UsageError(

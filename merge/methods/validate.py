@@ -20,6 +20,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "compat": COMPAT_CHOICES,
     "elect": ELECT_CHOICES,
     "aggregate": ("sum", "ties"),
+    "compute_dtype": ("float32", "float16", "bfloat16", "float64"),
 }
 
 

@@ -104,14 +104,18 @@ def test_mergekit_config_runs_with_compat_mergekit(tmp_path, capfd):
     out = load_state_dict(api.run_recipe(tmp_path / "mergekit-ties.yml", tmp_path / "out"))
     assert "compat: mergekit" in capfd.readouterr().err
     k = "model.layers.1.self_attn.q_proj.weight"  # t = 1/2: math density 0.7, code weight 0.3
+    # mergekit's arithmetic: inputs cast to the config's dtype (bf16) and merged in it.
+    bf = torch.bfloat16
     want = ties(
-        [st["math"][k], st["code"][k]],
-        base=st["base"][k],
+        [st["math"][k].to(bf), st["code"][k].to(bf)],
+        base=st["base"][k].to(bf),
         weight=[1.0, 0.3],
         density=[0.7, 0.5],
         compat="mergekit",
+        compute_dtype="bfloat16",
     )
-    torch.testing.assert_close(out[k], want.to(torch.bfloat16), rtol=0, atol=0)
+    assert want.dtype == bf
+    torch.testing.assert_close(out[k], want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
