@@ -47,7 +47,10 @@ def test_single_file_input_copies_format_files_by_name(tmp_path: Path) -> None:
     )
     assert code == 0, out
     got = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
-    assert got == sorted([*keep, "model.safetensors"])
+    # README.md and merge-recipe.yaml are the merge's own model card, never the base's.
+    assert got == sorted([*keep, "model.safetensors", "README.md", "merge-recipe.yaml"])
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "accuracy 91%" not in card and "- merge" in card
     assert f"; copied from {src / 'model.safetensors'}: {', '.join(sorted(keep))}" in out
 
 
@@ -103,7 +106,7 @@ def test_sentence_transformers_folder_keeps_its_modules(tmp_path: Path) -> None:
     code, out = invoke("linear", a, b, "-o", tmp_path / "m")
     assert code == 0, out
     m = tmp_path / "m"
-    assert not (m / "README.md").exists()
+    assert "# all-MiniLM" not in (m / "README.md").read_text()  # our card, not the base's
     for module in json.loads((m / "modules.json").read_text()):
         src = a / module["path"]  # every file of every listed module folder is there
         for f in (p for p in src.rglob("*") if p.is_file() and module["path"]):
