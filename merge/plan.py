@@ -25,7 +25,6 @@ from merge.io.detect import open_checkpoint
 from merge.io.sources import TensorSource
 from merge.keysets import output_key_problems, strict_hint
 from merge.methods import get_method
-from merge.methods.linear import normalized_weights
 from merge.recipe import Program, all_calls, unmatched_overrides
 
 DTYPE_NAMES = {
@@ -35,7 +34,6 @@ DTYPE_NAMES = {
     "float64": torch.float64,
 }
 LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-AFFINE_METHODS = ("linear", "task_arithmetic")
 
 
 @dataclass(frozen=True)
@@ -385,17 +383,14 @@ def _resolve_call(call: Call, tensor: str, t: float, program: Program, present: 
         params["compat"] = program.recipe.options.compat
     models = tuple(resolve_form(m, tensor, t, program, present) for m in call.models)
     base = resolve_form(call.base, tensor, t, program, present) if call.base is not None else None
-    if call.method == "linear":
-        w = normalized_weights(per_model["weight"], bool(params.get("normalize", True)))
+    if spec.affine is not None and (base is not None or not spec.needs_base):
+        # A weighted sum (the registration says how): folded, so the engine streams it.
+        coefs, base_coef = spec.affine(per_model, params)
         acc = Affine()
-        for m, wi in zip(models, w):
+        if base is not None and base_coef != 0.0:
+            acc = base.scaled(base_coef)
+        for m, wi in zip(models, coefs):
             acc = acc.plus(m.scaled(wi))
-        return acc
-    if call.method == "task_arithmetic" and base is not None:
-        lam = float(params.get("scale", 1.0))  # type: ignore[arg-type]
-        acc = base
-        for m, wi in zip(models, per_model["weight"]):
-            acc = acc.plus(m.plus(base.scaled(-1.0)).scaled(lam * wi))
         return acc
     all_params = tuple(sorted({**params, **{k: tuple(v) for k, v in per_model.items()}}.items()))
     return Affine.leaf(ResolvedCall(call.method, models, base, all_params, call.step))  # type: ignore[arg-type]

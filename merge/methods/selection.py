@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from typing import Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from merge.methods._stream import ElementRandom
 from merge.methods._threads import one_thread
 
 SMALL = 1 << 18  # below this many elements a plain kthvalue is as fast as anything else
@@ -111,14 +113,33 @@ def trim_below(x: Tensor, thr: float) -> Tensor:
     return F.hardshrink(x, lam)
 
 
+Random = Union[torch.Generator, ElementRandom, None]  # noqa: UP007  (runtime alias)
+
+
+def uniform(
+    shape: torch.Size | tuple[int, ...],
+    generator: Random,
+    device: torch.device | str = "cpu",
+    *,
+    stream: int = 0,
+) -> Tensor:
+    """U[0, 1) draws: from a torch generator in order, or indexed by element (`ElementRandom`,
+    stream `stream`, so a chunk draws what the whole tensor draws at the same elements)."""
+    if isinstance(generator, ElementRandom):
+        return generator.uniform(math.prod(shape), stream).reshape(shape)
+    return torch.rand(shape, generator=generator, device=device)
+
+
 def bernoulli_mask(
     shape: torch.Size | tuple[int, ...],
     p: float | Tensor,
-    generator: torch.Generator | None,
+    generator: Random,
     device: torch.device | str = "cpu",
+    *,
+    stream: int = 0,
 ) -> Tensor:
     """A float 0/1 mask, 1 with probability p: ⌊u + p⌋ for u ~ U[0, 1) (i.e. u ≥ 1 − p)."""
-    u = torch.rand(shape, generator=generator, device=device)
+    u = uniform(shape, generator, device, stream=stream)
     return u.add_(p).floor_().clamp_(max=1.0)
 
 
@@ -194,3 +215,110 @@ def model_magnitude_threshold(
             "order?); check read_pairs"
         )
     return float(cand.kthvalue(cand.numel() - need + 1).values)
+
+
+STREAM_SAMPLE = 1 << 20  # sample for a streamed threshold: the bracket holds ~0.4% of entries
+
+
+class StreamingTopK:
+    """The k largest |d| of a tensor seen in chunks, exactly k of them: the threshold t (the
+    k-th largest |d|) and an index cut c, so that entry i is kept iff |d_i| > t, or |d_i| = t
+    and i < c (ties at the threshold are kept in index order until there are k).
+
+    Passes (`observe` every chunk in index order, then `end_pass`, while not `done`): a fixed
+    sample of positions brackets t; a count pass finds t exactly among the few entries in the
+    bracket; a cut pass, only when entries tie at t, finds c. Small tensors take one pass.
+    Chunk boundaries do not change the answer: the sample positions are fixed per tensor.
+    """
+
+    def __init__(self, numel: int, k: int):
+        self.n, self.k = numel, k
+        self.threshold = math.inf
+        self.cut = numel
+        self.done = k <= 0 or k >= numel
+        if k >= numel:
+            self.threshold = 0.0
+        self._phase = "all" if numel <= STREAM_SAMPLE else "sample"
+        self._pos: Tensor | None = None
+        if self._phase == "sample":
+            g = torch.Generator().manual_seed(0x5E1EC7 ^ numel)
+            self._pos = torch.randint(numel, (STREAM_SAMPLE,), generator=g).sort().values
+        self._parts: list[Tensor] = []
+        self._above = 0
+        self._lo, self._hi = -1.0, math.inf
+        self._ties_left = 0
+
+    def observe(self, start: int, a: Tensor) -> None:
+        """`a`: |d| of elements [start, start + m), flat."""
+        if self.done:
+            return
+        m = a.numel()
+        if self._phase == "all":
+            self._parts.append(a.clone())
+        elif self._phase == "sample":
+            assert self._pos is not None
+            i0, i1 = torch.searchsorted(self._pos, torch.tensor([start, start + m])).tolist()
+            self._parts.append(a[(self._pos[i0:i1] - start).to(a.device)])
+        elif self._phase == "count":
+            if math.isfinite(self._hi):
+                self._above += int((a > self._hi).sum())
+                self._parts.append(a[(a >= self._lo) & (a <= self._hi)])
+            else:
+                self._parts.append(a[a >= self._lo])
+        elif self._phase == "cut" and self._ties_left > 0:
+            eq = (a == self.threshold).nonzero().reshape(-1)
+            if eq.numel() >= self._ties_left:
+                self.cut = start + int(eq[self._ties_left - 1]) + 1
+                self._ties_left = 0
+            else:
+                self._ties_left -= eq.numel()
+
+    def end_pass(self) -> None:
+        if self.done:
+            return
+        parts, self._parts = self._parts, []
+        if self._phase == "all":
+            a = torch.cat(parts) if parts else torch.zeros(0)
+            self.threshold = float(a.kthvalue(self.n - self.k + 1).values)
+            ties = int(self.k - int((a > self.threshold).sum()))
+            eq = (a == self.threshold).nonzero().reshape(-1)
+            self.cut = int(eq[ties - 1]) + 1 if ties < eq.numel() else self.n
+            self.done = True
+        elif self._phase == "sample":
+            sample = torch.cat(parts).sort().values
+            size = sample.numel()
+            q = 1.0 - self.k / self.n
+            spread = _SIGMAS * math.sqrt(size * q * (1.0 - q)) + 8.0
+            lo_i, hi_i = int(q * size - spread), int(q * size + spread)
+            self._lo = float(sample[lo_i]) if lo_i >= 0 else -1.0
+            self._hi = float(sample[hi_i]) if hi_i < size else math.inf
+            self._phase = "count"
+        elif self._phase == "count":
+            cand = torch.cat(parts) if parts else torch.zeros(0)
+            need = self.k - self._above
+            if need < 1:  # the threshold lies above the bracket: count again above it
+                self._lo, self._hi, self._above = self._hi, math.inf, 0
+                return
+            if need > cand.numel():  # below the bracket
+                self._lo, self._hi, self._above = -1.0, self._lo, 0
+                return
+            self.threshold = float(cand.kthvalue(cand.numel() - need + 1).values)
+            n_eq = int((cand == self.threshold).sum())
+            self._ties_left = need - int((cand > self.threshold).sum())
+            if self._ties_left >= n_eq:
+                self.done = True  # every tied entry is kept
+            else:
+                self._phase = "cut"
+        elif self._phase == "cut":
+            self.done = True
+
+
+def keep_top(d: Tensor, start: int, threshold: float, cut: int) -> Tensor:
+    """d (flat elements [start, start + m)) with |d| < threshold zeroed, and |d| = threshold
+    zeroed from index `cut` on (StreamingTopK's rule); in place where it can."""
+    d = trim_below(d, threshold)
+    m = d.numel()
+    if cut < start + m and 0 < threshold < math.inf:
+        tail = d[max(cut - start, 0) :]
+        tail.masked_fill_(tail.abs() == threshold, 0.0)
+    return d
