@@ -174,9 +174,8 @@ class _GraphRun:
             kwargs = engine._kwargs(call, job)
             rng = engine._random(call, job, ordinal) if spec.random else None
             shape = spec.shape_for(dict(call.params))
-            if spec.kernel is not None:
-                kernel = spec.kernel(job.shape, kwargs, rng)
-            else:
+            kernel = spec.kernel(job.shape, kwargs, rng) if spec.kernel is not None else None
+            if kernel is None:
                 row = rows_of(job.shape) if shape == ROWS else 1
                 kernel = FnKernel(spec.fn, kwargs, rng, row)
             self.kernels[id(call)] = kernel

@@ -363,4 +363,16 @@ def _fold_call(n: CallExpr, go: object, step: str) -> Call:
     model_params = tuple(
         tuple((k, vals[i]) for k, vals in per_model.items()) for i in range(len(models))
     )
+    # Names, counts and values: the methods' one binder, as for YAML steps.
+    from merge.methods._registry import bind_call
+
+    problems = bind_call(
+        spec,
+        n_models=len(models),
+        has_base=base is not None,
+        params=dict(params),
+        per_model_params=[dict(mp) for mp in model_params],
+    )
+    if problems:
+        raise ExprError("; ".join(problems))
     return Call(n.method, tuple(models), base, tuple(params), model_params, step, tuple(names))

@@ -790,6 +790,13 @@ def _override_problems(
                     f"no method call{' in step ' + ov.step if ov.step else ''} takes `{k}`{did_you_mean(k, valid)}{hint}",
                 )
             )
+    # Values: each call's own domains, through the methods' one binder.
+    from merge.methods._registry import override_problems
+
+    for c in calls:
+        for k, m in override_problems(get_method(c.method), ov.params(), dict(c.params), ov.glob):
+            if (k, m) not in out:
+                out.append((k, m))
     return out
 
 

@@ -340,7 +340,42 @@ def bind_call(
         for key, value in pm.items():
             if key in valid:
                 problems += value_problems(spec, key, value, where)
-    return problems
+    if spec.shape_for(params) == MODEL:
+        for pm in [params, *per_model_params]:
+            for key, value in pm.items():
+                if key in spec.per_model and isinstance(value, (list, tuple)):
+                    problems.append(
+                        f"method `{name}`: a model-wide call (`scope: model`) takes one `{key}` "
+                        f"per model for the whole model, but {value!r} is a layer gradient; "
+                        "give one value, or use `scope: tensor`"
+                    )
+    return list(dict.fromkeys(problems))  # once each, in order
+
+
+def override_problems(
+    spec: MethodSpec, values: Mapping[str, Any], call_params: Mapping[str, Any], glob: str | None
+) -> list[tuple[str, str]]:
+    """(key, problem) for an override's values on a call of `spec`: each value against its
+    domain, and per-tensor values of a model-wide call (its statistics span every tensor)."""
+    out: list[tuple[str, str]] = []
+    valid = {**spec.global_params, **dict.fromkeys(spec.per_model)}
+    for key, value in values.items():
+        if key not in valid:
+            continue
+        out += [(key, m) for m in value_problems(spec, key, value)]
+    merged = {**call_params, **{k: v for k, v in values.items() if k in spec.global_params}}
+    if spec.shape_for(merged) == MODEL and glob != "*":
+        for key in values:
+            if key in spec.per_model:
+                out.append(
+                    (
+                        key,
+                        f"method `{spec.name}` runs model-wide here (`scope: model`: one "
+                        f"threshold per model over all its tensors), so `{key}` cannot change "
+                        "per tensor; set it on the step, or use `scope: tensor`",
+                    )
+                )
+    return out
 
 
 def bind_params(spec: MethodSpec, params: Mapping[str, Any]) -> list[str]:

@@ -10,6 +10,8 @@ from torch import Tensor
 from merge.errors import UsageError
 from merge.methods._checks import check_choice, check_finite, check_positive
 from merge.methods._gta import combine
+from typing import Literal
+
 from merge.methods._registry import register
 
 _REF = "Wang et al. 2024, Localizing Task Information (TALL masks, Consensus; arXiv:2405.07813)"
@@ -74,7 +76,7 @@ def consensus(
     weight: Sequence[float],
     tall_lambda: Sequence[float],
     k: int = 2,
-    aggregate: str = "sum",
+    aggregate: Literal["sum", "ties"] = "sum",
     scale: float = 1.0,
 ) -> Tensor:
     """base + α·1{Σ_t m_t ≥ k}⊙τ_MTL (k = 0: plain task arithmetic; k > T: the base)."""
@@ -104,7 +106,7 @@ def tall_mask(
     weight: Sequence[float],
     tall_lambda: Sequence[float],
     task: int = 0,
-    aggregate: str = "sum",
+    aggregate: Literal["sum", "ties"] = "sum",
 ) -> Tensor:
     """θ_task ≈ base + m_task⊙τ_MTL: the TALL-mask reconstruction of one task's model."""
     if int(task) != task or not 0 <= task < len(tensors):

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from merge.methods._checks import check_fraction
 from merge.methods._gta import elect_sign
-from merge.methods._registry import register
+from merge.methods._registry import Fraction, register
 
 
 @register(
@@ -18,7 +18,7 @@ from merge.methods._registry import register
     min_models=1,
     properties={"idempotent"},
 )
-def sce(tensors: Sequence[Tensor], *, base: Tensor, select_topk: float = 1.0) -> Tensor:
+def sce(tensors: Sequence[Tensor], *, base: Tensor, select_topk: Fraction = 1.0) -> Tensor:
     """base + Σ w_i m_i δ_i / Σ w_i m_i, w_i ∝ mean(δ_i²), m_i TIES sign agreement, top-var select."""
     check_fraction("sce", "select_topk", select_topk)
     deltas = torch.stack([x - base for x in tensors])  # (N, *shape)
