@@ -825,12 +825,15 @@ def unmatched_overrides(recipe: Recipe, tensors: Sequence[str]) -> list[str]:
 
 
 def _all_calls(a: Affine) -> list[Call]:
-    out = []
-    for c in a.calls():
-        out.append(c)
-        for m in (*c.models, *([c.base] if c.base else [])):
-            out += _all_calls(m)
-    return out
+    """Each call reachable from `a` once (a step used twice is one call, not a subtree per use)."""
+    out: dict[int, Call] = {}
+    stack = [a]
+    while stack:
+        for c in stack.pop().calls():
+            if id(c) not in out:
+                out[id(c)] = c
+                stack += [*c.models, *([c.base] if c.base else [])]
+    return list(out.values())
 
 
 def all_calls(a: Affine) -> list[Call]:
