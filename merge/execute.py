@@ -397,9 +397,7 @@ class Engine:
             call = item.stats
             kernel = run.kernels[id(call)]
             models = [self._eval_chunk(m, cache, item, memo) for m in call.models]
-            base = (
-                None if call.base is None else self._eval_chunk(call.base, cache, item, memo)
-            )
+            base = None if call.base is None else self._eval_chunk(call.base, cache, item, memo)
             try:
                 kernel.observe(item.start, models, base)
                 if item.barrier:
@@ -422,6 +420,7 @@ class Engine:
         assert item.run is not None
         total: Tensor | None = None
         for leaf, c in form.terms:
+            value: Tensor | None
             if isinstance(leaf, str):
                 value = cache[leaf]
             else:
@@ -444,6 +443,7 @@ class Engine:
                             f"`{call.method}`: {type(e).__name__}: {e}"
                         ) from e
                     memo[id(call)] = value
+            assert value is not None
             term = value if c == 1.0 else value * c
             total = (
                 term.clone()

@@ -332,7 +332,9 @@ def test_chained_steps_plan_in_linear_time() -> None:
     from merge.methods.ties import ties
 
     x = srcs["base"].read("w")
-    s = ties([srcs["a"].read("w"), srcs["b"].read("w")], base=x, weight=[1.0, 1.0], density=[0.5] * 2)
+    s = ties(
+        [srcs["a"].read("w"), srcs["b"].read("w")], base=x, weight=[1.0, 1.0], density=[0.5] * 2
+    )
     for _ in range(39):
         s = ties([s, srcs["a"].read("w")], base=s, weight=[1.0, 1.0], density=[0.5] * 2)
     assert torch.equal(out["w"], s)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,7 +67,12 @@ class Interval:
         return f"{'(' if self.lo_open or self.lo is None else '['}{lo}, {hi}{')' if self.hi_open or self.hi is None else ']'}"
 
 
-DENSITY = Interval(0.0, 1.0, lo_open=True, hint="the fraction of each task vector kept (e.g. 0.5), 1 keeps everything")
+DENSITY = Interval(
+    0.0,
+    1.0,
+    lo_open=True,
+    hint="the fraction of each task vector kept (e.g. 0.5), 1 keeps everything",
+)
 FRACTION = Interval(0.0, 1.0)
 NON_NEGATIVE = Interval(0.0, None)
 POSITIVE = Interval(0.0, None, lo_open=True)
@@ -117,13 +123,13 @@ def _domain_of(annotation: Any) -> Domain:
         return Domain("number", interval) if interval is not None else d
     if origin is typing.Literal:
         return Domain("choice", choices=typing.get_args(annotation))
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1:
             return _domain_of(args[0])
-    if origin is not None and origin in (Sequence, list, tuple, __import__("collections.abc").abc.Sequence):
-        args = typing.get_args(annotation)
-        return _domain_of(args[0]) if args else Domain("any")
+    if origin is not None and origin in (Sequence, list, tuple):
+        items = typing.get_args(annotation)
+        return _domain_of(items[0]) if items else Domain("any")
     if annotation is bool:
         return Domain("bool")
     if annotation in (int, float):

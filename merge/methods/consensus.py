@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -10,8 +11,6 @@ from torch import Tensor
 from merge.errors import UsageError
 from merge.methods._checks import check_choice, check_finite, check_positive
 from merge.methods._gta import combine
-from typing import Literal
-
 from merge.methods._registry import register
 
 _REF = "Wang et al. 2024, Localizing Task Information (TALL masks, Consensus; arXiv:2405.07813)"
