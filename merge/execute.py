@@ -536,8 +536,11 @@ class Engine:
                 return None
             nxt.slot = count % SLOTS
             count += 1
-            # Item i+1 goes into the slot of item i+1-SLOTS: that write must be done.
+            # Item i+1 goes into the slot of item i+1-SLOTS: that write must be done. Statistics
+            # items write nothing, so an older item may still hold this slot: wait for it too.
             wait_written(SLOTS - 2)
+            while any(p.slot == nxt.slot for p, _ in pending):
+                wait_written(len(pending) - 1)
             return nxt, reader.submit(self._load, nxt, nxt.slot)
 
         try:

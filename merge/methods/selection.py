@@ -217,7 +217,8 @@ def model_magnitude_threshold(
     return float(cand.kthvalue(cand.numel() - need + 1).values)
 
 
-STREAM_SAMPLE = 1 << 20  # sample for a streamed threshold: the bracket holds ~0.4% of entries
+STREAM_SAMPLE = 1 << 20  # up to this many elements, one pass keeps every |d| and is done
+BIN_LIMIT = 1 << 22  # at most this many candidates (value and index) are kept from one bin
 
 
 class StreamingTopK:
@@ -225,10 +226,12 @@ class StreamingTopK:
     k-th largest |d|) and an index cut c, so that entry i is kept iff |d_i| > t, or |d_i| = t
     and i < c (ties at the threshold are kept in index order until there are k).
 
-    Passes (`observe` every chunk in index order, then `end_pass`, while not `done`): a fixed
-    sample of positions brackets t; a count pass finds t exactly among the few entries in the
-    bracket; a cut pass, only when entries tie at t, finds c. Small tensors take one pass.
-    Chunk boundaries do not change the answer: the sample positions are fixed per tensor.
+    Passes (`observe` every chunk in index order, then `end_pass`, while not `done`): a
+    histogram of the top 16 bits of each |d| (non-negative floats order as their bit patterns)
+    finds the bin holding t; a second pass keeps the entries of that bin with their indices and
+    finishes exactly. A bin too full to keep (many equal magnitudes) is split by its low 16 bits
+    instead, which pins t exactly, and a last pass counts ties to find c. Small tensors take one
+    pass. Nothing depends on where the chunks are cut.
     """
 
     def __init__(self, numel: int, k: int):
@@ -238,33 +241,34 @@ class StreamingTopK:
         self.done = k <= 0 or k >= numel
         if k >= numel:
             self.threshold = 0.0
-        self._phase = "all" if numel <= STREAM_SAMPLE else "sample"
-        self._pos: Tensor | None = None
-        if self._phase == "sample":
-            g = torch.Generator().manual_seed(0x5E1EC7 ^ numel)
-            self._pos = torch.randint(numel, (STREAM_SAMPLE,), generator=g).sort().values
-        self._parts: list[Tensor] = []
-        self._above = 0
-        self._lo, self._hi = -1.0, math.inf
+        self._phase = "all" if numel <= STREAM_SAMPLE else "high"
+        self._hist = torch.zeros(1 << 16, dtype=torch.int64)
+        self._bin = 0
+        self._need = 0  # rank of t among the entries of the current bin, from the top
+        self._vals: list[Tensor] = []
+        self._idx: list[Tensor] = []
         self._ties_left = 0
+
+    @staticmethod
+    def _bits(a: Tensor) -> Tensor:
+        return a.float().contiguous().view(torch.int32)
 
     def observe(self, start: int, a: Tensor) -> None:
         """`a`: |d| of elements [start, start + m), flat."""
         if self.done:
             return
-        m = a.numel()
         if self._phase == "all":
-            self._parts.append(a.clone())
-        elif self._phase == "sample":
-            assert self._pos is not None
-            i0, i1 = torch.searchsorted(self._pos, torch.tensor([start, start + m])).tolist()
-            self._parts.append(a[(self._pos[i0:i1] - start).to(a.device)])
-        elif self._phase == "count":
-            if math.isfinite(self._hi):
-                self._above += int((a > self._hi).sum())
-                self._parts.append(a[(a >= self._lo) & (a <= self._hi)])
+            self._vals.append(a.clone())
+        elif self._phase == "high":
+            self._hist += torch.bincount(self._bits(a) >> 16, minlength=1 << 16)
+        elif self._phase in ("collect", "low"):
+            bits = self._bits(a)
+            inside = (bits >> 16) == self._bin
+            if self._phase == "collect":
+                self._vals.append(a[inside])
+                self._idx.append(inside.nonzero().reshape(-1) + start)
             else:
-                self._parts.append(a[a >= self._lo])
+                self._hist += torch.bincount(bits[inside] & 0xFFFF, minlength=1 << 16)
         elif self._phase == "cut" and self._ties_left > 0:
             eq = (a == self.threshold).nonzero().reshape(-1)
             if eq.numel() >= self._ties_left:
@@ -273,40 +277,45 @@ class StreamingTopK:
             else:
                 self._ties_left -= eq.numel()
 
+    def _pick_bin(self, need: int) -> tuple[int, int, int]:
+        """(bin, rank of t within it from the top, entries in it) for the need-th largest."""
+        above = self._hist.flip(0).cumsum(0).flip(0)  # above[b] = #entries in bins >= b
+        b = int((above >= need).nonzero().max())
+        over = int(above[b + 1]) if b + 1 < above.numel() else 0
+        return b, need - over, int(self._hist[b])
+
+    def _finish(self, vals: Tensor, idx: Tensor | None, need: int) -> None:
+        """t is the need-th largest of `vals`; `idx` (ascending) are their flat indices."""
+        self.threshold = float(vals.kthvalue(vals.numel() - need + 1).values)
+        ties = need - int((vals > self.threshold).sum())
+        eq = (vals == self.threshold).nonzero().reshape(-1)
+        if ties < eq.numel():
+            at = int(eq[ties - 1])
+            self.cut = (int(idx[at]) if idx is not None else at) + 1
+        self.done = True
+
     def end_pass(self) -> None:
         if self.done:
             return
-        parts, self._parts = self._parts, []
         if self._phase == "all":
-            a = torch.cat(parts) if parts else torch.zeros(0)
-            self.threshold = float(a.kthvalue(self.n - self.k + 1).values)
-            ties = int(self.k - int((a > self.threshold).sum()))
-            eq = (a == self.threshold).nonzero().reshape(-1)
-            self.cut = int(eq[ties - 1]) + 1 if ties < eq.numel() else self.n
-            self.done = True
-        elif self._phase == "sample":
-            sample = torch.cat(parts).sort().values
-            size = sample.numel()
-            q = 1.0 - self.k / self.n
-            spread = _SIGMAS * math.sqrt(size * q * (1.0 - q)) + 8.0
-            lo_i, hi_i = int(q * size - spread), int(q * size + spread)
-            self._lo = float(sample[lo_i]) if lo_i >= 0 else -1.0
-            self._hi = float(sample[hi_i]) if hi_i < size else math.inf
-            self._phase = "count"
-        elif self._phase == "count":
-            cand = torch.cat(parts) if parts else torch.zeros(0)
-            need = self.k - self._above
-            if need < 1:  # the threshold lies above the bracket: count again above it
-                self._lo, self._hi, self._above = self._hi, math.inf, 0
-                return
-            if need > cand.numel():  # below the bracket
-                self._lo, self._hi, self._above = -1.0, self._lo, 0
-                return
-            self.threshold = float(cand.kthvalue(cand.numel() - need + 1).values)
-            n_eq = int((cand == self.threshold).sum())
-            self._ties_left = need - int((cand > self.threshold).sum())
-            if self._ties_left >= n_eq:
-                self.done = True  # every tied entry is kept
+            vals = torch.cat(self._vals) if self._vals else torch.zeros(0)
+            self._vals = []
+            self._finish(vals, None, self.k)
+        elif self._phase == "high":
+            self._bin, self._need, count = self._pick_bin(self.k)
+            self._phase = "collect" if count <= BIN_LIMIT else "low"
+            self._hist.zero_()
+        elif self._phase == "collect":
+            vals, idx = torch.cat(self._vals), torch.cat(self._idx)
+            self._vals, self._idx = [], []
+            self._finish(vals, idx, self._need)
+        elif self._phase == "low":
+            low, need, count = self._pick_bin(self._need)
+            bits = torch.tensor([(self._bin << 16) | low], dtype=torch.int32)
+            self.threshold = float(bits.view(torch.float32))
+            self._ties_left = need
+            if need >= count:
+                self.done = True  # every entry equal to t is kept
             else:
                 self._phase = "cut"
         elif self._phase == "cut":
