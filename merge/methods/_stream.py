@@ -71,15 +71,15 @@ class BlockSums:
     global blocks of REDUCE_BLOCK elements (a block cut by a chunk edge is carried), added in
     block order by `total()`."""
 
-    def __init__(self, terms: int, device: torch.device | str = "cpu"):
+    def __init__(self, terms: int):
         self.terms = terms
-        self.device = device
-        self._blocks: list[Tensor] = []  # (terms, n_blocks) each
-        self._carry = torch.zeros(terms, 0, dtype=torch.float64, device=device)
+        self._blocks: list[Tensor] = []  # (terms,) block sums, in block order
+        self._carry = torch.zeros(terms, 0, dtype=torch.float64)
 
     def add(self, values: Tensor) -> None:
         """`values`: (terms, m) per-element terms of the next m elements, in index order."""
-        v = torch.cat([self._carry, values.to(torch.float64)], dim=1)
+        carry = self._carry.to(values.device)  # the device of the data (CPU or GPU)
+        v = torch.cat([carry, values.to(torch.float64)], dim=1)
         full = v.shape[1] // REDUCE_BLOCK * REDUCE_BLOCK
         if full:
             blocks = v[:, :full].reshape(self.terms, -1, REDUCE_BLOCK)
@@ -90,7 +90,7 @@ class BlockSums:
     def total(self) -> Tensor:
         """(terms,) float64 sums; the last partial block counts as one more block."""
         parts = [*self._blocks, self._carry.sum(dim=1)]
-        return torch.stack(parts, dim=1).sum(dim=1)
+        return torch.stack([p.cpu() for p in parts], dim=1).sum(dim=1)
 
 
 class Kernel:

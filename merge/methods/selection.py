@@ -260,6 +260,7 @@ class StreamingTopK:
         if self._phase == "all":
             self._vals.append(a.clone())
         elif self._phase == "high":
+            self._hist = self._hist.to(a.device)  # counts live where the data is
             self._hist += torch.bincount(self._bits(a) >> 16, minlength=1 << 16)
         elif self._phase in ("collect", "low"):
             bits = self._bits(a)
@@ -268,6 +269,7 @@ class StreamingTopK:
                 self._vals.append(a[inside])
                 self._idx.append(inside.nonzero().reshape(-1) + start)
             else:
+                self._hist = self._hist.to(a.device)
                 self._hist += torch.bincount(bits[inside] & 0xFFFF, minlength=1 << 16)
         elif self._phase == "cut" and self._ties_left > 0:
             eq = (a == self.threshold).nonzero().reshape(-1)
@@ -279,6 +281,7 @@ class StreamingTopK:
 
     def _pick_bin(self, need: int) -> tuple[int, int, int]:
         """(bin, rank of t within it from the top, entries in it) for the need-th largest."""
+        self._hist = self._hist.cpu()
         above = self._hist.flip(0).cumsum(0).flip(0)  # above[b] = #entries in bins >= b
         b = int((above >= need).nonzero().max())
         over = int(above[b + 1]) if b + 1 < above.numel() else 0
