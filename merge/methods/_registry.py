@@ -358,6 +358,17 @@ def bind_call(
     return list(dict.fromkeys(problems))  # once each, in order
 
 
+def _well_formed(value: Any) -> bool:
+    """A finite number, text, true/false, or a non-empty list of finite numbers."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(number(v) for v in value)
+    return isinstance(value, (str, bool)) or number(value)
+
+
 def override_problems(
     spec: MethodSpec, values: Mapping[str, Any], call_params: Mapping[str, Any], glob: str | None
 ) -> list[tuple[str, str]]:
@@ -366,8 +377,8 @@ def override_problems(
     out: list[tuple[str, str]] = []
     valid = {**spec.global_params, **dict.fromkeys(spec.per_model)}
     for key, value in values.items():
-        if key not in valid:
-            continue
+        if key not in valid or not _well_formed(value):
+            continue  # a value of the wrong structure is the recipe layer's to report
         out += [(key, m) for m in value_problems(spec, key, value)]
     merged = {**call_params, **{k: v for k, v in values.items() if k in spec.global_params}}
     if spec.shape_for(merged) == MODEL and glob != "*":
