@@ -52,6 +52,10 @@ from merge.progress import byte_progress, write_summary
 
 # 8M elements per read: 16 MiB of bf16 per input, large enough for sequential reads at disk speed.
 CHUNK_ELEMENTS = 1 << 23
+# 4M elements per chunk of a method call: each chunk holds the raw inputs in three slots, their
+# float32 copies and a few float32 temporaries per call (measured: TIES of base + 3 on the 1 GB
+# set peaks at 1.09 GiB with 8M-element chunks).
+GRAPH_CHUNK = 1 << 22
 # 1M elements per combine block: the float32 accumulator and one converted input (8 MiB) stay in
 # the last-level cache, so each input's bytes cross main memory once instead of three times
 # (convert out, read back, accumulate). Measured on 64M-element bf16 inputs x 4, one thread:
@@ -133,7 +137,7 @@ def estimate_peak_bytes(plan: Plan, chunk: int = CHUNK_ELEMENTS) -> int:
             peak = max(peak, (len(j.inputs) * 2 + 3) * j.numel * 4)
         elif j.mode == "graph":
             row = job_row(j)
-            n = min(j.numel, max(row, chunk // row * row))
+            n = min(j.numel, max(row, min(chunk, GRAPH_CHUNK) // row * row))
             calls = len(form_calls(j.form))
             # slots of raw inputs, fp32 copies of the inputs, and a few temporaries per call
             peak = max(peak, SLOTS * len(j.inputs) * n * 4 + (len(j.inputs) + 4 * calls) * n * 4)
@@ -288,7 +292,7 @@ class Engine:
                 yield _Item(j, 0, j.numel)
             elif j.mode == "graph":
                 run = _GraphRun(self, j)
-                size = max(run.row, self.chunk // run.row * run.row)
+                size = max(run.row, min(self.chunk, GRAPH_CHUNK) // run.row * run.row)
                 bounds = [(s, min(j.numel, s + size)) for s in range(0, j.numel, size)]
                 while (call := run.pending()) is not None:
                     for i, (s, e) in enumerate(bounds):
