@@ -40,10 +40,12 @@ def _inputs(n_models: int) -> dict[str, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(5)
     base = {k: torch.randn(s, generator=g) for k, s in SHAPES_UNDER_TEST.items()}
     out = {"base": base}
+    # a shared direction, so fine-tunes agree as real ones do (Model Stock needs cos > 0)
+    shared = {k: 0.1 * torch.randn(s, generator=g) for k, s in SHAPES_UNDER_TEST.items()}
     for i in range(n_models):
         # bf16-rounded task vectors: magnitudes repeat, so the tie rules are exercised
         out[f"m{i}"] = {
-            k: v + (0.1 * torch.randn(v.shape, generator=g)).bfloat16().float()
+            k: v + (shared[k] + 0.05 * torch.randn(v.shape, generator=g)).bfloat16().float()
             for k, v in base.items()
         }
     return out
