@@ -1,9 +1,12 @@
 """The one streaming loop: read the few tensors an output tensor needs, compute in float32, write.
 
-Weighted sums ("affine" jobs) and plain copies stream in chunks through three buffer slots: a
-reader thread fills one while the main thread computes another and a writer thread writes the
-third, so memory is a few chunks whatever the tensor or model size. Jobs with method calls
-("graph" jobs) read whole tensors, since methods such as TIES or SLERP need the whole tensor.
+Every job streams in chunks through three buffer slots: a reader thread fills one while the
+main thread computes another and a writer thread writes the third, so memory is a few chunks
+whatever the tensor or model size. Weighted sums ("affine" jobs) and copies take one pass.
+Method calls ("graph" jobs) whose registrations declare a streaming shape (elementwise,
+statistics then elementwise, row-wise, model-wide statistics) run their kernels' statistics
+passes first, chunk by chunk, then an apply pass (row-wise calls get chunks of whole rows);
+only calls declared whole-matrix read whole tensors, one output tensor at a time.
 """
 
 from __future__ import annotations
@@ -42,11 +45,17 @@ from merge.io.writer import (
     write_json,
 )
 from merge.methods import get_method
+from merge.methods._registry import MATRIX, MODEL, ROWS, STATISTICS
+from merge.methods._stream import ElementRandom, Kernel, mix_seed, rows_of
 from merge.plan import DTYPE_NAMES, Job, Plan, ResolvedCall
 from merge.progress import byte_progress, write_summary
 
 # 8M elements per read: 16 MiB of bf16 per input, large enough for sequential reads at disk speed.
 CHUNK_ELEMENTS = 1 << 23
+# 4M elements per chunk of a method call: each chunk holds the raw inputs in three slots, their
+# float32 copies and a few float32 temporaries per call (measured: TIES of base + 3 on the 1 GB
+# set peaks at 1.09 GiB with 8M-element chunks).
+GRAPH_CHUNK = 1 << 22
 # 1M elements per combine block: the float32 accumulator and one converted input (8 MiB) stay in
 # the last-level cache, so each input's bytes cross main memory once instead of three times
 # (convert out, read back, accumulate). Measured on 64M-element bf16 inputs x 4, one thread:
@@ -83,16 +92,102 @@ def tensor_seed(seed: int, name: str) -> int:
     ) & ((1 << 63) - 1)
 
 
+def form_calls(form: Affine) -> list[ResolvedCall]:
+    """The distinct method calls of a form, inner calls first (each shared call once)."""
+    seen: dict[int, ResolvedCall] = {}
+
+    def visit(f: Affine) -> None:
+        for leaf, _ in f.terms:
+            if isinstance(leaf, ResolvedCall) and id(leaf) not in seen:
+                for m in (*leaf.models, *([leaf.base] if leaf.base is not None else [])):
+                    visit(m)
+                seen[id(leaf)] = leaf
+
+    visit(form)
+    return list(seen.values())
+
+
+def call_shape(call: ResolvedCall) -> str:
+    """The execution shape the call's registration declares for its parameters."""
+    return get_method(call.method).shape_for(dict(call.params))
+
+
+def streams(job: Job) -> bool:
+    """True when every call of a graph job can run chunk by chunk (no whole-matrix call)."""
+    for call in form_calls(job.form):
+        spec = get_method(call.method)
+        shape = spec.shape_for(dict(call.params))
+        if shape == MATRIX or (shape in (STATISTICS, MODEL) and spec.kernel is None):
+            return False
+    return True
+
+
+def job_row(job: Job) -> int:
+    """The row length a graph job's chunks must respect (1 when no call is row-wise)."""
+    rows = {call_shape(c) == ROWS for c in form_calls(job.form)}
+    return rows_of(job.shape) if True in rows else 1
+
+
 def estimate_peak_bytes(plan: Plan, chunk: int = CHUNK_ELEMENTS) -> int:
-    """Rough peak of our own buffers: the read slots and the accumulators, or whole fp32 tensors."""
+    """Rough peak of our own buffers: the read slots and the working chunks, or whole fp32
+    tensors for whole-matrix calls."""
     peak = 0
     for j in plan.jobs:
-        if j.mode == "graph":
+        if j.mode == "graph" and not streams(j):
             peak = max(peak, (len(j.inputs) * 2 + 3) * j.numel * 4)
+        elif j.mode == "graph":
+            row = job_row(j)
+            n = min(j.numel, max(row, min(chunk, GRAPH_CHUNK) // row * row))
+            calls = len(form_calls(j.form))
+            # slots of raw inputs, fp32 copies of the inputs, and a few temporaries per call
+            peak = max(peak, SLOTS * len(j.inputs) * n * 4 + (len(j.inputs) + 4 * calls) * n * 4)
         else:
             n = min(j.numel, chunk)
             peak = max(peak, SLOTS * (len(j.inputs) + 1) * n * 8 + 2 * BLOCK_ELEMENTS * 8)
     return peak
+
+
+class FnKernel(Kernel):
+    """A method function applied to each chunk as it is (elementwise), or to whole rows."""
+
+    def __init__(
+        self, fn: Callable[..., Tensor], kwargs: dict[str, Any], rng: ElementRandom | None, row: int
+    ):
+        self.fn, self.kwargs, self.rng, self.row = fn, kwargs, rng, row
+
+    def apply(self, start: int, models: list[Tensor], base: Tensor | None) -> Tensor:  # type: ignore[override]
+        kw = dict(self.kwargs)
+        if self.rng is not None:
+            kw["generator"] = self.rng.at(start)
+        shape = (-1,) if self.row == 1 else (-1, self.row)  # row-wise: (rows, row) per chunk
+        if base is not None:
+            kw["base"] = base.reshape(shape)
+        out = self.fn([m.reshape(shape) for m in models], **kw)
+        return out.reshape(-1)
+
+
+class _GraphRun:
+    """One streamed graph job: a kernel per call, statistics passes inner calls first."""
+
+    def __init__(self, engine: Engine, job: Job):
+        self.job = job
+        self.calls = form_calls(job.form)
+        self.kernels: dict[int, Kernel] = {}
+        for ordinal, call in enumerate(self.calls):
+            spec = get_method(call.method)
+            kwargs = engine._kwargs(call, job)
+            rng = engine._random(call, job, ordinal) if spec.random else None
+            shape = spec.shape_for(dict(call.params))
+            kernel = spec.kernel(job.shape, kwargs, rng) if spec.kernel is not None else None
+            if kernel is None:
+                row = rows_of(job.shape) if shape == ROWS else 1
+                kernel = FnKernel(spec.fn, kwargs, rng, row)
+            self.kernels[id(call)] = kernel
+        self.row = job_row(job)
+
+    def pending(self) -> ResolvedCall | None:
+        """The first call (inner first) that still wants a statistics pass."""
+        return next((c for c in self.calls if self.kernels[id(c)].needs_pass()), None)
 
 
 @dataclass
@@ -101,6 +196,9 @@ class _Item:
     start: int
     stop: int
     slot: int = 0
+    run: _GraphRun | None = None
+    stats: ResolvedCall | None = None  # a statistics pass for this call: computes, writes nothing
+    barrier: bool = False  # the last item of a statistics pass: what follows depends on it
 
 
 # Items in flight: one being read, one being computed, one being written. Each owns a slot of
@@ -187,9 +285,20 @@ class Engine:
 
     # -- reading -----------------------------------------------------------------------------------
     def _items(self) -> Iterator[_Item]:
+        """Items in order; lazy, so the passes a statistics kernel asks for are decided after
+        the barrier item that ends the previous pass has been computed."""
         for j in self.plan.jobs:
-            if j.mode == "graph" or j.numel == 0:
+            if j.numel == 0 or (j.mode == "graph" and not streams(j)):
                 yield _Item(j, 0, j.numel)
+            elif j.mode == "graph":
+                run = _GraphRun(self, j)
+                size = max(run.row, min(self.chunk, GRAPH_CHUNK) // run.row * run.row)
+                bounds = [(s, min(j.numel, s + size)) for s in range(0, j.numel, size)]
+                while (call := run.pending()) is not None:
+                    for i, (s, e) in enumerate(bounds):
+                        yield _Item(j, s, e, run=run, stats=call, barrier=i == len(bounds) - 1)
+                for s, e in bounds:
+                    yield _Item(j, s, e, run=run)
             else:
                 for s in range(0, j.numel, self.chunk):
                     yield _Item(j, s, min(j.numel, s + self.chunk))
@@ -203,7 +312,7 @@ class Engine:
         for pos, name in enumerate(job.inputs):
             src = self.plan.sources[name]
             meta = src.meta(job.name)
-            if job.mode == "graph":
+            if job.mode == "graph" and item.run is None:
                 out[name] = src.read(job.name)
             else:
                 mapped = src.map_range(job.name, item.start, item.stop)
@@ -254,7 +363,23 @@ class Engine:
             out.copy_(weighted_sum_into(on_device, coefs, acc, None))
         return out
 
+    def _kwargs(self, call: ResolvedCall, job: Job) -> dict[str, Any]:
+        spec = get_method(call.method)
+        kwargs: dict[str, Any] = {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in call.params
+        }
+        if "tensor_name" in spec.signature.parameters:
+            kwargs["tensor_name"] = job.name
+        return kwargs
+
+    def _random(self, call: ResolvedCall, job: Job, ordinal: int) -> ElementRandom:
+        """Draws keyed by (seed, tensor, call identity): the step and the call's place among
+        the job's calls, so two random calls on one tensor draw independent masks."""
+        key = mix_seed(self.seed, job.name, call.step, ordinal)
+        return ElementRandom(key, job.numel, 0, self.device)
+
     def _compute_graph(self, job: Job, data: dict[str, Tensor]) -> Tensor:
+        """A whole-matrix job: whole fp32 tensors, one output tensor at a time."""
         work = torch.float64 if job.out_dtype == torch.float64 else torch.float32
         options = self.plan.program.recipe.options
         if options.compat == "mergekit" and options.compute_dtype:  # mergekit's arithmetic
@@ -263,16 +388,97 @@ class Engine:
         for k in list(data):
             # Pop as we convert, so each input's raw copy is freed before the next is converted.
             cache[k] = data.pop(k).to(device=self.device, dtype=work).reshape(job.shape)
-        result = self._eval_form(job.form, cache, job)
+        ordinals = {id(c): i for i, c in enumerate(form_calls(job.form))}
+        result = self._eval_form(job.form, cache, job, ordinals, {})
         return result.to(job.out_dtype).cpu()
 
-    def _eval_form(self, form: Affine, cache: dict[str, Tensor], job: Job) -> Tensor:
+    def _compute_streamed(self, item: _Item, data: dict[str, Tensor]) -> Tensor | None:
+        """One chunk of a streamed graph job: a statistics observation, or output values."""
+        job, run = item.job, item.run
+        assert run is not None
+        work = _work_dtype(job)
+        cache = {k: v.to(device=self.device, dtype=work).reshape(-1) for k, v in data.items()}
+        data.clear()
+        memo: dict[int, Tensor] = {}
+        if item.stats is not None:
+            call = item.stats
+            kernel = run.kernels[id(call)]
+            models = [self._eval_chunk(m, cache, item, memo) for m in call.models]
+            base = None if call.base is None else self._eval_chunk(call.base, cache, item, memo)
+            try:
+                kernel.observe(item.start, models, base)
+                if item.barrier:
+                    kernel.end_pass()
+            except MergeError:
+                raise
+            except Exception as e:
+                raise ExecutionError(
+                    f"while merging tensor `{job.name}` in step `{call.step}` with "
+                    f"`{call.method}`: {type(e).__name__}: {e}"
+                ) from e
+            return None
+        result = self._eval_chunk(job.form, cache, item, memo)
+        out = self._buffer(f"out{item.slot}", item.stop - item.start, job.out_dtype)
+        return out.copy_(result)
+
+    def _eval_chunk(
+        self, form: Affine, cache: dict[str, Tensor], item: _Item, memo: dict[int, Tensor]
+    ) -> Tensor:
+        assert item.run is not None
+        total: Tensor | None = None
+        for leaf, c in form.terms:
+            value: Tensor | None
+            if isinstance(leaf, str):
+                value = cache[leaf]
+            else:
+                call: ResolvedCall = leaf  # type: ignore[assignment]
+                value = memo.get(id(call))  # a call shared by two terms is computed once
+                if value is None:
+                    models = [self._eval_chunk(m, cache, item, memo) for m in call.models]
+                    base = (
+                        None
+                        if call.base is None
+                        else self._eval_chunk(call.base, cache, item, memo)
+                    )
+                    try:
+                        value = item.run.kernels[id(call)].apply(item.start, models, base)
+                    except MergeError:
+                        raise
+                    except Exception as e:
+                        raise ExecutionError(
+                            f"while merging tensor `{item.job.name}` in step `{call.step}` with "
+                            f"`{call.method}`: {type(e).__name__}: {e}"
+                        ) from e
+                    memo[id(call)] = value
+            assert value is not None
+            term = value if c == 1.0 else value * c
+            total = (
+                term.clone()
+                if total is None and term is value
+                else (term if total is None else total + term)
+            )
+        if total is None:
+            return torch.zeros(item.stop - item.start, dtype=torch.float32, device=self.device)
+        return total
+
+    def _eval_form(
+        self,
+        form: Affine,
+        cache: dict[str, Tensor],
+        job: Job,
+        ordinals: dict[int, int],
+        memo: dict[int, Tensor],
+    ) -> Tensor:
         total: Tensor | None = None
         for leaf, c in form.terms:
             if isinstance(leaf, str):
                 value = cache[leaf]
             else:
-                value = self._call(leaf, cache, job)  # type: ignore[arg-type]
+                got = memo.get(id(leaf))
+                if got is None:
+                    got = self._call(leaf, cache, job, ordinals, memo)  # type: ignore[arg-type]
+                    memo[id(leaf)] = got
+                value = got
             term = value if c == 1.0 else value * c
             total = (
                 term.clone()
@@ -283,20 +489,21 @@ class Engine:
             return torch.zeros(job.shape, dtype=torch.float32, device=self.device)
         return total
 
-    def _call(self, call: ResolvedCall, cache: dict[str, Tensor], job: Job) -> Tensor:
+    def _call(
+        self,
+        call: ResolvedCall,
+        cache: dict[str, Tensor],
+        job: Job,
+        ordinals: dict[int, int],
+        memo: dict[int, Tensor],
+    ) -> Tensor:
         spec = get_method(call.method)
-        models = [self._eval_form(m, cache, job) for m in call.models]
-        kwargs: dict[str, Any] = {
-            k: (list(v) if isinstance(v, tuple) else v) for k, v in call.params
-        }
+        models = [self._eval_form(m, cache, job, ordinals, memo) for m in call.models]
+        kwargs = self._kwargs(call, job)
         if call.base is not None:
-            kwargs["base"] = self._eval_form(call.base, cache, job)
+            kwargs["base"] = self._eval_form(call.base, cache, job, ordinals, memo)
         if spec.random:
-            g = torch.Generator(device=self.device)
-            g.manual_seed(tensor_seed(self.seed, job.name))
-            kwargs["generator"] = g
-        if "tensor_name" in spec.signature.parameters:
-            kwargs["tensor_name"] = job.name
+            kwargs["generator"] = self._random(call, job, ordinals[id(call)])
         try:
             return spec.fn(models, **kwargs)
         except MergeError:
@@ -311,18 +518,17 @@ class Engine:
         """Three stages overlap: a reader thread loads item i+1, the main thread computes item i,
         and a writer thread writes item i-1. Item i's buffers belong to slot i mod SLOTS, so a
         slot is reused only after the item that last held it has been written."""
-        items = list(self._items())
-        for i, it in enumerate(items):
-            it.slot = i % SLOTS
-        total = sum(self._item_bytes(it) for it in items)
+        items = self._items()
+        total = sum(self._job_bytes(j) for j in self.plan.jobs)
         bar = byte_progress(total, "merging", quiet=self.quiet)
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read")
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-write")
         pending: deque[tuple[_Item, Future[None]]] = deque()  # submitted writes, oldest first
         # Streaming math is memory-bound: a second intra-op thread gains little and its spinning
         # takes the CPU from the reader and writer threads (measured: 3 GB task arithmetic
-        # 7.4 s with one thread, 8.3 s with two). Method calls (TIES...) keep every thread.
+        # 7.4 s with one thread, 8.3 s with two). Whole-matrix calls keep every thread.
         threads = torch.get_num_threads()
+        count = 0
 
         def wait_written(keep: int) -> None:
             while len(pending) > keep:
@@ -330,23 +536,36 @@ class Engine:
                 fut.result()
                 bar.update(self._item_bytes(done))
 
+        def submit_next() -> tuple[_Item, Future[dict[str, Tensor]]] | None:
+            nonlocal count
+            nxt = next(items, None)
+            if nxt is None:
+                return None
+            nxt.slot = count % SLOTS
+            count += 1
+            # Item i+1 goes into the slot of item i+1-SLOTS: that write must be done. Statistics
+            # items write nothing, so an older item may still hold this slot: wait for it too.
+            wait_written(SLOTS - 2)
+            while any(p.slot == nxt.slot for p, _ in pending):
+                wait_written(len(pending) - 1)
+            return nxt, reader.submit(self._load, nxt, nxt.slot)
+
         try:
-            loading: Future[dict[str, Tensor]] | None = (
-                reader.submit(self._load, items[0], 0) if items else None
-            )
-            for i, item in enumerate(items):
-                assert loading is not None
-                data = loading.result()
-                # Item i+1 goes into the slot of item i+1-SLOTS: that write must be done.
-                wait_written(SLOTS - 2)
-                if i + 1 < len(items):
-                    loading = reader.submit(self._load, items[i + 1], items[i + 1].slot)
-                want = threads if item.job.mode == "graph" else 1
+            loading = submit_next()
+            while loading is not None:
+                item, fut = loading
+                data = fut.result()
+                loading = None if item.barrier else submit_next()
+                whole = item.job.mode == "graph" and item.run is None
+                want = threads if whole else 1
                 if torch.get_num_threads() != want:
                     torch.set_num_threads(want)
                 out = self._compute(item, data)
                 del data
-                pending.append((item, writer.submit(write, item.job.name, out)))
+                if out is not None:
+                    pending.append((item, writer.submit(write, item.job.name, out)))
+                if item.barrier:
+                    loading = submit_next()
             wait_written(0)
         finally:
             torch.set_num_threads(threads)
@@ -354,9 +573,11 @@ class Engine:
             writer.shutdown(wait=True, cancel_futures=True)
             bar.close()
 
-    def _compute(self, item: _Item, data: dict[str, Tensor]) -> Tensor:
+    def _compute(self, item: _Item, data: dict[str, Tensor]) -> Tensor | None:
         job = item.job
         try:
+            if job.mode == "graph" and item.run is not None:
+                return self._compute_streamed(item, data)
             if job.mode == "graph":
                 return self._compute_graph(job, data)
             return self._compute_chunk(item, data)
@@ -366,6 +587,11 @@ class Engine:
             raise ExecutionError(
                 f"while merging tensor `{job.name}`: {type(e).__name__}: {e}"
             ) from e
+
+    def _job_bytes(self, job: Job) -> int:
+        """Bytes read and written for one job's output pass (what the progress bar counts)."""
+        read = sum(self.plan.sources[i].meta(job.name).dtype.itemsize for i in job.inputs)
+        return (read + job.out_dtype.itemsize) * job.numel
 
     def _item_bytes(self, item: _Item) -> int:
         """Bytes read and written for one item (what the progress bar counts)."""

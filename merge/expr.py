@@ -162,7 +162,10 @@ def names_in(node: Node) -> set[str]:
 # ---- folded program ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+# eq=False: a call is itself (hashed by identity). Structural hashing recursed through every
+# nested call, so chained steps that reuse a step cost 2^steps; two calls written separately
+# are two calls (two random calls draw independent masks).
+@dataclass(frozen=True, eq=False)
 class Call:
     """A method call leaf: the method's inputs are themselves affine forms."""
 
@@ -200,14 +203,17 @@ class Affine:
         return Affine(tuple(acc.items()))
 
     def inputs(self) -> set[str]:
-        """Input names this form reads, through method calls too."""
+        """Input names this form reads, through method calls too (each shared call once)."""
         out: set[str] = set()
-        for x, _ in self.terms:
-            if isinstance(x, str):
-                out.add(x)
-            else:
-                for m in (*x.models, *([x.base] if x.base else [])):
-                    out |= m.inputs()
+        seen: set[int] = set()
+        stack: list[Affine] = [self]
+        while stack:
+            for x, _ in stack.pop().terms:
+                if isinstance(x, str):
+                    out.add(x)
+                elif id(x) not in seen:
+                    seen.add(id(x))
+                    stack += [*x.models, *([x.base] if x.base else [])]
         return out
 
     def calls(self) -> list[Call]:
@@ -363,4 +369,16 @@ def _fold_call(n: CallExpr, go: object, step: str) -> Call:
     model_params = tuple(
         tuple((k, vals[i]) for k, vals in per_model.items()) for i in range(len(models))
     )
+    # Names, counts and values: the methods' one binder, as for YAML steps.
+    from merge.methods._registry import bind_call
+
+    problems = bind_call(
+        spec,
+        n_models=len(models),
+        has_base=base is not None,
+        params=dict(params),
+        per_model_params=[dict(mp) for mp in model_params],
+    )
+    if problems:
+        raise ExprError("; ".join(problems))
     return Call(n.method, tuple(models), base, tuple(params), model_params, step, tuple(names))

@@ -17,17 +17,26 @@ from torch import Tensor
 
 from merge.errors import PlanError
 from merge.expr import Affine
+from merge.methods import get_method
+from merge.methods._registry import MODEL
 from merge.methods.selection import model_magnitude_threshold
 from merge.plan import Job, Plan, ResolvedCall
 from merge.progress import counted
 
-MODEL_SCOPED = {"ties"}
+
+def _model_scoped(call: ResolvedCall) -> bool:
+    """The call's registration declares model-wide statistics for these parameters.
+
+    Contract of the `model` shape: one magnitude threshold per model over all its tensors,
+    from the per-model `density`, handed back as the per-model `threshold`.
+    """
+    return get_method(call.method).shape_for(dict(call.params)) == MODEL
 
 
 def _scoped_calls(form: Affine) -> Iterator[ResolvedCall]:
     for leaf, _ in form.terms:
         if isinstance(leaf, ResolvedCall):
-            if leaf.method in MODEL_SCOPED and dict(leaf.params).get("scope") == "model":
+            if _model_scoped(leaf):
                 yield leaf
             for m in leaf.models:
                 yield from _scoped_calls(m)
@@ -83,7 +92,7 @@ def _with_thresholds(job: Job, thresholds: dict[tuple[str, int], float]) -> Job:
             if isinstance(leaf, ResolvedCall):
                 models = tuple(rewrite(m) for m in leaf.models)
                 params = dict(leaf.params)
-                if leaf.method in MODEL_SCOPED and params.get("scope") == "model":
+                if _model_scoped(leaf):
                     params["threshold"] = tuple(
                         thresholds[(leaf.step, i)] for i in range(len(models))
                     )

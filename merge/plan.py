@@ -25,7 +25,6 @@ from merge.io.detect import open_checkpoint
 from merge.io.sources import TensorSource
 from merge.keysets import output_key_problems, strict_hint
 from merge.methods import get_method
-from merge.methods.linear import normalized_weights
 from merge.recipe import Program, all_calls, unmatched_overrides
 
 DTYPE_NAMES = {
@@ -35,10 +34,9 @@ DTYPE_NAMES = {
     "float64": torch.float64,
 }
 LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-AFFINE_METHODS = ("linear", "task_arithmetic")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: resolved forms are DAGs
 class ResolvedCall:
     """A method call with every parameter resolved for one tensor."""
 
@@ -239,6 +237,7 @@ def build_plan(
                 f"was trained on, as `{dora_base} + k * {n}`, not passed to `{call.method}` in step `{call.step}`"
             )
     jobs: list[Job] = []
+    resolve_errors: dict[str, list[str]] = {}
     for name in names:
         have = [n for n in used if name in keys_by[n]]
         metas = {n: sources[n].meta(name) for n in have}
@@ -271,9 +270,10 @@ def build_plan(
             else 0.0
         )
         try:
-            form = resolve_form(out_form, name, t, program, set(have))
+            form = resolve_form(out_form, name, t, program, set(have), memo={})
         except (ValueError, UsageError) as e:
-            problems.append(f"`{name}`: {e}")
+            # One line per distinct problem, not one per tensor (a zero weight sum hits all).
+            resolve_errors.setdefault(str(e), []).append(name)
             continue
         if nonlinear:
             form = _scale_nonlinear(form, name, sources, nonlinear, dora_base, problems)
@@ -287,6 +287,12 @@ def build_plan(
         else:
             mode_ = "graph"
         jobs.append(Job(name, ref.shape, out_dt, mode_, form, form_inputs))
+    for msg, where in resolve_errors.items():
+        problems.append(
+            f"`{where[0]}`: {msg}"
+            if len(where) == 1
+            else f"{msg} (in {len(where)} tensors, e.g. `{where[0]}`)"
+        )
     if problems:
         raise PlanError(
             f"cannot merge these inputs ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n  "
@@ -339,14 +345,21 @@ def _scale_nonlinear(
     return Affine(tuple(terms))  # type: ignore[arg-type]
 
 
-def form_inputs_of(form: Affine) -> set[str]:
+def form_inputs_of(form: Affine, _seen: dict[int, set[str]] | None = None) -> set[str]:
+    """The input names a resolved form reads (each shared call visited once)."""
+    seen = {} if _seen is None else _seen
     out: set[str] = set()
     for x, _ in form.terms:
         if isinstance(x, str):
             out.add(x)
         elif isinstance(x, ResolvedCall):
-            for m in (*x.models, *([x.base] if x.base else [])):
-                out |= form_inputs_of(m)
+            got = seen.get(id(x))
+            if got is None:
+                got = set()
+                for m in (*x.models, *([x.base] if x.base else [])):
+                    got |= form_inputs_of(m, seen)
+                seen[id(x)] = got
+            out |= got
     return out
 
 
@@ -355,12 +368,20 @@ def _param(value: Any, t: float) -> Any:
 
 
 def resolve_form(
-    form: Affine, tensor: str, t: float, program: Program, present: set[str]
+    form: Affine,
+    tensor: str,
+    t: float,
+    program: Program,
+    present: set[str],
+    memo: dict[int, Affine] | None = None,
 ) -> Affine:
     """The form for one tensor: overrides and gradients applied, weighted sums folded in.
 
-    Delta inputs that do not cover this tensor contribute zero and are dropped.
+    Delta inputs that do not cover this tensor contribute zero and are dropped. `memo` maps a
+    call (by identity) to its resolved form, so a step used by several later steps is resolved
+    once per tensor and the result is a DAG, not a tree that doubles with every such step.
     """
+    memo = {} if memo is None else memo
     out = Affine()
     for leaf, c in form.terms:
         if isinstance(leaf, str):
@@ -368,11 +389,16 @@ def resolve_form(
                 out = out.plus(Affine(((leaf, c),)))
             continue
         assert isinstance(leaf, Call)
-        out = out.plus(_resolve_call(leaf, tensor, t, program, present).scaled(c))
+        got = memo.get(id(leaf))
+        if got is None:
+            got = memo[id(leaf)] = _resolve_call(leaf, tensor, t, program, present, memo)
+        out = out.plus(got.scaled(c))
     return Affine(tuple((x, c) for x, c in out.terms if c != 0.0))
 
 
-def _resolve_call(call: Call, tensor: str, t: float, program: Program, present: set[str]) -> Affine:
+def _resolve_call(
+    call: Call, tensor: str, t: float, program: Program, present: set[str], memo: dict[int, Affine]
+) -> Affine:
     spec = get_method(call.method)
     params = dict(call.params)
     model_params = [dict(mp) for mp in call.model_params]
@@ -396,35 +422,41 @@ def _resolve_call(call: Call, tensor: str, t: float, program: Program, present: 
         params["compat"] = program.recipe.options.compat
     if "compute_dtype" in spec.global_params and "compute_dtype" not in params:
         params["compute_dtype"] = program.recipe.options.compute_dtype
-    models = tuple(resolve_form(m, tensor, t, program, present) for m in call.models)
-    base = resolve_form(call.base, tensor, t, program, present) if call.base is not None else None
-    if call.method == "linear":
-        w = normalized_weights(per_model["weight"], bool(params.get("normalize", True)))
+    models = tuple(resolve_form(m, tensor, t, program, present, memo) for m in call.models)
+    base = (
+        resolve_form(call.base, tensor, t, program, present, memo)
+        if call.base is not None
+        else None
+    )
+    if spec.affine is not None and (base is not None or not spec.needs_base):
+        # A weighted sum (the registration says how): folded, so the engine streams it.
+        coefs, base_coef = spec.affine(per_model, params)
         acc = Affine()
-        for m, wi in zip(models, w):
+        if base is not None and base_coef != 0.0:
+            acc = base.scaled(base_coef)
+        for m, wi in zip(models, coefs):
             acc = acc.plus(m.scaled(wi))
-        return acc
-    if call.method == "task_arithmetic" and base is not None:
-        lam = float(params.get("scale", 1.0))  # type: ignore[arg-type]
-        acc = base
-        for m, wi in zip(models, per_model["weight"]):
-            acc = acc.plus(m.plus(base.scaled(-1.0)).scaled(lam * wi))
         return acc
     all_params = tuple(sorted({**params, **{k: tuple(v) for k, v in per_model.items()}}.items()))
     return Affine.leaf(ResolvedCall(call.method, models, base, all_params, call.step))  # type: ignore[arg-type]
 
 
-def checkpoint_weight(form: Affine, kinds: Mapping[str, str]) -> float:
+def checkpoint_weight(
+    form: Affine, kinds: Mapping[str, str], _seen: dict[int, float] | None = None
+) -> float:
     """Σ of the checkpoints' coefficients in a form (deltas count 0; a call counts as its inputs')."""
+    seen = {} if _seen is None else _seen
     total = 0.0
     for leaf, c in form.terms:
         if isinstance(leaf, str):
             total += c if kinds.get(leaf) == "checkpoint" else 0.0
         else:
-            inner = [checkpoint_weight(m, kinds) for m in leaf.models]
-            total += c * (
-                1.0 if any(abs(w) > 1e-9 for w in inner) or leaf.base is not None else 0.0
-            )
+            got = seen.get(id(leaf))
+            if got is None:
+                inner = [checkpoint_weight(m, kinds, seen) for m in leaf.models]
+                got = 1.0 if any(abs(w) > 1e-9 for w in inner) or leaf.base is not None else 0.0
+                seen[id(leaf)] = got
+            total += c * got
     return total
 
 
@@ -454,7 +486,7 @@ def describe_plan(plan: Plan, limit: int = 12) -> str:
         lines.append(f"  {n}: {s.path} ({s.kind}, {len(s.keys())} tensors)")
     lines.append("steps:")
     for name, form in plan.program.steps.items():
-        lines.append(f"  {name} = {format_form(form)}")
+        lines.append(f"  {name} = {format_form(form, name)}")
     by_mode: dict[str, int] = {}
     for j in plan.jobs:
         by_mode[j.mode] = by_mode.get(j.mode, 0) + 1
@@ -465,7 +497,7 @@ def describe_plan(plan: Plan, limit: int = 12) -> str:
     )
     for j in plan.jobs[:limit]:
         lines.append(
-            f"  {j.name} {list(j.shape)} {str(j.out_dtype).replace('torch.', '')} [{j.mode}] = {format_form(j.form)}"
+            f"  {j.name} {list(j.shape)} {str(j.out_dtype).replace('torch.', '')} [{j.mode}] = {format_form(j.form, plan.program.output_step)}"
         )
     if len(plan.jobs) > limit:
         lines.append(f"  ... {len(plan.jobs) - limit} more")
@@ -476,15 +508,22 @@ def describe_plan(plan: Plan, limit: int = 12) -> str:
     return "\n".join(lines)
 
 
-def format_form(form: Affine) -> str:
+def format_form(form: Affine, step: str | None = None) -> str:
+    """A form as text; a call made in another step than `step` is shown by that step's name
+    (so a chain of steps prints in size linear in the recipe, not the size of its tree)."""
     parts = []
     for leaf, c in form.terms:
         if isinstance(leaf, str):
             what = leaf
-        elif isinstance(leaf, Call):
-            what = f"{leaf.method}({', '.join(format_form(m) for m in leaf.models)}{', base=' + format_form(leaf.base) if leaf.base else ''})"
+        elif step is not None and leaf.step != step:
+            what = leaf.step
         else:
-            ps = ", ".join(f"{k}={v}" for k, v in leaf.params)
-            what = f"{leaf.method}({', '.join(format_form(m) for m in leaf.models)}{', base=' + format_form(leaf.base) if leaf.base else ''}{', ' + ps if ps else ''})"
+            inner = step if step is not None else leaf.step
+            args = [format_form(m, inner) for m in leaf.models]
+            if leaf.base:
+                args.append("base=" + format_form(leaf.base, inner))
+            if not isinstance(leaf, Call):
+                args += [f"{k}={v}" for k, v in leaf.params]
+            what = f"{leaf.method}({', '.join(args)})"
         parts.append(what if c == 1.0 else f"{c:g}*{what}")
     return " + ".join(parts).replace("+ -", "- ") or "0"

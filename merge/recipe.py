@@ -803,6 +803,13 @@ def _override_problems(
                     f"no method call{' in step ' + ov.step if ov.step else ''} takes `{k}`{did_you_mean(k, valid)}{hint}",
                 )
             )
+    # Values: each call's own domains, through the methods' one binder.
+    from merge.methods._registry import override_problems
+
+    for c in calls:
+        for k, m in override_problems(get_method(c.method), ov.params(), dict(c.params), ov.glob):
+            if (k, m) not in out:
+                out.append((k, m))
     return out
 
 
@@ -831,12 +838,15 @@ def unmatched_overrides(recipe: Recipe, tensors: Sequence[str]) -> list[str]:
 
 
 def _all_calls(a: Affine) -> list[Call]:
-    out = []
-    for c in a.calls():
-        out.append(c)
-        for m in (*c.models, *([c.base] if c.base else [])):
-            out += _all_calls(m)
-    return out
+    """Each call reachable from `a` once (a step used twice is one call, not a subtree per use)."""
+    out: dict[int, Call] = {}
+    stack = [a]
+    while stack:
+        for c in stack.pop().calls():
+            if id(c) not in out:
+                out[id(c)] = c
+                stack += [*c.models, *([c.base] if c.base else [])]
+    return list(out.values())
 
 
 def all_calls(a: Affine) -> list[Call]:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -296,3 +297,88 @@ def test_mapped_reads_give_the_same_bytes_as_buffered_reads(
     monkeypatch.setattr(SafetensorsSource, "map_range", lambda self, name, start, stop: None)
     buffered = merge_expression(expr, three_models, tmp_path / "buffered.safetensors")
     assert mapped.read_bytes() == buffered.read_bytes()
+
+
+def test_chained_steps_plan_in_linear_time() -> None:
+    """Issue 15 item 9: each step reused twice by the next made planning 2^steps."""
+    import time
+
+    from merge.io.sources import MemorySource
+    from merge.plan import describe_plan
+
+    steps: dict[str, object] = {
+        "s0": {"method": "ties", "base": "base", "models": ["a", "b"], "density": 0.5}
+    }
+    for i in range(1, 40):  # 2^40 calls as a tree; 40 as a DAG
+        steps[f"s{i}"] = {
+            "method": "ties",
+            "base": f"s{i - 1}",
+            "models": [f"s{i - 1}", "a"],
+            "density": 0.5,
+        }
+    r = {"inputs": {n: f"<memory:{n}>" for n in ("base", "a", "b")}, "steps": steps}
+    g = torch.Generator().manual_seed(0)
+    srcs = {
+        n: MemorySource({"w": torch.randn(4, 3, generator=g)}, f"<memory:{n}>")
+        for n in ("base", "a", "b")
+    }
+    t0 = time.perf_counter()
+    plan = plan_recipe(r, preopened=srcs)
+    text = describe_plan(plan)
+    out = Engine(plan, quiet=True).to_memory()
+    assert time.perf_counter() - t0 < 20
+    assert "s39 = ties(s38, a, base=s38)" in text and len(text) < 10_000
+    # the DAG computes what the recipe says: s_i = ties([s_{i-1}, a], base=s_{i-1})
+    from merge.methods.ties import ties
+
+    x = srcs["base"].read("w")
+    s = ties(
+        [srcs["a"].read("w"), srcs["b"].read("w")], base=x, weight=[1.0, 1.0], density=[0.5] * 2
+    )
+    for _ in range(39):
+        s = ties([s, srcs["a"].read("w")], base=s, weight=[1.0, 1.0], density=[0.5] * 2)
+    assert torch.equal(out["w"], s)
+
+
+def test_zero_sum_error_is_reported_once_not_per_tensor() -> None:
+    r = {
+        "inputs": {"a": "<memory:a>", "b": "<memory:b>"},
+        "steps": {
+            "s": {"method": "linear", "models": {"a": {"weight": 1.0}, "b": {"weight": -1.0}}}
+        },
+    }
+    from merge.io import open_checkpoint
+
+    srcs = {"a": open_checkpoint(tensors(0)), "b": open_checkpoint(tensors(1))}
+    with pytest.raises(PlanError) as e:
+        plan_recipe(r, preopened=srcs)
+    msg = str(e.value)
+    assert msg.count("sum to zero") == 1
+    assert "cannot merge these inputs (1 problem)" in msg
+    assert re.search(r"\(in \d+ tensors, e\.g\. `model\.", msg)
+
+
+def test_coefficient_warning_is_one_clean_line_once_and_silent_with_q(tmp_path: Path) -> None:
+    """Issue 14 item 23 (planner part): no internal path, once in validate, nothing with -q."""
+    from click.testing import CliRunner
+
+    from merge.cli import cli
+
+    for i, n in enumerate(("a", "b")):
+        save_state_dict(tensors(i), tmp_path / n)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"inputs: {{a: {tmp_path / 'a'}, b: {tmp_path / 'b'}}}\nsteps:\n  s: a + b\n")
+    runner = CliRunner()
+    res = runner.invoke(cli, ["validate", str(recipe)])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("coefficients sum to 2") == 1
+    assert "MergeWarning" not in res.output and ".py:" not in res.output
+    res = runner.invoke(cli, ["run", str(recipe), "-o", str(tmp_path / "o1")])
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.output.splitlines() if "coefficients" in ln]
+    assert lines == [
+        "warning: step `s`: the checkpoints' coefficients sum to 2, not 1, so its result is "
+        "scaled away from the models (did you mean a task vector such as `a - base`?)"
+    ]
+    res = runner.invoke(cli, ["run", str(recipe), "-o", str(tmp_path / "o2"), "-q"])
+    assert res.exit_code == 0 and "coefficients" not in res.output

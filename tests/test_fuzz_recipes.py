@@ -230,5 +230,7 @@ def test_fuzzed_recipes_give_only_merge_errors(tmp_path: Path) -> None:
     )
     assert failures == []
     assert long_messages == []
-    assert outcomes["error"] > N_MUTANTS // 2 and outcomes["ok"] > 10
+    # (ok: 11 before the methods binder, 9 after: it refuses two mutants whose `density` is a
+    # string, which used to pass validate and fail on the first tensor)
+    assert outcomes["error"] > N_MUTANTS // 2 and outcomes["ok"] > 5
     assert rss_growth_mb < 300

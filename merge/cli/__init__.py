@@ -4,11 +4,29 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from typing import Any
 
 import click
 
-from merge.errors import MergeError
+from merge.errors import MergeError, MergeWarning
+
+
+def _merge_warning_printer(previous: Any) -> Any:
+    """A showwarning that prints our own warnings as one clean line (no internal path), each
+    distinct one once per command, and hands any other warning to `previous`."""
+    shown: set[str] = set()
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if not issubclass(category, MergeWarning):
+            previous(message, category, *args, **kwargs)
+            return
+        text = str(message)
+        if text not in shown:
+            shown.add(text)
+            click.echo(f"warning: {text}", err=True)
+
+    return show
 
 
 class MergeGroup(click.Group):
@@ -19,7 +37,10 @@ class MergeGroup(click.Group):
         if output is not None:
             output.reset_state()
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = _merge_warning_printer(warnings.showwarning)
+                warnings.simplefilter("always", MergeWarning)  # printed once each, above
+                return super().invoke(ctx)
         except MergeError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise

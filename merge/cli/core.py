@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from merge.errors import UsageError
+from merge.errors import MergeWarning, UsageError
 
 
 def _check_shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -91,7 +92,10 @@ def _write(
 
     if output_required and opts["output"] is None:
         raise UsageError(f"{command} needs -o/--output")
-    run_recipe(recipe, **opts, **extra)
+    with warnings.catch_warnings():
+        if opts["quiet"]:  # -q prints errors only
+            warnings.simplefilter("ignore", MergeWarning)
+        run_recipe(recipe, **opts, **extra)
 
 
 def _parse_floats(text: str, flag: str) -> list[float]:
@@ -172,11 +176,13 @@ def validate(recipe: Path, vars_: tuple[str, ...], no_inputs: bool, limit: int) 
     if no_inputs:
         click.echo(f"{recipe}: ok")
         for name, form in program.steps.items():
-            click.echo(f"  {name} = {format_form(form)}")
+            click.echo(f"  {name} = {format_form(form, name)}")
         return
     from merge.api import plan_recipe
 
-    plan = plan_recipe(program)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MergeWarning)  # describe_plan lists the plan's notes
+        plan = plan_recipe(program)
     try:
         click.echo(f"{recipe}: ok")
         click.echo(describe_plan(plan, limit=limit))

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from merge.methods._checks import check_choice
+from merge.methods._stream import ElementRandom
 from merge.methods._threads import one_thread
-from merge.methods.selection import bernoulli_mask, trim_below
+from merge.methods.selection import Random, bernoulli_mask, keep_top
 
 ELECT_CHOICES = ("sum", "count")
 
@@ -121,8 +122,10 @@ def fused_merge(
     weight: Sequence[float],
     *,
     thresholds: Sequence[float | None] | None = None,
+    cuts: Sequence[int] | None = None,
+    offset: int = 0,
     keep_prob: Sequence[float] | None = None,
-    generator: torch.Generator | None = None,
+    generator: Random = None,
     elect: str | None,
     normalize: bool,
     scale: float,
@@ -130,9 +133,12 @@ def fused_merge(
 ) -> Tensor:
     """`combine` of sparsified task vectors, chunk by chunk with reused buffers.
 
-    Per chunk: δ_i = x_i − base; zero |δ_i| < thresholds[i] (magnitude trim); drop with
-    Bernoulli(keep_prob[i]) and rescale by 1/keep_prob[i] (DARE, paper); then `combine`. The
-    random draws go chunk by chunk, model by model, so a seed gives the same output every time.
+    Per chunk: δ_i = x_i − base; zero |δ_i| < thresholds[i] (magnitude trim; entries equal to
+    it are kept below the flat index cuts[i] only, so exactly k survive); drop with
+    Bernoulli(keep_prob[i]) and rescale by 1/keep_prob[i] (DARE, paper); then `combine`.
+    `offset` is the flat index of the first element (the inputs may be one chunk of a larger
+    tensor). Random draws: a torch generator draws chunk by chunk, model by model; an
+    `ElementRandom` draws by element index, model i on stream i.
     """
     with one_thread():
         return _fused_merge(
@@ -141,6 +147,8 @@ def fused_merge(
             base,
             weight,
             thresholds,
+            cuts,
+            offset,
             keep_prob,
             generator,
             elect,
@@ -156,8 +164,10 @@ def _fused_merge(
     base: Tensor,
     weight: Sequence[float],
     thresholds: Sequence[float | None] | None,
+    cuts: Sequence[int] | None,
+    offset: int,
     keep_prob: Sequence[float] | None,
-    generator: torch.Generator | None,
+    generator: Random,
     elect: str | None,
     normalize: bool,
     scale: float,
@@ -177,10 +187,11 @@ def _fused_merge(
             d = torch.sub(x[start:stop], b, out=bufs[i][: stop - start])
             thr = thresholds[i] if thresholds is not None else None
             if thr is not None:
-                d = trim_below(d, thr)
+                d = keep_top(d, offset + start, thr, cuts[i] if cuts is not None else n + offset)
             p = float(keep_prob[i]) if keep_prob is not None else 1.0
             if p < 1.0:
-                d.mul_(bernoulli_mask(d.shape, p, generator, d.device)).div_(p)
+                g = generator.at(start) if isinstance(generator, ElementRandom) else generator
+                d.mul_(bernoulli_mask(d.shape, p, g, d.device, stream=i)).div_(p)
             deltas.append(d)
         out[start:stop] = combine(
             method, b, deltas, weight, elect=elect, normalize=normalize, scale=scale, compat=compat

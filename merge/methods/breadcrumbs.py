@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import Tensor
 
 from merge.methods._checks import check_compat, check_density, check_fraction
 from merge.methods._gta import combine
-from merge.methods._registry import register
+from merge.methods._registry import (
+    MATRIX,
+    ROWS,
+    Compat,
+    ComputeDtype,
+    Density,
+    Elect,
+    Fraction,
+    register,
+)
 from merge.methods.sparsify import breadcrumbs_band, mergekit_delta
 
 _REF = "Davari & Belilovsky 2024, Model Breadcrumbs (arXiv:2312.06795)"
@@ -38,10 +48,16 @@ def _banded(
     ]
 
 
+def _shape(params: Mapping[str, Any]) -> str:
+    """Row-wise bands (paper); mergekit's band is over the whole tensor."""
+    return MATRIX if params.get("compat") == "mergekit" else ROWS
+
+
 @register(
     "breadcrumbs",
     reference=_REF,
     per_model={"weight": 1.0, "density": 1.0, "gamma": 0.01},
+    shape=_shape,
     properties={"idempotent"},
 )
 def breadcrumbs(
@@ -49,12 +65,12 @@ def breadcrumbs(
     *,
     base: Tensor,
     weight: Sequence[float],
-    density: Sequence[float],
-    gamma: Sequence[float],
+    density: Sequence[Density],
+    gamma: Sequence[Fraction],
     normalize: bool = False,
     scale: float = 1.0,
-    compat: str = "paper",
-    compute_dtype: str | None = None,
+    compat: Compat = "paper",
+    compute_dtype: ComputeDtype | None = None,
 ) -> Tensor:
     """base + λ Σ w_i m_i⊙δ_i, m_i keeps magnitude ranks (γ, γ+density] of each row of δ_i."""
     deltas = _banded("breadcrumbs", tensors, base, density, gamma, compat, compute_dtype)
@@ -74,6 +90,7 @@ def breadcrumbs(
     "breadcrumbs_ties",
     reference=_REF,
     per_model={"weight": 1.0, "density": 1.0, "gamma": 0.01},
+    shape=_shape,
     properties={"idempotent"},
 )
 def breadcrumbs_ties(
@@ -81,13 +98,13 @@ def breadcrumbs_ties(
     *,
     base: Tensor,
     weight: Sequence[float],
-    density: Sequence[float],
-    gamma: Sequence[float],
-    elect: str = "sum",
+    density: Sequence[Density],
+    gamma: Sequence[Fraction],
+    elect: Elect = "sum",
     normalize: bool = False,
     scale: float = 1.0,
-    compat: str = "paper",
-    compute_dtype: str | None = None,
+    compat: Compat = "paper",
+    compute_dtype: ComputeDtype | None = None,
 ) -> Tensor:
     """Breadcrumbs masks, then TIES sign election and disjoint merge."""
     deltas = _banded("breadcrumbs_ties", tensors, base, density, gamma, compat, compute_dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -74,7 +75,7 @@ def consensus(
     weight: Sequence[float],
     tall_lambda: Sequence[float],
     k: int = 2,
-    aggregate: str = "sum",
+    aggregate: Literal["sum", "ties"] = "sum",
     scale: float = 1.0,
 ) -> Tensor:
     """base + α·1{Σ_t m_t ≥ k}⊙τ_MTL (k = 0: plain task arithmetic; k > T: the base)."""
@@ -104,7 +105,7 @@ def tall_mask(
     weight: Sequence[float],
     tall_lambda: Sequence[float],
     task: int = 0,
-    aggregate: str = "sum",
+    aggregate: Literal["sum", "ties"] = "sum",
 ) -> Tensor:
     """θ_task ≈ base + m_task⊙τ_MTL: the TALL-mask reconstruction of one task's model."""
     if int(task) != task or not 0 <= task < len(tensors):

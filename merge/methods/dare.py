@@ -1,19 +1,21 @@
 """DARE: drop each task-vector entry with probability 1 − density and rescale the rest.
 
-Not `elementwise`: the random mask is drawn for the whole tensor from one seeded generator, so
-chunking a tensor would change which entries are dropped.
+Elementwise: the engine draws the mask by element index (`ElementRandom`), so a chunked merge
+drops the same entries as a whole-tensor one. mergekit's L1-norm rescale needs the whole
+tensor's norms, so `compat: mergekit` with `rescale` is a whole-matrix call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-import torch
 from torch import Tensor
 
 from merge.methods._checks import check_choice, check_compat, check_density
 from merge.methods._gta import ELECT_CHOICES, combine, fused_merge
-from merge.methods._registry import register
+from merge.methods._registry import ELEMENTWISE, MATRIX, Compat, Density, Elect, register
+from merge.methods.selection import Random
 from merge.methods.sparsify import dare_drop
 
 _REF = "Yu et al. 2024, Language Models are Super Mario (DARE, arXiv:2311.03099)"
@@ -25,18 +27,25 @@ def _dropped(
     density: Sequence[float],
     rescale: bool,
     compat: str,
-    generator: torch.Generator | None,
+    generator: Random,
 ) -> list[Tensor]:
     return [
-        dare_drop(x - base, float(d), rescale=rescale, compat=compat, generator=generator)
-        for x, d in zip(tensors, density)
+        dare_drop(x - base, float(d), rescale=rescale, compat=compat, generator=generator, stream=i)
+        for i, (x, d) in enumerate(zip(tensors, density))
     ]
+
+
+def _shape(params: Mapping[str, Any]) -> str:
+    """Elementwise, except mergekit's whole-tensor L1 rescale."""
+    mergekit_rescale = params.get("compat") == "mergekit" and params.get("rescale", True)
+    return MATRIX if mergekit_rescale else ELEMENTWISE
 
 
 @register(
     "dare_linear",
     reference=_REF,
     per_model={"weight": 1.0, "density": 1.0},
+    shape=_shape,
     properties={"idempotent"},
 )
 def dare_linear(
@@ -44,12 +53,12 @@ def dare_linear(
     *,
     base: Tensor,
     weight: Sequence[float],
-    density: Sequence[float],
+    density: Sequence[Density],
     rescale: bool = True,
     normalize: bool = False,
     scale: float = 1.0,
-    compat: str = "paper",
-    generator: torch.Generator | None = None,
+    compat: Compat = "paper",
+    generator: Random = None,
 ) -> Tensor:
     """base + λ Σ w_i m_i⊙δ_i/d_i, m_i ~ Bernoulli(d_i) (mergekit: L1-norm rescale)."""
     return _dare(
@@ -71,6 +80,7 @@ def dare_linear(
     "dare_ties",
     reference=_REF,
     per_model={"weight": 1.0, "density": 1.0},
+    shape=_shape,
     properties={"idempotent"},
 )
 def dare_ties(
@@ -78,13 +88,13 @@ def dare_ties(
     *,
     base: Tensor,
     weight: Sequence[float],
-    density: Sequence[float],
-    elect: str = "sum",
+    density: Sequence[Density],
+    elect: Elect = "sum",
     rescale: bool = True,
     normalize: bool = False,
     scale: float = 1.0,
-    compat: str = "paper",
-    generator: torch.Generator | None = None,
+    compat: Compat = "paper",
+    generator: Random = None,
 ) -> Tensor:
     """DARE drop-and-rescale, then TIES sign election and disjoint merge (dis-sum by default)."""
     check_choice("dare_ties", "elect", elect, ELECT_CHOICES)
@@ -114,7 +124,7 @@ def _dare(
     normalize: bool,
     scale: float,
     compat: str,
-    generator: torch.Generator | None,
+    generator: Random,
 ) -> Tensor:
     """Both DARE variants: the fused kernel for the paper's 1/p rescale, else drop then combine."""
     check_density(name, density)

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-import torch
 from torch import Tensor
 
 from merge.errors import UsageError
 from merge.methods._checks import check_compat, check_density
 from merge.methods._gta import combine
-from merge.methods._registry import register
+from merge.methods._registry import (
+    MATRIX,
+    ROWS,
+    Compat,
+    Density,
+    Elect,
+    NonNegative,
+    register,
+)
+from merge.methods.selection import Random
 from merge.methods.sparsify import della_drop
 
 _REF = "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)"
@@ -24,7 +33,7 @@ def _dropped(
     epsilon: Sequence[float],
     rescale: bool,
     compat: str,
-    generator: torch.Generator | None,
+    generator: Random,
 ) -> list[Tensor]:
     check_density(name, density)
     check_compat(name, compat)
@@ -41,16 +50,29 @@ def _dropped(
             )
     return [
         della_drop(
-            x - base, float(d), float(e), rescale=rescale, compat=compat, generator=generator
+            x - base,
+            float(d),
+            float(e),
+            rescale=rescale,
+            compat=compat,
+            generator=generator,
+            stream=i,
         )
-        for x, d, e in zip(tensors, density, epsilon)
+        for i, (x, d, e) in enumerate(zip(tensors, density, epsilon))
     ]
+
+
+def _shape(params: Mapping[str, Any]) -> str:
+    """Row-wise (magnitude ranks per row), except mergekit's whole-tensor L1 rescale."""
+    mergekit_rescale = params.get("compat") == "mergekit" and params.get("rescale", True)
+    return MATRIX if mergekit_rescale else ROWS
 
 
 @register(
     "della",
     reference=_REF,
     per_model={"weight": 1.0, "density": 1.0, "epsilon": 0.15},
+    shape=_shape,
     properties={"idempotent"},
 )
 def della(
@@ -58,14 +80,14 @@ def della(
     *,
     base: Tensor,
     weight: Sequence[float],
-    density: Sequence[float],
-    epsilon: Sequence[float],
-    elect: str = "sum",
+    density: Sequence[Density],
+    epsilon: Sequence[NonNegative],
+    elect: Elect = "sum",
     rescale: bool = True,
     normalize: bool = True,
     scale: float = 1.0,
-    compat: str = "paper",
-    generator: torch.Generator | None = None,
+    compat: Compat = "paper",
+    generator: Random = None,
 ) -> Tensor:
     """MagPrune (p_i from row magnitude ranks, δ_i/p_i), TIES election, disjoint mean, λ."""
     deltas = _dropped("della", tensors, base, density, epsilon, rescale, compat, generator)
@@ -85,6 +107,7 @@ def della(
     "della_linear",
     reference=_REF,
     per_model={"weight": 1.0, "density": 1.0, "epsilon": 0.15},
+    shape=_shape,
     properties={"idempotent"},
 )
 def della_linear(
@@ -92,13 +115,13 @@ def della_linear(
     *,
     base: Tensor,
     weight: Sequence[float],
-    density: Sequence[float],
-    epsilon: Sequence[float],
+    density: Sequence[Density],
+    epsilon: Sequence[NonNegative],
     rescale: bool = True,
     normalize: bool = False,
     scale: float = 1.0,
-    compat: str = "paper",
-    generator: torch.Generator | None = None,
+    compat: Compat = "paper",
+    generator: Random = None,
 ) -> Tensor:
     """MagPrune then a plain weighted sum of the task vectors (no sign election)."""
     deltas = _dropped("della_linear", tensors, base, density, epsilon, rescale, compat, generator)

@@ -28,6 +28,10 @@ def normalized_weights(weights: Sequence[float], normalize: bool) -> list[float]
     reference="Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
     per_model={"weight": 1.0},
     elementwise=True,
+    affine=lambda per_model, params: (
+        normalized_weights(per_model["weight"], bool(params.get("normalize", True))),
+        0.0,
+    ),
     properties={"idempotent"},
 )
 def linear(tensors: Sequence[Tensor], *, weight: Sequence[float], normalize: bool = True) -> Tensor:

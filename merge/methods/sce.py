@@ -9,7 +9,7 @@ from torch import Tensor
 
 from merge.methods._checks import check_fraction
 from merge.methods._gta import elect_sign
-from merge.methods._registry import register
+from merge.methods._registry import ComputeDtype, Fraction, register
 from merge.methods.sparsify import COMPUTE_DTYPES, mergekit_delta
 
 
@@ -23,8 +23,8 @@ def sce(
     tensors: Sequence[Tensor],
     *,
     base: Tensor,
-    select_topk: float = 1.0,
-    compute_dtype: str | None = None,
+    select_topk: Fraction = 1.0,
+    compute_dtype: ComputeDtype | None = None,
 ) -> Tensor:
     """base + Σ w_i m_i δ_i / Σ w_i m_i, w_i ∝ mean(δ_i²), m_i TIES sign agreement, top-var select.
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from typing import Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from merge.methods._stream import ElementRandom
 from merge.methods._threads import one_thread
 
 SMALL = 1 << 18  # below this many elements a plain kthvalue is as fast as anything else
@@ -111,14 +113,33 @@ def trim_below(x: Tensor, thr: float) -> Tensor:
     return F.hardshrink(x, lam)
 
 
+Random = Union[torch.Generator, ElementRandom, None]  # noqa: UP007  (runtime alias)
+
+
+def uniform(
+    shape: torch.Size | tuple[int, ...],
+    generator: Random,
+    device: torch.device | str = "cpu",
+    *,
+    stream: int = 0,
+) -> Tensor:
+    """U[0, 1) draws: from a torch generator in order, or indexed by element (`ElementRandom`,
+    stream `stream`, so a chunk draws what the whole tensor draws at the same elements)."""
+    if isinstance(generator, ElementRandom):
+        return generator.uniform(math.prod(shape), stream).reshape(shape)
+    return torch.rand(shape, generator=generator, device=device)
+
+
 def bernoulli_mask(
     shape: torch.Size | tuple[int, ...],
     p: float | Tensor,
-    generator: torch.Generator | None,
+    generator: Random,
     device: torch.device | str = "cpu",
+    *,
+    stream: int = 0,
 ) -> Tensor:
     """A float 0/1 mask, 1 with probability p: ⌊u + p⌋ for u ~ U[0, 1) (i.e. u ≥ 1 − p)."""
-    u = torch.rand(shape, generator=generator, device=device)
+    u = uniform(shape, generator, device, stream=stream)
     return u.add_(p).floor_().clamp_(max=1.0)
 
 
@@ -194,3 +215,122 @@ def model_magnitude_threshold(
             "order?); check read_pairs"
         )
     return float(cand.kthvalue(cand.numel() - need + 1).values)
+
+
+STREAM_SAMPLE = 1 << 20  # up to this many elements, one pass keeps every |d| and is done
+BIN_LIMIT = 1 << 22  # at most this many candidates (value and index) are kept from one bin
+
+
+class StreamingTopK:
+    """The k largest |d| of a tensor seen in chunks, exactly k of them: the threshold t (the
+    k-th largest |d|) and an index cut c, so that entry i is kept iff |d_i| > t, or |d_i| = t
+    and i < c (ties at the threshold are kept in index order until there are k).
+
+    Passes (`observe` every chunk in index order, then `end_pass`, while not `done`): a
+    histogram of the top 16 bits of each |d| (non-negative floats order as their bit patterns)
+    finds the bin holding t; a second pass keeps the entries of that bin with their indices and
+    finishes exactly. A bin too full to keep (many equal magnitudes) is split by its low 16 bits
+    instead, which pins t exactly, and a last pass counts ties to find c. Small tensors take one
+    pass. Nothing depends on where the chunks are cut.
+    """
+
+    def __init__(self, numel: int, k: int):
+        self.n, self.k = numel, k
+        self.threshold = math.inf
+        self.cut = numel
+        self.done = k <= 0 or k >= numel
+        if k >= numel:
+            self.threshold = 0.0
+        self._phase = "all" if numel <= STREAM_SAMPLE else "high"
+        self._hist = torch.zeros(1 << 16, dtype=torch.int64)
+        self._bin = 0
+        self._need = 0  # rank of t among the entries of the current bin, from the top
+        self._vals: list[Tensor] = []
+        self._idx: list[Tensor] = []
+        self._ties_left = 0
+
+    @staticmethod
+    def _bits(a: Tensor) -> Tensor:
+        return a.float().contiguous().view(torch.int32)
+
+    def observe(self, start: int, a: Tensor) -> None:
+        """`a`: |d| of elements [start, start + m), flat."""
+        if self.done:
+            return
+        if self._phase == "all":
+            self._vals.append(a.clone())
+        elif self._phase == "high":
+            self._hist = self._hist.to(a.device)  # counts live where the data is
+            self._hist += torch.bincount(self._bits(a) >> 16, minlength=1 << 16)
+        elif self._phase in ("collect", "low"):
+            bits = self._bits(a)
+            inside = (bits >> 16) == self._bin
+            if self._phase == "collect":
+                self._vals.append(a[inside])
+                self._idx.append(inside.nonzero().reshape(-1) + start)
+            else:
+                self._hist = self._hist.to(a.device)
+                self._hist += torch.bincount(bits[inside] & 0xFFFF, minlength=1 << 16)
+        elif self._phase == "cut" and self._ties_left > 0:
+            eq = (a == self.threshold).nonzero().reshape(-1)
+            if eq.numel() >= self._ties_left:
+                self.cut = start + int(eq[self._ties_left - 1]) + 1
+                self._ties_left = 0
+            else:
+                self._ties_left -= eq.numel()
+
+    def _pick_bin(self, need: int) -> tuple[int, int, int]:
+        """(bin, rank of t within it from the top, entries in it) for the need-th largest."""
+        self._hist = self._hist.cpu()
+        above = self._hist.flip(0).cumsum(0).flip(0)  # above[b] = #entries in bins >= b
+        b = int((above >= need).nonzero().max())
+        over = int(above[b + 1]) if b + 1 < above.numel() else 0
+        return b, need - over, int(self._hist[b])
+
+    def _finish(self, vals: Tensor, idx: Tensor | None, need: int) -> None:
+        """t is the need-th largest of `vals`; `idx` (ascending) are their flat indices."""
+        self.threshold = float(vals.kthvalue(vals.numel() - need + 1).values)
+        ties = need - int((vals > self.threshold).sum())
+        eq = (vals == self.threshold).nonzero().reshape(-1)
+        if ties < eq.numel():
+            at = int(eq[ties - 1])
+            self.cut = (int(idx[at]) if idx is not None else at) + 1
+        self.done = True
+
+    def end_pass(self) -> None:
+        if self.done:
+            return
+        if self._phase == "all":
+            vals = torch.cat(self._vals) if self._vals else torch.zeros(0)
+            self._vals = []
+            self._finish(vals, None, self.k)
+        elif self._phase == "high":
+            self._bin, self._need, count = self._pick_bin(self.k)
+            self._phase = "collect" if count <= BIN_LIMIT else "low"
+            self._hist.zero_()
+        elif self._phase == "collect":
+            vals, idx = torch.cat(self._vals), torch.cat(self._idx)
+            self._vals, self._idx = [], []
+            self._finish(vals, idx, self._need)
+        elif self._phase == "low":
+            low, need, count = self._pick_bin(self._need)
+            bits = torch.tensor([(self._bin << 16) | low], dtype=torch.int32)
+            self.threshold = float(bits.view(torch.float32))
+            self._ties_left = need
+            if need >= count:
+                self.done = True  # every entry equal to t is kept
+            else:
+                self._phase = "cut"
+        elif self._phase == "cut":
+            self.done = True
+
+
+def keep_top(d: Tensor, start: int, threshold: float, cut: int) -> Tensor:
+    """d (flat elements [start, start + m)) with |d| < threshold zeroed, and |d| = threshold
+    zeroed from index `cut` on (StreamingTopK's rule); in place where it can."""
+    d = trim_below(d, threshold)
+    m = d.numel()
+    if cut < start + m and 0 < threshold < math.inf:
+        tail = d[max(cut - start, 0) :]
+        tail.masked_fill_(tail.abs() == threshold, 0.0)
+    return d

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from merge.methods.selection import bernoulli_mask, trim
+from merge.methods.selection import Random, bernoulli_mask, trim
 
 __all__ = [
     "breadcrumbs_band",
@@ -78,12 +78,20 @@ def l1_rescale(pruned: Tensor, original: Tensor) -> Tensor:
 
 
 def dare_drop(
-    delta: Tensor, density: float, *, rescale: bool, compat: str, generator: torch.Generator | None
+    delta: Tensor,
+    density: float,
+    *,
+    rescale: bool,
+    compat: str,
+    generator: Random,
+    stream: int = 0,
 ) -> Tensor:
-    """Keep each entry with probability `density` (m ~ Bernoulli(d)); paper rescale m⊙δ/d."""
+    """Keep each entry with probability `density` (m ~ Bernoulli(d)); paper rescale m⊙δ/d.
+
+    `stream`: which of an `ElementRandom`'s streams to draw from (one per model)."""
     if density >= 1.0:
         return delta
-    pruned = delta * bernoulli_mask(delta.shape, density, generator, delta.device)
+    pruned = delta * bernoulli_mask(delta.shape, density, generator, delta.device, stream=stream)
     if not rescale:
         return pruned
     if compat == "mergekit":
@@ -116,6 +124,8 @@ def breadcrumbs_band(delta: Tensor, density: float, gamma: float, *, compat: str
         mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
         mask[order[n_bot : n_bot + target]] = 1
         return delta * mask.reshape(delta.shape)
+    if delta.dim() == 0:
+        return delta  # one entry has no magnitude ranks to band: left as it is
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(-1, delta.shape[-1])
     n = rows.shape[-1]  # rows: (R, n)
     n_top = int(gamma * n)
@@ -123,12 +133,20 @@ def breadcrumbs_band(delta: Tensor, density: float, gamma: float, *, compat: str
     if n_keep <= 0:
         return torch.zeros_like(delta)
     a = rows.abs()
-    lo_rank = n - n_top - n_keep + 1  # ascending rank of the smallest kept magnitude
-    lo = a.kthvalue(lo_rank, dim=-1, keepdim=True).values
-    keep = a >= lo
+    # Keep descending magnitude ranks [n_top, n_top + n_keep) of each row, ties ranked by index,
+    # so exactly n_keep entries survive even where magnitudes repeat (bf16 task vectors).
+    lo = a.kthvalue(n - n_top - n_keep + 1, dim=-1, keepdim=True).values  # smallest kept
+    keep = a > lo
     if n_top > 0:
-        hi = a.kthvalue(n - n_top, dim=-1, keepdim=True).values
-        keep &= a <= hi
+        hi = a.kthvalue(n - n_top, dim=-1, keepdim=True).values  # largest kept
+        keep &= a < hi
+        bounds = [lo, hi]
+    else:
+        bounds = [lo]
+    for v in bounds:
+        eq = a == v
+        rank = (a > v).sum(dim=-1, keepdim=True) + eq.cumsum(dim=-1) - 1  # descending, by index
+        keep |= eq & (rank >= n_top) & (rank < n_top + n_keep)
     return torch.where(keep, rows, zero).reshape(delta.shape)
 
 
@@ -152,13 +170,14 @@ def della_drop(
     *,
     rescale: bool,
     compat: str,
-    generator: torch.Generator | None,
+    generator: Random,
+    stream: int = 0,
 ) -> Tensor:
     """Keep entry i with probability p_i (magnitude-ranked); paper rescale m_i δ_i / p_i."""
     if density >= 1.0:
         return delta
     p = della_probabilities(delta, density, epsilon)
-    keep = bernoulli_mask(delta.shape, p, generator, delta.device)
+    keep = bernoulli_mask(delta.shape, p, generator, delta.device, stream=stream)
     pruned = delta * keep
     if not rescale:
         return pruned

@@ -1,0 +1,134 @@
+"""Chunked evaluation of one method call on one tensor: statistics passes, then an apply pass.
+
+A `Kernel` sees a tensor as flat chunks `[start, start + m)` in index order. Before the apply
+pass it may ask for statistics passes (`needs_pass`): the executor streams every chunk of the
+call's inputs through `observe`, then calls `end_pass`. `apply` then maps each chunk to its
+output chunk. A kernel's result must not depend on where the chunks are cut: selection
+thresholds are exact order statistics, reductions are summed per fixed global block
+(`BlockSums`), and random draws are indexed by element (`ElementRandom`). So the engine's
+chunked result equals the whole-tensor result bit for bit, and a method's own whole-tensor
+function is the same kernel run on one chunk (`run_whole`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+# Elements per random block: draws are made a whole block at a time from a generator seeded by
+# (key, stream, block), so any chunk boundary sees the same numbers.
+RANDOM_BLOCK = 1 << 16
+# Elements per reduction block: partial sums are taken over fixed global blocks and added in
+# block order at the end, so a sum does not depend on where the chunks were cut.
+REDUCE_BLOCK = 1 << 16
+
+
+def mix_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (seed, tensor name, call identity, ...); no hash salt."""
+    text = "\x1f".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & (
+        (1 << 63) - 1
+    )
+
+
+class ElementRandom:
+    """Uniform [0, 1) draws indexed by element: u[i] depends only on (key, stream, i).
+
+    `at(offset)` positions it at a chunk's first element; `uniform(n, stream)` gives the draws
+    for elements [offset, offset + n) of stream `stream` (one stream per model, so two models,
+    or two calls with different keys, draw independent masks).
+    """
+
+    def __init__(self, key: int, numel: int, offset: int = 0, device: torch.device | str = "cpu"):
+        self.key = key
+        self.numel = numel
+        self.offset = offset
+        self.device = torch.device(device)
+
+    def at(self, offset: int) -> ElementRandom:
+        return ElementRandom(self.key, self.numel, self.offset + offset, self.device)
+
+    def uniform(self, n: int, stream: int = 0) -> Tensor:
+        out = torch.empty(n, dtype=torch.float32, device=self.device)
+        if n == 0:
+            return out
+        lo, hi = self.offset, self.offset + n
+        for b in range(lo // RANDOM_BLOCK, (hi - 1) // RANDOM_BLOCK + 1):
+            b0 = b * RANDOM_BLOCK
+            size = min(RANDOM_BLOCK, max(self.numel, hi) - b0)  # a block's length is fixed
+            g = torch.Generator(device=self.device).manual_seed(mix_seed(self.key, stream, b))
+            u = torch.rand(size, generator=g, device=self.device)
+            s, e = max(lo, b0), min(hi, b0 + size)
+            out[s - lo : e - lo] = u[s - b0 : e - b0]
+        return out
+
+
+class BlockSums:
+    """Σ over a tensor of per-element terms, exact in its chunking: float64 sums over fixed
+    global blocks of REDUCE_BLOCK elements (a block cut by a chunk edge is carried), added in
+    block order by `total()`."""
+
+    def __init__(self, terms: int):
+        self.terms = terms
+        self._blocks: list[Tensor] = []  # (terms,) block sums, in block order
+        self._carry = torch.zeros(terms, 0, dtype=torch.float64)
+
+    def add(self, values: Tensor) -> None:
+        """`values`: (terms, m) per-element terms of the next m elements, in index order."""
+        carry = self._carry.to(values.device)  # the device of the data (CPU or GPU)
+        v = torch.cat([carry, values.to(torch.float64)], dim=1)
+        full = v.shape[1] // REDUCE_BLOCK * REDUCE_BLOCK
+        if full:
+            blocks = v[:, :full].reshape(self.terms, -1, REDUCE_BLOCK)
+            # One sum per block, each over the same REDUCE_BLOCK elements whatever the chunking.
+            self._blocks += [blocks[:, j].sum(dim=1) for j in range(blocks.shape[1])]
+        self._carry = v[:, full:].clone()
+
+    def total(self) -> Tensor:
+        """(terms,) float64 sums; the last partial block counts as one more block."""
+        parts = [*self._blocks, self._carry.sum(dim=1)]
+        return torch.stack([p.cpu() for p in parts], dim=1).sum(dim=1)
+
+
+class Kernel:
+    """One method call on one tensor, evaluated over flat chunks in index order."""
+
+    # Chunks must hold whole rows of this many elements (row-wise methods); 1: any cut.
+    row: int = 1
+
+    def needs_pass(self) -> bool:
+        """True while a statistics pass over the inputs is still needed before `apply`."""
+        return False
+
+    def observe(self, start: int, models: Sequence[Tensor], base: Tensor | None) -> None:
+        """See chunk [start, start + m) of every input during a statistics pass."""
+
+    def end_pass(self) -> None:
+        """All chunks of a statistics pass have been observed."""
+
+    def apply(self, start: int, models: Sequence[Tensor], base: Tensor | None) -> Tensor:
+        """The output for chunk [start, start + m) (flat, float32)."""
+        raise NotImplementedError
+
+
+def run_whole(kernel: Kernel, tensors: Sequence[Tensor], base: Tensor | None) -> Tensor:
+    """A kernel on the whole tensor as one chunk (what a method's own function returns)."""
+    flats = [t.reshape(-1) for t in tensors]
+    flat_b = None if base is None else base.reshape(-1)
+    while kernel.needs_pass():
+        kernel.observe(0, flats, flat_b)
+        kernel.end_pass()
+    return kernel.apply(0, flats, flat_b).reshape(tensors[0].shape)
+
+
+def rows_of(shape: Sequence[int]) -> int:
+    """The row length a row-wise method uses: the last dimension (a 1-D tensor is one row)."""
+    if len(shape) < 2:
+        n = 1
+        for s in shape:
+            n *= int(s)
+        return max(n, 1)
+    return max(int(shape[-1]), 1)
