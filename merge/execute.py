@@ -45,6 +45,7 @@ from merge.io.writer import (
     write_json,
 )
 from merge.methods import get_method
+from merge.methods._checks import check_finite
 from merge.methods._registry import MATRIX, MODEL, ROWS, STATISTICS
 from merge.methods._stream import ElementRandom, Kernel, mix_seed, rows_of
 from merge.plan import DTYPE_NAMES, Job, Plan, ResolvedCall
@@ -406,6 +407,7 @@ class Engine:
             models = [self._eval_chunk(m, cache, item, memo) for m in call.models]
             base = None if call.base is None else self._eval_chunk(call.base, cache, item, memo)
             try:
+                check_finite(call.method, models, base, tensor_name=job.name)
                 kernel.observe(item.start, models, base)
                 if item.barrier:
                     kernel.end_pass()
@@ -441,6 +443,7 @@ class Engine:
                         else self._eval_chunk(call.base, cache, item, memo)
                     )
                     try:
+                        check_finite(call.method, models, base, tensor_name=item.job.name)
                         value = item.run.kernels[id(call)].apply(item.start, models, base)
                     except MergeError:
                         raise
@@ -505,6 +508,7 @@ class Engine:
         if spec.random:
             kwargs["generator"] = self._random(call, job, ordinals[id(call)])
         try:
+            check_finite(call.method, models, kwargs.get("base"), tensor_name=job.name)
             return spec.fn(models, **kwargs)
         except MergeError:
             raise

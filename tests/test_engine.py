@@ -10,7 +10,7 @@ from core_fixtures import sha256_tree, tensors
 from safetensors import safe_open
 
 from merge.api import evaluate_recipe_in_memory, merge_expression, plan_recipe, run_recipe
-from merge.errors import MergeWarning, PlanError
+from merge.errors import ExecutionError, MergeWarning, PlanError
 from merge.execute import Engine
 from merge.io import load_state_dict, save_state_dict
 from merge.methods import register
@@ -382,3 +382,32 @@ def test_coefficient_warning_is_one_clean_line_once_and_silent_with_q(tmp_path: 
     ]
     res = runner.invoke(cli, ["run", str(recipe), "-o", str(tmp_path / "o2"), "-q"])
     assert res.exit_code == 0 and "coefficients" not in res.output
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        "ties(a, b, base=base, density=0.5)",  # streamed: statistics then apply
+        "dare_linear(a, b, base=base, density=0.5)",  # streamed: elementwise
+        "slerp(a, base=base, t=0.3)",  # whole tensor
+    ],
+)
+def test_methods_refuse_non_finite_inputs_naming_the_tensor(tmp_path: Path, step: str) -> None:
+    """One rule in the engine for every method: NaN/inf inputs are refused with the tensor name
+    (weighted sums only warn, from the reader, since NaN there stays where it was)."""
+    bad = tensors(1)
+    bad["model.layers.1.mlp.up_proj.weight"][3, 2] = float("nan")
+    paths = {
+        "base": save_state_dict(tensors(0), tmp_path / "base"),
+        "a": save_state_dict(bad, tmp_path / "a"),
+        "b": save_state_dict(tensors(2), tmp_path / "b"),
+    }
+    with (
+        pytest.warns(MergeWarning, match="model.layers.1.mlp.up_proj.weight"),
+        pytest.raises(
+            ExecutionError,
+            match=r"model 1 has 1 NaN and 0 inf value in tensor `model.layers.1.mlp.up_proj.weight`",
+        ),
+    ):
+        merge_expression(step, paths, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
