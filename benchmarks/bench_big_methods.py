@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from bench_core import timed_external  # the same /usr/bin/time -v measurement
 
 HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 4096, 14336, 32, 8, 128256
 ROWS_PER_CHUNK = 2048  # rows per generated chunk: 8M elements of a 4096-wide matrix
@@ -112,18 +111,8 @@ def recipes(root: Path) -> dict[str, str]:
 
 
 def timed(cmd: list[str]) -> tuple[float, int] | None:
-    t0 = time.perf_counter()
-    res = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if res.returncode != 0:
-        print(f"failed:\n{res.stderr[-2000:]}", file=sys.stderr)
-        return None
-    rss = next(
-        int(line.split()[-1]) * 1024
-        for line in res.stderr.splitlines()
-        if "Maximum resident set size" in line
-    )
-    return wall, rss
+    """Wall seconds and peak RSS of a fresh process, as `/usr/bin/time -v` reports it."""
+    return timed_external(cmd)
 
 
 def main() -> None:

@@ -17,8 +17,9 @@ import shutil
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,41 @@ class FnKernel(Kernel):
             kw["base"] = base.reshape(shape)
         out = self.fn([m.reshape(shape) for m in models], **kw)
         return out.reshape(-1)
+
+
+def _weighted_total(
+    form: Affine, value_of: Callable[[object], Tensor], empty: Callable[[], Tensor]
+) -> Tensor:
+    """Σ c·value over a form's terms, for a whole tensor or one chunk. A lone unit term is
+    cloned, since its value may be a cached input that later terms must not change."""
+    total: Tensor | None = None
+    for leaf, c in form.terms:
+        value = value_of(leaf)
+        term = value if c == 1.0 else value * c
+        total = (
+            term.clone()
+            if total is None and term is value
+            else (term if total is None else total + term)
+        )
+    return empty() if total is None else total
+
+
+@contextmanager
+def _method_call(
+    tensor: str, call: ResolvedCall, models: Sequence[Tensor], base: Tensor | None
+) -> Iterator[None]:
+    """Around every method call: NaN/inf inputs refused, and failures named by tensor, step and
+    method (a MergeError already says what is wrong and passes as it is)."""
+    try:
+        check_finite(call.method, models, base, tensor_name=tensor)
+        yield
+    except MergeError:
+        raise
+    except Exception as e:
+        raise ExecutionError(
+            f"while merging tensor `{tensor}` in step `{call.step}` with `{call.method}`: "
+            f"{type(e).__name__}: {e}"
+        ) from e
 
 
 class _GraphRun:
@@ -406,18 +442,10 @@ class Engine:
             kernel = run.kernels[id(call)]
             models = [self._eval_chunk(m, cache, item, memo) for m in call.models]
             base = None if call.base is None else self._eval_chunk(call.base, cache, item, memo)
-            try:
-                check_finite(call.method, models, base, tensor_name=job.name)
+            with _method_call(job.name, call, models, base):
                 kernel.observe(item.start, models, base)
                 if item.barrier:
                     kernel.end_pass()
-            except MergeError:
-                raise
-            except Exception as e:
-                raise ExecutionError(
-                    f"while merging tensor `{job.name}` in step `{call.step}` with "
-                    f"`{call.method}`: {type(e).__name__}: {e}"
-                ) from e
             return None
         result = self._eval_chunk(job.form, cache, item, memo)
         out = self._buffer(f"out{item.slot}", item.stop - item.start, job.out_dtype)
@@ -426,43 +454,27 @@ class Engine:
     def _eval_chunk(
         self, form: Affine, cache: dict[str, Tensor], item: _Item, memo: dict[int, Tensor]
     ) -> Tensor:
-        assert item.run is not None
-        total: Tensor | None = None
-        for leaf, c in form.terms:
-            value: Tensor | None
+        run = item.run
+        assert run is not None
+
+        def value_of(leaf: object) -> Tensor:
             if isinstance(leaf, str):
-                value = cache[leaf]
-            else:
-                call: ResolvedCall = leaf  # type: ignore[assignment]
-                value = memo.get(id(call))  # a call shared by two terms is computed once
-                if value is None:
-                    models = [self._eval_chunk(m, cache, item, memo) for m in call.models]
-                    base = (
-                        None
-                        if call.base is None
-                        else self._eval_chunk(call.base, cache, item, memo)
-                    )
-                    try:
-                        check_finite(call.method, models, base, tensor_name=item.job.name)
-                        value = item.run.kernels[id(call)].apply(item.start, models, base)
-                    except MergeError:
-                        raise
-                    except Exception as e:
-                        raise ExecutionError(
-                            f"while merging tensor `{item.job.name}` in step `{call.step}` with "
-                            f"`{call.method}`: {type(e).__name__}: {e}"
-                        ) from e
-                    memo[id(call)] = value
-            assert value is not None
-            term = value if c == 1.0 else value * c
-            total = (
-                term.clone()
-                if total is None and term is value
-                else (term if total is None else total + term)
-            )
-        if total is None:
-            return torch.zeros(item.stop - item.start, dtype=torch.float32, device=self.device)
-        return total
+                return cache[leaf]
+            call: ResolvedCall = leaf  # type: ignore[assignment]
+            value = memo.get(id(call))  # a call shared by two terms is computed once
+            if value is None:
+                models = [self._eval_chunk(m, cache, item, memo) for m in call.models]
+                base = None if call.base is None else self._eval_chunk(call.base, cache, item, memo)
+                with _method_call(item.job.name, call, models, base):
+                    value = run.kernels[id(call)].apply(item.start, models, base)
+                memo[id(call)] = value
+            return value
+
+        return _weighted_total(
+            form,
+            value_of,
+            lambda: torch.zeros(item.stop - item.start, dtype=torch.float32, device=self.device),
+        )
 
     def _eval_form(
         self,
@@ -472,25 +484,20 @@ class Engine:
         ordinals: dict[int, int],
         memo: dict[int, Tensor],
     ) -> Tensor:
-        total: Tensor | None = None
-        for leaf, c in form.terms:
+        def value_of(leaf: object) -> Tensor:
             if isinstance(leaf, str):
-                value = cache[leaf]
-            else:
-                got = memo.get(id(leaf))
-                if got is None:
-                    got = self._call(leaf, cache, job, ordinals, memo)  # type: ignore[arg-type]
-                    memo[id(leaf)] = got
-                value = got
-            term = value if c == 1.0 else value * c
-            total = (
-                term.clone()
-                if total is None and term is value
-                else (term if total is None else total + term)
-            )
-        if total is None:
-            return torch.zeros(job.shape, dtype=torch.float32, device=self.device)
-        return total
+                return cache[leaf]
+            got = memo.get(id(leaf))
+            if got is None:
+                got = self._call(leaf, cache, job, ordinals, memo)  # type: ignore[arg-type]
+                memo[id(leaf)] = got
+            return got
+
+        return _weighted_total(
+            form,
+            value_of,
+            lambda: torch.zeros(job.shape, dtype=torch.float32, device=self.device),
+        )
 
     def _call(
         self,
@@ -507,15 +514,9 @@ class Engine:
             kwargs["base"] = self._eval_form(call.base, cache, job, ordinals, memo)
         if spec.random:
             kwargs["generator"] = self._random(call, job, ordinals[id(call)])
-        try:
-            check_finite(call.method, models, kwargs.get("base"), tensor_name=job.name)
-            return spec.fn(models, **kwargs)
-        except MergeError:
-            raise
-        except Exception as e:
-            raise ExecutionError(
-                f"while merging tensor `{job.name}` in step `{call.step}` with `{call.method}`: {type(e).__name__}: {e}"
-            ) from e
+        with _method_call(job.name, call, models, kwargs.get("base")):
+            out = spec.fn(models, **kwargs)
+        return out
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, write: Callable[[str, Tensor], None]) -> None:
