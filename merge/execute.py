@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import sys
 import time
@@ -33,6 +34,7 @@ from merge.errors import ExecutionError, MergeError, PlanError, UsageError
 from merge.expr import Affine
 from merge.io.output import check_output
 from merge.io.sources import TensorSource
+from merge.io.sources import check_finite as warn_non_finite_read
 from merge.io.support_files import unmerged_module_weights
 from merge.io.writer import (
     DEFAULT_SHARD_SIZE,
@@ -278,18 +280,22 @@ def weighted_sum_into(
     return acc
 
 
-def combine_blocked(inputs: list[Tensor], coefs: list[float], out: Tensor, work: Tensor) -> Tensor:
+def combine_blocked(inputs: list[Tensor], coefs: list[float], out: Tensor, work: Tensor) -> bool:
     """out = Σ c_i·x_i, computed in `work`'s dtype block by block (`work` holds two blocks:
-    accumulator and scratch) and cast once into `out`."""
+    accumulator and scratch) and cast once into `out`. Returns whether every sum is finite,
+    checked on each block while it is in cache (a NaN or Inf input always makes one non-finite)."""
     block = work.numel() // 2
     acc_buf, scratch_buf = work[:block], work[block:]
     n = out.numel()
+    finite = True
     for s in range(0, n, block):
         e = min(n, s + block)
         acc = acc_buf[: e - s]
         weighted_sum_into([x[s:e] for x in inputs], coefs, acc, scratch_buf[: e - s])
+        if finite and not math.isfinite(float(acc.sum())):
+            finite = False
         out[s:e].copy_(acc)
-    return out
+    return finite
 
 
 def _work_dtype(job: Job) -> torch.dtype:
@@ -319,6 +325,7 @@ class Engine:
         self._slots = _Slots()
         self._buffers: dict[str, Tensor] = {}  # reused: the accumulator and one output per slot
         self._coefs: dict[str, list[float]] = {}
+        self._warned: dict[str, set[str]] = {}  # input -> tensors already reported non-finite
 
     # -- reading -----------------------------------------------------------------------------------
     def _items(self) -> Iterator[_Item]:
@@ -378,6 +385,7 @@ class Engine:
         if job.mode == "copy":
             (name,) = job.inputs
             x = data[name]
+            self._warn_non_finite(job, {name: x})
             if x.dtype == job.out_dtype:
                 return x
             out = self._buffer(f"out{item.slot}", n, job.out_dtype)
@@ -390,7 +398,7 @@ class Engine:
         inputs = [data[i] for i in job.inputs]
         out = self._buffer(f"out{item.slot}", n, job.out_dtype)
         if self.device.type == "cpu":
-            combine_blocked(
+            finite = combine_blocked(
                 inputs, coefs, out, self._buffer("acc", 2 * BLOCK_ELEMENTS, _work_dtype(job))
             )
         else:
@@ -398,7 +406,19 @@ class Engine:
             acc = self._buffer("acc", n, work)
             on_device = [x.to(self.device, dtype=work, non_blocking=True) for x in inputs]
             out.copy_(weighted_sum_into(on_device, coefs, acc, None))
+            finite = bool(torch.isfinite(acc).all())
+        if not finite:  # rare: find and name the inputs responsible
+            self._warn_non_finite(job, dict(zip(job.inputs, inputs)))
         return out
+
+    def _warn_non_finite(self, job: Job, chunks: dict[str, Tensor]) -> None:
+        """Warn once per input and tensor about NaN/Inf in the chunks read (the engine's reads
+        into its buffers skip the sources' own check, so it is done here, only where needed)."""
+        for input_name, x in chunks.items():
+            seen = self._warned.setdefault(input_name, set())
+            if x.is_floating_point() and job.name not in seen:
+                file = self.plan.sources[input_name].meta(job.name).file or input_name
+                warn_non_finite_read(x, job.name, file, seen)
 
     def _kwargs(self, call: ResolvedCall, job: Job) -> dict[str, Any]:
         spec = get_method(call.method)
@@ -448,6 +468,8 @@ class Engine:
                     kernel.end_pass()
             return None
         result = self._eval_chunk(job.form, cache, item, memo)
+        if not math.isfinite(float(result.sum())):  # method inputs were refused; other terms:
+            self._warn_non_finite(job, {k: cache[k] for k in job.inputs if k in cache})
         out = self._buffer(f"out{item.slot}", item.stop - item.start, job.out_dtype)
         return out.copy_(result)
 

@@ -84,6 +84,8 @@ class TensorSource:
 
         When `out` (a 1-D tensor of that dtype with stop-start elements) is given, the data is
         read into it, so a caller can reuse buffers. The result never aliases a file mapping.
+        Other reads warn once per tensor about NaN/Inf (`check_finite`); reads into a caller's
+        buffer do not: the engine checks what it computes from them, which costs no extra pass.
         """
         raise NotImplementedError
 

@@ -229,7 +229,7 @@ class TorchFileSource(TensorSource):
         t = self._shard(self._file_of[name])[name]
         flat = t.reshape(-1)[start:stop]
         result = out.copy_(flat) if out is not None else flat.clone()
-        if result.is_floating_point() and name not in self._warned:
+        if out is None and result.is_floating_point() and name not in self._warned:
             check_finite(result, name, str(self._files[self._file_of[name]]), self._warned)
         return result
 
