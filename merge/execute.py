@@ -348,9 +348,9 @@ class Engine:
                     yield _Item(j, s, min(j.numel, s + self.chunk))
 
     def _load(self, item: _Item, slot: int) -> dict[str, Tensor]:
-        """One item's inputs in their own dtype: a view of the file's pages for this chunk where
-        the source can map it (no copy; unmapped when the item is dropped), else read into the
-        slot's reused buffers; whole tensors for graph jobs. The main thread converts."""
+        """One item's inputs in their own dtype, read into the slot's reused buffers (never
+        mapped: a mapped input truncated mid-run is a SIGBUS); whole tensors for graph jobs.
+        The main thread converts."""
         job = item.job
         out: dict[str, Tensor] = {}
         for pos, name in enumerate(job.inputs):
@@ -359,11 +359,8 @@ class Engine:
             if job.mode == "graph" and item.run is None:
                 out[name] = src.read(job.name)
             else:
-                mapped = src.map_range(job.name, item.start, item.stop)
-                if mapped is None:
-                    buf = self._slots.view(slot, pos, item.stop - item.start, meta.dtype)
-                    mapped = src.read_range(job.name, item.start, item.stop, out=buf)
-                out[name] = mapped
+                buf = self._slots.view(slot, pos, item.stop - item.start, meta.dtype)
+                out[name] = src.read_range(job.name, item.start, item.stop, out=buf)
         return out
 
     # -- computing ---------------------------------------------------------------------------------

@@ -207,9 +207,6 @@ class LayerView(TensorSource):
     def read_range(self, name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
         return self.source.read_range(self.names[name], start, stop, out=out)
 
-    def map_range(self, name: str, start: int, stop: int) -> Tensor | None:
-        return self.source.map_range(self.names[name], start, stop)
-
     def files(self) -> list[Path]:
         return self.source.files()
 

@@ -288,18 +288,6 @@ def test_weighted_sum_in_blocks_hand_worked() -> None:
     assert torch.equal(out, torch.zeros(5, dtype=torch.bfloat16))
 
 
-def test_mapped_reads_give_the_same_bytes_as_buffered_reads(
-    three_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from merge.io.safetensors import SafetensorsSource
-
-    expr = "base + 0.7 * (a - base) - 0.4 * (b - base)"
-    mapped = merge_expression(expr, three_models, tmp_path / "mapped.safetensors")
-    monkeypatch.setattr(SafetensorsSource, "map_range", lambda self, name, start, stop: None)
-    buffered = merge_expression(expr, three_models, tmp_path / "buffered.safetensors")
-    assert mapped.read_bytes() == buffered.read_bytes()
-
-
 def test_chained_steps_plan_in_linear_time() -> None:
     """Issue 15 item 9: each step reused twice by the next made planning 2^steps."""
     import time

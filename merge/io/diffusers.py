@@ -128,10 +128,6 @@ class PipelineSource(TensorSource):
         src, k = self._split(name)
         return src.read_range(k, start, stop, out)
 
-    def map_range(self, name: str, start: int, stop: int) -> Tensor | None:
-        src, k = self._split(name)
-        return src.map_range(k, start, stop)
-
     def files(self) -> list[Path]:
         return [f for s in self.components.values() for f in s.files()]
 

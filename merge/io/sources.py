@@ -89,15 +89,6 @@ class TensorSource:
         """
         raise NotImplementedError
 
-    def map_range(self, name: str, start: int, stop: int) -> Tensor | None:
-        """Elements [start, stop) as a read-only view of the file's pages, or None where the
-        format (or platform) cannot map them; callers then use `read_range`.
-
-        The mapping covers only this range and is released when the tensor is freed, so a
-        streaming caller's resident memory stays the chunks it holds. Never write to the view.
-        """
-        return None
-
     def read(self, name: str) -> Tensor:
         m = self.meta(name)
         return self.read_range(name, 0, m.numel).view(m.shape)

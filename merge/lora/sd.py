@@ -173,9 +173,6 @@ class ChannelAligned(TensorSource):
             return TensorMeta(self.primary.meta(name).shape, m.dtype)
         return m
 
-    def map_range(self, name: str, start: int, stop: int) -> Tensor | None:
-        return None if name in self.padded else self.source.map_range(name, start, stop)
-
     def read_range(self, name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
         if name not in self.padded:
             return self.source.read_range(name, start, stop, out)

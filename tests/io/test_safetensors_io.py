@@ -142,7 +142,7 @@ def test_read_range_at_unaligned_offsets(tmp_path: Path) -> None:
             got = src.read_range(name, start, stop)
             assert got.dtype == t.dtype and torch.equal(got, flat[start:stop])
         # Inputs are never mapped (a truncated mapping is a SIGBUS): the engine reads instead.
-        assert src.map_range(name, 0, flat.numel()) is None
+        assert not hasattr(src, "map_range")
 
 
 def test_read_of_a_file_truncated_after_opening_is_a_clear_error(tmp_path: Path) -> None:
