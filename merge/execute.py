@@ -154,6 +154,8 @@ def estimate_peak_bytes(plan: Plan, chunk: int = CHUNK_ELEMENTS) -> int:
 class FnKernel(Kernel):
     """A method function applied to each chunk as it is (elementwise), or to whole rows."""
 
+    mutates_inputs = True  # a method function may work in place on its arguments
+
     def __init__(
         self, fn: Callable[..., Tensor], kwargs: dict[str, Any], rng: ElementRandom | None, row: int
     ):
@@ -171,17 +173,22 @@ class FnKernel(Kernel):
 
 
 def _weighted_total(
-    form: Affine, value_of: Callable[[object], Tensor], empty: Callable[[], Tensor]
+    form: Affine,
+    value_of: Callable[[object], Tensor],
+    empty: Callable[[], Tensor],
+    *,
+    shared_ok: bool = False,
 ) -> Tensor:
     """Σ c·value over a form's terms, for a whole tensor or one chunk. A lone unit term is
-    cloned, since its value may be a cached input that later terms must not change."""
+    cloned, since its value may be a cached input that later terms must not change, unless
+    `shared_ok` (the caller only reads it: a kernel's operand; a clone cost 10% of a TIES run)."""
     total: Tensor | None = None
     for leaf, c in form.terms:
         value = value_of(leaf)
         term = value if c == 1.0 else value * c
         total = (
             term.clone()
-            if total is None and term is value
+            if total is None and term is value and not shared_ok
             else (term if total is None else total + term)
         )
     return empty() if total is None else total
@@ -189,12 +196,19 @@ def _weighted_total(
 
 @contextmanager
 def _method_call(
-    tensor: str, call: ResolvedCall, models: Sequence[Tensor], base: Tensor | None
+    tensor: str,
+    call: ResolvedCall,
+    models: Sequence[Tensor],
+    base: Tensor | None,
+    *,
+    check: bool = True,
 ) -> Iterator[None]:
-    """Around every method call: NaN/inf inputs refused, and failures named by tensor, step and
-    method (a MergeError already says what is wrong and passes as it is)."""
+    """Around every method call: NaN/inf inputs refused (`check`: a streamed call's later passes
+    see the same values its first pass checked), and failures named by tensor, step and method
+    (a MergeError already says what is wrong and passes as it is)."""
     try:
-        check_finite(call.method, models, base, tensor_name=tensor)
+        if check:
+            check_finite(call.method, models, base, tensor_name=tensor)
         yield
     except MergeError:
         raise
@@ -223,6 +237,7 @@ class _GraphRun:
                 kernel = FnKernel(spec.fn, kwargs, rng, row)
             self.kernels[id(call)] = kernel
         self.row = job_row(job)
+        self.checked: set[int] = set()  # calls whose first pass has checked their inputs
 
     def pending(self) -> ResolvedCall | None:
         """The first call (inner first) that still wants a statistics pass."""
@@ -364,14 +379,16 @@ class Engine:
         return out
 
     # -- computing ---------------------------------------------------------------------------------
-    def _buffer(self, key: str, n: int, dtype: torch.dtype) -> Tensor:
+    def _buffer(self, key: str, n: int, dtype: torch.dtype, *, on_device: bool = False) -> Tensor:
+        """A reused buffer (fresh 4 MB tensors per chunk cost page faults: a third of the
+        system time of a TIES run)."""
         buf = self._buffers.get(key)
         need = n * dtype.itemsize
         if buf is None or buf.numel() < need:
             buf = torch.empty(
                 max(need, 8 * min(self.chunk, n)),
                 dtype=torch.uint8,
-                device=self.device if key == "acc" else "cpu",
+                device=self.device if key == "acc" or on_device else "cpu",
             )
             self._buffers[key] = buf
         return buf[:need].view(dtype)
@@ -451,18 +468,22 @@ class Engine:
         job, run = item.job, item.run
         assert run is not None
         work = _work_dtype(job)
-        cache = {k: v.to(device=self.device, dtype=work).reshape(-1) for k, v in data.items()}
+        # Converted into reused buffers: kernels see them only during their call.
+        cache = {
+            k: self._buffer(f"work{i}", v.numel(), work, on_device=True).copy_(v.reshape(-1))
+            for i, (k, v) in enumerate(data.items())
+        }
         data.clear()
         memo: dict[int, Tensor] = {}
         if item.stats is not None:
             call = item.stats
             kernel = run.kernels[id(call)]
-            models = [self._eval_chunk(m, cache, item, memo) for m in call.models]
-            base = None if call.base is None else self._eval_chunk(call.base, cache, item, memo)
-            with _method_call(job.name, call, models, base):
+            models, base = self._operands(call, cache, item, memo)
+            with _method_call(job.name, call, models, base, check=id(call) not in run.checked):
                 kernel.observe(item.start, models, base)
                 if item.barrier:
                     kernel.end_pass()
+                    run.checked.add(id(call))
             return None
         result = self._eval_chunk(job.form, cache, item, memo)
         if not math.isfinite(float(result.sum())):  # method inputs were refused; other terms:
@@ -470,9 +491,31 @@ class Engine:
         out = self._buffer(f"out{item.slot}", item.stop - item.start, job.out_dtype)
         return out.copy_(result)
 
+    def _operands(
+        self, call: ResolvedCall, cache: dict[str, Tensor], item: _Item, memo: dict[int, Tensor]
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """A call's model and base chunks; shared with the cache when its kernel only reads."""
+        assert item.run is not None
+        shared = not item.run.kernels[id(call)].mutates_inputs
+        models = [self._eval_chunk(m, cache, item, memo, shared_ok=shared) for m in call.models]
+        base = (
+            None
+            if call.base is None
+            else self._eval_chunk(call.base, cache, item, memo, shared_ok=shared)
+        )
+        return models, base
+
     def _eval_chunk(
-        self, form: Affine, cache: dict[str, Tensor], item: _Item, memo: dict[int, Tensor]
+        self,
+        form: Affine,
+        cache: dict[str, Tensor],
+        item: _Item,
+        memo: dict[int, Tensor],
+        *,
+        shared_ok: bool = True,
     ) -> Tensor:
+        """A form's value on one chunk (`shared_ok`: the caller only reads it; the job's result
+        is only copied into the output buffer)."""
         run = item.run
         assert run is not None
 
@@ -482,9 +525,10 @@ class Engine:
             call: ResolvedCall = leaf  # type: ignore[assignment]
             value = memo.get(id(call))  # a call shared by two terms is computed once
             if value is None:
-                models = [self._eval_chunk(m, cache, item, memo) for m in call.models]
-                base = None if call.base is None else self._eval_chunk(call.base, cache, item, memo)
-                with _method_call(item.job.name, call, models, base):
+                models, base = self._operands(call, cache, item, memo)
+                with _method_call(
+                    item.job.name, call, models, base, check=id(call) not in run.checked
+                ):
                     value = run.kernels[id(call)].apply(item.start, models, base)
                 memo[id(call)] = value
             return value
@@ -493,6 +537,7 @@ class Engine:
             form,
             value_of,
             lambda: torch.zeros(item.stop - item.start, dtype=torch.float32, device=self.device),
+            shared_ok=shared_ok,
         )
 
     def _eval_form(
