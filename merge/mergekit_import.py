@@ -201,9 +201,8 @@ def translate(
     for key in d:
         if key not in _TOP_KEYS and key != "modules":
             problems.append(refusal("any other key", str(key)) + did_you_mean(str(key), _TOP_KEYS))
-    for key in ("chat_template", "embed_slerp"):  # until the tokenizer import handles them
-        if key in d:
-            problems.append(f"`{key}`: not translated yet; remove it")
+    if "chat_template" in d:  # until the tokenizer import handles it
+        problems.append("`chat_template`: not translated yet; remove it")
     mk_method = str(d.get("merge_method", ""))
     if mk_method not in _METHODS:
         problems.append(

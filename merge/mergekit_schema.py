@@ -124,7 +124,12 @@ SCHEMA: tuple[SchemaKey, ...] = (
         "`source`, `tokens` (per-token embedding sources) and `pad_to_multiple_of`, as mergekit",
     ),
     SchemaKey("chat_template", "supported", "`auto`, a built-in name or a Jinja template"),
-    SchemaKey("embed_slerp", "supported", "see the tokenizer section of docs/methods.md"),
+    SchemaKey(
+        "<param> embed_slerp",
+        "supported",
+        "slerp with a tokenizer: `false` lerps the embedding rows with t, as mergekit 0.0.4 "
+        "did (0.1.5 ignores the flag and slerps them)",
+    ),
     SchemaKey(
         "<param> a method does not take",
         "ignored",

@@ -123,7 +123,7 @@ def test_misspelt_keys_get_a_suggestion():
 def test_the_importer_knows_the_tables_top_level_keys():
     assert top_level_keys() == {
         "merge_method", "base_model", "models", "parameters", "slices", "dtype", "out_dtype",
-        "tokenizer_source", "tokenizer", "chat_template", "embed_slerp", "name",
+        "tokenizer_source", "tokenizer", "chat_template", "name",
     }  # fmt: skip
     _, problems = translate(_models(_m(), name="stage-1", tokenizer_source="/m/a"))
     assert problems == []
