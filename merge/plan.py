@@ -137,6 +137,14 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def layer_position(layer: int | None, num_layers: int) -> float:
+    """Where a tensor sits on a gradient, mergekit's way: layer i of n at i/(n − 1), the only
+    layer of a one-layer model or slice at 1 (the last anchor), non-layer tensors at 0."""
+    if layer is None:
+        return 0.0
+    return layer / (num_layers - 1) if num_layers > 1 else 1.0
+
+
 def gradient_value(anchors: Sequence[float], t: float) -> float:
     """mergekit's rule: anchors spread evenly over [0, 1], linear between neighbours."""
     n = len(anchors)
@@ -264,11 +272,7 @@ def build_plan(
                 )
             )
             continue
-        t = (
-            (layer_index(name) or 0) / max(num_layers - 1, 1)
-            if layer_index(name) is not None
-            else 0.0
-        )
+        t = layer_position(layer_index(name), num_layers)
         try:
             form = resolve_form(out_form, name, t, program, set(have), memo={})
         except (ValueError, UsageError) as e:

@@ -218,7 +218,7 @@ def load_recipe(
 
         from merge.mergekit_import import translate
 
-        data, untranslated = translate(data)
+        data, untranslated = translate(data, base_dir=base_dir)
         click.echo("note: this is a mergekit config; translated with `compat: mergekit`", err=True)
         if untranslated:
             raise RecipeError([("", _clip(m)) for m in untranslated], name)

@@ -182,10 +182,14 @@ def test_every_example_recipe_validates_and_runs(recipe: Path, tmp_path: Path) -
     header = recipe.read_text().splitlines()[0]
     assert header.startswith("#"), "every recipe starts with a comment saying how to run it"
     inputs = data.get("inputs", {})
-    if "merge_method" in data or any(
-        str(p).endswith((".safetensors", ".pt")) or "lora" in str(p) for p in inputs.values()
+    if (
+        "merge_method" in data
+        or "slices" in data
+        or any(
+            str(p).endswith((".safetensors", ".pt")) or "lora" in str(p) for p in inputs.values()
+        )
     ):
-        return  # recipes over adapters or mergekit configs are run by their own areas' tests
+        return  # recipes over adapters, layer slices or mergekit configs: their areas' tests
     for i, name in enumerate(inputs):
         save_state_dict(tensors(i), tmp_path / f"in-{name}")
         data["inputs"][name] = str(tmp_path / f"in-{name}")

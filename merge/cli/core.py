@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from merge.errors import MergeWarning, UsageError
+from merge.mergekit_schema import help_text as mergekit_help_text
 
 
 def _check_shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -149,7 +150,7 @@ def linear(models: tuple[str, ...], weights: str | None, normalize: bool, **opts
     _write(linear_recipe(list(models), w, normalize=normalize), "merge linear", opts)
 
 
-@click.command()
+@click.command(epilog=mergekit_help_text())  # one table with the importer: they cannot drift
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option(
     "--var", "vars_", multiple=True, help="Override a recipe var: NAME=NUMBER (repeatable)."
