@@ -731,3 +731,14 @@ def test_a_merge_config_is_pointed_to_merge_run(tmp_path: Path) -> None:
     path = write_config(tmp_path, {"merge_method": "linear", "models": [{"model": "a"}]})
     r = invoke("moe", str(path), "-o", str(tmp_path / "out"))
     assert r.exit_code == 2 and "run it with `merge run`" in text(r)
+
+
+def test_merge_run_points_a_moe_config_to_merge_moe(world: dict[str, Path], tmp_path: Path) -> None:
+    r = invoke(
+        "run", str(write_config(tmp_path, moe_config(world, "random"))), "-o", str(tmp_path / "out")
+    )
+    assert r.exit_code == 2
+    assert (
+        "this is a mergekit-moe config (`base_model:` and `experts:`); build it with `merge moe"
+        in text(r)
+    )
