@@ -30,7 +30,7 @@ from merge.io.sources import TensorSource
 from merge.moe.config import DTYPES, HIDDEN_MODES, LoadedConfig, load_moe_config
 from merge.moe.layout import LAYOUTS, MLP_PROJS, QKV_BIAS, MoELayout, dense_mlp, split_base
 
-CHUNK = 1 << 24  # elements per read of a copied tensor (64 MB of float32)
+CHUNK = 1 << 22  # elements per read of a copied tensor (16 MB of float32)
 DEGENERATE_COND = 5.0  # mergekit's threshold for warning about near-parallel router rows
 
 
@@ -456,8 +456,14 @@ def _expert_entry(name: str, model: Model, expert: Any, i: int, proj: str) -> En
     )
 
 
-def produce(entry: Entry, dtype: torch.dtype, seed: int) -> Iterator[Tensor]:
-    """The bytes of one output tensor, in `dtype`, as one or more flat chunks in order."""
+def produce(
+    entry: Entry, dtype: torch.dtype, seed: int, buffers: dict[torch.dtype, Tensor] | None = None
+) -> Iterator[Tensor]:
+    """The bytes of one output tensor, in `dtype`, as one or more flat chunks in order.
+
+    Copies are read in chunks into `buffers` (one reused buffer per input dtype: no fresh memory
+    to touch per chunk), so a chunk is only valid until the next one is produced.
+    """
     if entry.value is not None:
         yield entry.value.reshape(-1).to(dtype)
         return
@@ -474,9 +480,14 @@ def produce(entry: Entry, dtype: torch.dtype, seed: int) -> Iterator[Tensor]:
             x = x * entry.scale
         yield x.reshape(-1).to(dtype)
         return
-    total = entry.source.meta(entry.source_name).numel
-    for start in range(0, total, CHUNK):
-        x = entry.source.read_range(entry.source_name, start, min(total, start + CHUNK))
+    meta = entry.source.meta(entry.source_name)
+    buffers = {} if buffers is None else buffers
+    if meta.dtype not in buffers:
+        buffers[meta.dtype] = torch.empty(CHUNK, dtype=meta.dtype)
+    buf = buffers[meta.dtype]
+    for start in range(0, meta.numel, CHUNK):
+        stop = min(meta.numel, start + CHUNK)
+        x = entry.source.read_range(entry.source_name, start, stop, out=buf[: stop - start])
         if entry.scale is not None:
             x = x.float() * entry.scale
         yield x.to(dtype)
@@ -528,9 +539,10 @@ def write_moe(
         check_free_space(Path(output), nbytes)
         writer = TensorFileWriter(staged.path(), plans)
         bar = byte_progress(nbytes, "moe", quiet=quiet)
+        buffers: dict[torch.dtype, Tensor] = {}
         try:
             for e in entries:
-                for chunk in produce(e, out_dtype, seed):
+                for chunk in produce(e, out_dtype, seed, buffers):
                     check_float16_range(e.name, chunk)
                     writer.write(e.name, chunk)
                     bar.update(chunk.numel() * chunk.element_size())
