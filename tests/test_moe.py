@@ -113,6 +113,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "mistral_e": ("mistral", 7, {"sliding_window": 16}),
         "qwen": ("qwen2", 8, {}),
         "qwen_e": ("qwen2", 9, {}),
+        "tied": ("llama", 10, {"tie_word_embeddings": True}),
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -418,6 +419,22 @@ def test_qwen2_base_keeps_its_attention_biases(world: dict[str, Path], tmp_path:
     base = dense(world["qwen"])
     for k in (k for k in base if k.endswith("_proj.bias")):
         assert torch.equal(out[k], base[k]) and base[k].any()
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def test_a_tied_base_gives_a_tied_moe(world: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = run_moe(tmp_path, moe_config(world, "random", base="tied"))
+    assert "lm_head.weight" not in out
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert model.config.tie_word_embeddings
+    assert torch.equal(model.lm_head.weight, dense(world["tied"])["model.embed_tokens.weight"])
 
 
 def test_noise_and_residual_scale(world: dict[str, Path], tmp_path: Path) -> None:
