@@ -759,3 +759,22 @@ def test_merge_run_points_a_moe_config_to_merge_moe(world: dict[str, Path], tmp_
         "this is a mergekit-moe config (`base_model:` and `experts:`); build it with `merge moe"
         in text(r)
     )
+
+
+def test_model_paths_are_relative_to_the_config(world: dict[str, Path], tmp_path: Path) -> None:
+    cfg = moe_config(world, "random")
+    cfg["base_model"] = "base"
+    for e, name in zip(cfg["experts"], ("e0", "e1", "e2")):
+        e["source_model"] = name
+    folder = world["base"].parent  # the models' folder; the tests run elsewhere
+    path = write_config(tmp_path, cfg)
+    path = path.rename(folder / f"relative-{tmp_path.name}.yaml")
+    try:
+        r = invoke("moe", str(path), "-o", str(tmp_path / "out"), "-q")
+    finally:
+        path.unlink()
+    assert r.exit_code == 0, text(r)
+    assert torch.equal(
+        read_folder(tmp_path / "out")["model.layers.0.block_sparse_moe.experts.1.w3.weight"],
+        dense(world["e1"])["model.layers.0.mlp.up_proj.weight"],
+    )

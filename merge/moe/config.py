@@ -82,17 +82,16 @@ class LoadedConfig:
     arch: str  # "mixtral" or "qwen2_moe"
     base_dir: Path  # relative model paths resolve here first
     source: str | None  # the file it came from, for messages
-    text: str | None = None  # the file's text as written
 
     def path(self, raw: str) -> str:
         """A model path as written in the config, resolved like recipe inputs."""
-        p = Path(raw).expanduser()
         try:
+            p = Path(raw).expanduser()
             if not p.is_absolute() and (self.base_dir / p).exists():
                 return str(self.base_dir / p)
-        except (OSError, ValueError):  # a name too long, or with a NUL: opening it says so
-            pass
-        return str(p) if p.is_absolute() or p.exists() else raw
+            return str(p) if p.exists() else raw  # else a hub id, or missing: opening says so
+        except (OSError, ValueError, RuntimeError):  # too long, a NUL, `~nouser`
+            return raw
 
     def models(self) -> list[tuple[str, str]]:
         """(config key, resolved path) of every model: base, experts, shared experts."""
@@ -117,13 +116,11 @@ def load_moe_config(
     from merge.recipe import _read_yaml
 
     name: str | None = None
-    text: str | None = None
     base_dir = Path.cwd()
     if isinstance(source, str | Path):
         path = Path(source)
         name, base_dir = str(path), path.resolve().parent
         data = _read_yaml(path, name)
-        text = path.read_text(encoding="utf-8")
     else:
         data = dict(source)
     if not isinstance(data, dict):
@@ -144,7 +141,7 @@ def load_moe_config(
         arch, problems = select_arch(config)
     if problems or arch is None:
         raise RecipeError(problems, name)
-    return LoadedConfig(config, arch, base_dir, name, text)
+    return LoadedConfig(config, arch, base_dir, name)
 
 
 def _schema_problems(data: dict[str, Any]) -> list[tuple[str, str]]:
