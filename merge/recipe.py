@@ -213,6 +213,12 @@ def load_recipe(
         data = dict(source)
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a mapping with `inputs:` and `steps:`", name)
+    if "experts" in data and "base_model" in data and "merge_method" not in data:
+        raise RecipeError(
+            "this is a mergekit-moe config (`base_model:` and `experts:`); build it with "
+            "`merge moe CONFIG -o OUT`",
+            name,
+        )
     if "merge_method" in data:  # a mergekit config: translate it (implies compat: mergekit)
         import click
 
