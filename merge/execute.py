@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from merge import __version__
-from merge.dtypes import guard_float16
+from merge.dtypes import DTYPE_NAMES, dtype_name, guard_float16
 from merge.errors import ExecutionError, MergeError, PlanError, UsageError
 from merge.expr import Affine
 from merge.io.output import check_output
@@ -51,7 +51,7 @@ from merge.methods import get_method
 from merge.methods._checks import check_finite
 from merge.methods._registry import MATRIX, MODEL, ROWS, STATISTICS
 from merge.methods._stream import ElementRandom, Kernel, mix_seed, rows_of
-from merge.plan import DTYPE_NAMES, Job, Plan, ResolvedCall
+from merge.plan import Plan, ResolvedCall, TensorJob
 from merge.progress import byte_progress, write_summary
 
 # 8M elements per read: 16 MiB of bf16 per input, large enough for sequential reads at disk speed.
@@ -116,7 +116,7 @@ def call_shape(call: ResolvedCall) -> str:
     return get_method(call.method).shape_for(dict(call.params))
 
 
-def streams(job: Job) -> bool:
+def streams(job: TensorJob) -> bool:
     """True when every call of a graph job can run chunk by chunk (no whole-matrix call)."""
     for call in form_calls(job.form):
         spec = get_method(call.method)
@@ -126,7 +126,7 @@ def streams(job: Job) -> bool:
     return True
 
 
-def job_row(job: Job) -> int:
+def job_row(job: TensorJob) -> int:
     """The row length a graph job's chunks must respect (1 when no call is row-wise)."""
     rows = {call_shape(c) == ROWS for c in form_calls(job.form)}
     return rows_of(job.shape) if True in rows else 1
@@ -208,7 +208,7 @@ def _method_call(
 class _GraphRun:
     """One streamed graph job: a kernel per call, statistics passes inner calls first."""
 
-    def __init__(self, engine: Engine, job: Job):
+    def __init__(self, engine: Engine, job: TensorJob):
         self.job = job
         self.calls = form_calls(job.form)
         self.kernels: dict[int, Kernel] = {}
@@ -231,7 +231,7 @@ class _GraphRun:
 
 @dataclass
 class _Item:
-    job: Job
+    job: TensorJob
     start: int
     stop: int
     slot: int = 0
@@ -298,8 +298,8 @@ def combine_blocked(inputs: list[Tensor], coefs: list[float], out: Tensor, work:
     return finite
 
 
-def _work_dtype(job: Job) -> torch.dtype:
-    return torch.float64 if job.out_dtype == torch.float64 else torch.float32
+def _work_dtype(job: TensorJob) -> torch.dtype:
+    return torch.float64 if job.dtype == torch.float64 else torch.float32
 
 
 class Engine:
@@ -383,9 +383,9 @@ class Engine:
             (name,) = job.inputs
             x = data[name]
             self._warn_non_finite(job, {name: x})
-            if x.dtype == job.out_dtype:
+            if x.dtype == job.dtype:
                 return x
-            out = self._buffer(f"out{item.slot}", n, job.out_dtype)
+            out = self._buffer(f"out{item.slot}", n, job.dtype)
             return out.copy_(x)
         coefs = self._coefs.get(job.name)
         if coefs is None:
@@ -393,7 +393,7 @@ class Engine:
             coefs = [float(by_input[i]) for i in job.inputs]
             self._coefs = {job.name: coefs}
         inputs = [data[i] for i in job.inputs]
-        out = self._buffer(f"out{item.slot}", n, job.out_dtype)
+        out = self._buffer(f"out{item.slot}", n, job.dtype)
         if self.device.type == "cpu":
             finite = combine_blocked(
                 inputs, coefs, out, self._buffer("acc", 2 * BLOCK_ELEMENTS, _work_dtype(job))
@@ -408,7 +408,7 @@ class Engine:
             self._warn_non_finite(job, dict(zip(job.inputs, inputs)))
         return out
 
-    def _warn_non_finite(self, job: Job, chunks: dict[str, Tensor]) -> None:
+    def _warn_non_finite(self, job: TensorJob, chunks: dict[str, Tensor]) -> None:
         """Warn once per input and tensor about NaN/Inf in the chunks read (the engine's reads
         into its buffers skip the sources' own check, so it is done here, only where needed)."""
         for input_name, x in chunks.items():
@@ -417,7 +417,7 @@ class Engine:
                 file = self.plan.sources[input_name].meta(job.name).file or input_name
                 warn_non_finite_read(x, job.name, file, seen)
 
-    def _kwargs(self, call: ResolvedCall, job: Job) -> dict[str, Any]:
+    def _kwargs(self, call: ResolvedCall, job: TensorJob) -> dict[str, Any]:
         spec = get_method(call.method)
         kwargs: dict[str, Any] = {
             k: (list(v) if isinstance(v, tuple) else v) for k, v in call.params
@@ -426,15 +426,15 @@ class Engine:
             kwargs["tensor_name"] = job.name
         return kwargs
 
-    def _random(self, call: ResolvedCall, job: Job, ordinal: int) -> ElementRandom:
+    def _random(self, call: ResolvedCall, job: TensorJob, ordinal: int) -> ElementRandom:
         """Draws keyed by (seed, tensor, call identity): the step and the call's place among
         the job's calls, so two random calls on one tensor draw independent masks."""
         key = mix_seed(self.seed, job.name, call.step, ordinal)
         return ElementRandom(key, job.numel, 0, self.device)
 
-    def _compute_graph(self, job: Job, data: dict[str, Tensor]) -> Tensor:
+    def _compute_graph(self, job: TensorJob, data: dict[str, Tensor]) -> Tensor:
         """A whole-matrix job: whole fp32 tensors, one output tensor at a time."""
-        work = torch.float64 if job.out_dtype == torch.float64 else torch.float32
+        work = torch.float64 if job.dtype == torch.float64 else torch.float32
         options = self.plan.program.recipe.options
         if options.compat == "mergekit" and options.compute_dtype:  # mergekit's arithmetic
             work = DTYPE_NAMES[options.compute_dtype]
@@ -444,7 +444,7 @@ class Engine:
             cache[k] = data.pop(k).to(device=self.device, dtype=work).reshape(job.shape)
         ordinals = {id(c): i for i, c in enumerate(form_calls(job.form))}
         result = self._eval_form(job.form, cache, job, ordinals, {})
-        return result.to(job.out_dtype).cpu()
+        return result.to(job.dtype).cpu()
 
     def _compute_streamed(self, item: _Item, data: dict[str, Tensor]) -> Tensor | None:
         """One chunk of a streamed graph job: a statistics observation, or output values."""
@@ -467,7 +467,7 @@ class Engine:
         result = self._eval_chunk(job.form, cache, item, memo)
         if not math.isfinite(float(result.sum())):  # method inputs were refused; other terms:
             self._warn_non_finite(job, {k: cache[k] for k in job.inputs if k in cache})
-        out = self._buffer(f"out{item.slot}", item.stop - item.start, job.out_dtype)
+        out = self._buffer(f"out{item.slot}", item.stop - item.start, job.dtype)
         return out.copy_(result)
 
     def _eval_chunk(
@@ -499,7 +499,7 @@ class Engine:
         self,
         form: Affine,
         cache: dict[str, Tensor],
-        job: Job,
+        job: TensorJob,
         ordinals: dict[int, int],
         memo: dict[int, Tensor],
     ) -> Tensor:
@@ -522,7 +522,7 @@ class Engine:
         self,
         call: ResolvedCall,
         cache: dict[str, Tensor],
-        job: Job,
+        job: TensorJob,
         ordinals: dict[int, int],
         memo: dict[int, Tensor],
     ) -> Tensor:
@@ -612,16 +612,16 @@ class Engine:
                 f"while merging tensor `{job.name}`: {type(e).__name__}: {e}"
             ) from e
 
-    def _job_bytes(self, job: Job) -> int:
+    def _job_bytes(self, job: TensorJob) -> int:
         """Bytes read and written for one job's output pass (what the progress bar counts)."""
         read = sum(self.plan.sources[i].meta(job.name).dtype.itemsize for i in job.inputs)
-        return (read + job.out_dtype.itemsize) * job.numel
+        return (read + job.dtype.itemsize) * job.numel
 
     def _item_bytes(self, item: _Item) -> int:
         """Bytes read and written for one item (what the progress bar counts)."""
         n = item.stop - item.start
         read = sum(self.plan.sources[i].meta(item.job.name).dtype.itemsize for i in item.job.inputs)
-        return (read + item.job.out_dtype.itemsize) * n
+        return (read + item.job.dtype.itemsize) * n
 
     def to_memory(self) -> dict[str, Tensor]:
         """Run the plan into an in-memory dict (for sweeps and tests on small models)."""
@@ -634,6 +634,21 @@ class Engine:
 
 
 # ---- output ----------------------------------------------------------------------------------------
+
+
+def float16_checked(plan: Plan) -> set[str]:
+    """Output tensors that can overflow float16: written as float16 from anything but a
+    float16 copy (a copy of a float16 tensor keeps its values, whatever they are)."""
+    names = set()
+    for job in plan.jobs:
+        if job.dtype != torch.float16:
+            continue
+        if job.mode == "copy" and len(job.inputs) == 1:
+            src = plan.sources[job.inputs[0]]
+            if job.name in src.key_set() and src.meta(job.name).dtype == torch.float16:
+                continue
+        names.add(job.name)
+    return names
 
 
 def _input_paths(sources: dict[str, TensorSource]) -> list[tuple[str, str | Path]]:
@@ -684,7 +699,7 @@ def write_plan(
     size = parse_size(
         shard_size if shard_size is not None else recipe.output.shard_size or DEFAULT_SHARD_SIZE
     )
-    tensors = [OutputTensor(j.name, j.shape, j.out_dtype) for j in plan.jobs]
+    tensors = [OutputTensor(j.name, j.shape, j.dtype) for j in plan.jobs]
     meta = output_metadata(plan)
     single = output.suffix == ".safetensors"
     layout = plan.sources[plan.layout_input]
@@ -699,7 +714,7 @@ def write_plan(
     with StagedOutput(output, is_dir=not single, force=force, inputs=inputs) as staged:
         check_free_space(output, sum(p.data_bytes for p in plans))
         writer = TensorFileWriter(staged.path(), plans)
-        engine.run(guard_float16(writer.write, plan))
+        engine.run(guard_float16(writer.write, float16_checked(plan)))
         writer.finish()
         if not single:
             for rel, obj in indexes.items():
@@ -753,7 +768,7 @@ def _copy_support_files(layout: TensorSource, dest: Path, dtype: torch.dtype | N
             if "_diffusers_version" in config:  # diffusers configs carry no dtype
                 shutil.copyfile(src, target)  # new files: the umask, not the input's mode
                 continue
-            name = str(dtype).replace("torch.", "")
+            name = dtype_name(dtype)
             if "dtype" in config:
                 config["dtype"] = name
             else:

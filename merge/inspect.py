@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from merge.dtypes import dtype_name
 from merge.errors import PlanError
 from merge.io.detect import open_checkpoint
 from merge.io.lora_hook import looks_like_lora
@@ -37,7 +38,7 @@ def describe_checkpoint(path: str, *, limit: int = 40, unsafe_pickle: bool = Fal
         rows = []
         for k in keys:
             m = src.meta(k)
-            d = str(m.dtype).replace("torch.", "")
+            d = dtype_name(m.dtype)
             by_dtype[d] += m.nbytes
             params[d] += m.numel
             rows.append(

@@ -32,6 +32,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from merge.dtypes import DTYPE_NAMES
 from merge.errors import MergeWarning, did_you_mean
 
 # mergekit method -> (our method, how the base model is used)
@@ -60,7 +61,7 @@ _METHODS: dict[str, tuple[str, str]] = {
 }
 _RENAME = {"lambda": "scale", "nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}
 _DROP = {"int8_mask"}  # no effect on the values
-_DTYPES = {"bfloat16", "float16", "float32", "float64"}
+_DTYPES = DTYPE_NAMES
 _TOP_KEYS = {
     "merge_method",
     "base_model",

@@ -8,7 +8,6 @@ chunk by chunk into reused buffers.
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from merge.dtypes import mixed_dtype_note
+from merge.dtypes import DTYPE_NAMES, Sized, dtype_name, mixed_dtype_note
 from merge.errors import MergeWarning, PlanError, UsageError
 from merge.expr import Affine, Call
 from merge.io.detect import open_checkpoint
@@ -27,12 +26,6 @@ from merge.keysets import output_key_problems, strict_hint
 from merge.methods import get_method
 from merge.recipe import Program, all_calls, unmatched_overrides
 
-DTYPE_NAMES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
 LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
@@ -48,30 +41,22 @@ class ResolvedCall:
 
 
 @dataclass(frozen=True)
-class Job:
-    """One output tensor: what to read, how to combine it, and how to store it."""
+class TensorJob(Sized):
+    """One output tensor: what to read, how to combine it, and how to store it (`dtype`)."""
 
     name: str
     shape: tuple[int, ...]
-    out_dtype: torch.dtype
+    dtype: torch.dtype
     mode: str  # "copy" (bytes as they are), "affine" (chunked Σ c·x), "graph" (method calls)
     form: Affine  # resolved: leaves are input names or ResolvedCall objects
     inputs: tuple[str, ...]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.out_dtype.itemsize
 
 
 @dataclass
 class Plan:
     program: Program
     sources: dict[str, TensorSource]
-    jobs: list[Job]
+    jobs: list[TensorJob]
     layout_input: str  # whose folder layout and support files the output follows
     notes: list[str] = field(default_factory=list)
 
@@ -132,6 +117,19 @@ def open_inputs(
     return sources
 
 
+def float_dtypes(
+    sources: Mapping[str, TensorSource], inputs: Sequence[str]
+) -> dict[str, list[str]]:
+    """{dtype name: inputs holding float tensors of it}, over the headers of `inputs`."""
+    by_dtype: dict[str, list[str]] = {}
+    for n in inputs:
+        src = sources[n]
+        seen = {src.meta(k).dtype for k in src.keys()}
+        for dt in sorted((d for d in seen if d.is_floating_point), key=str):
+            by_dtype.setdefault(dtype_name(dt), []).append(n)
+    return by_dtype
+
+
 def layer_index(name: str) -> int | None:
     m = LAYER_INDEX.search(name)
     return int(m.group(1)) if m else None
@@ -156,7 +154,7 @@ def build_plan(
     dtype: str | None = None,
     passthrough_from: str | None = None,
 ) -> Plan:
-    """Check headers and produce one Job per output tensor, in sequential-read order."""
+    """Check headers and produce one TensorJob per output tensor, in sequential-read order."""
     if program.recipe.slices:  # layer slices: one plan per slice over renaming views
         from merge.slices import build_sliced_plan
 
@@ -215,9 +213,13 @@ def build_plan(
 
     layers = [i for i in (layer_index(n) for n in names) if i is not None]
     num_layers = max(layers) + 1 if layers else 1
-    dtype_name = dtype or recipe.output.dtype
-    out_dtype_forced = DTYPE_NAMES[dtype_name] if dtype_name else None
-    dtype_note = mixed_dtype_note(sources, checkpoints, out_dtype_forced)
+    asked = dtype or recipe.output.dtype
+    out_dtype_forced = DTYPE_NAMES[asked] if asked else None
+    dtype_note = (
+        mixed_dtype_note(float_dtypes(sources, checkpoints), checkpoints[0], out_dtype_forced)
+        if checkpoints
+        else None
+    )
     if dtype_note:
         notes.append(dtype_note)
         warnings.warn(dtype_note, MergeWarning, stacklevel=2)
@@ -236,7 +238,7 @@ def build_plan(
                 f"`{n}` is a DoRA adapter, which is not a delta: it can only be added to the base it "
                 f"was trained on, as `{dora_base} + k * {n}`, not passed to `{call.method}` in step `{call.step}`"
             )
-    jobs: list[Job] = []
+    jobs: list[TensorJob] = []
     resolve_errors: dict[str, list[str]] = {}
     for name in names:
         have = [n for n in used if name in keys_by[n]]
@@ -252,14 +254,14 @@ def build_plan(
         ref = metas[first_ckpt] if first_ckpt else metas[have[0]]
         if not ref.is_float:
             src = passthrough_from if passthrough_from in have else first_ckpt or have[0]
-            jobs.append(Job(name, ref.shape, ref.dtype, "copy", Affine.leaf(src), (src,)))
+            jobs.append(TensorJob(name, ref.shape, ref.dtype, "copy", Affine.leaf(src), (src,)))
             continue
         missing_ckpts = [n for n in checkpoints if n not in have]
         if missing_ckpts:
             # union mode: a tensor some checkpoints lack passes through from the first that has it.
             src = first_ckpt or have[0]
             jobs.append(
-                Job(
+                TensorJob(
                     name, ref.shape, out_dtype_forced or ref.dtype, "copy", Affine.leaf(src), (src,)
                 )
             )
@@ -286,7 +288,7 @@ def build_plan(
             mode_ = "affine"
         else:
             mode_ = "graph"
-        jobs.append(Job(name, ref.shape, out_dt, mode_, form, form_inputs))
+        jobs.append(TensorJob(name, ref.shape, out_dt, mode_, form, form_inputs))
     for msg, where in resolve_errors.items():
         problems.append(
             f"`{where[0]}`: {msg}"
@@ -301,7 +303,7 @@ def build_plan(
 
     # Sequential reads: follow the layout input's file and offset (so each output file, e.g. a
     # pipeline component, is written in one run), else the first input read.
-    def order(j: Job) -> tuple[str, int]:
+    def order(j: TensorJob) -> tuple[str, int]:
         if not j.inputs:
             return ("", 0)
         lead = layout if layout in j.inputs else j.inputs[0]
@@ -497,7 +499,7 @@ def describe_plan(plan: Plan, limit: int = 12) -> str:
     )
     for j in plan.jobs[:limit]:
         lines.append(
-            f"  {j.name} {list(j.shape)} {str(j.out_dtype).replace('torch.', '')} [{j.mode}] = {format_form(j.form, plan.program.output_step)}"
+            f"  {j.name} {list(j.shape)} {dtype_name(j.dtype)} [{j.mode}] = {format_form(j.form, plan.program.output_step)}"
         )
     if len(plan.jobs) > limit:
         lines.append(f"  ... {len(plan.jobs) - limit} more")

@@ -27,6 +27,7 @@ from pydantic import (
     field_validator,
 )
 
+from merge.dtypes import DtypeName
 from merge.errors import RecipeError, UsageError, did_you_mean
 from merge.expr import Affine, Call, ExprError, HiddenNameError, fold, names_in, parse
 from merge.methods import get_method
@@ -34,7 +35,6 @@ from merge.slices import SliceSpec
 
 ParamValue = float | int | bool | str | list[float]
 CURRENT_VERSION = 1
-DTYPES = ("float32", "float16", "bfloat16", "float64")
 # A shard below this is surely a typo (`5B` for `5GB`): a 7B model would become ~14,000 files.
 MIN_SHARD_SIZE = 10**6
 MIN_SHARD_TEXT = "1MB"
@@ -81,7 +81,7 @@ class _Strict(BaseModel):
 class OutputSpec(_Strict):
     from_: str | None = Field(None, alias="from")
     path: str | None = None
-    dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+    dtype: DtypeName | None = None
     shard_size: str | int = "5GB"
     copy_files_from: str | None = None
 
@@ -149,7 +149,7 @@ class Options(_Strict):
     compat: Literal["paper", "mergekit"] = "paper"
     # mergekit's compute dtype (its config's `dtype`): task vectors are rounded to it before
     # trimming under `compat: mergekit`. Set by the mergekit import; float32 math otherwise.
-    compute_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+    compute_dtype: DtypeName | None = None
 
 
 class Recipe(_Strict):

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from merge.dtypes import dtype_name
 from merge.errors import FormatError, UsageError
 from merge.io.safetensors import SafetensorsSource
 from merge.io.sources import MemorySource, TensorSource
@@ -181,7 +182,7 @@ def check_not_quantized(source: TensorSource, path: Path) -> None:
         m = source.meta(k)
         if m.dtype in float8:
             raise FormatError(
-                f"{path}: tensor `{k}` is {str(m.dtype).replace('torch.', '')}: an fp8-quantized checkpoint; merge needs bf16/fp16/fp32 weights"
+                f"{path}: tensor `{k}` is {dtype_name(m.dtype)}: an fp8-quantized checkpoint; merge needs bf16/fp16/fp32 weights"
             )
     # One pass of one combined pattern: headers can list hundreds of thousands of names.
     for k in source.keys():

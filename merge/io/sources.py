@@ -13,31 +13,22 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from merge.dtypes import FLOAT_DTYPES, Sized
 from merge.errors import MergeWarning
 from merge.io.support_files import select_support_files
 
 if TYPE_CHECKING:
     from merge.io.writer import FilePlan, OutputTensor
 
-FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
 
 @dataclass(frozen=True)
-class TensorMeta:
+class TensorMeta(Sized):
     """What a header says about one tensor: enough to plan without reading data."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: str = ""  # the file holding it ("" for in-memory sources)
     offset: int = 0  # byte offset of its data in `file`, for sequential read order
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
 
     @property
     def is_float(self) -> bool:
