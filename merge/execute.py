@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import sys
 import time
 from collections import deque
@@ -29,29 +28,27 @@ import torch
 from torch import Tensor
 
 from merge import __version__
-from merge.dtypes import DTYPE_NAMES, dtype_name, guard_float16
+from merge.dtypes import DTYPE_NAMES, guard_float16
 from merge.errors import ExecutionError, MergeError, PlanError, UsageError
 from merge.expr import Affine
+from merge.io.layout import copy_support_files
 from merge.io.output import check_output
 from merge.io.sources import TensorSource
 from merge.io.sources import check_finite as warn_non_finite_read
 from merge.io.support_files import unmerged_module_weights
 from merge.io.writer import (
-    DEFAULT_SHARD_SIZE,
     FilePlan,
     OutputTensor,
     StagedOutput,
     TensorFileWriter,
     check_free_space,
-    parse_size,
-    plan_files,
     write_json,
 )
 from merge.methods import get_method
 from merge.methods._checks import check_finite
 from merge.methods._registry import MATRIX, MODEL, ROWS, STATISTICS
 from merge.methods._stream import ElementRandom, Kernel, mix_seed, rows_of
-from merge.plan import Plan, ResolvedCall, TensorJob
+from merge.plan import Plan, ResolvedCall, TensorJob, output_layout
 from merge.progress import byte_progress, write_summary
 
 # 8M elements per read: 16 MiB of bf16 per input, large enough for sequential reads at disk speed.
@@ -695,31 +692,21 @@ def write_plan(
     """
     output = Path(output)
     check_output(output, _input_paths(plan.sources), force=force)
-    recipe = plan.program.recipe
-    size = parse_size(
-        shard_size if shard_size is not None else recipe.output.shard_size or DEFAULT_SHARD_SIZE
-    )
+    layout = output_layout(plan, output, shard_size=shard_size)
     tensors = [OutputTensor(j.name, j.shape, j.dtype) for j in plan.jobs]
-    meta = output_metadata(plan)
-    single = output.suffix == ".safetensors"
-    layout = plan.sources[plan.layout_input]
-    indexes: dict[str, object] = {}
-    if single:
-        plans, _ = plan_files(tensors, single_file="", metadata=meta)
-    else:
-        plans, indexes = layout.plan_output(tensors, shard_size=size, metadata=meta)
+    plans, indexes = layout.file_plans(tensors, metadata=output_metadata(plan))
     engine = Engine(plan, device=device, quiet=quiet)
     inputs = _input_paths(plan.sources)
     started, copied = time.monotonic(), []
-    with StagedOutput(output, is_dir=not single, force=force, inputs=inputs) as staged:
+    with StagedOutput(output, is_dir=not layout.single_file, force=force, inputs=inputs) as staged:
         check_free_space(output, sum(p.data_bytes for p in plans))
         writer = TensorFileWriter(staged.path(), plans)
         engine.run(guard_float16(writer.write, float16_checked(plan)))
         writer.finish()
-        if not single:
+        if not layout.single_file:
             for rel, obj in indexes.items():
                 write_json(staged.path(rel), obj)
-            copied = _copy_support_files(layout, staged.path(), _uniform_dtype(plans))
+            copied = copy_support_files(layout.support_files, staged.path(), _uniform_dtype(plans))
             if card:
                 from merge.card import write_card
 
@@ -734,12 +721,12 @@ def write_plan(
             files=len(plans),
             seconds=time.monotonic() - started,
             copied=copied,
-            source=layout.path,
+            source=layout.source,
         )
         print(line, file=sys.stderr)
         for rel in unmerged_module_weights([(r, Path(r)) for r in copied]):
             print(
-                f"note: {rel} is a module's weights copied from {layout.path}, not merged",
+                f"note: {rel} is a module's weights copied from {layout.source}, not merged",
                 file=sys.stderr,
             )
     return path
@@ -748,32 +735,3 @@ def write_plan(
 def _uniform_dtype(plans: list[FilePlan]) -> torch.dtype | None:
     floats = {t.dtype for p in plans for t in p.tensors if t.dtype.is_floating_point}
     return floats.pop() if len(floats) == 1 else None
-
-
-def _copy_support_files(layout: TensorSource, dest: Path, dtype: torch.dtype | None) -> list[str]:
-    """Copy `layout`'s support files into `dest` (config.json gets the output dtype); their relpaths."""
-    files = layout.support_files()
-    for rel, src in files:
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.name == "config.json" and dtype is not None:
-            try:
-                config = json.loads(src.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                shutil.copyfile(src, target)  # new files: the umask, not the input's mode
-                continue
-            if not isinstance(config, dict) or not {"model_type", "architectures"} & set(config):
-                shutil.copyfile(src, target)  # module configs carry no dtype
-                continue
-            if "_diffusers_version" in config:  # diffusers configs carry no dtype
-                shutil.copyfile(src, target)  # new files: the umask, not the input's mode
-                continue
-            name = dtype_name(dtype)
-            if "dtype" in config:
-                config["dtype"] = name
-            else:
-                config["torch_dtype"] = name
-            target.write_text(json.dumps(config, indent=2) + "\n")
-        else:
-            shutil.copyfile(src, target)  # new files: the umask, not the input's mode
-    return [rel for rel, _ in files]

@@ -21,7 +21,9 @@ from merge.dtypes import DTYPE_NAMES, Sized, dtype_name, mixed_dtype_note
 from merge.errors import MergeWarning, PlanError, UsageError
 from merge.expr import Affine, Call
 from merge.io.detect import open_checkpoint
+from merge.io.layout import OutputLayout
 from merge.io.sources import TensorSource
+from merge.io.writer import DEFAULT_SHARD_SIZE, parse_size
 from merge.keysets import output_key_problems, strict_hint
 from merge.methods import get_method
 from merge.recipe import Program, all_calls, unmatched_overrides
@@ -57,7 +59,7 @@ class Plan:
     program: Program
     sources: dict[str, TensorSource]
     jobs: list[TensorJob]
-    layout_input: str  # whose folder layout and support files the output follows
+    layout_input: str  # whose folder layout and support files the output follows (output_layout)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -128,6 +130,28 @@ def float_dtypes(
         for dt in sorted((d for d in seen if d.is_floating_point), key=str):
             by_dtype.setdefault(dtype_name(dt), []).append(n)
     return by_dtype
+
+
+def output_layout(
+    plan: Plan, output: str | Path, *, shard_size: int | str | None = None
+) -> OutputLayout:
+    """How the output at `output` is laid out: one file for `x.safetensors`; else the layout
+    input's shape (a pipeline folder for a pipeline, a Hugging Face folder otherwise) with its
+    support files. `shard_size` (bytes or text like 5GB) overrides the recipe's."""
+    size = parse_size(
+        shard_size
+        if shard_size is not None
+        else plan.program.recipe.output.shard_size or DEFAULT_SHARD_SIZE
+    )
+    layout = plan.sources[plan.layout_input]
+    if Path(output).suffix == ".safetensors":
+        return OutputLayout(single_file=True, shard_size=size, source=layout.path)
+    return OutputLayout(
+        shard_size=size,
+        components=layout.component_stems() or None,
+        support_files=tuple(layout.support_files()),
+        source=layout.path,
+    )
 
 
 def layer_index(name: str) -> int | None:

@@ -40,7 +40,6 @@ from merge.io.sources import TensorMeta, TensorSource
 
 if TYPE_CHECKING:
     from merge.expr import Affine, Call
-    from merge.io.writer import FilePlan, OutputTensor
     from merge.plan import Plan
     from merge.recipe import Program, Recipe
 
@@ -240,11 +239,6 @@ class SlicedLayout(LayerView):
             (rel, self._tmp / "config.json" if rel == "config.json" else path)
             for rel, path in files
         ]
-
-    def plan_output(
-        self, tensors: list[OutputTensor], *, shard_size: int, metadata: dict[str, str]
-    ) -> tuple[list[FilePlan], dict[str, object]]:
-        return TensorSource.plan_output(self, tensors, shard_size=shard_size, metadata=metadata)
 
     def close(self) -> None:
         if self._tmp is not None:

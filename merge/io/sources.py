@@ -8,7 +8,6 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -16,9 +15,6 @@ from torch import Tensor
 from merge.dtypes import FLOAT_DTYPES, Sized
 from merge.errors import MergeWarning
 from merge.io.support_files import select_support_files
-
-if TYPE_CHECKING:
-    from merge.io.writer import FilePlan, OutputTensor
 
 
 @dataclass(frozen=True)
@@ -120,18 +116,10 @@ class TensorSource:
             return []
         return select_support_files(root, {f.name for f in self.files()})
 
-    def plan_output(
-        self, tensors: list[OutputTensor], *, shard_size: int, metadata: dict[str, str]
-    ) -> tuple[list[FilePlan], dict[str, object]]:
-        """How an output shaped like this input is laid out in a folder: (file plans, {relpath: index JSON}).
-
-        The default is a Hugging Face folder (`model-0000k-of-0000n.safetensors` + index);
-        diffusers pipelines override it to write one folder per component.
-        """
-        from merge.io.writer import plan_files
-
-        plans, index = plan_files(tensors, shard_size=shard_size, metadata=metadata)
-        return plans, ({"model.safetensors.index.json": index} if index else {})
+    def component_stems(self) -> dict[str, str]:
+        """For a folder of several models (a diffusers pipeline): each component's folder and
+        the stem of its weight files (`unet` -> `diffusion_pytorch_model`). {} for one model."""
+        return {}
 
     def fingerprint(self) -> dict[str, object]:
         """Hashes of the headers and sizes of the files: identifies the input without reading data."""
