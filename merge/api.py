@@ -15,9 +15,10 @@ from typing import Any
 from torch import Tensor
 
 from merge.execute import Engine, write_plan
+from merge.inputs import open_inputs
 from merge.io.detect import open_checkpoint
 from merge.io.sources import TensorSource
-from merge.plan import Plan, build_plan, open_inputs
+from merge.plan import Plan, build_plan
 from merge.recipe import Program, linear_recipe, load_recipe
 
 __all__ = [

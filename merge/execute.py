@@ -54,8 +54,8 @@ from merge.progress import byte_progress, write_summary
 # 8M elements per read: 16 MiB of bf16 per input, large enough for sequential reads at disk speed.
 CHUNK_ELEMENTS = 1 << 23
 # 4M elements per chunk of a method call: each chunk holds the raw inputs in three slots, their
-# float32 copies and a few float32 temporaries per call (measured: TIES of base + 3 on the 1 GB
-# set peaks at 1.09 GiB with 8M-element chunks).
+# float32 copies and a few float32 temporaries per call (measured: a trim-and-elect call on
+# base + 3 models of the 1 GB set peaks at 1.09 GiB with 8M-element chunks).
 GRAPH_CHUNK = 1 << 22
 # 1M elements per combine block: the float32 accumulator and one converted input (8 MiB) stay in
 # the last-level cache, so each input's bytes cross main memory once instead of three times

@@ -11,7 +11,8 @@ import torch
 from merge.dtypes import dtype_name
 from merge.errors import PlanError
 from merge.io.detect import open_checkpoint
-from merge.io.lora_hook import looks_like_lora
+from merge.lora.source import describe as describe_adapter
+from merge.lora.source import looks_like_lora
 from merge.progress import counted
 
 
@@ -26,9 +27,7 @@ def _fmt_bytes(n: float) -> str:
 def describe_checkpoint(path: str, *, limit: int = 40, unsafe_pickle: bool = False) -> str:
     """Format, files, tensors with dtype/shape/bytes/shard, and totals by dtype (headers only)."""
     if looks_like_lora(path):
-        from merge.io import lora
-
-        return str(lora.describe(Path(path)))  # type: ignore[attr-defined]
+        return describe_adapter(path)
     src = open_checkpoint(path, unsafe_pickle=unsafe_pickle)
     try:
         keys = src.keys()

@@ -20,7 +20,6 @@ import torch
 from merge.dtypes import DTYPE_NAMES, Sized, dtype_name, mixed_dtype_note
 from merge.errors import MergeWarning, PlanError, UsageError
 from merge.expr import Affine, Call
-from merge.io.detect import open_checkpoint
 from merge.io.layout import OutputLayout
 from merge.io.sources import TensorSource
 from merge.io.writer import DEFAULT_SHARD_SIZE, parse_size
@@ -75,50 +74,6 @@ class Plan:
             s.close()
 
 
-def open_inputs(
-    program: Program,
-    *,
-    unsafe_pickle: bool = False,
-    preopened: Mapping[str, TensorSource] | None = None,
-) -> dict[str, TensorSource]:
-    """Open every input the output uses: checkpoints first, then deltas (LoRAs) against the base."""
-    from merge.io import lora_hook
-
-    sources: dict[str, TensorSource] = dict(preopened or {})
-    used = program.used_inputs()
-    layout = program.recipe.output.copy_files_from
-    if layout and layout not in used:
-        used.append(layout)
-    missing: list[str] = []
-    deferred: list[str] = []
-    for name in used:
-        if name in sources:
-            continue
-        path = program.input_path(name)
-        if lora_hook.looks_like_lora(path):
-            deferred.append(name)
-            continue
-        if not Path(path).exists() and "/" not in path:
-            missing.append(f"inputs.{name}: {path} does not exist")
-            continue
-        sources[name] = open_checkpoint(path, unsafe_pickle=unsafe_pickle)
-    if missing:
-        raise UsageError("missing inputs:\n  " + "\n  ".join(missing))
-    base = sources.get("base") or next(
-        (s for s in sources.values() if s.kind == "checkpoint"), None
-    )
-    for name in deferred:
-        sources[name] = lora_hook.open_lora(program.input_path(name), base)
-    options = program.recipe.options
-    if options.compat == "mergekit" and options.compute_dtype:  # mergekit casts inputs first
-        from merge.io.views import CastView
-
-        for name in sources:
-            if sources[name].kind == "checkpoint" and name not in (preopened or {}):
-                sources[name] = CastView(sources[name], DTYPE_NAMES[options.compute_dtype])
-    return sources
-
-
 def float_dtypes(
     sources: Mapping[str, TensorSource], inputs: Sequence[str]
 ) -> dict[str, list[str]]:
@@ -160,7 +115,7 @@ def layer_index(name: str) -> int | None:
 
 
 def gradient_value(anchors: Sequence[float], t: float) -> float:
-    """mergekit's rule: anchors spread evenly over [0, 1], linear between neighbours."""
+    """mergekit's rule: anchors spread evenly over [0, 1], interpolated between neighbours."""
     n = len(anchors)
     if n == 1:
         return float(anchors[0])
@@ -250,17 +205,19 @@ def build_plan(
     passthrough_from = passthrough_from or (
         "base" if "base" in checkpoints else (checkpoints[0] if checkpoints else None)
     )
-    # DoRA adapters are not deltas: `base + k * dora` means peft's scale k applied inside the norm.
-    nonlinear = {n for n in deltas if getattr(sources[n], "nonlinear", False)}
-    dora_base = "base" if "base" in checkpoints else (checkpoints[0] if checkpoints else "")
+    # Deltas whose effect at coefficient k is not k times their values (each says what it is)
+    # only add to the base they were opened against: `base + k * x` reads x.at_strength(k).
+    fixed = {n: what for n in deltas if (what := sources[n].not_additive)}
+    fixed_base = "base" if "base" in checkpoints else (checkpoints[0] if checkpoints else "")
+    position = {n: i for i, n in enumerate(used)}  # job inputs are read in recipe order
     for call in all_calls(out_form):
-        inside = nonlinear & set().union(
+        inside = set(fixed) & set().union(
             *(m.inputs() for m in call.models), call.base.inputs() if call.base else set()
         )
         for n in sorted(inside):
             problems.append(
-                f"`{n}` is a DoRA adapter, which is not a delta: it can only be added to the base it "
-                f"was trained on, as `{dora_base} + k * {n}`, not passed to `{call.method}` in step `{call.step}`"
+                f"`{n}` is {fixed[n]}, which is not a delta: it can only be added to the base it "
+                f"was trained on, as `{fixed_base} + k * {n}`, not passed to `{call.method}` in step `{call.step}`"
             )
     jobs: list[TensorJob] = []
     resolve_errors: dict[str, list[str]] = {}
@@ -301,9 +258,9 @@ def build_plan(
             # One line per distinct problem, not one per tensor (a zero weight sum hits all).
             resolve_errors.setdefault(str(e), []).append(name)
             continue
-        if nonlinear:
-            form = _scale_nonlinear(form, name, sources, nonlinear, dora_base, problems)
-        form_inputs = tuple(sorted(form_inputs_of(form), key=lambda n: used.index(n.split("@")[0])))
+        if fixed:
+            form = _at_strength(form, name, sources, fixed, fixed_base, problems, position)
+        form_inputs = tuple(sorted(form_inputs_of(form), key=position.__getitem__))
         single = form.single_input()
         out_dt = out_dtype_forced or ref.dtype
         if single is not None:
@@ -342,29 +299,30 @@ def build_plan(
     return Plan(program, sources, jobs, layout, notes)
 
 
-def _scale_nonlinear(
+def _at_strength(
     form: Affine,
     tensor: str,
     sources: dict[str, TensorSource],
-    nonlinear: set[str],
+    fixed: Mapping[str, str],
     base: str,
     problems: list[str],
+    position: dict[str, int],
 ) -> Affine:
-    """Rewrite `k * dora` as `1 * dora.with_scale(k)`; refuse it without its base beside it."""
+    """Rewrite `k * x` as `1 * x@k`, where source `x@k` is `x.at_strength(k)`, for each source
+    in `fixed` (what it is, by name); refuse it without its base beside it."""
     terms: list[tuple[object, float]] = []
     present = {x for x, _ in form.terms if isinstance(x, str)}
     for leaf, c in form.terms:
-        if isinstance(leaf, str) and leaf in nonlinear:
+        if isinstance(leaf, str) and leaf in fixed:
             if base not in present:
                 problems.append(
-                    f"`{tensor}`: DoRA adapter `{leaf}` must be added to `{base}`, the base it was "
+                    f"`{tensor}`: {fixed[leaf]} `{leaf}` must be added to `{base}`, the base it was "
                     f"opened against (write `{base} + {c:g} * {leaf}`)"
                 )
-            # The strength is absolute: the adapter's own scale (e.g. from `bake --scale`) times k.
-            strength = c * float(getattr(sources[leaf], "scale", 1.0))
-            key = f"{leaf}@{strength:g}"
+            key = f"{leaf}@{c:g}"
             if key not in sources:
-                sources[key] = sources[leaf].with_scale(strength)  # type: ignore[attr-defined]
+                sources[key] = sources[leaf].at_strength(c)
+                position[key] = position[leaf]
             terms.append((key, 1.0))
         else:
             terms.append((leaf, c))
@@ -536,7 +494,7 @@ def describe_plan(plan: Plan, limit: int = 12) -> str:
 
 def format_form(form: Affine, step: str | None = None) -> str:
     """A form as text; a call made in another step than `step` is shown by that step's name
-    (so a chain of steps prints in size linear in the recipe, not the size of its tree)."""
+    (so a chain of steps prints in size proportional to the recipe, not the size of its tree)."""
     parts = []
     for leaf, c in form.terms:
         if isinstance(leaf, str):

@@ -55,10 +55,16 @@ class TensorSource:
 
     `kind` is "checkpoint" (full weights) or "delta" (a difference, e.g. a LoRA); the planner
     tracks checkpoint coefficients and treats deltas as already-differenced.
+
+    `not_additive` is None for every source whose effect at coefficient k is k times its values.
+    A delta that renormalises the weight it is added to (a DoRA adapter) says there what it is,
+    for messages ("a DoRA adapter"); it adds only to the base it was opened against, as
+    `at_strength(k)` with coefficient 1, and the planner refuses any other use.
     """
 
     kind: str = "checkpoint"
     path: str = "<memory>"
+    not_additive: str | None = None
 
     def keys(self) -> list[str]:
         raise NotImplementedError
@@ -79,6 +85,10 @@ class TensorSource:
     def read(self, name: str) -> Tensor:
         m = self.meta(name)
         return self.read_range(name, 0, m.numel).view(m.shape)
+
+    def at_strength(self, k: float) -> TensorSource:
+        """A `not_additive` source's effect at coefficient k, as a source added with coefficient 1."""
+        raise NotImplementedError(f"{self.path}: an additive source is scaled by its coefficient")
 
     def key_set(self) -> frozenset[str]:
         """The tensor names as a set (computed once: sources do not change)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from merge.errors import MergeWarning, UsageError
 from merge.io.detect import open_checkpoint
-from merge.io.lora import LoraSource, open_lora
+from merge.lora.source import LoraSource, open_lora
 
 
 def bake(
