@@ -20,6 +20,7 @@ from merge.io.detect import open_checkpoint
 from merge.io.sources import TensorSource
 from merge.plan import Plan, build_plan
 from merge.recipe import Program, linear_recipe, load_recipe
+from merge.slices import build_sliced_plan
 
 __all__ = [
     "evaluate_recipe_in_memory",
@@ -64,6 +65,8 @@ def plan_recipe(
     if mixed_architectures:
         program.recipe.options.mixed_architectures = True
     sources = open_inputs(program, unsafe_pickle=unsafe_pickle, preopened=preopened)
+    if program.recipe.slices:  # layer slices: one plan per slice over renaming views
+        return build_sliced_plan(program, sources, dtype=dtype, passthrough_from=passthrough_from)
     return build_plan(program, sources, dtype=dtype, passthrough_from=passthrough_from)
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from merge import __version__
-from merge.dtypes import DTYPE_NAMES, guard_float16
+from merge.dtypes import DTYPE_NAMES, dtype_name, guard_float16
 from merge.errors import ExecutionError, MergeError, PlanError, UsageError
 from merge.expr import Affine
 from merge.io.layout import copy_support_files
@@ -48,7 +48,7 @@ from merge.methods import get_method
 from merge.methods._checks import check_finite
 from merge.methods._registry import MATRIX, MODEL, ROWS, STATISTICS
 from merge.methods._stream import ElementRandom, Kernel, mix_seed, rows_of
-from merge.plan import Plan, ResolvedCall, TensorJob, output_layout
+from merge.plan import Plan, ResolvedCall, TensorJob, format_form, output_layout
 from merge.progress import byte_progress, write_summary
 
 # 8M elements per read: 16 MiB of bf16 per input, large enough for sequential reads at disk speed.
@@ -146,6 +146,35 @@ def estimate_peak_bytes(plan: Plan, chunk: int = CHUNK_ELEMENTS) -> int:
             n = min(j.numel, chunk)
             peak = max(peak, SLOTS * (len(j.inputs) + 1) * n * 8 + 2 * BLOCK_ELEMENTS * 8)
     return peak
+
+
+def describe_plan(plan: Plan, limit: int = 12) -> str:
+    """A human-readable summary: inputs, steps as affine forms, jobs by mode, bytes, memory."""
+    lines = ["inputs:"]
+    for n, s in plan.sources.items():
+        lines.append(f"  {n}: {s.path} ({s.kind}, {len(s.keys())} tensors)")
+    lines.append("steps:")
+    for name, form in plan.program.steps.items():
+        lines.append(f"  {name} = {format_form(form, name)}")
+    by_mode: dict[str, int] = {}
+    for j in plan.jobs:
+        by_mode[j.mode] = by_mode.get(j.mode, 0) + 1
+    lines.append(
+        f"output: {len(plan.jobs)} tensors ("
+        + ", ".join(f"{v} {k}" for k, v in sorted(by_mode.items()))
+        + ")"
+    )
+    for j in plan.jobs[:limit]:
+        lines.append(
+            f"  {j.name} {list(j.shape)} {dtype_name(j.dtype)} [{j.mode}] = {format_form(j.form, plan.program.output_step)}"
+        )
+    if len(plan.jobs) > limit:
+        lines.append(f"  ... {len(plan.jobs) - limit} more")
+    lines.append(
+        f"read {plan.bytes_read / 1e9:.3f} GB, write {plan.bytes_written / 1e9:.3f} GB, estimated peak memory {estimate_peak_bytes(plan) / 2**20:.0f} MiB"
+    )
+    lines += [f"warning: {n}" for n in plan.notes]
+    return "\n".join(lines)
 
 
 class FnKernel(Kernel):

@@ -133,11 +133,10 @@ def build_plan(
     dtype: str | None = None,
     passthrough_from: str | None = None,
 ) -> Plan:
-    """Check headers and produce one TensorJob per output tensor, in sequential-read order."""
-    if program.recipe.slices:  # layer slices: one plan per slice over renaming views
-        from merge.slices import build_sliced_plan
+    """Check headers and produce one TensorJob per output tensor, in sequential-read order.
 
-        return build_sliced_plan(program, sources, dtype=dtype, passthrough_from=passthrough_from)
+    A recipe with layer slices is planned by `merge.slices.build_sliced_plan`, one plan like
+    this per slice."""
     recipe = program.recipe
     out_form = program.output
     used = program.used_inputs()
@@ -459,37 +458,6 @@ def _check_coefficients(
             )
             notes.append(msg)
             warnings.warn(msg, MergeWarning, stacklevel=3)
-
-
-def describe_plan(plan: Plan, limit: int = 12) -> str:
-    """A human-readable summary: inputs, steps as affine forms, jobs by mode, bytes, memory."""
-    from merge.execute import estimate_peak_bytes
-
-    lines = ["inputs:"]
-    for n, s in plan.sources.items():
-        lines.append(f"  {n}: {s.path} ({s.kind}, {len(s.keys())} tensors)")
-    lines.append("steps:")
-    for name, form in plan.program.steps.items():
-        lines.append(f"  {name} = {format_form(form, name)}")
-    by_mode: dict[str, int] = {}
-    for j in plan.jobs:
-        by_mode[j.mode] = by_mode.get(j.mode, 0) + 1
-    lines.append(
-        f"output: {len(plan.jobs)} tensors ("
-        + ", ".join(f"{v} {k}" for k, v in sorted(by_mode.items()))
-        + ")"
-    )
-    for j in plan.jobs[:limit]:
-        lines.append(
-            f"  {j.name} {list(j.shape)} {dtype_name(j.dtype)} [{j.mode}] = {format_form(j.form, plan.program.output_step)}"
-        )
-    if len(plan.jobs) > limit:
-        lines.append(f"  ... {len(plan.jobs) - limit} more")
-    lines.append(
-        f"read {plan.bytes_read / 1e9:.3f} GB, write {plan.bytes_written / 1e9:.3f} GB, estimated peak memory {estimate_peak_bytes(plan) / 2**20:.0f} MiB"
-    )
-    lines += [f"warning: {n}" for n in plan.notes]
-    return "\n".join(lines)
 
 
 def format_form(form: Affine, step: str | None = None) -> str:
