@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
+from merge.errors import UsageError
 from merge.execute import Engine, write_plan
 from merge.inputs import open_inputs
 from merge.io.detect import open_checkpoint
@@ -102,8 +103,6 @@ def run_recipe(
     try:
         target = output or plan.program.recipe.output.path
         if target is None:
-            from merge.errors import UsageError
-
             raise UsageError("no output path: pass -o/--output or set `output.path` in the recipe")
         out = Path(target)
         if output is None and not out.is_absolute():

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from merge import __version__
+from merge.card import write_card
 from merge.dtypes import DTYPE_NAMES, dtype_name, guard_float16
 from merge.errors import ExecutionError, MergeError, PlanError, UsageError
 from merge.expr import Affine
@@ -48,6 +49,7 @@ from merge.methods import get_method
 from merge.methods._checks import check_finite
 from merge.methods._registry import MATRIX, MODEL, ROWS, STATISTICS
 from merge.methods._stream import ElementRandom, Kernel, mix_seed, rows_of
+from merge.model_scope import resolve_model_scope
 from merge.plan import Plan, ResolvedCall, TensorJob, format_form, output_layout
 from merge.progress import byte_progress, write_summary
 
@@ -340,8 +342,6 @@ class Engine:
         chunk: int = CHUNK_ELEMENTS,
         quiet: bool = False,
     ):
-        from merge.model_scope import resolve_model_scope
-
         resolve_model_scope(plan, quiet=quiet)  # a first pass, only for `scope: model` methods
         self.plan = plan
         self.device = pick_device(device)
@@ -737,8 +737,6 @@ def write_plan(
                 write_json(staged.path(rel), obj)
             copied = copy_support_files(layout.support_files, staged.path(), _uniform_dtype(plans))
             if card:
-                from merge.card import write_card
-
                 write_card(plan, staged.path())
         path = staged.commit()
     if not quiet:

@@ -883,7 +883,7 @@ def _override_problems(
         out += [(k, m) for m in _value_problems(v)]
     if ov.input is not None and ov.input not in recipe.inputs and ov.input not in broken:
         out.append(("input", f"no input named `{ov.input}`{did_you_mean(ov.input, recipe.inputs)}"))
-    calls = [c for a in folded.values() for c in _all_calls(a)]
+    calls = [c for a in folded.values() for c in all_calls(a)]
     if ov.step is not None:
         if ov.step in broken:
             # The step's own problems are reported; check the keys against its method if known.
@@ -967,8 +967,9 @@ def unmatched_overrides(recipe: Recipe, tensors: Sequence[str]) -> list[str]:
     return out
 
 
-def _all_calls(a: Affine) -> list[Call]:
-    """Each call reachable from `a` once (a step used twice is one call, not a subtree per use)."""
+def all_calls(a: Affine) -> list[Call]:
+    """Each method call reachable from `a`, nested calls included, once (a step used twice is
+    one call, not a subtree per use)."""
     out: dict[int, Call] = {}
     stack = [a]
     while stack:
@@ -977,11 +978,6 @@ def _all_calls(a: Affine) -> list[Call]:
                 out[id(c)] = c
                 stack += [*c.models, *([c.base] if c.base else [])]
     return list(out.values())
-
-
-def all_calls(a: Affine) -> list[Call]:
-    """Every method call reachable from an affine form (nested calls included)."""
-    return _all_calls(a)
 
 
 def linear_recipe(

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from merge.dtypes import dtype_name
 from merge.errors import FormatError, UsageError
+from merge.io.diffusers import open_pipeline
 from merge.io.safetensors import SafetensorsSource, files_from_index
 from merge.io.sources import MemorySource, TensorSource
 from merge.io.torchfile import TorchFileSource
@@ -68,8 +69,6 @@ def _open_path(path: Path, unsafe_pickle: bool) -> TensorSource:
             "merge reads checkpoint files and folders of them"
         )
     if (path / "model_index.json").is_file():
-        from merge.io.diffusers import open_pipeline
-
         return open_pipeline(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from merge.errors import FormatError, MergeError, MergeWarning, PlanError
+from merge.io.safetensors import read_header
 from merge.io.sources import TensorMeta, TensorSource
 from merge.lora.canon import locate
 from merge.lora.modules import LoraModule, dora_axis, dora_weight, module_delta
@@ -48,8 +49,6 @@ def looks_like_lora(path: str | Path) -> bool:
 
 
 def _keys_look_lora(file: Path) -> bool:
-    from merge.io.safetensors import read_header
-
     try:
         entries, _, _ = read_header(file)
     except MergeError:
