@@ -62,12 +62,7 @@ class PipelineSource(TensorSource):
             raise FormatError(f"{path}/model_index.json must be a JSON object of components")
         self.components: dict[str, TensorSource] = {}
         self.stems: dict[str, str] = {}
-        for name, spec in self.model_index.items():
-            if name.startswith("_") or not isinstance(spec, list) or not spec or spec[0] is None:
-                continue
-            folder = self._root / name
-            if not folder.is_dir():
-                continue
+        for name, folder in self._folders():
             files, stem = _component_files(folder)
             if not files:
                 continue  # tokenizer, scheduler, feature extractor: support files only
@@ -86,6 +81,17 @@ class PipelineSource(TensorSource):
         for comp, src in self.components.items():
             for k in src.keys():
                 self._where[f"{comp}/{k}"] = (comp, k)
+
+    def _folders(self) -> list[tuple[str, Path]]:
+        """(name, folder) of each component model_index.json lists that has a folder."""
+        out = []
+        for name, spec in self.model_index.items():
+            if name.startswith("_") or not isinstance(spec, list) or not spec or spec[0] is None:
+                continue
+            folder = self._root / name
+            if folder.is_dir():
+                out.append((name, folder))
+        return out
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -117,12 +123,7 @@ class PipelineSource(TensorSource):
         """model_index.json and every non-weight file of every component folder (configs, tokenizers)."""
         weight_files = {f.resolve() for f in self.files()}
         out: list[tuple[str, Path]] = [("model_index.json", self._root / "model_index.json")]
-        for name, spec in self.model_index.items():
-            if name.startswith("_") or not isinstance(spec, list) or not spec or spec[0] is None:
-                continue
-            folder = self._root / name
-            if not folder.is_dir():
-                continue
+        for name, folder in self._folders():
             for f in sorted(folder.rglob("*")):
                 if not f.is_file() or f.resolve() in weight_files or f.name.startswith("."):
                     continue

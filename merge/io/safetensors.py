@@ -15,14 +15,13 @@ import math
 import os
 import stat
 import struct
-import threading
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from merge.errors import FormatError
-from merge.io.sources import TensorMeta, TensorSource, check_finite
+from merge.io.sources import FileSource, TensorMeta, check_finite
 
 # safetensors dtype codes -> torch dtypes (quantized formats are refused by detect.py).
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -266,19 +265,13 @@ def _short(x: object) -> str:
     return text if len(text) <= 80 else text[:80] + "..."
 
 
-class SafetensorsSource(TensorSource):
+class SafetensorsSource(FileSource):
     """One or more safetensors files presented as one lazy tensor dict."""
 
     def __init__(self, files: list[Path], display: str | None = None, root: Path | None = None):
-        self._files = [Path(f) for f in files]
-        self.path = display or str(self._files[0])
-        self._root = root
-        self._meta: dict[str, TensorMeta] = {}
-        self._file_of: dict[str, int] = {}
+        super().__init__(files, display, root)
         self.metadata: dict[str, str] = {}
         self._fds: dict[int, int] = {}
-        self._warned: set[str] = set()
-        self._lock = threading.Lock()
         # Headers hold up to hundreds of thousands of small objects, all kept: pausing the
         # cyclic GC spares the repeated full collections their allocation would trigger
         # (in a large process each one walks every live object).
@@ -310,15 +303,6 @@ class SafetensorsSource(TensorSource):
                 )
                 self._file_of[name] = i
 
-    def keys(self) -> list[str]:
-        return list(self._meta)
-
-    def meta(self, name: str) -> TensorMeta:
-        try:
-            return self._meta[name]
-        except KeyError:
-            raise FormatError(f"{self.path}: no tensor named `{name}`") from None
-
     def _fd(self, i: int) -> int:
         with self._lock:
             if i not in self._fds:
@@ -349,12 +333,6 @@ class SafetensorsSource(TensorSource):
         if not into_callers_buffer and out.is_floating_point() and name not in self._warned:
             check_finite(out, name, m.file, self._warned)
         return out
-
-    def files(self) -> list[Path]:
-        return list(self._files)
-
-    def root(self) -> Path | None:
-        return self._root
 
     def close(self) -> None:
         with self._lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from merge.dtypes import FLOAT_DTYPES, Sized
-from merge.errors import MergeWarning
+from merge.errors import FormatError, MergeWarning
 from merge.io.support_files import select_support_files
 
 
@@ -153,6 +154,38 @@ class TensorSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class FileSource(TensorSource):
+    """Tensors listed in the headers of one or more files (the shards of one checkpoint).
+
+    A subclass reads the headers into `_meta` (name -> TensorMeta) and `_file_of` (name ->
+    index into `files()`), and implements `read_range`.
+    """
+
+    def __init__(self, files: list[Path], display: str | None = None, root: Path | None = None):
+        self._files = [Path(f) for f in files]
+        self.path = display or str(self._files[0])
+        self._root = root
+        self._meta: dict[str, TensorMeta] = {}
+        self._file_of: dict[str, int] = {}
+        self._warned: set[str] = set()  # tensors already reported as holding NaN or Inf
+        self._lock = threading.Lock()
+
+    def keys(self) -> list[str]:
+        return list(self._meta)
+
+    def meta(self, name: str) -> TensorMeta:
+        try:
+            return self._meta[name]
+        except KeyError:
+            raise FormatError(f"{self.path}: no tensor named `{name}`") from None
+
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def root(self) -> Path | None:
+        return self._root
 
 
 class MemorySource(TensorSource):

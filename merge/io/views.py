@@ -11,18 +11,35 @@ from merge.errors import PlanError
 from merge.io.sources import TensorMeta, TensorSource
 
 
-class CastView(TensorSource):
-    """Floating-point tensors of `source` rounded to `dtype` (mergekit casts every input to its
-    config's `dtype` before merging; `compat: mergekit` reads through this view to match)."""
+class View(TensorSource):
+    """A view of `source`: its tensor names, files and support files, its tensors as a
+    subclass shows them (`meta`, `read_range`)."""
 
-    def __init__(self, source: TensorSource, dtype: torch.dtype):
+    def __init__(self, source: TensorSource):
         self.source = source
-        self.dtype = dtype
         self.kind = source.kind
         self.path = source.path
 
     def keys(self) -> list[str]:
         return self.source.keys()
+
+    def files(self) -> list[Path]:
+        return self.source.files()
+
+    def root(self) -> Path | None:
+        return self.source.root()
+
+    def support_files(self) -> list[tuple[str, Path]]:
+        return self.source.support_files()
+
+
+class CastView(View):
+    """Floating-point tensors of `source` rounded to `dtype` (mergekit casts every input to its
+    config's `dtype` before merging; `compat: mergekit` reads through this view to match)."""
+
+    def __init__(self, source: TensorSource, dtype: torch.dtype):
+        super().__init__(source)
+        self.dtype = dtype
 
     def meta(self, name: str) -> TensorMeta:
         m = self.source.meta(name)
@@ -37,15 +54,6 @@ class CastView(TensorSource):
         raw = self.source.read_range(name, start, stop)
         return out.copy_(raw) if out is not None else raw.to(self.dtype)
 
-    def files(self) -> list[Path]:
-        return self.source.files()
-
-    def root(self) -> Path | None:
-        return self.source.root()
-
-    def support_files(self) -> list[tuple[str, Path]]:
-        return self.source.support_files()
-
     def fingerprint(self) -> dict[str, object]:
         return self.source.fingerprint()
 
@@ -53,7 +61,7 @@ class CastView(TensorSource):
         self.source.close()
 
 
-class ChannelAligned(TensorSource):
+class ChannelAligned(View):
     """`source` seen with `primary`'s shapes where they differ only in dim 1 (inpainting conv_in).
 
     A1111's rule: an inpainting (9-channel) or instruct-pix2pix (8-channel) A merged with a
@@ -63,9 +71,8 @@ class ChannelAligned(TensorSource):
     """
 
     def __init__(self, source: TensorSource, primary: TensorSource):
-        self.source, self.primary = source, primary
-        self.path = source.path
-        self.kind = source.kind
+        super().__init__(source)
+        self.primary = primary
         self.padded: list[str] = []
         pkeys = set(primary.keys())
         for k in source.keys():
@@ -84,9 +91,6 @@ class ChannelAligned(TensorSource):
                     "model must be the first input (A)"
                 )
 
-    def keys(self) -> list[str]:
-        return self.source.keys()
-
     def meta(self, name: str) -> TensorMeta:
         m = self.source.meta(name)
         if name in self.padded:
@@ -101,12 +105,3 @@ class ChannelAligned(TensorSource):
         full[:, : own.shape[1]] = own
         flat = full.reshape(-1)[start:stop]
         return out.copy_(flat) if out is not None else flat.clone()
-
-    def files(self) -> list[Path]:
-        return self.source.files()
-
-    def root(self) -> Path | None:
-        return self.source.root()
-
-    def support_files(self) -> list[tuple[str, Path]]:
-        return self.source.support_files()
