@@ -7,6 +7,8 @@ Method calls ("graph" jobs) whose registrations declare a streaming shape (eleme
 statistics then elementwise, row-wise, model-wide statistics) run their kernels' statistics
 passes first, chunk by chunk, then an apply pass (row-wise calls get chunks of whole rows);
 only calls declared whole-matrix read whole tensors, one output tensor at a time.
+`write_plan` streams into the files of the plan's output layout; `describe_plan` says what a
+run would do (`merge validate`).
 """
 
 from __future__ import annotations

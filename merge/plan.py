@@ -3,7 +3,9 @@
 Key sets are reconciled, shapes checked and dtypes decided from headers alone, and every
 mismatch is reported at once. Per-tensor parameters (overrides, layer gradients) are resolved
 here, and the weighted-sum methods are folded into affine forms so the engine can stream them
-chunk by chunk into reused buffers.
+chunk by chunk into reused buffers. The output's layout on disk (one file, a model or pipeline
+folder, shard size, support files) is chosen here too (`output_layout`), from what the layout
+input says it is; the writer follows it.
 """
 
 from __future__ import annotations

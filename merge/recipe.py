@@ -1,4 +1,5 @@
-"""YAML recipes: validated with pydantic, then compiled into affine forms per step.
+"""YAML recipes: validated with pydantic, then compiled into affine forms per step (a recipe
+with layer `slices:` compiles to one method step per slice; `merge.slices` plans them).
 
 Every problem is collected with its key path and reported together in one RecipeError;
 misspelt names get a "did you mean" suggestion. Nothing here reads a tensor.
