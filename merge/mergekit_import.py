@@ -33,13 +33,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from merge.dtypes import DTYPE_NAMES, dtype_name
 from merge.errors import MergeWarning, did_you_mean
 from merge.mergekit_schema import MERGE_METHODS as _METHODS
 from merge.mergekit_schema import refusal, top_level_keys
 
 _RENAME = {"lambda": "scale", "nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}
 _DROP = {"int8_mask"}  # no effect on the values
-_DTYPES = {"bfloat16", "float16", "float32", "float64"}
+_DTYPES = frozenset(DTYPE_NAMES)
 _TOP_KEYS = top_level_keys()
 STEP = "merged"
 
@@ -124,7 +125,7 @@ def _stored_dtype(paths: list[str], base_dir: Path | None) -> str | None:
             for key in source.keys():
                 meta = source.meta(key)
                 if meta.is_float:
-                    found.add(str(meta.dtype).removeprefix("torch."))
+                    found.add(dtype_name(meta.dtype))
         finally:
             source.close()
     return found.pop() if len(found) == 1 and found <= _DTYPES else None

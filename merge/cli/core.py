@@ -170,7 +170,8 @@ def run(recipe: Path, vars_: tuple[str, ...], **opts: Any) -> None:
 @click.option("--limit", default=12, show_default=True, help="How many planned tensors to list.")
 def validate(recipe: Path, vars_: tuple[str, ...], no_inputs: bool, limit: int) -> None:
     """Check a recipe and print the resolved plan (reads headers only, never tensors)."""
-    from merge.plan import describe_plan, format_form
+    from merge.execute import describe_plan
+    from merge.plan import format_form
     from merge.recipe import load_recipe
 
     program = load_recipe(recipe, vars=_parse_vars(vars_) or None)

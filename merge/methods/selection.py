@@ -159,18 +159,6 @@ def bernoulli_mask(
     return u.add_(p).floor_().clamp_(max=1.0)
 
 
-def magnitude_mask(x: Tensor, density: float) -> Tensor:
-    """Boolean mask of the ⌊density·n⌋ largest |x| (entries tied at the threshold are all kept)."""
-    n = x.numel()
-    if density >= 1.0:
-        return torch.ones_like(x, dtype=torch.bool)
-    k = keep_count(n, density)
-    if k == 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    thr = kth_largest_abs(x, k)
-    return x.abs() >= thr
-
-
 def trim(x: Tensor, density: float) -> Tensor:
     """x with all but its ⌊density·n⌋ largest-magnitude entries set to zero."""
     if density >= 1.0:
