@@ -211,7 +211,7 @@ def _weighted_total(
 ) -> Tensor:
     """Σ c·value over a form's terms, for a whole tensor or one chunk. A lone unit term is
     cloned, since its value may be a cached input that later terms must not change, unless
-    `shared_ok` (the caller only reads it: a kernel's operand; a clone cost 10% of a TIES run)."""
+    `shared_ok` (the caller only reads it: a kernel's operand; a clone cost 10% of a trimming merge)."""
     total: Tensor | None = None
     for leaf, c in form.terms:
         value = value_of(leaf)
@@ -409,7 +409,7 @@ class Engine:
     # -- computing ---------------------------------------------------------------------------------
     def _buffer(self, key: str, n: int, dtype: torch.dtype, *, on_device: bool = False) -> Tensor:
         """A reused buffer (fresh 4 MB tensors per chunk cost page faults: a third of the
-        system time of a TIES run)."""
+        system time of a trimming merge)."""
         buf = self._buffers.get(key)
         need = n * dtype.itemsize
         if buf is None or buf.numel() < need:

@@ -27,26 +27,11 @@ from torch import Tensor
 from merge import __version__
 from merge.errors import MergeWarning, RecipeError, UsageError
 from merge.io.sources import TensorSource
-from merge.moe.config import DTYPES, HIDDEN_MODES, LoadedConfig, load_moe_config
+from merge.moe.config import DTYPES, HIDDEN_MODES, LoadedConfig, Model, load_moe_config
 from merge.moe.layout import LAYOUTS, MLP_PROJS, QKV_BIAS, MoELayout, dense_mlp, split_base
 
 CHUNK = 1 << 22  # elements per read of a copied tensor (16 MB of float32)
 DEGENERATE_COND = 5.0  # mergekit's threshold for warning about near-parallel router rows
-
-
-@dataclass
-class Model:
-    """One input model: where it is, its tensors (lazy) and its config.json."""
-
-    key: str  # the config key naming it, e.g. `experts[1].source_model`
-    path: str
-    source: TensorSource
-    config: dict[str, Any]
-
-    @property
-    def folder(self) -> Path:
-        root = self.source.root()
-        return root if root is not None else Path(self.path)
 
 
 @dataclass(frozen=True)

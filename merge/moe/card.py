@@ -18,8 +18,7 @@ from merge.card import TOOL
 from merge.moe.layout import LAYOUTS
 
 if TYPE_CHECKING:
-    from merge.moe.build import Model
-    from merge.moe.config import LoadedConfig
+    from merge.moe.config import LoadedConfig, Model
 
 CONFIG_FILE = "merge-moe.yaml"
 

@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, FiniteFloat, ValidationError
 
 from merge.errors import RecipeError, did_you_mean
+from merge.io.sources import TensorSource
 
 # mergekit-moe's gate modes: `hidden` and `hidden_last` take each prompt's last token,
 # `hidden_avg` the mean over every position (padding included, as mergekit computes it).
@@ -326,3 +327,18 @@ def select_arch(config: MoEConfig) -> tuple[str | None, list[tuple[str, str]]]:
             )
         )
     return ("qwen2_moe" if not problems else None), problems
+
+
+@dataclass
+class Model:
+    """One input model: where it is, its tensors (lazy) and its config.json."""
+
+    key: str  # the config key naming it, e.g. `experts[1].source_model`
+    path: str
+    source: TensorSource
+    config: dict[str, Any]
+
+    @property
+    def folder(self) -> Path:
+        root = self.source.root()
+        return root if root is not None else Path(self.path)
