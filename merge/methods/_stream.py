@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from merge.methods._threads import one_thread
+
 # Elements per random block: draws are made a whole block at a time from a generator seeded by
 # (key, stream, block), so any chunk boundary sees the same numbers.
 RANDOM_BLOCK = 1 << 16
@@ -115,13 +117,22 @@ class Kernel:
 
 
 def run_whole(kernel: Kernel, tensors: Sequence[Tensor], base: Tensor | None) -> Tensor:
-    """A kernel on the whole tensor as one chunk (what a method's own function returns)."""
+    """A kernel on the whole tensor as one chunk (what a method's own function returns).
+
+    On one intra-op thread, as the engine runs kernels: a reduction split across threads
+    rounds differently, and the bytes must not depend on the thread count.
+    """
+    like = tensors[0] if tensors else base
+    assert like is not None
+    if like.numel() == 0:
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
     flats = [t.reshape(-1) for t in tensors]
     flat_b = None if base is None else base.reshape(-1)
-    while kernel.needs_pass():
-        kernel.observe(0, flats, flat_b)
-        kernel.end_pass()
-    return kernel.apply(0, flats, flat_b).reshape(tensors[0].shape)
+    with one_thread():
+        while kernel.needs_pass():
+            kernel.observe(0, flats, flat_b)
+            kernel.end_pass()
+        return kernel.apply(0, flats, flat_b).reshape(like.shape)
 
 
 def rows_of(shape: Sequence[int]) -> int:

@@ -232,15 +232,19 @@ class StreamingTopK:
     finishes exactly. A bin too full to keep (many equal magnitudes) is split by its low 16 bits
     instead, which pins t exactly, and a last pass counts ties to find c. Small tensors take one
     pass. Nothing depends on where the chunks are cut.
+
+    `k` may be None when it depends on the data (SCE keeps a fraction of the nonzero
+    variances): the first pass does not need it, so `set_k` gives it before that pass ends.
     """
 
-    def __init__(self, numel: int, k: int):
-        self.n, self.k = numel, k
+    def __init__(self, numel: int, k: int | None):
+        self.n = numel
         self.threshold = math.inf
         self.cut = numel
-        self.done = k <= 0 or k >= numel
-        if k >= numel:
-            self.threshold = 0.0
+        self.done = False
+        self.k = 0
+        if k is not None:
+            self.set_k(k)
         self._phase = "all" if numel <= STREAM_SAMPLE else "high"
         self._hist = torch.zeros(1 << 16, dtype=torch.int64)
         self._bin = 0
@@ -248,6 +252,14 @@ class StreamingTopK:
         self._vals: list[Tensor] = []
         self._idx: list[Tensor] = []
         self._ties_left = 0
+
+    def set_k(self, k: int) -> None:
+        """Keep the k largest (before the first `end_pass`); k ≤ 0 keeps none, k ≥ n all."""
+        self.k = k
+        if k <= 0 or k >= self.n:
+            self.done = True
+            self.threshold = math.inf if k <= 0 else 0.0
+            self._vals = []
 
     @staticmethod
     def _bits(a: Tensor) -> Tensor:
