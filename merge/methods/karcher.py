@@ -37,9 +37,7 @@ def karcher_mean_coefficients(
 
     b = alpha.clone() if start is None else start.clone()
     un = norm(b)
-    if start is not None:
-        b = b / un
-    elif un >= tol:
+    if start is not None or un >= tol:
         b = b / un
     else:  # the weighted mean vanishes (antipodal inputs): start at the first direction
         b = torch.zeros_like(alpha)

@@ -367,4 +367,3 @@ def multislerp(
     check_finite("multislerp", tensors, base)
     params = {"weight": weight, "normalize_weights": normalize_weights, "eps": eps}
     return run_whole(MultislerpKernel(tensors[0].shape, params), tensors, base)
-
