@@ -13,7 +13,8 @@ function is the same kernel run on one chunk (`run_whole`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -143,3 +144,29 @@ def rows_of(shape: Sequence[int]) -> int:
             n *= int(s)
         return max(n, 1)
     return max(int(shape[-1]), 1)
+
+
+class RowsFnKernel(Kernel):
+    """A row-wise method function on chunks of whole rows, (rows, row) each; a tensor of fewer
+    than two dimensions is one row and reaches the function in its own shape, so a method
+    that treats 0-D tensors apart (breadcrumbs leaves them as they are) does so here too."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Tensor],
+        shape: Sequence[int],
+        params: Mapping[str, Any],
+        rng: ElementRandom | None,
+    ):
+        self.fn, self.params, self.rng = fn, dict(params), rng
+        self.shape = tuple(int(s) for s in shape)
+        self.row = rows_of(self.shape)
+
+    def apply(self, start: int, models: Sequence[Tensor], base: Tensor | None) -> Tensor:
+        view = self.shape if len(self.shape) < 2 else (-1, self.row)
+        kw = dict(self.params)
+        if self.rng is not None:
+            kw["generator"] = self.rng.at(start)
+        if base is not None:
+            kw["base"] = base.reshape(view)
+        return self.fn([m.reshape(view) for m in models], **kw).reshape(-1)

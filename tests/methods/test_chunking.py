@@ -21,7 +21,7 @@ from merge.execute import Engine, form_calls, streams
 from merge.io.sources import MemorySource
 from merge.methods import get_method, list_methods
 from merge.methods._registry import MATRIX, SHAPES, MethodSpec
-from merge.methods._stream import ElementRandom, run_whole
+from merge.methods._stream import ElementRandom, mix_seed, run_whole
 from merge.methods.selection import StreamingTopK
 
 SPECS = list_methods()
@@ -151,11 +151,39 @@ def test_chunked_equals_whole_bit_for_bit(name: str, params: dict[str, Any]) -> 
             (call,) = form_calls(j.form)
             if j.numel > 1:
                 assert streams(j) == (spec.shape_for(dict(call.params)) != MATRIX), j.name
+        _assert_function_matches(spec, recipe, data, graph, whole)
     for chunk in CHUNKS:
         _, chunked, said_chunked = _run(recipe, data, chunk)
         for k in whole:
             assert torch.equal(whole[k], chunked[k]), f"{name} chunk {chunk}: `{k}` differs"
         assert said_chunked == said, f"{name} chunk {chunk}: other warnings"
+
+
+def _assert_function_matches(
+    spec: MethodSpec,
+    recipe: dict[str, Any],
+    data: dict[str, dict[str, torch.Tensor]],
+    graph: list[Any],
+    whole: dict[str, torch.Tensor],
+) -> None:
+    """The method's own function on whole tensors gives the engine's bytes (one kernel)."""
+    step = recipe["steps"]["out"]
+    for j in graph:
+        (call,) = form_calls(j.form)
+        kwargs: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in call.params}
+        if "tensor_name" in spec.signature.parameters:
+            kwargs["tensor_name"] = j.name
+        if spec.random:
+            kwargs["generator"] = ElementRandom(mix_seed(3, j.name, call.step, 0), j.numel)
+        if "base" in step:
+            kwargs["base"] = data["base"][j.name]
+        models = [data[m][j.name] for m in step["models"]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MergeWarning)
+            direct = spec.fn(models, **kwargs)
+        assert torch.equal(direct, whole[j.name]), (
+            f"{spec.name}: `{j.name}` differs from the engine"
+        )
 
 
 def test_every_streaming_method_is_covered() -> None:
