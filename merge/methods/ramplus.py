@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from merge.methods._checks import check_positive
+from merge.methods._checks import check_finite, check_positive
 from merge.methods._registry import STATISTICS, register
 from merge.methods._stream import Kernel, run_whole
 
@@ -99,5 +99,6 @@ def ramplus_tl(
     only it changes (c = 1), over this tensor. Unique entries are summed, boosted by λ_i;
     shared ones are averaged, as in RAM.
     """
+    check_finite("ramplus_tl", tensors, base)
     params = {"r": r, "alpha": alpha, "epsilon": epsilon}
     return run_whole(RamPlusKernel(base.shape, params), tensors, base)

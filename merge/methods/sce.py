@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from merge.methods._checks import check_fraction
+from merge.methods._checks import check_finite, check_fraction
 from merge.methods._gram import BlockGram
 from merge.methods._gta import elect_sign
 from merge.methods._registry import MATRIX, STATISTICS, ComputeDtype, Fraction, register
@@ -154,6 +154,7 @@ def sce(
     tie).
     """
     check_fraction("sce", "select_topk", select_topk)
+    check_finite("sce", tensors, base)
     params = {"select_topk": select_topk, "compute_dtype": compute_dtype}
     if _shape(params) == STATISTICS:
         return run_whole(SceKernel(base.shape, params), tensors, base)
