@@ -432,12 +432,17 @@ class Engine:
         key = mix_seed(self.seed, job.name, call.step, ordinal)
         return ElementRandom(key, job.numel, 0, self.device)
 
+    def _graph_dtype(self, job: Job) -> torch.dtype:
+        """Method calls compute in float32 (float64 for a float64 output), or in the compute
+        dtype under `compat: mergekit` (mergekit's arithmetic), whole or in chunks."""
+        options = self.plan.program.recipe.options
+        if options.compat == "mergekit" and options.compute_dtype:
+            return DTYPE_NAMES[options.compute_dtype]
+        return _work_dtype(job)
+
     def _compute_graph(self, job: Job, data: dict[str, Tensor]) -> Tensor:
         """A whole-matrix job: whole fp32 tensors, one output tensor at a time."""
-        work = torch.float64 if job.out_dtype == torch.float64 else torch.float32
-        options = self.plan.program.recipe.options
-        if options.compat == "mergekit" and options.compute_dtype:  # mergekit's arithmetic
-            work = DTYPE_NAMES[options.compute_dtype]
+        work = self._graph_dtype(job)
         cache: dict[str, Tensor] = {}
         for k in list(data):
             # Pop as we convert, so each input's raw copy is freed before the next is converted.
@@ -450,7 +455,7 @@ class Engine:
         """One chunk of a streamed graph job: a statistics observation, or output values."""
         job, run = item.job, item.run
         assert run is not None
-        work = _work_dtype(job)
+        work = self._graph_dtype(job)
         cache = {k: v.to(device=self.device, dtype=work).reshape(-1) for k, v in data.items()}
         data.clear()
         memo: dict[int, Tensor] = {}

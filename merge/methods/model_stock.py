@@ -24,9 +24,12 @@ from merge.methods._stream import Kernel, run_whole
 _POLE = 1e-6  # compat mergekit: |1 + (N−1)c| below this keeps the base (as mergekit 0.1.5)
 
 
-def model_stock_ratio(sums: Tensor, n: int, compat: str = "paper") -> tuple[Tensor, Tensor]:
+def model_stock_ratio(
+    sums: Tensor, n: int, compat: str = "paper", dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor]:
     """(t, c) per vector from the Gram sums (`all_pairs(n)` order, (P, vectors)) of the N task
-    vectors: c the mean pairwise cosine, t = N·c/(1 + (N−1)·c), float64.
+    vectors: c the mean pairwise cosine, t = N·c/(1 + (N−1)·c), computed in `dtype` (mergekit's
+    arithmetic rounds norms and dot products to the data's dtype).
 
     Cosines use max(‖a‖‖b‖, 1e−6) and are clamped to [−1, 1], as in mergekit; `paper` then
     clamps c to [0, 1] (the caller warns, see `_warn_negative`), so t ∈ [0, 1]; `mergekit`
@@ -34,7 +37,8 @@ def model_stock_ratio(sums: Tensor, n: int, compat: str = "paper") -> tuple[Tens
     """
     pairs = all_pairs(n)
     sq = {i: sums[p] for p, (i, j) in enumerate(pairs) if i == j}
-    norms = {i: v.clamp(min=0.0).sqrt() for i, v in sq.items()}
+    norms = {i: v.clamp(min=0.0).sqrt().to(dtype) for i, v in sq.items()}
+    sums = sums.to(dtype)
     total = torch.zeros_like(sums[0])
     count = 0
     for p, (i, j) in enumerate(pairs):
@@ -118,10 +122,15 @@ class ModelStockKernel(Kernel):
             return out
         b = base.reshape(-1, self.row)  # (rows, row)
         xs = [x.reshape(-1, self.row) for x in models]
-        t, c = model_stock_ratio(row_gram([x - b for x in xs], start // self.row), n, self.compat)
+        sums = row_gram([x - b for x in xs], start // self.row)
+        if self.compat == "mergekit":  # mergekit's formula, in its arithmetic
+            t = model_stock_ratio(sums, n, self.compat, base.dtype)[0].to(base.device)[:, None]
+            mean = torch.stack(xs).sum(0) / n
+            return (t * mean + (1 - t) * b).reshape(-1)
+        t, c = model_stock_ratio(sums, n, self.compat)
         self._count_negative(c, start + base.numel())
-        keep = (1.0 - t).to(base.dtype)[:, None]
-        share = (t / n).to(base.dtype)[:, None]
+        keep = (1.0 - t).to(base.device, base.dtype)[:, None]
+        share = (t / n).to(base.device, base.dtype)[:, None]
         out = b * keep
         for x in xs:
             out.add_(x * share)

@@ -128,14 +128,14 @@ def slerp(
 def nuslerp_coefficients(
     gaa: Tensor, gbb: Tensor, gab: Tensor, t: float, compat: str
 ) -> tuple[Tensor, Tensor]:
-    """Per vector (float32) c0, c1 with nuslerp = c0·a + c1·b; lerp where (anti)parallel or zero.
+    """Per vector (float64) c0, c1 with nuslerp = c0·a + c1·b; lerp where (anti)parallel or zero.
 
     `paper`: gab is a·b, and the angle is tested through cos θ = a·b/(‖a‖‖b‖), never through
     sin θ (in float32 sin(acos(−1)) = −8.7e−8, which once passed a |sin θ| ≥ 1e−8 test and
     divided the result by ~1e−7): lerp where |cos θ| > 0.9995 (as `slerp`) or a vector is zero.
-    `mergekit` (0.1.5): gab is already cos θ, the dot of the float32 unit vectors (their
-    rounding decides near ±1, as in mergekit); lerp only where 1 − cos²θ ≤ 1e−16, so a zero
-    vector is slerped at θ = π/2.
+    `mergekit` (0.1.5): gab is already cos θ, the dot of the unit vectors rounded as mergekit
+    rounds them (in the data's dtype; that rounding decides near ±1); lerp only where
+    1 − cos²θ ≤ 1e−16, so a zero vector is slerped at θ = π/2.
     """
     if compat == "mergekit":
         cos = gab.clamp(-1.0, 1.0)
@@ -148,14 +148,14 @@ def nuslerp_coefficients(
     sin = torch.where(lerp, 1.0, torch.sin(theta))
     c0 = torch.where(lerp, 1.0 - t, torch.sin((1.0 - t) * theta) / sin)
     c1 = torch.where(lerp, t, torch.sin(t * theta) / sin)
-    return c0.float(), c1.float()
+    return c0, c1
 
 
-def _mk_norms(gaa: Tensor, gbb: Tensor) -> tuple[Tensor, Tensor]:
-    """mergekit's float32 norms, clamped at 1e-7."""
+def _mk_norms(gaa: Tensor, gbb: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """mergekit's norms, in the data's dtype (its arithmetic), clamped at 1e-7."""
     return (
-        gaa.clamp(min=0.0).sqrt().float().clamp(min=_MK_NORM_EPS),
-        gbb.clamp(min=0.0).sqrt().float().clamp(min=_MK_NORM_EPS),
+        gaa.clamp(min=0.0).sqrt().to(dtype).clamp(min=_MK_NORM_EPS),
+        gbb.clamp(min=0.0).sqrt().to(dtype).clamp(min=_MK_NORM_EPS),
     )
 
 
@@ -163,7 +163,9 @@ class NuslerpKernel(Kernel):
     """slerp per vector: the whole tensor (`flatten`, or fewer than 2 dimensions), each row
     (last dimension; row-wise chunks, statistics inside `apply`), or each column (`row_wise`,
     mergekit's naming: vectors run down dimension 0; per-column sums in a statistics pass).
-    `compat: mergekit` takes a second pass: the dot of the unit vectors after the norms."""
+    `compat: mergekit` takes a second pass: the dot of the unit vectors after the norms, with
+    norms, unit vectors, cosines and coefficients rounded to the data's dtype as mergekit's
+    arithmetic rounds them (float32, or a mergekit config's compute dtype)."""
 
     def __init__(self, shape: Sequence[int], params: Mapping[str, Any]):
         w = [float(v) for v in params["weight"]]
@@ -182,7 +184,7 @@ class NuslerpKernel(Kernel):
         self.passes = 0 if self.layout == "rows" else (2 if self.compat == "mergekit" else 1)
         self.gram = BlockGram(2, cols=self.cols)  # a·a, a·b, b·b per vector
         self.norms: tuple[Tensor, Tensor] | None = None  # mergekit, after the first pass
-        self.device = torch.device("cpu")
+        self.dtype = torch.float32  # the data's, seen in the first chunk
         self.coefs: tuple[Tensor, Tensor] | None = None
 
     @staticmethod
@@ -192,44 +194,46 @@ class NuslerpKernel(Kernel):
             return models[0], models[1]
         return models[0] - base, models[1] - base
 
-    def _spread(self, values: Tensor, start: int, m: int) -> Tensor:
-        """Per-vector values over the flat chunk [start, start + m)."""
-        values = values.to(self.device)
-        return values.reshape(()) if self.layout == "flat" else per_column(values, start, m)
+    def _spread(self, values: Tensor, start: int, like: Tensor) -> Tensor:
+        """Per-vector values over the flat chunk [start, start + m) `like`, in its dtype."""
+        values = values.to(like.device, like.dtype)
+        return (
+            values.reshape(()) if self.layout == "flat" else per_column(values, start, like.numel())
+        )
 
     def needs_pass(self) -> bool:
         return self.passes > 0
 
     def observe(self, start: int, models: Sequence[Tensor], base: Tensor | None) -> None:
         a, b = self._vectors(models, base)
-        self.device = a.device
+        self.dtype = a.dtype
         if self.norms is None:
             self.gram.add([a, b])
-        else:  # mergekit's second pass: the float32 unit vectors' dot
-            na, nb = (self._spread(v, start, a.numel()) for v in self.norms)
-            self.gram.add([a / na, b / nb])
+        else:  # mergekit's second pass: the unit vectors' dot
+            na, nb = (self._spread(v, start, a) for v in self.norms)
+            products = (a / na) * (b / nb)  # rounded to the data's dtype, as mergekit's
+            self.gram.add([products, torch.ones_like(products)])
 
     def end_pass(self) -> None:
         sums = self.gram.total()
         self.passes -= 1
         if self.compat == "mergekit":
             if self.norms is None:
-                self.norms = _mk_norms(sums[0], sums[2])
+                self.norms = _mk_norms(sums[0], sums[2], self.dtype)
                 self.gram = BlockGram(2, cols=self.cols, pairs=[(0, 1)])  # the unit vectors' dot
                 return
-            cos = sums[0]
+            cos = sums[0].to(self.dtype).double()  # mergekit's sum, in its dtype
             self.coefs = nuslerp_coefficients(cos, cos, cos, self.t, self.compat)
             return
         self.coefs = nuslerp_coefficients(sums[0], sums[2], sums[1], self.t, self.compat)
 
     def apply(self, start: int, models: Sequence[Tensor], base: Tensor | None) -> Tensor:
         a, b = self._vectors(models, base)
-        self.device = a.device
         if self.layout == "rows":
             out = self._rows(start, a.reshape(-1, self.cols), b.reshape(-1, self.cols)).reshape(-1)
         else:
             assert self.coefs is not None
-            c0, c1 = (self._spread(c, start, a.numel()) for c in self.coefs)
+            c0, c1 = (self._spread(c, start, a) for c in self.coefs)
             out = c0 * a + c1 * b
         return out if base is None else out.add_(base)
 
@@ -237,12 +241,17 @@ class NuslerpKernel(Kernel):
         first = start // self.cols
         g = row_gram([a, b], first)  # (3, rows): a·a, a·b, b·b
         if self.compat == "mergekit":
-            na, nb = _mk_norms(g[0], g[2])
+            na, nb = _mk_norms(g[0], g[2], a.dtype)
             an, bn = a / na.to(a.device)[:, None], b / nb.to(a.device)[:, None]
             g = g.clone()
-            g[1] = row_gram([an, bn], first, pairs=[(0, 1)])[0]
-        c0, c1 = nuslerp_coefficients(g[0], g[2], g[1], self.t, self.compat)
-        return c0.to(a.device)[:, None] * a + c1.to(a.device)[:, None] * b
+            products = an * bn  # rounded to the data's dtype, as mergekit's
+            ones = torch.ones_like(products)
+            g[1] = row_gram([products, ones], first, pairs=[(0, 1)])[0].to(a.dtype).double()
+        c0, c1 = (
+            c.to(a.device, a.dtype)[:, None]
+            for c in nuslerp_coefficients(g[0], g[2], g[1], self.t, self.compat)
+        )
+        return c0 * a + c1 * b
 
 
 def _nuslerp_shape(params: Mapping[str, Any]) -> str:
