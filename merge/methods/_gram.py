@@ -17,7 +17,7 @@ Three layouts of "vector":
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -155,3 +155,23 @@ def span_combination(
         if c != 0.0:
             acc.add_(v.double(), alpha=c)
     return acc.to(dtype or vectors[0].dtype)
+
+
+def by_row_groups(fn: Callable[..., Tensor], tensors: Sequence[Tensor], first_row: int) -> Tensor:
+    """fn(*groups) on fixed-shape (G, cols) groups of rows aligned on the tensor's row index
+    (rows outside the chunk are zeros), for (r, cols) chunks of whole rows whose first row is
+    `first_row`: a row-wise op (softmax, a row sum) gives a row the same bits in any chunk."""
+    r, cols = tensors[0].shape
+    g = _rows_per_block(cols)
+    parts = []
+    last = first_row + r
+    for g0 in range(first_row // g * g, last, g):
+        lo, hi = max(g0, first_row), min(g0 + g, last)
+        if hi - lo == g:
+            groups = [t[lo - first_row : hi - first_row] for t in tensors]
+        else:
+            groups = [t.new_zeros(g, cols) for t in tensors]
+            for grp, t in zip(groups, tensors):
+                grp[lo - g0 : hi - g0] = t[lo - first_row : hi - first_row]
+        parts.append(fn(*groups)[lo - g0 : hi - g0])
+    return torch.cat(parts) if parts else tensors[0].new_empty(0, cols)

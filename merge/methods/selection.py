@@ -235,10 +235,13 @@ class StreamingTopK:
 
     `k` may be None when it depends on the data (SCE keeps a fraction of the nonzero
     variances): the first pass does not need it, so `set_k` gives it before that pass ends.
+    `signed`: rank signed values (the k-th largest value, not magnitude; arcee_fusion's
+    quartiles), through an order-preserving 32-bit key of each float.
     """
 
-    def __init__(self, numel: int, k: int | None):
+    def __init__(self, numel: int, k: int | None, *, signed: bool = False):
         self.n = numel
+        self.signed = signed
         self.threshold = math.inf
         self.cut = numel
         self.done = False
@@ -261,9 +264,19 @@ class StreamingTopK:
             self.threshold = math.inf if k <= 0 else 0.0
             self._vals = []
 
-    @staticmethod
-    def _bits(a: Tensor) -> Tensor:
-        return a.float().contiguous().view(torch.int32)
+    def _bits(self, a: Tensor) -> Tensor:
+        """Keys that order as the values: a non-negative float's bits, or (signed) the bits
+        mapped onto [0, 2^32) with negatives reversed below the positives (−0 counts as +0)."""
+        if not self.signed:
+            return a.float().contiguous().view(torch.int32)
+        bits = (a.float() + 0.0).contiguous().view(torch.int32).to(torch.int64)
+        return torch.where(bits >= 0, bits + (1 << 31), (1 << 31) - 1 - (bits & 0x7FFFFFFF))
+
+    def _value(self, key: int) -> float:
+        """The float whose key (`_bits`) is `key`."""
+        if self.signed:
+            key = key - (1 << 31) if key >= 1 << 31 else ((1 << 31) - 1 - key) - (1 << 31)
+        return float(torch.tensor([key], dtype=torch.int32).view(torch.float32))
 
     def observe(self, start: int, a: Tensor) -> None:
         """`a`: |d| of elements [start, start + m), flat."""
@@ -326,8 +339,7 @@ class StreamingTopK:
             self._finish(vals, idx, self._need)
         elif self._phase == "low":
             low, need, count = self._pick_bin(self._need)
-            bits = torch.tensor([(self._bin << 16) | low], dtype=torch.int32)
-            self.threshold = float(bits.view(torch.float32))
+            self.threshold = self._value((self._bin << 16) | low)
             self._ties_left = need
             if need >= count:
                 self.done = True  # every entry equal to t is kept

@@ -198,7 +198,8 @@ def test_every_streaming_method_is_covered() -> None:
     }
     assert streaming - NEEDS_DATA <= covered
     # the methods this issue made streaming, in every mode
-    for name in ("slerp", "nuslerp", "multislerp", "karcher", "model_stock", "sce", "ramplus_tl"):
+    made_streaming = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock", "sce")
+    for name in (*made_streaming, "ramplus_tl", "arcee_fusion", "consensus", "tall_mask"):
         assert get_method(name).kernel is not None, name
 
 

@@ -249,6 +249,7 @@ def test_sce_of_one_model_or_zero_selection_is_the_base():
         ("model_stock", {"models": ["a", "b"], "base": "base"}),
         ("sce", {"models": ["a", "b"], "base": "base", "select_topk": 0.5}),
         ("ramplus_tl", {"models": ["a", "b"], "base": "base"}),
+        ("arcee_fusion", {"models": ["a"], "base": "base"}),
     ],
 )
 def test_nan_in_a_later_chunk_is_refused_with_the_tensor_name(name: str, step: dict[str, Any]):
@@ -266,6 +267,44 @@ def test_nan_in_a_later_chunk_is_refused_with_the_tensor_name(name: str, step: d
     who = f"model {len(step['models'])}"
     with pytest.raises(ExecutionError, match=f"method `{name}`: {who} has 1 NaN .* tensor `w`"):
         engine.to_memory()
+
+
+# ---- arcee fusion: exact quartiles of signed scores ---------------------------------------------
+
+
+@pytest.mark.parametrize("bin_limit", [1 << 22, 2])  # 2: the low-bits split and the cut pass
+def test_streaming_top_k_ranks_signed_values(monkeypatch: pytest.MonkeyPatch, bin_limit: int):
+    monkeypatch.setattr(selection, "BIN_LIMIT", bin_limit)
+    monkeypatch.setattr(selection, "STREAM_SAMPLE", 32)
+    g = torch.Generator().manual_seed(6)
+    for trial in range(24):
+        n = int(torch.randint(40, 300, (1,), generator=g))
+        a = torch.randint(-6, 6, (n,), generator=g).float() * 0.25  # ties, both signs
+        if trial % 2:
+            a = torch.randn(n, generator=g)
+        a[:: 5 + trial % 3] = -0.0  # −0 ranks as +0
+        k = int(torch.randint(1, n, (1,), generator=g))
+        s = selection.StreamingTopK(n, k, signed=True)
+        while not s.done:
+            for st in range(0, n, 7):
+                s.observe(st, a[st : st + 7])
+            s.end_pass()
+        assert s.threshold == float(a.sort(descending=True).values[k - 1]), (trial, n, k)
+
+
+def test_arcee_fusion_hand_worked_in_chunks_of_a_row():
+    # Rows 1 and 2 unchanged (KL 0, scores 0); row 0 has KL k > 0, scores k·(1, 2, 3, 100).
+    # Sorted: 0 ×8, k, 2k, 3k, 100k; indices ⌊q·11⌋ = 2, 5, 8 give Q1 = Q2 = 0, Q3 = k, so the
+    # threshold 1.5k drops the change of 1 and keeps 2, 3, 100.
+    base = torch.zeros(3, 4)
+    x = T([[1.0, 2.0, 3.0, 100.0], [0.0] * 4, [0.0] * 4])
+    want = T([[0.0, 2.0, 3.0, 100.0], [0.0] * 4, [0.0] * 4])
+    torch.testing.assert_close(both("arcee_fusion", [x], base), want)
+    # every row alike: sorted k·(1 1 1 2 2 2 3 3 3 100 100 100): Q1 = k, Q2 = 2k, Q3 = 3k,
+    # threshold 2k + 1.5·2k = 5k keeps the 100s only
+    x = T([[1.0, 2.0, 3.0, 100.0]] * 3)
+    want = T([[0.0, 0.0, 0.0, 100.0]] * 3)
+    torch.testing.assert_close(both("arcee_fusion", [x], base), want)
 
 
 # ---- exact sums ----------------------------------------------------------------------------------
@@ -344,6 +383,7 @@ KERNEL_CASES = [
     ("ramplus_tl", {}),
     ("ties", {"weight": [1.0] * 3, "density": [0.3] * 3}),
     ("consensus", {"weight": [1.0] * 3, "tall_lambda": [0.6] * 3, "aggregate": "ties"}),
+    ("arcee_fusion", {}),
 ]
 
 
@@ -351,7 +391,7 @@ def _peak_state(name: str, params: dict[str, Any], side: int) -> int:
     spec = get_method(name)
     g = torch.Generator().manual_seed(side)
     base = torch.randn(side, side, generator=g)
-    n_models = len(params.get("weight", [])) or (1 if name == "slerp" else 3)
+    n_models = len(params.get("weight", [])) or (1 if name in ("slerp", "arcee_fusion") else 3)
     if name == "nuslerp":
         n_models = 2
     xs = [base + 0.1 * torch.randn(side, side, generator=g) for _ in range(n_models)]
