@@ -76,8 +76,8 @@ class ArceeFusionKernel(Kernel):
 
     def apply(self, start: int, models: Sequence[Tensor], base: Tensor | None) -> Tensor:
         assert base is not None
-        quartiles = (s.threshold for s in self.select)
-        threshold = outlier_threshold(*quartiles, dtype=base.dtype).to(base.device)
+        q1, q2, q3 = (s.threshold for s in self.select)
+        threshold = outlier_threshold(q1, q2, q3, base.dtype).to(base.device)
         keep = self._scores(start, models, base) >= threshold
         return base + (models[0] - base) * keep.to(base.dtype)
 
