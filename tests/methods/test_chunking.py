@@ -7,7 +7,9 @@ and the threshold sample are shrunk here so that tiny tensors cross every bounda
 
 from __future__ import annotations
 
+import re
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -348,3 +350,19 @@ def test_a_slow_writer_never_sees_a_reused_buffer() -> None:
         engine.run(slow_write)
     for k, v in whole.items():
         assert torch.equal(torch.cat([p.reshape(-1) for p in parts[k]]).reshape(v.shape), v), k
+
+
+def test_the_docs_table_lists_every_method_with_its_shape() -> None:
+    """docs/methods.md, "How each method runs": one row per method, its default shape first."""
+    text = (Path(__file__).parents[2] / "docs" / "methods.md").read_text()
+    section = text.split("## How each method runs")[1].split("\n## ")[0]
+    listed: dict[str, str] = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            first, runs_as, *_ = (c.strip() for c in line.strip().strip("|").split("|"))
+            shape = re.match(r"[a-z]+", runs_as)
+            assert shape is not None, line
+            listed.update(dict.fromkeys(re.findall(r"`([a-z_]+)`", first), shape.group(0)))
+    assert set(listed) == {s.name for s in SPECS}
+    for s in SPECS:
+        assert listed[s.name] == s.shape_for({}), s.name
