@@ -40,8 +40,8 @@ class BlockGram:
     """Σ over rows of v_i·v_j for the `pairs` of K vectors fed as flat chunks in index order.
 
     `add(vectors)` takes the next m elements of each of the K inputs; `total()` returns the
-    (P, cols) float64 sums (on the CPU). Memory: two blocks of about REDUCE_BLOCK elements per
-    input (or one row, when a row is longer) and the (P, cols) sums.
+    (P, cols) float64 sums (on the CPU). Memory: one float64 block of about REDUCE_BLOCK
+    elements (or one row, when a row is longer) per input and per pair, and the sums.
     """
 
     def __init__(self, k: int, *, cols: int = 1, pairs: Sequence[tuple[int, int]] | None = None):
