@@ -477,12 +477,17 @@ class Engine:
         key = mix_seed(self.seed, job.name, call.step, ordinal)
         return ElementRandom(key, job.numel, 0, self.device)
 
+    def _graph_dtype(self, job: TensorJob) -> torch.dtype:
+        """Method calls compute in float32 (float64 for a float64 output), or in the compute
+        dtype under `compat: mergekit` (mergekit's arithmetic), whole or in chunks."""
+        options = self.plan.program.recipe.options
+        if options.compat == "mergekit" and options.compute_dtype:
+            return DTYPE_NAMES[options.compute_dtype]
+        return _work_dtype(job)
+
     def _compute_graph(self, job: TensorJob, data: dict[str, Tensor]) -> Tensor:
         """A whole-matrix job: whole fp32 tensors, one output tensor at a time."""
-        work = torch.float64 if job.dtype == torch.float64 else torch.float32
-        options = self.plan.program.recipe.options
-        if options.compat == "mergekit" and options.compute_dtype:  # mergekit's arithmetic
-            work = DTYPE_NAMES[options.compute_dtype]
+        work = self._graph_dtype(job)
         cache: dict[str, Tensor] = {}
         for k in list(data):
             # Pop as we convert, so each input's raw copy is freed before the next is converted.
@@ -495,7 +500,7 @@ class Engine:
         """One chunk of a streamed graph job: a statistics observation, or output values."""
         job, run = item.job, item.run
         assert run is not None
-        work = _work_dtype(job)
+        work = self._graph_dtype(job)
         # Converted into reused buffers: kernels see them only during their call.
         cache = {
             k: self._buffer(f"work{i}", v.numel(), work, on_device=True).copy_(v.reshape(-1))

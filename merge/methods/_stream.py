@@ -13,10 +13,13 @@ function is the same kernel run on one chunk (`run_whole`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from merge.methods._threads import one_thread
 
 # Elements per random block: draws are made a whole block at a time from a generator seeded by
 # (key, stream, block), so any chunk boundary sees the same numbers.
@@ -119,13 +122,22 @@ class Kernel:
 
 
 def run_whole(kernel: Kernel, tensors: Sequence[Tensor], base: Tensor | None) -> Tensor:
-    """A kernel on the whole tensor as one chunk (what a method's own function returns)."""
+    """A kernel on the whole tensor as one chunk (what a method's own function returns).
+
+    On one intra-op thread, as the engine runs kernels: a reduction split across threads
+    rounds differently, and the bytes must not depend on the thread count.
+    """
+    like = tensors[0] if tensors else base
+    assert like is not None
+    if like.numel() == 0:
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
     flats = [t.reshape(-1) for t in tensors]
     flat_b = None if base is None else base.reshape(-1)
-    while kernel.needs_pass():
-        kernel.observe(0, flats, flat_b)
-        kernel.end_pass()
-    return kernel.apply(0, flats, flat_b).reshape(tensors[0].shape)
+    with one_thread():
+        while kernel.needs_pass():
+            kernel.observe(0, flats, flat_b)
+            kernel.end_pass()
+        return kernel.apply(0, flats, flat_b).reshape(like.shape)
 
 
 def rows_of(shape: Sequence[int]) -> int:
@@ -136,3 +148,29 @@ def rows_of(shape: Sequence[int]) -> int:
             n *= int(s)
         return max(n, 1)
     return max(int(shape[-1]), 1)
+
+
+class RowsFnKernel(Kernel):
+    """A row-wise method function on chunks of whole rows, (rows, row) each; a tensor of fewer
+    than two dimensions is one row and reaches the function in its own shape, so a method
+    that treats 0-D tensors apart (breadcrumbs leaves them as they are) does so here too."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Tensor],
+        shape: Sequence[int],
+        params: Mapping[str, Any],
+        rng: ElementRandom | None,
+    ):
+        self.fn, self.params, self.rng = fn, dict(params), rng
+        self.shape = tuple(int(s) for s in shape)
+        self.row = rows_of(self.shape)
+
+    def apply(self, start: int, models: Sequence[Tensor], base: Tensor | None) -> Tensor:
+        view = self.shape if len(self.shape) < 2 else (-1, self.row)
+        kw = dict(self.params)
+        if self.rng is not None:
+            kw["generator"] = self.rng.at(start)
+        if base is not None:
+            kw["base"] = base.reshape(view)
+        return self.fn([m.reshape(view) for m in models], **kw).reshape(-1)

@@ -19,6 +19,7 @@ from merge.methods._registry import (
     Fraction,
     register,
 )
+from merge.methods._stream import RowsFnKernel
 from merge.methods.sparsify import breadcrumbs_band, mergekit_delta
 
 _REF = "Davari & Belilovsky 2024, Model Breadcrumbs (arXiv:2312.06795)"
@@ -58,6 +59,7 @@ def _shape(params: Mapping[str, Any]) -> str:
     reference=_REF,
     per_model={"weight": 1.0, "density": 1.0, "gamma": 0.01},
     shape=_shape,
+    kernel=lambda shape, params, rng: RowsFnKernel(breadcrumbs, shape, params, rng),
     properties={"idempotent"},
 )
 def breadcrumbs(
@@ -91,6 +93,7 @@ def breadcrumbs(
     reference=_REF,
     per_model={"weight": 1.0, "density": 1.0, "gamma": 0.01},
     shape=_shape,
+    kernel=lambda shape, params, rng: RowsFnKernel(breadcrumbs_ties, shape, params, rng),
     properties={"idempotent"},
 )
 def breadcrumbs_ties(

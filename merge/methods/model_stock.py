@@ -1,82 +1,59 @@
-"""Model Stock: interpolate between the base and the mean of ≥ 2 fine-tunes by their angle."""
+"""Model Stock: interpolate between the base and the mean of ≥ 2 fine-tunes by their angle.
+
+t needs only the pairwise cosines of the task vectors: over the whole tensor a statistics pass
+sums their Gram matrix; per row (`filter_wise`) each chunk of whole rows has its own. Then
+base·(1 − t) + (t/N)·Σ x_i, chunk by chunk.
+"""
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from merge.errors import MergeWarning
 from merge.methods._checks import check_compat, check_count, check_finite
-from merge.methods._registry import register
-from merge.methods._threads import one_thread
+from merge.methods._gram import BlockGram, all_pairs, row_gram
+from merge.methods._registry import ROWS, STATISTICS, Compat, register
+from merge.methods._stream import Kernel, run_whole
+
+_POLE = 1e-6  # compat mergekit: |1 + (N−1)c| below this keeps the base (as mergekit 0.1.5)
 
 
 def model_stock_ratio(
-    deltas: Tensor, *, filter_wise: bool, compat: str = "paper", tensor_name: str | None = None
-) -> Tensor:
-    """t = N·c/(1 + (N−1)·c), c the mean pairwise cosine of the task vectors `deltas` (N, ...).
+    sums: Tensor, n: int, compat: str = "paper", dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor]:
+    """(t, c) per vector from the Gram sums (`all_pairs(n)` order, (P, vectors)) of the N task
+    vectors: c the mean pairwise cosine, t = N·c/(1 + (N−1)·c), computed in `dtype` (mergekit's
+    arithmetic rounds norms and dot products to the data's dtype).
 
-    Flattened per tensor, or per row (last dimension) when `filter_wise`; returns t broadcastable
-    against one tensor. Cosines use max(‖a‖‖b‖, 1e−6) and are clamped to [−1, 1], as in mergekit;
-    `paper` then clamps the mean c to [0, 1] with a warning (see `_warn_negative`), so t ∈ [0, 1];
-    `mergekit` (0.1.5) keeps c < 0 (t < 0) and t = 0 only at the pole |1 + (N−1)c| < 1e−6.
+    Cosines use max(‖a‖‖b‖, 1e−6) and are clamped to [−1, 1], as in mergekit; `paper` then
+    clamps c to [0, 1] (the caller warns, see `_warn_negative`), so t ∈ [0, 1]; `mergekit`
+    (0.1.5) keeps c < 0 (t < 0) and t = 0 only at the pole |1 + (N−1)c| < 1e−6.
     """
-    n = deltas.shape[0]
-    if filter_wise and deltas.dim() > 2:
-        vecs = deltas.reshape(n, -1, deltas.shape[-1])  # (N, rows, cols)
-    else:
-        vecs = deltas.reshape(n, 1, -1)  # (N, 1, numel)
-    norms = torch.linalg.vector_norm(vecs, dim=-1)  # (N, rows)
-    total = torch.zeros(vecs.shape[1], dtype=deltas.dtype, device=deltas.device)
-    pairs = 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            dot = (vecs[i] * vecs[j]).sum(-1)
-            total += (dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0)
-            pairs += 1
-    c = total / pairs
+    pairs = all_pairs(n)
+    sq = {i: sums[p] for p, (i, j) in enumerate(pairs) if i == j}
+    norms = {i: v.clamp(min=0.0).sqrt().to(dtype) for i, v in sq.items()}
+    sums = sums.to(dtype)
+    total = torch.zeros_like(sums[0])
+    count = 0
+    for p, (i, j) in enumerate(pairs):
+        if i != j:
+            total += (sums[p] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0)
+            count += 1
+    c = total / count
     if compat == "mergekit":
         den = 1.0 + (n - 1) * c
         pole = den.abs() < _POLE
         t = torch.where(pole, 0.0, n * c / torch.where(pole, 1.0, den))
     else:
-        negative = int((c < 0).sum())
-        if negative:
-            _warn_negative(float(c.min()), negative, c.numel(), tensor_name)
-        c = c.clamp(min=0.0)
-        t = n * c / (1.0 + (n - 1) * c)  # c ∈ [0, 1]: the denominator is ≥ 1
-    if filter_wise and deltas.dim() > 2:
-        return t.reshape(*deltas.shape[1:-1], 1)
-    return t.reshape([1] * (deltas.dim() - 1))
-
-
-@register(
-    "model_stock",
-    reference="Jang et al. 2024, Model Stock (arXiv:2403.19522)",
-    min_models=2,
-    properties={"idempotent"},
-)
-def model_stock(
-    tensors: Sequence[Tensor],
-    *,
-    base: Tensor,
-    filter_wise: bool = False,
-    compat: str = "paper",
-    tensor_name: str | None = None,
-) -> Tensor:
-    """t·mean_i(x_i) + (1−t)·base with t = N cos φ / (1 + (N−1) cos φ), cos φ clamped to ≥ 0."""
-    check_count("model_stock", len(tensors), at_least=2)
-    check_compat("model_stock", compat)
-    check_finite("model_stock", tensors, base, tensor_name=tensor_name)
-    if filter_wise and base.dim() > 1:
-        deltas = torch.stack([x - base for x in tensors])  # (N, *shape)
-        t = model_stock_ratio(deltas, filter_wise=True, compat=compat, tensor_name=tensor_name)
-        return base + t * deltas.mean(0)
-    with one_thread():
-        return _model_stock_flat(tensors, base, compat, tensor_name)
+        cc = c.clamp(min=0.0)
+        t = n * cc / (1.0 + (n - 1) * cc)  # c ∈ [0, 1]: the denominator is ≥ 1
+    return t, c
 
 
 def _warn_negative(c_min: float, n_neg: int, n_all: int, tensor_name: str | None) -> None:
@@ -93,51 +70,109 @@ def _warn_negative(c_min: float, n_neg: int, n_all: int, tensor_name: str | None
         f"model_stock: {where} has task vectors pointing apart (mean cosine {c_min:.3g} < 0"
         f"{rows}); Model Stock needs cos > 0, so t is clamped to 0 there and the base is kept",
         MergeWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
 
 
-_CHUNK = 1 << 18  # fused chunk: the task vectors never exist as full-size tensors
-_POLE = 1e-6  # compat mergekit: |1 + (N−1)c| below this keeps the base (as mergekit 0.1.5)
+class ModelStockKernel(Kernel):
+    """Whole tensor: one pass sums the Gram matrix of the task vectors, then
+    base·(1 − t) + (t/N)·Σ x_i. `filter_wise` (tensors of ≥ 2 dimensions): chunks of whole
+    rows, t per row from the rows' own sums; negative rows are counted over the tensor and
+    reported once, with its last chunk."""
+
+    def __init__(self, shape: Sequence[int], params: Mapping[str, Any]):
+        self.compat = str(params.get("compat", "paper"))
+        check_compat("model_stock", self.compat)
+        self.tensor_name = params.get("tensor_name")
+        self.numel = math.prod(int(s) for s in shape)
+        self.rows = bool(params.get("filter_wise", False)) and len(shape) > 1
+        self.row = max(int(shape[-1]), 1) if self.rows else 1
+        self.gram: BlockGram | None = None
+        self.t: float | None = None
+        self._neg, self._c_min, self._n_rows = 0, math.inf, 0
+
+    def needs_pass(self) -> bool:
+        return not self.rows and self.t is None
+
+    def observe(self, start: int, models: Sequence[Tensor], base: Tensor | None) -> None:
+        assert base is not None
+        check_count("model_stock", len(models), at_least=2)
+        if self.gram is None:
+            self.gram = BlockGram(len(models))
+        self.gram.add([x - base for x in models])
+
+    def end_pass(self) -> None:
+        assert self.gram is not None
+        n = self.gram.k
+        t, c = model_stock_ratio(self.gram.total(), n, self.compat)
+        if self.compat != "mergekit" and float(c[0]) < 0:
+            _warn_negative(float(c[0]), 1, 1, self.tensor_name)
+        self.t = float(t[0])
+
+    def apply(self, start: int, models: Sequence[Tensor], base: Tensor | None) -> Tensor:
+        assert base is not None
+        check_count("model_stock", len(models), at_least=2)
+        n = len(models)
+        if not self.rows:
+            assert self.t is not None
+            # base + t·mean_i(x_i − base) = (1 − t)·base + (t/N)·Σ x_i
+            out = base * (1.0 - self.t)
+            for x in models:
+                out.add_(x, alpha=self.t / n)
+            return out
+        b = base.reshape(-1, self.row)  # (rows, row)
+        xs = [x.reshape(-1, self.row) for x in models]
+        sums = row_gram([x - b for x in xs], start // self.row)
+        if self.compat == "mergekit":  # mergekit's formula, in its arithmetic
+            t = model_stock_ratio(sums, n, self.compat, base.dtype)[0].to(base.device)[:, None]
+            mean = torch.stack(xs).sum(0) / n
+            return (t * mean + (1 - t) * b).reshape(-1)
+        t, c = model_stock_ratio(sums, n, self.compat)
+        self._count_negative(c, start + base.numel())
+        keep = (1.0 - t).to(base.device, base.dtype)[:, None]
+        share = (t / n).to(base.device, base.dtype)[:, None]
+        out = b * keep
+        for x in xs:
+            out.add_(x * share)
+        return out.reshape(-1)
+
+    def _count_negative(self, c: Tensor, stop: int) -> None:
+        """Count rows with c < 0 (paper); warn once, when the tensor's last row is done."""
+        if self.compat == "mergekit":
+            return
+        neg = c < 0
+        self._neg += int(neg.sum())
+        self._n_rows += c.numel()
+        if bool(neg.any()):
+            self._c_min = min(self._c_min, float(c.min()))
+        if stop >= self.numel and self._neg:
+            _warn_negative(self._c_min, self._neg, self._n_rows, self.tensor_name)
 
 
-def _model_stock_flat(
-    tensors: Sequence[Tensor], base: Tensor, compat: str, tensor_name: str | None = None
+def _shape(params: Mapping[str, Any]) -> str:
+    """Per row (`filter_wise`): whole rows per chunk; else a statistics pass."""
+    return ROWS if params.get("filter_wise", False) else STATISTICS
+
+
+@register(
+    "model_stock",
+    reference="Jang et al. 2024, Model Stock (arXiv:2403.19522)",
+    min_models=2,
+    shape=_shape,
+    kernel=lambda shape, params, rng: ModelStockKernel(shape, params),
+    properties={"idempotent"},
+)
+def model_stock(
+    tensors: Sequence[Tensor],
+    *,
+    base: Tensor,
+    filter_wise: bool = False,
+    compat: Compat = "paper",
+    tensor_name: str | None = None,
 ) -> Tensor:
-    """Two chunked passes: Gram entries of the task vectors, then base + t·mean_i δ_i."""
-    n_models = len(tensors)
-    flat_b = base.reshape(-1)
-    flats = [x.reshape(-1) for x in tensors]
-    n = flat_b.numel()
-    gram = torch.zeros(n_models, n_models, dtype=torch.float64, device=base.device)
-    bufs = [torch.empty(min(n, _CHUNK), dtype=base.dtype, device=base.device) for _ in tensors]
-    for start in range(0, n, _CHUNK):
-        stop = min(n, start + _CHUNK)
-        ds = [
-            torch.sub(x[start:stop], flat_b[start:stop], out=b[: stop - start])
-            for x, b in zip(flats, bufs)
-        ]
-        for i in range(n_models):
-            for j in range(i, n_models):
-                gram[i, j] += torch.dot(ds[i], ds[j])  # stays on the device: no sync per chunk
-    gram = gram.cpu()  # one host sync per tensor
-    norms = gram.diagonal().sqrt()
-    cos = [
-        max(-1.0, min(1.0, float(gram[i, j]) / max(float(norms[i] * norms[j]), 1e-6)))
-        for i in range(n_models)
-        for j in range(i + 1, n_models)
-    ]
-    c = sum(cos) / len(cos)
-    if compat == "mergekit":
-        den = 1.0 + (n_models - 1) * c
-        t = 0.0 if abs(den) < _POLE else n_models * c / den
-    else:
-        if c < 0:
-            _warn_negative(c, 1, 1, tensor_name)
-            c = 0.0
-        t = n_models * c / (1.0 + (n_models - 1) * c)
-    # base + t·mean_i(x_i − base) = (1 − t)·base + (t/N)·Σ x_i
-    out = flat_b * (1.0 - t)
-    for x in flats:
-        out.add_(x, alpha=t / n_models)
-    return out.reshape(base.shape)
+    """t·mean_i(x_i) + (1−t)·base with t = N cos φ / (1 + (N−1) cos φ), cos φ clamped to ≥ 0."""
+    check_count("model_stock", len(tensors), at_least=2)
+    check_compat("model_stock", compat)
+    check_finite("model_stock", tensors, base, tensor_name=tensor_name)
+    params = {"filter_wise": filter_wise, "compat": compat, "tensor_name": tensor_name}
+    return run_whole(ModelStockKernel(base.shape, params), tensors, base)

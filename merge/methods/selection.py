@@ -262,15 +262,22 @@ class StreamingTopK:
     finishes exactly. A bin too full to keep (many equal magnitudes) is split by its low 16 bits
     instead, which pins t exactly, and a last pass counts ties to find c. Small tensors take one
     pass. Nothing depends on where the chunks are cut.
+
+    `k` may be None when it depends on the data (SCE keeps a fraction of the nonzero
+    variances): the first pass does not need it, so `set_k` gives it before that pass ends.
+    `signed`: rank signed values (the k-th largest value, not magnitude; arcee_fusion's
+    quartiles), through an order-preserving 32-bit key of each float.
     """
 
-    def __init__(self, numel: int, k: int):
-        self.n, self.k = numel, k
+    def __init__(self, numel: int, k: int | None, *, signed: bool = False):
+        self.n = numel
+        self.signed = signed
         self.threshold = math.inf
         self.cut = numel
-        self.done = k <= 0 or k >= numel
-        if k >= numel:
-            self.threshold = 0.0
+        self.done = False
+        self.k = 0
+        if k is not None:
+            self.set_k(k)
         self._phase = "all" if numel <= STREAM_SAMPLE else "high"
         self._hist = torch.zeros(1 << 16, dtype=torch.int64)
         self._bin = 0
@@ -279,9 +286,27 @@ class StreamingTopK:
         self._idx: list[Tensor] = []
         self._ties_left = 0
 
-    @staticmethod
-    def _bits(a: Tensor) -> Tensor:
-        return a.float().contiguous().view(torch.int32)
+    def set_k(self, k: int) -> None:
+        """Keep the k largest (before the first `end_pass`); k ≤ 0 keeps none, k ≥ n all."""
+        self.k = k
+        if k <= 0 or k >= self.n:
+            self.done = True
+            self.threshold = math.inf if k <= 0 else 0.0
+            self._vals = []
+
+    def _bits(self, a: Tensor) -> Tensor:
+        """Keys that order as the values: a non-negative float's bits, or (signed) the bits
+        mapped onto [0, 2^32) with negatives reversed below the positives (−0 counts as +0)."""
+        if not self.signed:
+            return a.float().contiguous().view(torch.int32)
+        bits = (a.float() + 0.0).contiguous().view(torch.int32).to(torch.int64)
+        return torch.where(bits >= 0, bits + (1 << 31), (1 << 31) - 1 - (bits & 0x7FFFFFFF))
+
+    def _value(self, key: int) -> float:
+        """The float whose key (`_bits`) is `key`."""
+        if self.signed:
+            key = key - (1 << 31) if key >= 1 << 31 else ((1 << 31) - 1 - key) - (1 << 31)
+        return float(torch.tensor([key], dtype=torch.int32).view(torch.float32))
 
     def observe(self, start: int, a: Tensor) -> None:
         """`a`: |d| of elements [start, start + m), flat."""
@@ -318,7 +343,12 @@ class StreamingTopK:
 
     def _finish(self, vals: Tensor, idx: Tensor | None, need: int) -> None:
         """t is the need-th largest of `vals`; `idx` (ascending) are their flat indices."""
-        self.threshold, ties, equal = nth_largest_nonneg(vals, need)
+        if self.signed:  # the bit histograms order non-negative floats only
+            self.threshold = float(vals.kthvalue(vals.numel() - need + 1).values)
+            ties = need - int((vals > self.threshold).sum())
+            equal = int((vals == self.threshold).sum())
+        else:
+            self.threshold, ties, equal = nth_largest_nonneg(vals, need)
         if ties < equal:
             eq = (vals == self.threshold).nonzero().reshape(-1)
             at = int(eq[ties - 1])
@@ -342,8 +372,7 @@ class StreamingTopK:
             self._finish(vals, idx, self._need)
         elif self._phase == "low":
             low, need, count = self._pick_bin(self._need)
-            bits = torch.tensor([(self._bin << 16) | low], dtype=torch.int32)
-            self.threshold = float(bits.view(torch.float32))
+            self.threshold = self._value((self._bin << 16) | low)
             self._ties_left = need
             if need >= count:
                 self.done = True  # every entry equal to t is kept

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from merge.methods import get_method
-from merge.methods.arcee_fusion import importance, outlier_threshold
+from merge.methods.arcee_fusion import importance, outlier_threshold, quartile_ranks
 
 mk_registry = pytest.importorskip("mergekit.merge_methods.registry")
 from mergekit.merge_methods.arcee_fusion import DynamicThresholdFusion  # noqa: E402
@@ -47,7 +47,9 @@ def test_above_a_million_scores_only_the_sample_differs():
     drawn = scores.reshape(-1)[torch.randint(scores.numel(), (SAMPLE,))]
     torch.manual_seed(7)
     theirs = DynamicThresholdFusion().calculate_dynamic_threshold(scores)
-    assert torch.equal(outlier_threshold(drawn), theirs)
+    ranked = drawn.sort().values
+    q1, q2, q3 = (float(ranked[i]) for i in quartile_ranks(drawn.numel()))
+    assert torch.equal(outlier_threshold(q1, q2, q3, drawn.dtype), theirs)
     # Over the whole tensor we keep the entries the exact quartiles select; three mergekit
     # runs (three draws) keep other entries at the margin, among themselves as much as from us.
     ours = get_method("arcee_fusion").fn([x], base=base) != base

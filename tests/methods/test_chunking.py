@@ -7,6 +7,9 @@ and the threshold sample are shrunk here so that tiny tensors cross every bounda
 
 from __future__ import annotations
 
+import re
+import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,18 +18,60 @@ import torch
 import merge.methods._stream as stream
 import merge.methods.selection as selection
 from merge.api import plan_recipe
-from merge.execute import Engine, streams
+from merge.errors import MergeWarning
+from merge.execute import Engine, form_calls, streams
 from merge.io.sources import MemorySource
 from merge.methods import get_method, list_methods
-from merge.methods._registry import MATRIX, SHAPES
-from merge.methods._stream import ElementRandom, run_whole
+from merge.methods._registry import MATRIX, SHAPES, MethodSpec
+from merge.methods._stream import ElementRandom, mix_seed, run_whole
 from merge.methods.selection import StreamingTopK
 
 SPECS = list_methods()
 # Data-aware methods need statistics inputs that a plain recipe does not give.
 NEEDS_DATA = {"fisher", "regmean"}
-SHAPES_UNDER_TEST = {"w": (6, 10), "v": (37,), "t": (3, 4, 5), "s": ()}
+# (6, 10): rows of 10; (37,): one row; (3, 4, 5): rows of 5, columns of 20; (): a scalar;
+# (9, 3): rows shorter than a reduction group, so groups of rows are cut by the chunks.
+SHAPES_UNDER_TEST = {"w": (6, 10), "v": (37,), "t": (3, 4, 5), "s": (), "u": (9, 3)}
 CHUNKS = [3, 7, 10, 23, 64]  # smaller than a row, splitting rows, a row, several rows
+# Parameter sets beyond the defaults and the one-parameter flips that `variants` derives from
+# the registry (every boolean and every choice); `_base: False` drops an optional base.
+EXTRA_VARIANTS: dict[str, list[dict[str, Any]]] = {
+    "nuslerp": [
+        {"flatten": False, "row_wise": True},
+        {"flatten": False, "compat": "mergekit"},
+        {"flatten": False, "row_wise": True, "compat": "mergekit"},
+        {"_base": False},
+    ],
+    "model_stock": [{"filter_wise": True, "compat": "mergekit"}],
+    "multislerp": [{"_base": False}],
+    "slerp": [{"_base": False}],
+    "sce": [{"select_topk": 0.5}, {"select_topk": 0.3, "compute_dtype": "bfloat16"}],
+    "ramplus_tl": [{"r": 0.5, "alpha": 1.0}],
+}
+
+
+def variants(spec: MethodSpec) -> list[dict[str, Any]]:
+    """The defaults, each boolean flipped, each other choice, and the extra sets above."""
+    out: list[dict[str, Any]] = [{}]
+    for name, param in spec.global_params.items():
+        domain = spec.domains.get(name)
+        if domain is None or name == "scope":  # scope: model has its own engine pass (below)
+            continue
+        if domain.kind == "bool":
+            out.append({name: not param.default})
+        elif domain.kind == "choice":
+            out += [{name: c} for c in domain.choices if c != param.default]
+    return out + EXTRA_VARIANTS.get(spec.name, [])
+
+
+CASES = [
+    pytest.param(
+        s.name, v, id=f"{s.name}-{'-'.join(f'{k}={x}' for k, x in v.items()) or 'defaults'}"
+    )
+    for s in SPECS
+    if s.name not in NEEDS_DATA
+    for v in variants(s)
+]
 
 
 @pytest.fixture(autouse=True)
@@ -51,12 +96,16 @@ def _inputs(n_models: int) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def _recipe(name: str) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+def _recipe(
+    name: str, params: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     spec = get_method(name)
+    params = dict(params or {})
+    with_base = spec.accepts_base and params.pop("_base", True)
     n = max(spec.min_models, 3)
     if spec.max_models is not None:
         n = min(n, spec.max_models)
-    if name == "slerp":
+    if name == "slerp" and with_base:
         n = 1  # slerp(base, model)
     data = _inputs(n)
     models: dict[str, dict[str, Any]] = {}
@@ -70,37 +119,90 @@ def _recipe(name: str) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor
         if "weight" in spec.per_model:
             mp["weight"] = 1.0 + 0.25 * i
         models[f"m{i}"] = mp
-    step: dict[str, Any] = {"method": name, "models": models}
-    if spec.accepts_base:
+    step: dict[str, Any] = {"method": name, "models": models, **params}
+    if with_base:
         step["base"] = "base"
     for p, param in spec.global_params.items():
         if param.default is param.empty:
             step[p] = 0.5
-    used = ["base", *models] if spec.accepts_base else list(models)
+    used = ["base", *models] if with_base else list(models)
     recipe = {"inputs": {k: f"<memory:{k}>" for k in used}, "steps": {"out": step}}
     return recipe, {k: data[k] for k in used}
 
 
 def _run(recipe: dict[str, Any], data: dict[str, dict[str, torch.Tensor]], chunk: int):
+    """The plan, its output, and the texts of the warnings it gave (in order)."""
     srcs = {k: MemorySource(v, f"<memory:{k}>") for k, v in data.items()}
     plan = plan_recipe(recipe, preopened=srcs)
-    return plan, Engine(plan, chunk=chunk, quiet=True, seed=3).to_memory()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MergeWarning)
+        out = Engine(plan, chunk=chunk, quiet=True, seed=3).to_memory()
+    return plan, out, [str(w.message) for w in caught if issubclass(w.category, MergeWarning)]
 
 
-@pytest.mark.parametrize("name", [s.name for s in SPECS if s.name not in NEEDS_DATA])
-def test_chunked_equals_whole_bit_for_bit(name: str) -> None:
-    recipe, data = _recipe(name)
-    plan, whole = _run(recipe, data, 1 << 20)
+@pytest.mark.parametrize("name,params", CASES)
+def test_chunked_equals_whole_bit_for_bit(name: str, params: dict[str, Any]) -> None:
+    recipe, data = _recipe(name, params)
+    plan, whole, said = _run(recipe, data, 1 << 20)
     graph = [j for j in plan.jobs if j.mode == "graph"]
     spec = get_method(name)
     if spec.affine is None:
         assert graph, f"{name}: no method call was planned"
         # the declared shape decides the path: only whole-matrix calls read whole tensors
-        assert all(streams(j) == (spec.shape_for({}) != MATRIX) for j in graph if j.numel > 1)
+        for j in graph:
+            (call,) = form_calls(j.form)
+            if j.numel > 1:
+                assert streams(j) == (spec.shape_for(dict(call.params)) != MATRIX), j.name
+        _assert_function_matches(spec, recipe, data, graph, whole)
     for chunk in CHUNKS:
-        _, chunked = _run(recipe, data, chunk)
+        _, chunked, said_chunked = _run(recipe, data, chunk)
         for k in whole:
             assert torch.equal(whole[k], chunked[k]), f"{name} chunk {chunk}: `{k}` differs"
+        assert said_chunked == said, f"{name} chunk {chunk}: other warnings"
+
+
+def _assert_function_matches(
+    spec: MethodSpec,
+    recipe: dict[str, Any],
+    data: dict[str, dict[str, torch.Tensor]],
+    graph: list[Any],
+    whole: dict[str, torch.Tensor],
+) -> None:
+    """The method's own function on whole tensors gives the engine's bytes (one kernel)."""
+    step = recipe["steps"]["out"]
+    for j in graph:
+        (call,) = form_calls(j.form)
+        kwargs: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in call.params}
+        if "tensor_name" in spec.signature.parameters:
+            kwargs["tensor_name"] = j.name
+        if spec.random:
+            kwargs["generator"] = ElementRandom(mix_seed(3, j.name, call.step, 0), j.numel)
+        if "base" in step:
+            kwargs["base"] = data["base"][j.name]
+        models = [data[m][j.name] for m in step["models"]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MergeWarning)
+            direct = spec.fn(models, **kwargs)
+        assert torch.equal(direct, whole[j.name]), (
+            f"{spec.name}: `{j.name}` differs from the engine"
+        )
+
+
+def test_every_streaming_method_is_covered() -> None:
+    """Every method that streams for some parameters is run chunked above with them."""
+    covered = {name for name, *_ in (c.values for c in CASES)}
+    streaming = {
+        s.name
+        for s in SPECS
+        if any(
+            s.shape_for({k: v for k, v in p.items() if k != "_base"}) != MATRIX for p in variants(s)
+        )
+    }
+    assert streaming - NEEDS_DATA <= covered
+    # the methods this issue made streaming, in every mode
+    made_streaming = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock", "sce")
+    for name in (*made_streaming, "ramplus_tl", "arcee_fusion", "consensus", "tall_mask"):
+        assert get_method(name).kernel is not None, name
 
 
 def test_every_method_declares_a_known_shape() -> None:
@@ -234,7 +336,7 @@ def test_a_slow_writer_never_sees_a_reused_buffer() -> None:
     import time
 
     recipe, data = _recipe("model_stock")
-    _, whole = _run(recipe, data, 1 << 20)
+    _, whole, _ = _run(recipe, data, 1 << 20)
     srcs = {k: MemorySource(v, f"<memory:{k}>") for k, v in data.items()}
     engine = Engine(plan_recipe(recipe, preopened=srcs), chunk=23, quiet=True, seed=3)
     parts: dict[str, list[torch.Tensor]] = {}
@@ -243,6 +345,24 @@ def test_a_slow_writer_never_sees_a_reused_buffer() -> None:
         time.sleep(0.02)
         parts.setdefault(name, []).append(t.detach().clone())
 
-    engine.run(slow_write)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MergeWarning)  # a scalar's task vectors point apart
+        engine.run(slow_write)
     for k, v in whole.items():
         assert torch.equal(torch.cat([p.reshape(-1) for p in parts[k]]).reshape(v.shape), v), k
+
+
+def test_the_docs_table_lists_every_method_with_its_shape() -> None:
+    """docs/methods.md, "How each method runs": one row per method, its default shape first."""
+    text = (Path(__file__).parents[2] / "docs" / "methods.md").read_text()
+    section = text.split("## How each method runs")[1].split("\n## ")[0]
+    listed: dict[str, str] = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            first, runs_as, *_ = (c.strip() for c in line.strip().strip("|").split("|"))
+            shape = re.match(r"[a-z]+", runs_as)
+            assert shape is not None, line
+            listed.update(dict.fromkeys(re.findall(r"`([a-z_]+)`", first), shape.group(0)))
+    assert set(listed) == {s.name for s in SPECS}
+    for s in SPECS:
+        assert listed[s.name] == s.shape_for({}), s.name

@@ -1,0 +1,177 @@
+"""Gram entries Σ_e a[e]·b[e] of a few vectors seen in chunks, in float64, exact in the chunking.
+
+The spherical methods, Model Stock and SCE need only inner products of their inputs (norms,
+cosines, energies), so one statistics pass of these sums replaces the whole tensors. Each sum
+is taken over fixed global blocks, every block reduced by one op of one fixed shape from a
+reused float64 buffer (products of float32 values are exact there), and the block sums are
+added in block order: the bytes do not depend on where the chunks were cut, on how many rows
+a chunk holds, or on whether the tensor came whole.
+
+Three layouts of "vector":
+- flat (`cols` = 1): the whole tensor is one vector;
+- columns (`cols` > 1): element e belongs to column e mod cols (rows of `cols` elements, the
+  vector of column j runs down the rows), so the sums are (pairs, cols);
+- rows (`row_gram`): each row of a chunk of whole rows is a vector.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+import merge.methods._stream as _stream
+
+
+def all_pairs(k: int) -> list[tuple[int, int]]:
+    """(i, j) for i ≤ j < k, row by row: the upper triangle of a k×k Gram matrix."""
+    return [(i, j) for i in range(k) for j in range(i, k)]
+
+
+def _rows_per_block(cols: int) -> int:
+    """Rows per reduction block: about REDUCE_BLOCK elements, a power of two, at least one."""
+    per = max(1, _stream.REDUCE_BLOCK // max(cols, 1))
+    return 1 << (per.bit_length() - 1)
+
+
+class BlockGram:
+    """Σ over rows of v_i·v_j for the `pairs` of K vectors fed as flat chunks in index order.
+
+    `add(vectors)` takes the next m elements of each of the K inputs; `total()` returns the
+    (P, cols) float64 sums (on the CPU). Memory: one float64 block of about REDUCE_BLOCK
+    elements (or one row, when a row is longer) per input and per pair, and the sums.
+    """
+
+    def __init__(self, k: int, *, cols: int = 1, pairs: Sequence[tuple[int, int]] | None = None):
+        self.k, self.cols = k, max(int(cols), 1)
+        self.pairs = list(pairs) if pairs is not None else all_pairs(k)
+        self.rows = _rows_per_block(self.cols)
+        self.size = self.rows * self.cols  # elements per block
+        self._x: Tensor | None = None  # (K, size) float64: the block being filled
+        self._prod: Tensor | None = None  # (P, size) float64: its products
+        self._fill = 0
+        self._sums: Tensor | None = None  # (P, cols) float64
+
+    def _buffers(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self._x is None or self._prod is None or self._sums is None:
+            f64, dev = torch.float64, like.device  # where the data is (CPU or GPU)
+            self._x = torch.zeros(self.k, self.size, dtype=f64, device=dev)
+            self._prod = torch.empty(len(self.pairs), self.size, dtype=f64, device=dev)
+            self._sums = torch.zeros(len(self.pairs), self.cols, dtype=f64, device=dev)
+        return self._x, self._prod, self._sums
+
+    def add(self, vectors: Sequence[Tensor]) -> None:
+        """The next m elements (flat, equal lengths) of each of the K vectors."""
+        m = vectors[0].numel()
+        if m == 0:
+            return
+        x, _, _ = self._buffers(vectors[0])
+        pos = 0
+        while pos < m:
+            take = min(self.size - self._fill, m - pos)
+            for i, v in enumerate(vectors):
+                x[i, self._fill : self._fill + take].copy_(v[pos : pos + take])
+            self._fill += take
+            pos += take
+            if self._fill == self.size:
+                self._flush()
+
+    def _flush(self) -> None:
+        x, prod, sums = self._x, self._prod, self._sums
+        assert x is not None and prod is not None and sums is not None
+        for p, (i, j) in enumerate(self.pairs):
+            torch.mul(x[i], x[j], out=prod[p])
+        # One op of one shape per block: (P, rows, cols) summed over its rows.
+        sums.add_(prod.view(len(self.pairs), self.rows, self.cols).sum(dim=1))
+        self._fill = 0
+
+    def total(self) -> Tensor:
+        """(P, cols) float64 sums over every element added (zeros if none was)."""
+        if self._x is None:
+            return torch.zeros(len(self.pairs), self.cols, dtype=torch.float64)
+        if self._fill:
+            self._x[:, self._fill :].zero_()  # the last block, padded: same shape as the rest
+            self._flush()
+        assert self._sums is not None
+        return self._sums.cpu()
+
+
+def gram_matrix(sums: Tensor, k: int, pairs: Sequence[tuple[int, int]] | None = None) -> Tensor:
+    """(K, K, ...) symmetric matrix from the (P, ...) sums of `all_pairs(k)` (or `pairs`)."""
+    pairs = list(pairs) if pairs is not None else all_pairs(k)
+    out = torch.zeros(k, k, *sums.shape[1:], dtype=sums.dtype)
+    for p, (i, j) in enumerate(pairs):
+        out[i, j] = out[j, i] = sums[p]
+    return out
+
+
+def row_gram(
+    vectors: Sequence[Tensor], first_row: int, pairs: Sequence[tuple[int, int]] | None = None
+) -> Tensor:
+    """(P, r) float64 Σ over each row of v_i·v_j, for K (r, cols) chunks of whole rows whose
+    first row is row `first_row` of the tensor.
+
+    Rows are reduced in groups of a fixed shape aligned on the tensor's row index (missing rows
+    are zeros), so a row gives the same bits in any chunk.
+    """
+    k = len(vectors)
+    pairs = list(pairs) if pairs is not None else all_pairs(k)
+    r, cols = vectors[0].shape
+    out = torch.empty(len(pairs), r, dtype=torch.float64, device=vectors[0].device)
+    if r == 0:
+        return out
+    g = _rows_per_block(cols)
+    x = torch.empty(k, g, cols, dtype=torch.float64, device=vectors[0].device)
+    prod = torch.empty(len(pairs), g, cols, dtype=torch.float64, device=vectors[0].device)
+    last = first_row + r
+    for g0 in range(first_row // g * g, last, g):
+        lo, hi = max(g0, first_row), min(g0 + g, last)  # rows of this group in the chunk
+        if hi - lo < g:
+            x.zero_()
+        for i, v in enumerate(vectors):
+            x[i, lo - g0 : hi - g0].copy_(v[lo - first_row : hi - first_row])
+        for p, (i, j) in enumerate(pairs):
+            torch.mul(x[i], x[j], out=prod[p])
+        out[:, lo - first_row : hi - first_row] = prod.sum(dim=2)[:, lo - g0 : hi - g0]
+    return out
+
+
+def per_column(values: Tensor, start: int, m: int) -> Tensor:
+    """values[(start + e) mod cols] for e < m: per-column coefficients laid over a flat chunk."""
+    cols = values.numel()
+    first = start % cols
+    reps = math.ceil((first + m) / cols)
+    return values.repeat(reps)[first : first + m]
+
+
+def span_combination(
+    vectors: Sequence[Tensor], coefs: Sequence[float], dtype: torch.dtype | None = None
+) -> Tensor:
+    """Σ γ_i v_i accumulated in float64, rounded once to `dtype` (default: the vectors')."""
+    acc = torch.zeros(vectors[0].shape, dtype=torch.float64, device=vectors[0].device)
+    for v, c in zip(vectors, coefs):
+        if c != 0.0:
+            acc.add_(v.double(), alpha=c)
+    return acc.to(dtype or vectors[0].dtype)
+
+
+def by_row_groups(fn: Callable[..., Tensor], tensors: Sequence[Tensor], first_row: int) -> Tensor:
+    """fn(*groups) on fixed-shape (G, cols) groups of rows aligned on the tensor's row index
+    (rows outside the chunk are zeros), for (r, cols) chunks of whole rows whose first row is
+    `first_row`: a row-wise op (softmax, a row sum) gives a row the same bits in any chunk."""
+    r, cols = tensors[0].shape
+    g = _rows_per_block(cols)
+    parts = []
+    last = first_row + r
+    for g0 in range(first_row // g * g, last, g):
+        lo, hi = max(g0, first_row), min(g0 + g, last)
+        if hi - lo == g:
+            groups = [t[lo - first_row : hi - first_row] for t in tensors]
+        else:
+            groups = [t.new_zeros(g, cols) for t in tensors]
+            for grp, t in zip(groups, tensors):
+                grp[lo - g0 : hi - g0] = t[lo - first_row : hi - first_row]
+        parts.append(fn(*groups)[lo - g0 : hi - g0])
+    return torch.cat(parts) if parts else tensors[0].new_empty(0, cols)
