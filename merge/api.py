@@ -19,6 +19,7 @@ from merge.io.detect import open_checkpoint
 from merge.io.sources import TensorSource
 from merge.plan import Plan, build_plan, open_inputs
 from merge.recipe import Program, linear_recipe, load_recipe
+from merge.vocab.attach import attach_vocab, finish_plan
 
 __all__ = [
     "evaluate_recipe_in_memory",
@@ -63,7 +64,10 @@ def plan_recipe(
     if mixed_architectures:
         program.recipe.options.mixed_architectures = True
     sources = open_inputs(program, unsafe_pickle=unsafe_pickle, preopened=preopened)
-    return build_plan(program, sources, dtype=dtype, passthrough_from=passthrough_from)
+    # `tokenizer:`: views align the embeddings before planning; its files are added after.
+    vocab = attach_vocab(program, sources)
+    plan = build_plan(program, sources, dtype=dtype, passthrough_from=passthrough_from)
+    return plan if vocab is None else finish_plan(vocab, plan)
 
 
 def run_recipe(
