@@ -124,6 +124,9 @@ def stripped_tokenizer(root: Path, rows: int, where: str) -> Any:
             decoder = cfg.get("added_tokens_decoder")
             if isinstance(decoder, dict):
                 cfg["added_tokens_decoder"] = {k: v for k, v in decoder.items() if int(k) < rows}
+            for key in ("additional_special_tokens", "extra_special_tokens"):
+                if isinstance(cfg.get(key), list):  # else loading adds them back, past the rows
+                    cfg[key] = [t for t in cfg[key] if _content(t) not in removed]
             cfg_path.write_text(json.dumps(cfg, ensure_ascii=False, indent=2))
         out = AutoTokenizer.from_pretrained(tmp, use_fast=True)
     left = sorted(t for t, i in out.get_vocab().items() if i >= rows)
@@ -133,6 +136,10 @@ def stripped_tokenizer(root: Path, rows: int, where: str) -> Any:
             f"({', '.join(left[:5])}); give the model rows for them or use another tokenizer"
         )
     return out
+
+
+def _content(token: str | dict[str, Any]) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
 
 
 def _merge_uses(merge: str | list[str], removed: set[str]) -> bool:
@@ -182,7 +189,7 @@ def build_vocab(
         roots: each input's folder (None: no folder, so no tokenizer of its own).
         rows: each checkpoint input's embedding rows (token ids at or past them are left out).
     """
-    where = f"tokenizer.base (input `{base}`)"
+    where = f"tokenizer: input `{base}` (whose tokenizer the output starts from)"
     base_root = roots.get(base)
     if base_root is None:
         raise UsageError(f"{where}: a single weights file holds no tokenizer; give a model folder")

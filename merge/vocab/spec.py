@@ -17,10 +17,11 @@ recipe compiler calls so these problems are reported with every other one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from merge.errors import did_you_mean
 from merge.vocab.chat import TEMPLATES, template_problem
@@ -63,6 +64,29 @@ class TokenSpec(_Strict):
 
     source: str | ModelToken | ZeroRow | None = None
     force: bool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _by_kind(cls, v: Any) -> Any:
+        """A mapping is read by its `kind`, so a mistake gets one message, not one per shape."""
+        if not isinstance(v, Mapping):
+            return v
+        kinds = {"model_token": ModelToken, "zero": ZeroRow}
+        kind = v.get("kind")
+        if kind not in kinds:
+            raise ValueError(
+                f"a mapping source needs `kind: model_token` or `kind: zero`, not {kind!r}"
+            )
+        try:
+            return kinds[kind].model_validate(v)
+        except ValidationError as e:
+            raise ValueError(
+                "; ".join(
+                    f"{'.'.join(str(x) for x in err['loc']) or kind}: "
+                    + str(err["msg"]).removeprefix("Value error, ")
+                    for err in e.errors()
+                )
+            ) from None
 
 
 class TokenizerSpec(_Strict):
