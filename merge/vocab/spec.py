@@ -71,7 +71,7 @@ class TokenSpec(_Strict):
         """A mapping is read by its `kind`, so a mistake gets one message, not one per shape."""
         if not isinstance(v, Mapping):
             return v
-        kinds = {"model_token": ModelToken, "zero": ZeroRow}
+        kinds: dict[str, type[_Strict]] = {"model_token": ModelToken, "zero": ZeroRow}
         kind = v.get("kind")
         if kind not in kinds:
             raise ValueError(
