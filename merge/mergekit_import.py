@@ -17,8 +17,11 @@ What maps and how (mergekit's semantics, see docs/methods.md):
   emitted in reverse order because in a recipe the last matching override wins.
 - `dtype`/`out_dtype` become `output.dtype`; `dtype` is also `options.compute_dtype`: the
   trimming methods (ties, breadcrumbs) round task vectors to it as mergekit computes in it;
-  the rest of the math stays float32, so outputs agree within that dtype's rounding;
-  `tokenizer_source: base` (or a model) becomes `output.copy_files_from`.
+  the rest of the math stays float32, so outputs agree within that dtype's rounding.
+- `tokenizer_source` (`base`, `union`, a model path, `model:<path>`), mergekit's `tokenizer:`
+  section (`source`, `tokens`, `pad_to_multiple_of`) and `chat_template` become the recipe's
+  `tokenizer:` section (merge/vocab/spec.py), with `base: base` when there is a base model;
+  `parameters.embed_slerp` of a slerp config with a tokenizer becomes `tokenizer.embed_slerp`.
 - `slices` become the recipe's `slices` (merge/slices.py): each source's `layer_range` its
   `layers`, a slice's `base_model` (else the top-level one) its `base`, which must be one of
   its sources; slice-level parameters sit between the model's and the top level's, and
