@@ -142,7 +142,7 @@ def plan_rows(
     own = {m: np.full(vocab, -1, dtype=np.int64) for m in models}
     fills: dict[str, dict[int, Fill]] = {m: {} for m in models}
     nowhere: list[str] = []
-    for token, i in ids.items():
+    for token, i in sorted(ids.items(), key=lambda kv: kv[1]):  # id order: stable messages
         spec = tokens.get(token)
         forced = spec is not None and spec.force
         have = [m for m in models if token in inputs[m]]

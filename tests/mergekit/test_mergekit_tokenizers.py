@@ -43,7 +43,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             special=["<|im_start|>"],
             chat_template=T_A,
         ),
-        "b": dict(seed=2, words=["x2", "y1"], added=["<img>", "<tool>"], chat_template=T_B),
+        "b": dict(
+            seed=2,
+            words=["x2", "y1"],
+            added=["<img>", "<tool>"],
+            special=["<|im_end|>"],
+            chat_template=T_B,
+        ),
         "c": dict(seed=3, words=["x1", "y1"], added=["<img>"], tie=True, chat_template=T_B),
         # a's tokenizer on an embedding padded to 60 rows
         "p": dict(seed=4, words=["x1", "x2"], added=["<tool>"], special=["<|im_start|>"], rows=60),
@@ -157,8 +163,8 @@ dtype: float32
 
 
 WARNS = {
-    "sliced_union": "tokenizer: 2 token(s) of the output vocabulary are in none of the merged "
-    "models ('y1', '<img>')"
+    "sliced_union": "tokenizer: 3 token(s) of the output vocabulary are in none of the merged "
+    "models ('y1', '<img>', '<|im_end|>')"
 }
 
 
