@@ -126,11 +126,10 @@ def attach_vocab(program: Program, sources: dict[str, TensorSource]) -> VocabSet
             size=size,
         )
 
+    table = VocabTable({n: sources[n] for n in merged}, names, plans, group_of, size)
     # Every per-token problem (a source naming a model without the token...) is found now,
     # before any tensor is read.
-    for group in {group_of(x) for ns in names.values() for x in ns}:
-        plans(group)
-    table = VocabTable({n: sources[n] for n in merged}, names, plans, group_of, size)
+    table.plan_groups(sorted({group_of(x) for ns in names.values() for x in ns}))
     for n in merged:
         sources[n] = VocabView(n, table)
     tensors = frozenset(x for ns in names.values() for x in ns)

@@ -147,22 +147,30 @@ def _merge_uses(merge: str | list[str], removed: set[str]) -> bool:
     return any(p in removed for p in parts) or "".join(parts) in removed
 
 
-def union_tokenizer(base: Any, others: Sequence[tuple[Any, int | None]]) -> Any:
+def union_tokenizer(
+    base: Any,
+    others: Sequence[tuple[Any, int | None]],
+    vocabs: Sequence[Mapping[str, int]] | None = None,
+) -> Any:
     """`base` with every token of `others` ((tokenizer, row count or None)) it lacks appended:
-    ordinary tokens first, in each tokenizer's id order, then added tokens (first settings win)."""
+    ordinary tokens first, in each tokenizer's id order, then added tokens (first settings win).
+    `vocabs`: the tokenizers' vocabularies (base first) when the caller has them already."""
     plain: dict[str, None] = {}
     added: dict[str, Any] = {}
-    for tok, rows in [(base, None), *others]:
+    tokenizers = [(base, None), *others]
+    if vocabs is None:
+        vocabs = [t.get_vocab() for t, _ in tokenizers]
+    for (tok, rows), vocab in zip(tokenizers, vocabs):
         decoder = tok.added_tokens_decoder
         names = {a.content for a in decoder.values()}
-        for t, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
+        for t, i in sorted(vocab.items(), key=lambda kv: kv[1]):
             if (rows is None or i < rows) and t not in names:
                 plain.setdefault(t)
         for i, info in sorted(decoder.items()):
             if rows is None or i < rows:
                 added.setdefault(info.content, info)
     out = _reloaded(base)
-    have = base.get_vocab()
+    have = vocabs[0]
     # One call each: ids follow list order, and a call per token rebuilds the added-token
     # matcher every time (minutes for the tens of thousands a union of two families adds).
     out.add_tokens([t for t in plain if t not in added and t not in have])
@@ -217,9 +225,9 @@ def build_vocab(
             MergeWarning,
             stacklevel=2,
         )
-    past = {
-        n: [t for t, i in toks[n].get_vocab().items() if i >= rows[n]] for n in rows if n in toks
-    }
+    vocabs = {id(t): dict(t.get_vocab()) for t in toks.values()}  # one call each: it copies
+    originals = {n: vocabs[id(t)] for n, t in toks.items()}
+    past = {n: [t for t, i in originals[n].items() if i >= rows[n]] for n in rows if n in toks}
     past = {n: ts for n, ts in past.items() if ts and n != base}
     if past:
         warnings.warn(
@@ -234,9 +242,11 @@ def build_vocab(
             stacklevel=2,
         )
     if source == "union":
+        others = [n for n in order if n != base and toks[n] is not base_tok]
         out = union_tokenizer(
             base_tok,
-            [(toks[n], rows.get(n)) for n in order if n != base and toks[n] is not base_tok],
+            [(toks[n], rows.get(n)) for n in others],
+            [originals[n] for n in [base, *others]],
         )
     elif source == base:
         out = _reloaded(base_tok)
@@ -249,18 +259,12 @@ def build_vocab(
             )
         out = load_tokenizer(root, f"tokenizer.source `{source}`")
     have = set(out.get_vocab())
-    for t in extra_tokens:
-        if t not in have:
-            out.add_tokens(t)
-            have.add(t)
+    out.add_tokens([t for t in dict.fromkeys(extra_tokens) if t not in have])
     ids = dict(out.get_vocab())
     if sorted(ids.values()) != list(range(len(ids))):
         raise UsageError(
             f"tokenizer.source: the output tokenizer's {len(ids)} ids are not 0..{len(ids) - 1} "
             "(it skips ids), so they cannot index embedding rows"
         )
-    inputs = {
-        n: {t: i for t, i in toks[n].get_vocab().items() if i < rows[n]} for n in rows if n in toks
-    }
-    originals = {n: dict(t.get_vocab()) for n, t in toks.items()}
+    inputs = {n: {t: i for t, i in originals[n].items() if i < rows[n]} for n in rows if n in toks}
     return OutputVocab(out, ids, inputs, originals)

@@ -15,7 +15,7 @@ import math
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from merge.io.sources import TensorMeta, TensorSource
 from merge.vocab.build import TOKENIZER_FILES
-from merge.vocab.fill import Copy, Mean, RowPlan, Zero
+from merge.vocab.fill import Copy, Mean, RowPlan
 
 if TYPE_CHECKING:
     from merge.io.writer import FilePlan, OutputTensor
@@ -65,6 +65,12 @@ class VocabTable:
         self._pad: dict[tuple[str, str], Tensor] = {}
         self._lock = threading.Lock()
 
+    def plan_groups(self, groups: Iterable[tuple[str, ...]]) -> None:
+        """Plan these groups now (so every per-token problem is found before any read)."""
+        for group in groups:
+            if group not in self._plans:
+                self._plans[group] = self._plan_rows(group)
+
     def plan(self, model: str, name: str) -> RowPlan:
         group = self._group_of(name)
         if model not in group:  # read outside the merge (a layout-only input): its own group
@@ -85,22 +91,30 @@ class VocabTable:
                 self._fill_keys[key] = got
         return got
 
-    def row(self, model: str, name: str, row: int) -> Tensor:
-        """Row `row` of `model`'s tensor shown as `name`, in float32."""
+    def read_into(
+        self, model: str, name: str, rows: np.ndarray, buf: Tensor, at: np.ndarray
+    ) -> None:
+        """buf[at[k]] = row rows[k] of `model`'s tensor shown as `name`: one read per run that
+        is consecutive in both `at` and `rows`, straight into `buf` (its own dtype; reads into
+        our buffers skip the sources' NaN check, as the engine checks what it computes)."""
+        if rows.size == 0:
+            return
         real = self.names[model][name]
         src = self.sources[model]
-        n = _row_numel(src.meta(real).shape)
-        return src.read_range(real, row * n, (row + 1) * n).float()
+        n = buf.shape[1]
+        flat = buf.view(-1)
+        starts = np.concatenate(
+            ([0], np.flatnonzero((np.diff(at) != 1) | (np.diff(rows) != 1)) + 1)
+        )
+        sizes = np.diff(np.concatenate((starts, [rows.size])))
+        for s, o, k in zip(rows[starts].tolist(), at[starts].tolist(), sizes.tolist()):
+            src.read_range(real, s * n, (s + k) * n, out=flat[o * n : (o + k) * n])
 
-    def fill_row(self, fill: Copy | Mean | Zero, name: str, n: int) -> Tensor:
-        if isinstance(fill, Copy):
-            return self.row(fill.row[0], name, fill.row[1])
-        if isinstance(fill, Mean):
-            total = torch.zeros(n, dtype=torch.float32)
-            for model, r in fill.rows:
-                total += self.row(model, name, r)
-            return total / len(fill.rows)
-        return torch.zeros(n, dtype=torch.float32)
+    def gather(self, model: str, name: str, rows: np.ndarray, n: int, dtype: torch.dtype) -> Tensor:
+        """Rows `rows` of `model`'s tensor shown as `name`, shape (len(rows), n)."""
+        out = torch.empty((rows.size, n), dtype=dtype)
+        self.read_into(model, name, rows, out, np.arange(rows.size))
+        return out
 
 
 def _row_numel(shape: tuple[int, ...]) -> int:
@@ -149,34 +163,65 @@ class VocabView(TensorSource):
             return self.source.read_range(real, start, stop, out=out)
         n = _row_numel(self.source.meta(real).shape)
         r0, r1 = start // n, -(-stop // n)
+        if out is not None and start % n == 0 and stop % n == 0:  # whole rows: no extra copy
+            self._rows(name, r0, r1, into=out.view(r1 - r0, n))
+            return out
         flat = self._rows(name, r0, r1).reshape(-1)[start - r0 * n : stop - r0 * n]
         return out.copy_(flat) if out is not None else flat
 
-    def _rows(self, name: str, r0: int, r1: int) -> Tensor:
-        """Output rows [r0, r1) of `name`, shape (r1 - r0, row numel), in the input's dtype."""
+    def _rows(self, name: str, r0: int, r1: int, into: Tensor | None = None) -> Tensor:
+        """Output rows [r0, r1) of `name`, shape (r1 - r0, row numel), in the input's dtype
+        (written into `into` when given)."""
         real = self.names[name]
         meta = self.source.meta(real)
         n = _row_numel(meta.shape)
         plan = self.table.plan(self.model, name)
         vocab = len(plan.own)
-        buf = torch.zeros((r1 - r0, n), dtype=meta.dtype)
+        if into is None:
+            buf = torch.zeros((r1 - r0, n), dtype=meta.dtype)
+        else:
+            buf = into.zero_()
         a, b = r0, min(r1, vocab)
         if a < b:
             own = plan.own[a:b]
             at = np.flatnonzero(own >= 0)
-            if at.size:
-                # Runs consecutive in both the output and the input: one read each.
-                cut = np.flatnonzero((np.diff(at) != 1) | (np.diff(own[at]) != 1)) + 1
-                for run in np.split(at, cut):
-                    s, k, o = int(own[run[0]]), len(run), int(run[0])
-                    self.source.read_range(real, s * n, (s + k) * n, out=buf[o : o + k].view(-1))
-            keys = self.table.fill_keys(self.model, name)
-            lo, hi = np.searchsorted(keys, [a, b])
-            for i in keys[lo:hi].tolist():
-                buf[i - r0] = self.table.fill_row(plan.fills[i], name, n).to(meta.dtype)
+            self.table.read_into(self.model, name, own[at], buf, at)
+            self._fill(buf, name, plan, a, b, r0)
         if r1 > vocab:
             buf[max(vocab, r0) - r0 :] = self._pad_row(name, vocab, n).to(meta.dtype)
         return buf
+
+    def _fill(self, buf: Tensor, name: str, plan: RowPlan, a: int, b: int, r0: int) -> None:
+        """Rows [a, b) that take a fill: copies read into place by runs, means summed in
+        float32 and divided; zero rows are left as they are."""
+        keys = self.table.fill_keys(self.model, name)
+        lo, hi = np.searchsorted(keys, [a, b])
+        copies: dict[str, tuple[list[int], list[int]]] = {}
+        means: dict[str, tuple[list[int], list[int]]] = {}
+        counts: dict[int, int] = {}
+        for i in keys[lo:hi].tolist():
+            fill = plan.fills[i]
+            if isinstance(fill, Copy):
+                at, rows = copies.setdefault(fill.row[0], ([], []))
+                at.append(i - r0)
+                rows.append(fill.row[1])
+            elif isinstance(fill, Mean):
+                counts[i - r0] = len(fill.rows)
+                for model, row in fill.rows:
+                    at, rows = means.setdefault(model, ([], []))
+                    at.append(i - r0)
+                    rows.append(row)
+        for model, (at, rows) in copies.items():
+            self.table.read_into(model, name, np.array(rows), buf, np.array(at))
+        if counts:
+            where = sorted(counts)
+            slot = {r: k for k, r in enumerate(where)}
+            total = torch.zeros((len(where), buf.shape[1]), dtype=torch.float32)
+            for model, (at, rows) in means.items():
+                got = self.table.gather(model, name, np.array(rows), buf.shape[1], buf.dtype)
+                total.index_add_(0, torch.tensor([slot[r] for r in at]), got.float())
+            total /= torch.tensor([counts[r] for r in where], dtype=torch.float32)[:, None]
+            buf[torch.tensor(where)] = total.to(buf.dtype)
 
     def _pad_row(self, name: str, vocab: int, n: int) -> Tensor:
         """The mean of this view's rows [0, vocab): padding rows hold it (Hewitt's suggestion,
