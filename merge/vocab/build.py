@@ -199,7 +199,10 @@ def build_vocab(
     where = f"tokenizer: input `{base}` (whose tokenizer the output starts from)"
     base_root = roots.get(base)
     if base_root is None:
-        raise UsageError(f"{where}: a single weights file holds no tokenizer; give a model folder")
+        raise UsageError(
+            f"{where}: not a model folder (a single weights file or tensors in memory), so it "
+            "has no tokenizer; give a model folder"
+        )
     base_tok = (
         stripped_tokenizer(base_root, rows[base], where)
         if base in rows
@@ -254,8 +257,8 @@ def build_vocab(
         root = source_root if source_root is not None else roots.get(source)
         if root is None:
             raise UsageError(
-                f"tokenizer.source: input `{source}` is a single weights file, which holds no "
-                "tokenizer; give a model folder"
+                f"tokenizer.source: input `{source}` is not a model folder (a single weights "
+                "file or tensors in memory), so it has no tokenizer; give a model folder"
             )
         out = load_tokenizer(root, f"tokenizer.source `{source}`")
     have = set(out.get_vocab())

@@ -496,3 +496,97 @@ def test_no_warnings_for_a_plain_union(models):
                 {"base": models["a"], "b": models["b"]}, {"base": 0.5, "b": 0.5}, source="union"
             )
         ).close()
+
+
+def test_the_example_mergekit_chat_union_recipe_runs(tmp_path):
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "mergekit-chat-union.yml"
+    (tmp_path / "r.yml").write_text(recipe.read_text())
+    make_model(tmp_path / "base", seed=1, words=["x1"])
+    make_model(tmp_path / "chat", seed=2, words=["x1"], special=["<|im_start|>", "<|im_end|>"])
+    out = run_recipe(tmp_path / "r.yml", tmp_path / "out", quiet=True)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.chat_template == TEMPLATES["chatml"]
+    vb, vc, vo = vocab_of(tmp_path / "base"), vocab_of(tmp_path / "chat"), tok.get_vocab()
+    assert {t: i for t, i in vo.items() if t in vb} == vb and len(vo) == len(vb) + 2
+    tc, to = _tensors(tmp_path / "chat"), _tensors(out)
+    for name in (EMBED, HEAD):
+        # forced in both models: whole-matrix slerp scales that row by sin((1-t)Ω)/sin Ω +
+        # sin(tΩ)/sin Ω, so it stays parallel to the chat model's row
+        got, want = to[name][vo["<|im_end|>"]].float(), tc[name][vc["<|im_end|>"]]
+        assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.9999
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_gpt2_tied_embeddings_union(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    paths = {}
+    for name, seed, words, added in [("g1", 1, ["x1"], ["<a>"]), ("g2", 2, ["y1"], ["<b>"])]:
+        tok = make_tokenizer(words, added)
+        torch.manual_seed(seed)
+        GPT2LMHeadModel(
+            GPT2Config(
+                n_embd=32, n_layer=2, n_head=2, vocab_size=len(tok), bos_token_id=1, eos_token_id=2
+            )
+        ).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+        paths[name] = tmp_path / name
+    out = run_recipe(
+        _linear(
+            {"base": paths["g1"], "g2": paths["g2"]},
+            {"base": 0.5, "g2": 0.5},
+            source="union",
+            base="base",
+        ),
+        tmp_path / "out",
+        quiet=True,
+    )
+    v1, v2, vo = vocab_of(paths["g1"]), vocab_of(paths["g2"]), vocab_of(out)
+    t1, t2, to = _tensors(paths["g1"]), _tensors(paths["g2"]), _tensors(out)
+    wte = "transformer.wte.weight"
+    assert set(to) == set(t1) and "lm_head.weight" not in to  # tied: nothing to invent
+    assert to[wte].shape == (len(vo), 32) == (52, 32)
+    torch.testing.assert_close(to[wte][vo["y1"]], t2[wte][v2["y1"]])
+    torch.testing.assert_close(to[wte][vo["w3"]], 0.5 * t1[wte][v1["w3"]] + 0.5 * t2[wte][v2["w3"]])
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 52
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+
+
+def test_vocab_size_goes_where_the_config_keeps_it():
+    from merge.vocab.view import set_vocab_size
+
+    assert set_vocab_size({"vocab_size": 5, "x": 1}, 9) == {"vocab_size": 9, "x": 1}
+    llava = {"model_type": "llava", "text_config": {"vocab_size": 5, "hidden_size": 8}}
+    assert set_vocab_size(llava, 9) == {
+        "model_type": "llava",
+        "text_config": {"vocab_size": 9, "hidden_size": 8},
+    }
+    assert set_vocab_size({"model_type": "x"}, 9) == {"model_type": "x", "vocab_size": 9}
+
+
+def test_token_indexed_tensors_are_found_by_name_and_rows():
+    from merge.vocab.tensors import find_vocab_tensors, tied_aliases
+
+    llava = find_vocab_tensors(
+        {
+            "language_model.model.embed_tokens.weight": (70, 8),
+            "language_model.lm_head.weight": (70, 8),
+            "vision_tower.vision_model.embeddings.patch_embedding.weight": (8, 3, 4, 4),
+            "vision_tower.vision_model.embeddings.position_embedding.weight": (17, 8),
+            "multi_modal_projector.linear_1.weight": (8, 8),
+        }
+    )
+    assert llava is not None and llava.rows == 70
+    assert llava.names == (
+        "language_model.model.embed_tokens.weight",
+        "language_model.lm_head.weight",
+    )
+    phi = find_vocab_tensors(
+        {"model.embed_tokens.weight": (9, 4), "lm_head.weight": (9, 4), "lm_head.bias": (9,)}
+    )
+    assert phi is not None and phi.outputs == ("lm_head.weight", "lm_head.bias")
+    tied = find_vocab_tensors({"model.embed_tokens.weight": (9, 4)})
+    assert tied is not None
+    assert tied_aliases(tied, [phi]) == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert find_vocab_tensors({"w": (3, 3)}) is None
