@@ -11,7 +11,7 @@ template) and config.json the new vocab size, and applies `embed_slerp`.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +22,7 @@ from merge.vocab.build import OutputVocab, build_vocab, load_tokenizer
 from merge.vocab.chat import resolve_template
 from merge.vocab.fill import RowPlan, padded_size, plan_rows
 from merge.vocab.spec import UNION, TokenizerSpec
-from merge.vocab.tensors import INPUT_NAMES, find_vocab_tensors, tied_aliases
+from merge.vocab.tensors import INPUT_NAMES, VocabTensors, find_vocab_tensors, tied_aliases
 from merge.vocab.view import TokenizerLayout, VocabTable, VocabView
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def attach_vocab(program: Program, sources: dict[str, TensorSource]) -> VocabSet
         merged = [spec.base, *[n for n in merged if n != spec.base]]
     if not merged:
         raise UsageError("tokenizer: the merge reads no full checkpoint whose vocabulary to align")
-    found = {}
+    found: dict[str, VocabTensors] = {}
     for n in merged:
         src = sources[n]
         vt = find_vocab_tensors({k: src.meta(k).shape for k in src.keys()})
@@ -136,7 +136,7 @@ def attach_vocab(program: Program, sources: dict[str, TensorSource]) -> VocabSet
     return VocabSetup(spec, vocab, tensors, size, roots)
 
 
-def _groups(program: Program, merged: list[str]) -> Any:
+def _groups(program: Program, merged: list[str]) -> Callable[[str], tuple[str, ...]]:
     """The models merged into each token-indexed tensor: all of them, or for layer slices the
     first slice's sources for the input embeddings and the last's for the rest (mergekit's)."""
     slices = program.recipe.slices

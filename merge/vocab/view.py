@@ -62,7 +62,7 @@ class VocabTable:
         self.size = size
         self._plans: dict[tuple[str, ...], dict[str, RowPlan]] = {}
         self._fill_keys: dict[tuple[str, str], np.ndarray] = {}
-        self._pad: dict[tuple[str, str], Tensor] = {}
+        self.pad_means: dict[tuple[str, str], Tensor] = {}  # (model, tensor) -> mean row
         self._lock = threading.Lock()
 
     def plan_groups(self, groups: Iterable[tuple[str, ...]]) -> None:
@@ -95,8 +95,8 @@ class VocabTable:
         self, model: str, name: str, rows: np.ndarray, buf: Tensor, at: np.ndarray
     ) -> None:
         """buf[at[k]] = row rows[k] of `model`'s tensor shown as `name`: one read per run that
-        is consecutive in both `at` and `rows`, straight into `buf` (its own dtype; reads into
-        our buffers skip the sources' NaN check, as the engine checks what it computes)."""
+        is consecutive in both `at` and `rows`, straight into `buf` when the dtypes agree
+        (reads into our buffers skip the sources' NaN check: the engine checks its results)."""
         if rows.size == 0:
             return
         real = self.names[model][name]
@@ -107,8 +107,12 @@ class VocabTable:
             ([0], np.flatnonzero((np.diff(at) != 1) | (np.diff(rows) != 1)) + 1)
         )
         sizes = np.diff(np.concatenate((starts, [rows.size])))
+        same = src.meta(real).dtype == buf.dtype  # a peer of another dtype is cast on the way
         for s, o, k in zip(rows[starts].tolist(), at[starts].tolist(), sizes.tolist()):
-            src.read_range(real, s * n, (s + k) * n, out=flat[o * n : (o + k) * n])
+            if same:
+                src.read_range(real, s * n, (s + k) * n, out=flat[o * n : (o + k) * n])
+            else:
+                flat[o * n : (o + k) * n] = src.read_range(real, s * n, (s + k) * n)
 
     def gather(self, model: str, name: str, rows: np.ndarray, n: int, dtype: torch.dtype) -> Tensor:
         """Rows `rows` of `model`'s tensor shown as `name`, shape (len(rows), n)."""
@@ -227,14 +231,14 @@ class VocabView(TensorSource):
         """The mean of this view's rows [0, vocab): padding rows hold it (Hewitt's suggestion,
         as mergekit fills `pad_to_multiple_of` rows)."""
         key = (self.model, name)
-        got = self.table._pad.get(key)
+        got = self.table.pad_means.get(key)
         if got is None:
             total = torch.zeros(n, dtype=torch.float64)
             step = max(1, PAD_BLOCK_ELEMENTS // max(n, 1))
             for s in range(0, vocab, step):
                 total += self._rows(name, s, min(vocab, s + step)).double().sum(0)
             got = (total / max(vocab, 1)).float()
-            self.table._pad[key] = got
+            self.table.pad_means[key] = got
         return got
 
     def files(self) -> list[Path]:

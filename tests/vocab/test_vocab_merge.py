@@ -590,3 +590,27 @@ def test_token_indexed_tensors_are_found_by_name_and_rows():
     assert tied is not None
     assert tied_aliases(tied, [phi]) == {"lm_head.weight": "model.embed_tokens.weight"}
     assert find_vocab_tensors({"w": (3, 3)}) is None
+
+
+def test_inputs_of_different_dtypes_fill_each_other(models, tmp_path):
+    half = tmp_path / "b16"
+    make_model(half, seed=2, words=["x2", "y1"], added=["<img>", "<tool>"])
+    t = load_file(half / "model.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({k: v.to(torch.bfloat16) for k, v in t.items()}, half / "model.safetensors")
+    recipe = _linear(
+        {"base": models["a"], "b": half}, {"base": 0.5, "b": 0.5}, source="union", base="base"
+    )
+    with pytest.warns(MergeWarning, match="dtype"):
+        plan = plan_recipe(recipe)
+    got = Engine(plan, quiet=True).to_memory()
+    va, vb = vocab_of(models["a"]), vocab_of(half)
+    ta, tb = _tensors(models["a"]), _tensors(half)
+    out_vocab = {**va, "y1": 52, "<img>": 53}
+    # a (float32) lacks <img>: b's bf16 row, cast into a's float32 view
+    assert torch.equal(got[EMBED][out_vocab["<img>"]], tb[EMBED][vb["<img>"]].float())
+    # b (bf16) lacks x1: a's float32 row, rounded into b's bf16 view
+    want = 0.5 * ta[EMBED][va["x1"]] + 0.5 * ta[EMBED][va["x1"]].bfloat16().float()
+    torch.testing.assert_close(got[EMBED][out_vocab["x1"]], want)
+    plan.close()
