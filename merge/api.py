@@ -22,6 +22,7 @@ from merge.io.sources import TensorSource
 from merge.plan import Plan, build_plan
 from merge.recipe import Program, linear_recipe, load_recipe
 from merge.slices import build_sliced_plan
+from merge.vocab.attach import attach_vocab, finish_plan
 
 __all__ = [
     "evaluate_recipe_in_memory",
@@ -66,9 +67,13 @@ def plan_recipe(
     if mixed_architectures:
         program.recipe.options.mixed_architectures = True
     sources = open_inputs(program, unsafe_pickle=unsafe_pickle, preopened=preopened)
+    # `tokenizer:`: views align the embeddings before planning; its files are added after.
+    vocab = attach_vocab(program, sources)
     if program.recipe.slices:  # layer slices: one plan per slice over renaming views
-        return build_sliced_plan(program, sources, dtype=dtype, passthrough_from=passthrough_from)
-    return build_plan(program, sources, dtype=dtype, passthrough_from=passthrough_from)
+        plan = build_sliced_plan(program, sources, dtype=dtype, passthrough_from=passthrough_from)
+    else:
+        plan = build_plan(program, sources, dtype=dtype, passthrough_from=passthrough_from)
+    return plan if vocab is None else finish_plan(vocab, plan)
 
 
 def run_recipe(

@@ -33,6 +33,8 @@ def open_inputs(
     layout = program.recipe.output.copy_files_from
     if layout and layout not in used:
         used.append(layout)
+    if program.recipe.tokenizer is not None:  # the base and tokens' sources give rows too
+        used += [n for n in program.recipe.tokenizer.input_names() if n not in used]
     missing: list[str] = []
     deferred: list[str] = []
     for name in used:

@@ -17,8 +17,11 @@ What maps and how (mergekit's semantics, see docs/methods.md):
   emitted in reverse order because in a recipe the last matching override wins.
 - `dtype`/`out_dtype` become `output.dtype`; `dtype` is also `options.compute_dtype`: the
   trimming methods (ties, breadcrumbs) round task vectors to it as mergekit computes in it;
-  the rest of the math stays float32, so outputs agree within that dtype's rounding;
-  `tokenizer_source: base` (or a model) becomes `output.copy_files_from`.
+  the rest of the math stays float32, so outputs agree within that dtype's rounding.
+- `tokenizer_source` (`base`, `union`, a model path, `model:<path>`), mergekit's `tokenizer:`
+  section (`source`, `tokens`, `pad_to_multiple_of`) and `chat_template` become the recipe's
+  `tokenizer:` section (merge/vocab/spec.py), with `base: base` when there is a base model;
+  `parameters.embed_slerp` of a slerp config with a tokenizer becomes `tokenizer.embed_slerp`.
 - `slices` become the recipe's `slices` (merge/slices.py): each source's `layer_range` its
   `layers`, a slice's `base_model` (else the top-level one) its `base`, which must be one of
   its sources; slice-level parameters sit between the model's and the top level's, and
@@ -202,8 +205,6 @@ def translate(
     for key in d:
         if key not in _TOP_KEYS and key != "modules":
             problems.append(refusal("any other key", str(key)) + did_you_mean(str(key), _TOP_KEYS))
-    if "chat_template" in d:  # until the tokenizer import handles it
-        problems.append("`chat_template`: not translated yet; remove it")
     mk_method = str(d.get("merge_method", ""))
     if mk_method not in _METHODS:
         problems.append(
@@ -294,6 +295,8 @@ def translate(
         return out
 
     top = parsed(d.get("parameters") or {}, "parameters")
+    # mergekit 0.0.4's flag for the embeddings of a slerp merge with a tokenizer (see _tokenizer)
+    embed_slerp = [v for k, v in (d.get("parameters") or {}).items() if k == "embed_slerp"]
     overrides: list[dict[str, Any]] = []
     global_overrides: list[dict[str, Any]] = []
     steps: list[dict[str, Any]] = []
@@ -404,31 +407,26 @@ def translate(
             recipe["output"]["dtype"] = dt
         else:
             problems.append(f"dtype `{dtype}`: not one of {', '.join(sorted(_DTYPES))}")
-    tok = d.get("tokenizer_source")
-    if isinstance(d.get("tokenizer"), Mapping):
-        t = d["tokenizer"]
-        tok = t.get("source")
-        extra = sorted(set(t) - {"source"})
-        if extra:
-            problems.append(
-                f"tokenizer.{', tokenizer.'.join(extra)}: per-token sources and padding are not translated"
-            )
-    if tok is not None:
-        if tok == "base" and "base" in inputs:
+    tokenizer = _tokenizer(d, inputs, base_path, problems)
+    if tokenizer is not None:
+        if embed_slerp and mk_method == "slerp" and "source" in tokenizer:
+            value = embed_slerp[0]
+            if isinstance(value, bool):
+                tokenizer["embed_slerp"] = value
+                unused.pop("embed_slerp", None)
+                if not value:
+                    warnings.warn(
+                        "mergekit config: `embed_slerp: false` lerps the embedding rows with "
+                        "slerp's t, as mergekit 0.0.4 did; mergekit 0.1.5 ignores the flag and "
+                        "slerps them (remove it for 0.1.5's result)",
+                        MergeWarning,
+                        stacklevel=2,
+                    )
+            else:
+                problems.append(f"parameters.embed_slerp: expected true or false, got {value!r}")
+        recipe["tokenizer"] = tokenizer
+        if tokenizer.get("source") == "base" and "base" in inputs:
             recipe["output"]["copy_files_from"] = "base"
-        elif tok == "union":
-            problems.append(
-                "tokenizer_source: union builds a merged vocabulary and re-maps embedding rows, "
-                "which merge does not do; merge models that share a vocabulary, or use "
-                "`tokenizer_source: base`"
-            )
-        else:
-            path = _model_path(tok, "tokenizer_source", problems)
-            match = [n for n, p in inputs.items() if p == path]
-            if match:
-                recipe["output"]["copy_files_from"] = match[0]
-            elif path is not None:
-                problems.append(f"tokenizer_source `{tok}` is not one of the merged models")
     if global_overrides or overrides:
         recipe["overrides"] = global_overrides + overrides
     for key, wheres in unused.items():
@@ -440,3 +438,82 @@ def translate(
             stacklevel=2,
         )
     return recipe, problems
+
+
+def _tokenizer(
+    d: Mapping[str, Any], inputs: dict[str, str], base_path: str | None, problems: list[str]
+) -> dict[str, Any] | None:
+    """`tokenizer_source`, `tokenizer:` and `chat_template` as the recipe's `tokenizer:` section
+    (merge/vocab/spec.py), or None when the config has none of them."""
+    out: dict[str, Any] = {}
+    source: Any = d.get("tokenizer_source")
+    section = d.get("tokenizer")
+    if section is not None:
+        if not isinstance(section, Mapping):
+            problems.append(f"tokenizer: expected a mapping with `source:`, got {section!r}")
+            section = {}
+        if source is not None:
+            problems.append("give `tokenizer_source` or `tokenizer`, not both (as mergekit says)")
+        extra = sorted(set(section) - {"source", "tokens", "pad_to_multiple_of"})
+        for key in extra:
+            problems.append(
+                f"tokenizer.{key}: not a key of mergekit's tokenizer section (source, tokens, "
+                "pad_to_multiple_of)"
+            )
+        source = section.get("source", "union")  # mergekit's default
+        if section.get("pad_to_multiple_of") is not None:
+            out["pad_to_multiple_of"] = section["pad_to_multiple_of"]
+
+    def input_of(ref: Any, where: str) -> str | None:
+        path = _model_path(ref, where, problems)
+        if path is None:
+            return None
+        match = [n for n, p in inputs.items() if p == path]
+        if not match:
+            problems.append(
+                f"{where}: `{path}` is not one of the merged models ({', '.join(inputs.values())}); "
+                "a token's row must come from a model being merged"
+            )
+            return None
+        return match[0]
+
+    if source is not None:
+        if source == "base":
+            # mergekit: the base model, else the first model it lists
+            out["source"] = "base" if "base" in inputs else next(iter(inputs), "base")
+        elif source == "union":
+            out["source"] = "union"
+        else:
+            raw = source.removeprefix("model:") if isinstance(source, str) else source
+            path = _model_path(raw, "tokenizer_source", problems)
+            if path is not None:
+                match = [n for n, p in inputs.items() if p == path]
+                out["source"] = match[0] if match else path
+        if base_path is not None:
+            out["base"] = "base"
+        tokens = (section or {}).get("tokens") or {}
+        if not isinstance(tokens, Mapping):
+            problems.append(
+                f"tokenizer.tokens: expected a mapping of token -> settings, got {tokens!r}"
+            )
+            tokens = {}
+        translated: dict[str, Any] = {}
+        for tok, cfg in tokens.items():
+            where = f"tokenizer.tokens.{tok}"
+            cfg = cfg if isinstance(cfg, Mapping) else {}
+            entry: dict[str, Any] = {"force": bool(cfg.get("force", False))}
+            src = cfg.get("source")
+            if isinstance(src, Mapping) and src.get("kind") == "zero":
+                entry["source"] = {"kind": "zero"}
+            elif isinstance(src, Mapping) and src.get("kind") == "model_token":
+                name = input_of(src.get("model"), f"{where}.source.model")
+                pick = {k: src[k] for k in ("token", "token_id") if src.get(k) is not None}
+                entry["source"] = {"kind": "model_token", "model": name, **pick}
+            elif src is not None:
+                entry["source"] = input_of(src, f"{where}.source")
+            translated[str(tok)] = entry
+        if translated:
+            out["tokens"] = translated
+    if d.get("chat_template") is not None:
+        out["chat_template"] = d["chat_template"]
+    return out or None

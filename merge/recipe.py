@@ -32,6 +32,7 @@ from merge.dtypes import DtypeName
 from merge.errors import RecipeError, UsageError, did_you_mean
 from merge.expr import Affine, Call, ExprError, HiddenNameError, fold, names_in, parse
 from merge.methods import get_method
+from merge.vocab.spec import TokenizerSpec, TokenSpec, tokenizer_problems
 
 ParamValue = float | int | bool | str | list[float]
 CURRENT_VERSION = 1
@@ -192,6 +193,8 @@ class Recipe(_Strict):
     output: OutputSpec = Field(default_factory=lambda: OutputSpec.model_validate({}))
     overrides: list[Override] = Field(default_factory=list)
     options: Options = Field(default_factory=Options)
+    # The output's vocabulary, tokenizer and chat template (merge/vocab/spec.py).
+    tokenizer: TokenizerSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -443,6 +446,8 @@ def _valid_keys(loc: list[str]) -> list[str]:
         model = OutputSpec
     elif loc[:1] == ["options"]:
         model = Options
+    elif loc[:1] == ["tokenizer"]:
+        model = TokenSpec if loc[1:2] == ["tokens"] else TokenizerSpec
     return [f.alias or n for n, f in model.model_fields.items()]
 
 
@@ -461,6 +466,7 @@ def compile_recipe(
     """
     problems = list(problems or [])
     broken = set(broken or ())
+    problems += tokenizer_problems(recipe.tokenizer, list(recipe.inputs), base_dir or Path.cwd())
     if recipe.slices is not None:
         return compile_slices(recipe, name=name, base_dir=base_dir or Path.cwd(), problems=problems)
     if recipe.version > CURRENT_VERSION:

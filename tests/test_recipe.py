@@ -162,7 +162,7 @@ def test_seven_typos_in_one_report(tmp_path: Path) -> None:
         (
             "stepz",
             "unknown key (did you mean `steps`?); valid keys: version, description, inputs, "
-            "vars, steps, slices, output, overrides, options",
+            "vars, steps, slices, output, overrides, options, tokenizer",
         ),
         ("steps.tv.method", e.value.problems[2][1]),
         (

@@ -255,15 +255,88 @@ def test_untranslatable_keys_are_each_named():
                 "base_model": "/m/base",
                 "models": [{"model": "/m/a", "parameters": {"densty": 0.5}}],
                 "tokenizer_source": "union",
-                "chat_template": "chatml",
+                "tokenizer": {
+                    "source": "base",
+                    "padding": 8,
+                    "tokens": {"<t>": {"source": "/m/x"}},
+                },
+                "modules": {},
             }
         )
     assert problems == [
-        "`chat_template`: not translated yet; remove it",
-        "tokenizer_source: union builds a merged vocabulary and re-maps embedding rows, which merge does not do; merge models that share a vocabulary, or use `tokenizer_source: base`",
+        "`modules`: multi-module configs are not translated; give `models` or `slices`",
+        "give `tokenizer_source` or `tokenizer`, not both (as mergekit says)",
+        "tokenizer.padding: not a key of mergekit's tokenizer section (source, tokens, "
+        "pad_to_multiple_of)",
+        "tokenizer.tokens.<t>.source: `/m/x` is not one of the merged models (/m/base, /m/a); "
+        "a token's row must come from a model being merged",
     ]
     _, problems = translate({"merge_method": "model_breadcrumbs", "models": [{"model": "/m/a"}]})
     assert problems[0].startswith("merge_method `model_breadcrumbs` has no counterpart in merge")
+
+
+def test_tokenizer_keys_translate_to_the_tokenizer_section():
+    recipe, problems = translate(
+        {
+            "merge_method": "slerp",
+            "base_model": "/m/base",
+            "models": [{"model": "/m/base"}, {"model": "/m/a"}],
+            "parameters": {"t": 0.5, "embed_slerp": True},
+            "tokenizer": {
+                "source": "union",
+                "pad_to_multiple_of": 64,
+                "tokens": {
+                    "<|im_start|>": {"source": "/m/a", "force": True},
+                    "<pad>": {"source": {"kind": "zero"}},
+                    "<x>": {"source": {"kind": "model_token", "model": "/m/base", "token_id": 3}},
+                },
+            },
+            "chat_template": "chatml",
+        }
+    )
+    assert problems == []
+    assert recipe["tokenizer"] == {
+        "pad_to_multiple_of": 64,
+        "source": "union",
+        "base": "base",
+        "tokens": {
+            "<|im_start|>": {"force": True, "source": "a"},
+            "<pad>": {"force": False, "source": {"kind": "zero"}},
+            "<x>": {
+                "force": False,
+                "source": {"kind": "model_token", "model": "base", "token_id": 3},
+            },
+        },
+        "chat_template": "chatml",
+        "embed_slerp": True,
+    }
+    # a model path source, `model:` prefixed or not; `base` without a base model is the first
+    for source, want in [("model:/m/a", "a"), ("/m/a", "a"), ("/m/tok", "/m/tok")]:
+        recipe, problems = translate(
+            {"merge_method": "linear", "models": [{"model": "/m/a"}], "tokenizer_source": source}
+        )
+        assert problems == [] and recipe["tokenizer"] == {"source": want}
+    recipe, _ = translate(
+        {"merge_method": "linear", "models": [{"model": "/m/a"}], "tokenizer_source": "base"}
+    )
+    assert recipe["tokenizer"] == {"source": "a"}
+    recipe, _ = translate(
+        {"merge_method": "linear", "models": [{"model": "/m/a"}], "chat_template": "auto"}
+    )
+    assert recipe["tokenizer"] == {"chat_template": "auto"}
+    with pytest.warns(
+        MergeWarning, match=r"mergekit config: `embed_slerp: false` lerps the embedding rows"
+    ):
+        recipe, _ = translate(
+            {
+                "merge_method": "slerp",
+                "base_model": "/m/base",
+                "models": [{"model": "/m/a"}],
+                "parameters": {"t": 0.5, "embed_slerp": False},
+                "tokenizer_source": "union",
+            }
+        )
+    assert recipe["tokenizer"]["embed_slerp"] is False
 
 
 @pytest.mark.parametrize("method", ["slerp", "sce", "ram", "model_stock", "nearswap"])
