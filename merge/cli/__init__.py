@@ -110,11 +110,3 @@ def _register_all() -> None:
 
 
 _register_all()
-
-
-def main() -> None:
-    """Kept for console scripts installed before `merge.console` existed (pip regenerates them
-    on reinstall); the one implementation is `merge.console.main`."""
-    from merge.console import main as console_main
-
-    console_main()

@@ -324,7 +324,7 @@ def demo(workdir: Path, force: bool, quiet: bool) -> None:
     """Train a tiny base and fine-tunes on synthetic tasks, then show task arithmetic at work."""
     from merge.demo import run_demo
 
-    click.echo(run_demo(workdir, force=force, quiet=quiet))
+    click.echo(run_demo(workdir, force=force, progress=None if quiet else click.echo))
 
 
 def register(cli: click.Group) -> None:

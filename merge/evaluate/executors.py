@@ -13,10 +13,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-import torch
-
 from merge.errors import MergeError, UsageError
 from merge.evaluate.runner import Job, Point, Runner, resolve_device
+from merge.threads import pin_threads, threads_per_worker
 
 EXECUTORS = ("sequential", "pool", "ray")
 
@@ -60,7 +59,7 @@ _WORKER: Runner | None = None
 
 def _init_worker(job: Job, threads: int) -> None:
     global _WORKER
-    torch.set_num_threads(threads)
+    pin_threads(threads)
     _WORKER = Runner(job)
 
 
@@ -82,7 +81,7 @@ def _start_method(job: Job) -> str:
 def _run_pool(
     job: Job, points: Sequence[Point], n: int, progress: Progress | None
 ) -> list[dict[str, Any]]:
-    threads = max(1, (os.cpu_count() or 1) // n)
+    threads = threads_per_worker(n)
     ctx = mp.get_context(_start_method(job))
     with ProcessPoolExecutor(
         max_workers=n, mp_context=ctx, initializer=_init_worker, initargs=(job, threads)
@@ -101,7 +100,7 @@ def _run_pool(
 
 class _RayWorker:
     def __init__(self, job: Job):
-        torch.set_num_threads(1)
+        pin_threads(1)
         self.runner = Runner(job)
 
     def evaluate(self, point: Point) -> dict[str, Any]:

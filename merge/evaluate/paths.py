@@ -103,10 +103,6 @@ def interpolation_path(
         "device_map": device_map,
     }
     notes: list[str] = []
-    if repair:
-        from merge.evaluate.runner import repair_function
-
-        repair_function()  # fail before any work when REPAIR is not available
     if align:
         aligned, report = align_states(
             model,
@@ -376,14 +372,9 @@ def align_states(
     data: DataSpec | Batches | None,
     seed: int = 0,
 ) -> tuple[dict[str, Any], Any]:
-    """B permuted onto A by `merge.align.align_state_dicts` (the alignment package)."""
-    try:
-        from merge.align import align_state_dicts  # type: ignore[attr-defined]
-    except ImportError as e:
-        raise UsageError(
-            "--align needs `merge.align.align_state_dicts` (the alignment package), which this installation "
-            "does not have yet; run without --align for the naive path"
-        ) from e
+    """B permuted onto A by `merge.align.align_state_dicts`."""
+    from merge.align import align_state_dicts
+
     batches = as_batches(data, "--align-data") if data is not None else None
     return align_state_dicts(
         model, read_state(a), read_state(b), method=method, data=batches, seed=seed

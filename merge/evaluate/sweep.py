@@ -83,21 +83,10 @@ class RecipeBuilder:
         load_recipe(recipe, vars=vars_ or None)
 
     def __call__(self, values: Mapping[str, Any]) -> dict[str, Tensor]:
-        api = recipe_api()
-        recipe, vars_ = self.recipe_for(values)
-        return api(recipe, vars=vars_ or None, device=self.device)  # type: ignore[no-any-return]
-
-
-def recipe_api() -> Any:
-    try:
         from merge.api import evaluate_recipe_in_memory
-    except ImportError as e:
-        raise UsageError(
-            "recipe sweeps need `merge.api.evaluate_recipe_in_memory` (the recipe engine), which this "
-            "installation does not have; sweep task-vector scales with `merge plane` or "
-            "`merge.evaluate.scale_grid` meanwhile"
-        ) from e
-    return evaluate_recipe_in_memory
+
+        recipe, vars_ = self.recipe_for(values)
+        return evaluate_recipe_in_memory(recipe, vars=vars_ or None, device=self.device)
 
 
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -138,7 +127,6 @@ def sweep_recipe(
     """Evaluate the recipe's merge at every combination of `ranges`; `selection.best` is the best point."""
     if not ranges:
         raise UsageError("a sweep needs at least one --param name=start:stop:num")
-    recipe_api()
     grid = product(ranges)
     builder = RecipeBuilder(recipe, device="cpu")
     builder.validate(grid[0])

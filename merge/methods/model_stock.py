@@ -11,7 +11,7 @@ from torch import Tensor
 from merge.errors import MergeWarning
 from merge.methods._checks import check_compat, check_count, check_finite
 from merge.methods._registry import register
-from merge.methods._threads import one_thread
+from merge.threads import one_thread
 
 
 def model_stock_ratio(
