@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from merge import __version__
+from merge.errors import UsageError
+from merge.evaluate.plots import plot_result
+
 SCHEMA = "merge.evaluate/1"
 KINDS = (
     "path",
@@ -84,8 +88,6 @@ class Result:
         return all(e.get("ok", True) for e in self.endpoints.values())
 
     def to_json(self) -> dict[str, Any]:
-        from merge import __version__
-
         return _finite(
             {
                 "schema": SCHEMA,
@@ -135,8 +137,6 @@ class Result:
             "plots": [],
         }
         if plots:
-            from merge.evaluate.plots import plot_result
-
             files["plots"] = [str(p) for p in plot_result(self, out, stem)]
         self.files = files
         (out / f"{stem}.csv").write_text(self.csv_text())
@@ -169,8 +169,6 @@ def load_result(path: str | Path) -> dict[str, Any]:
     """A result JSON back as a dict, checked to be of this schema."""
     data = json.loads(Path(path).read_text())
     if data.get("schema") != SCHEMA:
-        from merge.errors import UsageError
-
         raise UsageError(
             f"{path}: not a merge evaluation result (schema {data.get('schema')!r}, expected {SCHEMA!r})"
         )
