@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +93,17 @@ def _write(
 
     if output_required and opts["output"] is None:
         raise UsageError(f"{command} needs -o/--output")
-    with warnings.catch_warnings():
-        if opts["quiet"]:  # -q prints errors only
-            warnings.simplefilter("ignore", MergeWarning)
+    with _warnings_shown(opts):
         run_recipe(recipe, **opts, **extra)
+
+
+@contextmanager
+def _warnings_shown(opts: dict[str, Any]) -> Iterator[None]:
+    """Our warnings, unless -q (which prints errors only)."""
+    with warnings.catch_warnings():
+        if opts["quiet"]:
+            warnings.simplefilter("ignore", MergeWarning)
+        yield
 
 
 def _parse_floats(text: str, flag: str) -> list[float]:
@@ -262,52 +270,39 @@ def ema(
     **opts: Any,
 ) -> None:
     """EMA or SWA of an ordered checkpoint sequence, streamed as one weighted sum."""
-    from merge import ema as E
+    from merge.ema import sequence_weights, write_ema
+    from merge.posthoc_ema import posthoc_targets
 
     if opts["output"] is None:
         raise UsageError("merge ema needs -o/--output")
+    say = (lambda msg: None) if opts["quiet"] else (lambda msg: click.echo(msg, err=True))
+    run = {k: v for k, v in opts.items() if k != "output"}
     if sigma_rel is not None:
-        from merge.posthoc_ema import posthoc_ema_cli
-
-        posthoc_ema_cli(
-            list(checkpoints),
-            _parse_floats(sigma_rel, "--sigma-rel"),
-            opts["output"],
-            force=opts["force"],
-            quiet=opts["quiet"],
-            dtype=opts["dtype"],
-            device=opts["device"],
-        )
+        sigmas = _parse_floats(sigma_rel, "--sigma-rel")
+        for t in posthoc_targets(checkpoints, sigmas, opts["output"]):
+            say(f"σ_rel {t.sigma_rel:.3f}: weights " + ", ".join(f"{w:.4g}" for w in t.weights))
+            with _warnings_shown(opts):
+                write_ema(t.paths, t.weights, t.output, **run)
         return
-    chosen = [x for x in (decay is not None, step_decay is not None, swa) if x]
-    if len(chosen) != 1:
-        raise UsageError("choose exactly one of --decay, --step-decay or --swa")
-    n = len(checkpoints)
-    if swa:
-        weights = E.swa_weights(n)
-    elif step_decay is not None:
-        if every:
-            steps = [i * every for i in range(n)]
-        else:
-            steps = E.steps_from_names(checkpoints)
-            if not opts["quiet"]:
-                click.echo(
-                    "steps read from the names: "
-                    + ", ".join(f"{Path(c).name or c} → {s}" for c, s in zip(checkpoints, steps)),
-                    err=True,
-                )
-        decays = E.step_decays(
-            steps, step_decay, warmup_gamma=warmup_gamma, warmup_power=warmup_power
+    chosen = sequence_weights(
+        checkpoints,
+        decay=decay,
+        step_decay=step_decay,
+        every=every,
+        swa=swa,
+        warmup_gamma=warmup_gamma,
+        warmup_power=warmup_power,
+    )
+    if chosen.steps_from_names is not None:
+        say(
+            "steps read from the names: "
+            + ", ".join(
+                f"{Path(c).name or c} → {s}" for c, s in zip(checkpoints, chosen.steps_from_names)
+            )
         )
-        weights = E.weights_from_decays(decays)
-    else:
-        assert decay is not None
-        decays = E.checkpoint_decays(n, decay, warmup_gamma=warmup_gamma, warmup_power=warmup_power)
-        weights = E.weights_from_decays(decays)
-    if not opts["quiet"]:
-        click.echo("weights: " + ", ".join(f"{w:.6g}" for w in weights), err=True)
-    recipe = E.ema_recipe(list(checkpoints), weights, buffers=buffers)
-    _write(recipe, "merge ema", opts, passthrough_from=f"ckpt{n - 1}")
+    say("weights: " + ", ".join(f"{w:.6g}" for w in chosen.weights))
+    with _warnings_shown(opts):
+        write_ema(list(checkpoints), chosen.weights, opts["output"], buffers=buffers, **run)
 
 
 @click.command()
