@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from merge.plan import Plan, build_plan, open_inputs
 from merge.recipe import Program, linear_recipe, load_recipe
 
 __all__ = [
+    "evaluate_expression_in_memory",
     "evaluate_recipe_in_memory",
     "linear_recipe",
     "merge_expression",
@@ -58,10 +60,12 @@ def plan_recipe(
 ) -> Plan:
     """Validate a recipe and plan it from the inputs' headers (no tensor is read)."""
     program = recipe if isinstance(recipe, Program) else load_recipe(recipe, vars=vars)
-    if keys is not None:
-        program.recipe.options.keys = keys  # type: ignore[assignment]
-    if mixed_architectures:
-        program.recipe.options.mixed_architectures = True
+    if keys is not None or mixed_architectures:
+        options = program.recipe.options.model_copy(
+            update={"keys": keys or program.recipe.options.keys}
+            | ({"mixed_architectures": True} if mixed_architectures else {})
+        )
+        program = replace(program, recipe=program.recipe.model_copy(update={"options": options}))
     sources = open_inputs(program, unsafe_pickle=unsafe_pickle, preopened=preopened)
     return build_plan(program, sources, dtype=dtype, passthrough_from=passthrough_from)
 
@@ -132,19 +136,28 @@ def evaluate_recipe_in_memory(
         plan.close()
 
 
-def expression_recipe(expression: str, inputs: Mapping[str, str], **output: Any) -> dict[str, Any]:
+def expression_recipe(
+    expression: str,
+    inputs: Mapping[str, str],
+    *,
+    keys: str = "strict",
+    seed: int = 0,
+    **output: Any,
+) -> dict[str, Any]:
+    """A one-step recipe computing `expression` over `inputs` (output keys left out when None)."""
     return {
         "version": 1,
         "inputs": dict(inputs),
         "steps": {"result": expression},
         "output": {k: v for k, v in output.items() if v is not None},
+        "options": {"keys": keys, "seed": seed},
     }
 
 
 def merge_expression(
     expression: str,
     inputs: Mapping[str, Any],
-    output: str | Path | None = None,
+    output: str | Path,
     *,
     dtype: str | None = None,
     shard_size: str | int = "5GB",
@@ -154,13 +167,32 @@ def merge_expression(
     device: str = "cpu",
     keys: str = "strict",
     seed: int = 0,
-) -> Path | dict[str, Tensor]:
-    """Evaluate a task-vector expression over named inputs; write to `output`, or return tensors if None."""
+) -> Path:
+    """Evaluate a task-vector expression over named inputs (paths, state dicts, modules) and
+    stream the result into `output`; returns the path written."""
     paths, opened = _split_inputs(inputs)
     recipe = expression_recipe(
-        expression, paths, dtype=dtype, shard_size=shard_size, copy_files_from=copy_files_from
+        expression,
+        paths,
+        keys=keys,
+        seed=seed,
+        dtype=dtype,
+        shard_size=shard_size,
+        copy_files_from=copy_files_from,
     )
-    recipe["options"] = {"keys": keys, "seed": seed}
-    if output is None:
-        return evaluate_recipe_in_memory(recipe, preopened=opened, device=device)
     return run_recipe(recipe, output, force=force, quiet=quiet, device=device, preopened=opened)
+
+
+def evaluate_expression_in_memory(
+    expression: str,
+    inputs: Mapping[str, Any],
+    *,
+    dtype: str | None = None,
+    device: str = "cpu",
+    keys: str = "strict",
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """`merge_expression`'s result as an in-memory tensor dict (nothing is written)."""
+    paths, opened = _split_inputs(inputs)
+    recipe = expression_recipe(expression, paths, keys=keys, seed=seed, dtype=dtype)
+    return evaluate_recipe_in_memory(recipe, preopened=opened, device=device)

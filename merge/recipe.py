@@ -11,7 +11,7 @@ import fnmatch
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,7 +75,7 @@ def parse_shard_size(value: str | int, *, typed: bool = True) -> int:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
 
 class OutputSpec(_Strict):
@@ -98,7 +98,7 @@ class OutputSpec(_Strict):
 class MethodStep(BaseModel):
     """`{method: ties, base: base, models: {...}, <method params>}`; extra keys are method params."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", frozen=True)
     method: str
     base: str | None = None
     models: list[str] | dict[str, dict[str, ParamValue] | None] = Field(default_factory=list)
@@ -107,7 +107,7 @@ class MethodStep(BaseModel):
 class Override(BaseModel):
     """Per-tensor parameter values: `glob:` or `regex:` selects tensors; extra keys are params."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", frozen=True)
     glob: str | None = None
     regex: str | None = None
     step: str | None = None
@@ -172,6 +172,7 @@ class Program:
     steps: dict[str, Affine]
     output_step: str
     base_dir: Path
+    translated_from: str | None = None  # "mergekit": the recipe was a mergekit config
 
     @property
     def output(self) -> Affine:
@@ -202,9 +203,13 @@ class Program:
 def load_recipe(
     source: str | Path | Mapping[str, Any], *, vars: Mapping[str, float] | None = None
 ) -> Program:
-    """Read, validate and compile a recipe (a YAML path or a dict); raise RecipeError listing all problems."""
+    """Read, validate and compile a recipe (a YAML path or a dict); raise RecipeError listing all problems.
+
+    A mergekit config is translated first (`Program.translated_from` says so; the CLI prints a note).
+    """
     name: str | None = None
     base_dir = Path.cwd()
+    translated_from = None
     if isinstance(source, str | Path):
         path = Path(source)
         name, base_dir = str(path), path.resolve().parent
@@ -214,12 +219,10 @@ def load_recipe(
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a mapping with `inputs:` and `steps:`", name)
     if "merge_method" in data:  # a mergekit config: translate it (implies compat: mergekit)
-        import click
-
         from merge.mergekit_import import translate
 
         data, untranslated = translate(data)
-        click.echo("note: this is a mergekit config; translated with `compat: mergekit`", err=True)
+        translated_from = "mergekit"
         if untranslated:
             raise RecipeError([("", _clip(m)) for m in untranslated], name)
     problems: list[tuple[str, str]] = []
@@ -254,7 +257,8 @@ def load_recipe(
         ]
         if not problems:
             recipe = recipe.model_copy(update={"vars": {**recipe.vars, **vars}})
-    return compile_recipe(recipe, name=name, base_dir=base_dir, problems=problems, broken=broken)
+    program = compile_recipe(recipe, name=name, base_dir=base_dir, problems=problems, broken=broken)
+    return replace(program, translated_from=translated_from) if translated_from else program
 
 
 def _read_yaml(path: Path, name: str) -> Any:

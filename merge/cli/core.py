@@ -86,15 +86,32 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _write(
-    recipe: Any, command: str, opts: dict[str, Any], *, output_required: bool = True, **extra: Any
+    recipe: Any,
+    command: str,
+    opts: dict[str, Any],
+    *,
+    output_required: bool = True,
+    vars: dict[str, float] | None = None,
+    **extra: Any,
 ) -> None:
     """Run a recipe with the shared output options (the writer reports what it wrote)."""
     from merge.api import run_recipe
+    from merge.recipe import load_recipe
 
     if output_required and opts["output"] is None:
         raise UsageError(f"{command} needs -o/--output")
     with _warnings_shown(opts):
-        run_recipe(recipe, **opts, **extra)
+        program = load_recipe(recipe, vars=vars)
+        _echo_translation(program)
+        run_recipe(program, **opts, **extra)
+
+
+def _echo_translation(program: Any) -> None:
+    if program.translated_from:
+        click.echo(
+            f"note: this is a {program.translated_from} config; translated with `compat: mergekit`",
+            err=True,
+        )
 
 
 @contextmanager
@@ -181,6 +198,7 @@ def validate(recipe: Path, vars_: tuple[str, ...], no_inputs: bool, limit: int) 
     from merge.recipe import load_recipe
 
     program = load_recipe(recipe, vars=_parse_vars(vars_) or None)
+    _echo_translation(program)
     if no_inputs:
         click.echo(f"{recipe}: ok")
         for name, form in program.steps.items():
