@@ -19,7 +19,7 @@ from merge.execute import Engine, write_plan
 from merge.io.detect import open_checkpoint
 from merge.io.sources import TensorSource
 from merge.plan import Plan, build_plan, open_inputs
-from merge.recipe import Program, linear_recipe, load_recipe
+from merge.recipe import DEFAULT_SHARD_SIZE, Program, linear_recipe, load_recipe
 
 __all__ = [
     "evaluate_expression_in_memory",
@@ -160,7 +160,7 @@ def merge_expression(
     output: str | Path,
     *,
     dtype: str | None = None,
-    shard_size: str | int = "5GB",
+    shard_size: str | int = DEFAULT_SHARD_SIZE,
     copy_files_from: str | None = None,
     force: bool = False,
     quiet: bool = True,

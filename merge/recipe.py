@@ -35,6 +35,7 @@ from merge.slices import SliceSpec
 ParamValue = float | int | bool | str | list[float]
 CURRENT_VERSION = 1
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+DEFAULT_SHARD_SIZE = "5GB"
 # A shard below this is surely a typo (`5B` for `5GB`): a 7B model would become ~14,000 files.
 MIN_SHARD_SIZE = 10**6
 MIN_SHARD_TEXT = "1MB"
@@ -82,7 +83,7 @@ class OutputSpec(_Strict):
     from_: str | None = Field(None, alias="from")
     path: str | None = None
     dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
-    shard_size: str | int = "5GB"
+    shard_size: str | int = DEFAULT_SHARD_SIZE
     copy_files_from: str | None = None
 
     @field_validator("shard_size")

@@ -225,3 +225,11 @@ def test_a_mergekit_config_is_noted_by_the_cli_not_the_library(
     code, out = invoke("validate", recipe, "--no-inputs")
     assert code == 0, out
     assert "note: this is a mergekit config; translated with `compat: mergekit`" in out
+
+
+def test_the_cli_option_tables_match_the_recipe_layer() -> None:
+    """merge.cli.options keeps copies (the CLI loads without torch); they must not drift."""
+    from merge.cli import options
+    from merge.recipe import DEFAULT_SHARD_SIZE, DTYPES
+
+    assert options.DTYPES == DTYPES and options.DEFAULT_SHARD_SIZE == DEFAULT_SHARD_SIZE

@@ -2,87 +2,55 @@
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 
+from merge.cli.options import (
+    compose,
+    device_option,
+    dtype_option,
+    force_option,
+    output_option,
+    parse_floats,
+    quiet_option,
+    shard_size_option,
+    unsafe_pickle_option,
+    var_option,
+    weights_option,
+)
 from merge.errors import MergeWarning, UsageError
 
-
-def _check_shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """`--shard-size` as typed: readable and at least 1 MB (`5B` is surely a typo for 5GB)."""
-    if value is None:
-        return None
-    from merge.recipe import parse_shard_size
-
-    try:
-        parse_shard_size(value)
-    except UsageError as e:
-        raise click.BadParameter(str(e)) from None
-    return value
-
-
-def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options every writing command shares."""
-    for deco in reversed(
-        [
-            click.option(
-                "-o",
-                "--output",
-                type=click.Path(path_type=Path),
-                help="Output: a folder (sharded) or a .safetensors file.",
-            ),
-            click.option("--force", is_flag=True, help="Replace an existing output."),
-            click.option(
-                "--dtype",
-                type=click.Choice(["float32", "float16", "bfloat16", "float64"]),
-                default=None,
-                help="Output dtype (default: the first checkpoint's, per tensor).",
-            ),
-            click.option(
-                "--shard-size",
-                default=None,
-                callback=_check_shard_size,
-                help="Largest shard of a folder output, e.g. 5GB (default) or 500MB; at least 1MB.",
-            ),
-            click.option(
-                "--device",
-                default="cpu",
-                show_default=True,
-                type=click.Choice(["cpu", "cuda", "auto"]),
-                help="Where the math runs.",
-            ),
-            click.option(
-                "--keys",
-                type=click.Choice(["strict", "intersection", "union"]),
-                default=None,
-                help="How to reconcile different key sets (default strict).",
-            ),
-            click.option(
-                "--mixed-architectures",
-                is_flag=True,
-                help="With --keys: write an output its copied config.json does not describe.",
-            ),
-            click.option(
-                "--unsafe-pickle",
-                is_flag=True,
-                help="Allow PyTorch pickles with arbitrary objects (runs their code: trusted files only).",
-            ),
-            click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
-            click.option(
-                "--no-card",
-                is_flag=True,
-                help="Write no model card (README.md) or recipe file beside the weights.",
-            ),
-        ]
-    ):
-        fn = deco(fn)
-    return fn
+# Options every writing command shares (see README: "Options shared by the writing commands").
+output_options = compose(
+    output_option("Output: a folder (sharded) or a .safetensors file."),
+    force_option(),
+    dtype_option("Output dtype (default: the first checkpoint's, per tensor)."),
+    shard_size_option,
+    device_option("cpu", "Where the math runs: cpu, cuda, cuda:N or auto."),
+    click.option(
+        "--keys",
+        type=click.Choice(["strict", "intersection", "union"]),
+        default=None,
+        help="How to reconcile different key sets (default strict).",
+    ),
+    click.option(
+        "--mixed-architectures",
+        is_flag=True,
+        help="With --keys: write an output its copied config.json does not describe.",
+    ),
+    unsafe_pickle_option(),
+    quiet_option("No progress bar."),
+    click.option(
+        "--no-card",
+        is_flag=True,
+        help="Write no model card (README.md) or recipe file beside the weights.",
+    ),
+)
 
 
 def _write(
@@ -96,10 +64,12 @@ def _write(
 ) -> None:
     """Run a recipe with the shared output options (the writer reports what it wrote)."""
     from merge.api import run_recipe
+    from merge.execute import pick_device
     from merge.recipe import load_recipe
 
     if output_required and opts["output"] is None:
         raise UsageError(f"{command} needs -o/--output")
+    pick_device(opts["device"])  # before any work: a bad --device is a clean error
     with _warnings_shown(opts):
         program = load_recipe(recipe, vars=vars)
         _echo_translation(program)
@@ -123,20 +93,6 @@ def _warnings_shown(opts: dict[str, Any]) -> Iterator[None]:
         yield
 
 
-def _parse_floats(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(
-            f"{flag} takes comma-separated numbers, like 0.5,0.3,0.2; got `{text}`"
-        ) from None
-    parts = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [x for x, v in zip(parts, values) if not math.isfinite(v)]
-    if bad:
-        raise UsageError(f"{flag} must be finite numbers; got {', '.join(bad)} in `{text}`")
-    return values
-
-
 def _parse_vars(pairs: tuple[str, ...]) -> dict[str, float]:
     out = {}
     for p in pairs:
@@ -152,7 +108,7 @@ def _parse_vars(pairs: tuple[str, ...]) -> dict[str, float]:
 
 @click.command()
 @click.argument("models", nargs=-1, required=True)
-@click.option("--weights", help="Comma-separated weights, one per model (default: equal).")
+@weights_option("Comma-separated weights, one per model (default: equal).")
 @click.option(
     "--normalize/--no-normalize",
     default=True,
@@ -166,7 +122,7 @@ def linear(models: tuple[str, ...], weights: str | None, normalize: bool, **opts
 
     if len(models) < 2:
         raise UsageError("merge linear needs at least two models")
-    w = _parse_floats(weights, "--weights") if weights else None
+    w = parse_floats(weights, "--weights") if weights else None
     if w is not None and len(w) != len(models):
         raise UsageError(
             f"--weights has {len(w)} values for {len(models)} models; give one weight per model"
@@ -176,9 +132,7 @@ def linear(models: tuple[str, ...], weights: str | None, normalize: bool, **opts
 
 @click.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option(
-    "--var", "vars_", multiple=True, help="Override a recipe var: NAME=NUMBER (repeatable)."
-)
+@var_option()
 @output_options
 def run(recipe: Path, vars_: tuple[str, ...], **opts: Any) -> None:
     """Run a YAML recipe (ours, or a mergekit config); -o overrides the recipe's output path."""
@@ -187,7 +141,7 @@ def run(recipe: Path, vars_: tuple[str, ...], **opts: Any) -> None:
 
 @click.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--var", "vars_", multiple=True, help="Override a recipe var: NAME=NUMBER.")
+@var_option("Override a recipe var: NAME=NUMBER.")
 @click.option(
     "--no-inputs", is_flag=True, help="Check the recipe alone, without opening the inputs' headers."
 )
@@ -222,8 +176,8 @@ def validate(recipe: Path, vars_: tuple[str, ...], no_inputs: bool, limit: int) 
     "--base", help="Base checkpoint: report task-vector norms (and cosines between several models)."
 )
 @click.option("--limit", default=40, show_default=True, help="Rows to print (0: all).")
-@click.option("--unsafe-pickle", is_flag=True, help="Allow PyTorch pickles with arbitrary objects.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@unsafe_pickle_option("Allow PyTorch pickles with arbitrary objects.")
+@quiet_option("No progress bar.")
 def inspect(
     paths: tuple[str, ...], base: str | None, limit: int, unsafe_pickle: bool, quiet: bool
 ) -> None:
@@ -296,7 +250,7 @@ def ema(
     say = (lambda msg: None) if opts["quiet"] else (lambda msg: click.echo(msg, err=True))
     run = {k: v for k, v in opts.items() if k != "output"}
     if sigma_rel is not None:
-        sigmas = _parse_floats(sigma_rel, "--sigma-rel")
+        sigmas = parse_floats(sigma_rel, "--sigma-rel")
         for t in posthoc_targets(checkpoints, sigmas, opts["output"]):
             say(f"σ_rel {t.sigma_rel:.3f}: weights " + ", ".join(f"{w:.4g}" for w in t.weights))
             with _warnings_shown(opts):
@@ -331,8 +285,8 @@ def ema(
     show_default=True,
     help="Where the demo leaves its checkpoints, recipe and merges.",
 )
-@click.option("--force", is_flag=True, help="Replace an existing demo folder.")
-@click.option("-q", "--quiet", is_flag=True, help="Only the final tables.")
+@force_option("Replace an existing demo folder.")
+@quiet_option("Only the final tables.")
 def demo(workdir: Path, force: bool, quiet: bool) -> None:
     """Train a tiny base and fine-tunes on synthetic tasks, then show task arithmetic at work."""
     from merge.demo import run_demo

@@ -12,19 +12,22 @@ import copy
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from merge.errors import RecipeError, UsageError, did_you_mean
 from merge.evaluate.barriers import higher_is_better
 from merge.evaluate.evaluators import Batches, DataSpec, Evaluator, declared_directions
-from merge.evaluate.executors import Progress, run_points
+from merge.evaluate.executors import RunKwargs, RunOptions
 from merge.evaluate.grids import product
 from merge.evaluate.paths import collect_curves, resolve_evaluator, scale_grid
 from merge.evaluate.results import Result
-from merge.evaluate.runner import Job, ModelSpec, Point
+from merge.evaluate.runner import ModelSpec, Point
 from merge.evaluate.weights import StateLike
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 class RecipeBuilder:
@@ -117,12 +120,7 @@ def sweep_recipe(
     evaluator: Evaluator | str | None = None,
     data: DataSpec | Batches | None = None,
     metric: str = "loss",
-    executor: str = "sequential",
-    workers: int | None = None,
-    device: str = "cpu",
-    cache: str = "auto",
-    device_map: str | dict[str, Any] | None = None,
-    progress: Progress | None = None,
+    **run: Unpack[RunKwargs],
 ) -> Result:
     """Evaluate the recipe's merge at every combination of `ranges`; `selection.best` is the best point."""
     if not ranges:
@@ -130,18 +128,11 @@ def sweep_recipe(
     grid = product(ranges)
     builder = RecipeBuilder(recipe, device="cpu")
     builder.validate(grid[0])
+    opts = RunOptions(**run)
     ev = resolve_evaluator(evaluator, data)
-    job = Job(
-        model=model,
-        states={},
-        evaluator=ev,
-        device=device,
-        cache=cache,
-        device_map=device_map,
-        builder=builder,
-    )
+    job = opts.job(model, {}, ev, builder=builder)
     points = [Point("sweep", dict(c), build=dict(c)) for c in grid]
-    results = run_points(job, points, executor=executor, workers=workers, progress=progress)
+    results = opts.run(job, points)
     axes = [n for n, _ in ranges]
     result = Result(
         kind="sweep",
@@ -151,8 +142,8 @@ def sweep_recipe(
             "ranges": {n: v for n, v in ranges},
             "metric": metric,
             "evaluator": getattr(ev, "kind", "custom"),
-            "executor": executor,
-            "device": device,
+            "executor": opts.executor,
+            "device": opts.device,
             "points": len(points),
         },
     )
