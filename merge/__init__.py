@@ -7,7 +7,8 @@ Example::
     src = merge.open_checkpoint("model/")  # lazy: headers only
     merge.merge_expression("base + 0.7 * (math - base)", {"base": "b/", "math": "m/"}, "out/")
 
-Where things live (formats, the output layout, methods, CLI verbs): docs/architecture.md.
+Map of the package (where a format is read, where the output layout is chosen, where a new
+method or CLI verb goes): docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The `merge` command line: one click group; each area registers its commands from its module."""
+"""The `merge` command line: one click group; each area registers its commands from its module.
+
+A new verb goes in its area's module (docs/architecture.md, "Where would a new CLI verb go?");
+shared options come from `merge.cli.options`.
+"""
 
 from __future__ import annotations
 

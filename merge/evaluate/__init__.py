@@ -6,7 +6,8 @@
     print(summary_table(result))
 
 Models, data and metrics are callables here and `module:function` strings on the command line;
-one model instance is reused for every point, its weights combined in place.
+one model instance is reused for every point, its weights combined in place. See
+docs/evaluate.md; the map of the whole package is docs/architecture.md.
 """
 
 from merge.evaluate.barriers import barriers, max_minus_linear, max_minus_mean, midpoint

@@ -1,1 +1,4 @@
-"""LoRA deltas: per-module formulas, name maps, and the bake/combine/extract/convert operations."""
+"""LoRA deltas: per-module formulas, name maps, and the bake/combine/extract/convert operations.
+
+Map of the package: docs/architecture.md.
+"""
