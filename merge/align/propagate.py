@@ -606,18 +606,24 @@ class Inference:
         axis = st.axis - 1 if drops_dim and d < st.axis else st.axis
         return [Feat(axis, st.segs)] * n
 
+    def view_operand(
+        self, x: Any, node: fx.Node
+    ) -> tuple[Feat | PRef, tuple[int, ...], tuple[int, ...]] | None:
+        """x's state with x's and `node`'s shapes, when there is a feature or parameter to track."""
+        st, shape, out = self.state(x), self.shape(x), self.shape(node)
+        if isinstance(st, Feat | PRef) and isinstance(shape, tuple) and isinstance(out, tuple):
+            return st, shape, out
+        return None
+
     def select(
         self, node: fx.Node, x: Any, dim: int, *, drops_dim: bool = False, by_index: bool = False
     ) -> State:
         """Part of `dim`: slice / narrow, select (`drops_dim`), index_select (`by_index`: even
         every entry may come in another order)."""
-        st, shape, out = self.state(x), self.shape(x), self.shape(node)
-        if (
-            not isinstance(st, Feat | PRef)
-            or not isinstance(shape, tuple)
-            or not isinstance(out, tuple)
-        ):
+        view = self.view_operand(x, node)
+        if view is None:
             return None
+        st, shape, out = view
         d = dim % len(shape)
         removed = drops_dim
         full = not removed and out[d] == shape[d] and not by_index
@@ -638,13 +644,10 @@ class Inference:
 
     def index(self, node: fx.Node, x: Any, idx: Any) -> State:
         """Python indexing `x[...]` with ints, slices, None and Ellipsis."""
-        st, shape, out = self.state(x), self.shape(x), self.shape(node)
-        if (
-            not isinstance(st, Feat | PRef)
-            or not isinstance(shape, tuple)
-            or not isinstance(out, tuple)
-        ):
+        view = self.view_operand(x, node)
+        if view is None:
             return None
+        st, shape, out = view
         items = list(idx) if isinstance(idx, tuple) else [idx]
         if any(isinstance(i, fx.Node) for i in items):
             return self.unknown(node, f"{self.where()} indexes with a tensor")

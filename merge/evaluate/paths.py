@@ -35,6 +35,8 @@ from merge.evaluate.weights import StateLike, describe_state, read_state
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
+    from merge.align import MatchReport
+
 BN_NOTE = (
     "the model has BatchNorm layers and neither --bn-reset nor --repair was given: interpolated "
     "running statistics are used at every point, which usually overstates barriers"
@@ -112,9 +114,7 @@ def interpolation_path(
             seed=seed,
         )
         states["b_aligned"] = aligned
-        settings["alignment"] = _jsonable(
-            report.to_dict() if hasattr(report, "to_dict") else report
-        )
+        settings["alignment"] = _jsonable(report.to_dict())
     job = opts.job(model, states, ev, bn_data=bn, bn_batches=bn_batches)
     runner = Runner(job)
     settings["cache"] = runner.space.cache
@@ -343,14 +343,14 @@ def align_states(
     method: str,
     data: DataSpec | Batches | None,
     seed: int = 0,
-) -> tuple[dict[str, Any], Any]:
+) -> tuple[dict[str, Any], MatchReport]:
     """B permuted onto A by `merge.align.align_state_dicts`."""
     from merge.align import align_state_dicts
 
     batches = as_batches(data, "--align-data") if data is not None else None
     return align_state_dicts(
         model, read_state(a), read_state(b), method=method, data=batches, seed=seed
-    )  # type: ignore[no-any-return]
+    )
 
 
 def collect_curves(
