@@ -10,8 +10,9 @@ vocab-128256 `embed_tokens` and `lm_head`, bf16, ~2.5 GB per model: a base and t
 `merge run` in a fresh process under `/usr/bin/time -v` (peak RSS as it reports it). The
 target is RSS <= 2 GiB for every method whatever the vocabulary.
 
-Do not run mergekit on this set on a shared machine: it reads whole tensors in float32 and
-peaks at ~22 GiB.
+`--mergekit` also times `mergekit-yaml` on the same merges, for the "vs mergekit" column. Run
+it only on a quiet machine with 24 GiB: mergekit reads whole tensors in float32 and peaks at
+~22 GiB.
 """
 
 from __future__ import annotations
@@ -110,6 +111,30 @@ def recipes(root: Path) -> dict[str, str]:
     return {k: f"version: 1\n{ins}steps:\n  final: {v}\n" for k, v in steps.items()}
 
 
+def mergekit_configs(root: Path) -> dict[str, str]:
+    """mergekit-yaml configs of the same merges (bf16 in and out, as mergekit users write)."""
+    base = f"base_model: {root / 'base'}\ndtype: bfloat16\n"
+
+    def models(params: str) -> str:
+        return "models:\n" + "".join(
+            f"  - model: {root / n}\n    parameters: {{{params}}}\n" for n in ("ft1", "ft2", "ft3")
+        )
+
+    return {
+        "linear (reference)": "merge_method: linear\ndtype: bfloat16\n" + models("weight: 1.0"),
+        "ties": "merge_method: ties\n" + base + models("weight: 1.0, density: 0.2"),
+        "dare_ties": "merge_method: dare_ties\n" + base + models("weight: 1.0, density: 0.5"),
+        "breadcrumbs": "merge_method: breadcrumbs\n"
+        + base
+        + models("weight: 1.0, density: 0.9, gamma: 0.01"),
+        "della": "merge_method: della\n" + base + models("weight: 1.0, density: 0.5, epsilon: 0.1"),
+        "slerp": "merge_method: slerp\n"
+        + base
+        + f"models:\n  - model: {root / 'ft1'}\nparameters: {{t: 0.5}}\n",
+        "model_stock": "merge_method: model_stock\n" + base + models("weight: 1.0"),
+    }
+
+
 def timed(cmd: list[str]) -> tuple[float, int] | None:
     """Wall seconds and peak RSS of a fresh process, as `/usr/bin/time -v` reports it."""
     return timed_external(cmd)
@@ -128,6 +153,12 @@ def main() -> None:
         default=4.0,
         help="Skip a method whose estimated peak (merge validate's) is above this many GiB.",
     )
+    ap.add_argument(
+        "--mergekit",
+        action="store_true",
+        help="Also time mergekit-yaml on the same merges (peaks at ~22 GiB: a quiet machine "
+        "with 24 GiB only).",
+    )
     args = ap.parse_args()
     root = args.data / "llama3-8b-1layer"
     for i, n in enumerate(("base", "ft1", "ft2", "ft3")):
@@ -136,6 +167,7 @@ def main() -> None:
     size = sum(f.stat().st_size for f in (root / "base").glob("*.safetensors"))
     out = root / "out"
     rows = []
+    theirs: dict[str, tuple[float, int]] = {}
     for name, text in recipes(root).items():
         if args.methods and name.split()[0] not in args.methods.split(","):
             continue
@@ -159,17 +191,33 @@ def main() -> None:
         if got is not None:
             print(f"{name}: {got[0]:.1f} s, {got[1] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
             rows.append((name, *got))
+        if args.mergekit and shutil.which("mergekit-yaml"):
+            config = root / f"mergekit-{name.split()[0]}.yaml"
+            config.write_text(mergekit_configs(root)[name])
+            shutil.rmtree(out, ignore_errors=True)
+            mk = timed(["mergekit-yaml", str(config), str(out)])
+            if mk is not None:
+                print(f"  mergekit: {mk[0]:.1f} s, {mk[1] / 2**30:.2f} GiB", file=sys.stderr)
+                theirs[name] = mk
     shutil.rmtree(out, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(root)
     print(f"\nLlama-3-8B one layer, bf16, {size / 1e9:.2f} GB per model, base + 3 fine-tunes\n")
-    print("| method | wall (s) | peak RSS (GiB) |")
-    print("|---|---:|---:|")
+    print(
+        "| method | wall (s) | peak RSS (GiB) | mergekit wall (s) | mergekit RSS (GiB) | vs mergekit |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     for name, wall, rss in rows:
+        mk_wall, mk_rss = theirs.get(name, (float("nan"), float("nan")))
+        mk_cols = (
+            f"{mk_wall:.1f} | {mk_rss / 2**30:.1f} | {wall / mk_wall:.2f}x"
+            if mk_wall == mk_wall and wall == wall
+            else "| |"
+        )
         if wall != wall:  # skipped: the estimate stands in for the measurement
-            print(f"| {name} | not run | estimated {rss / 2**30:.1f} |")
+            print(f"| {name} | not run | estimated {rss / 2**30:.1f} | {mk_cols} |")
         else:
-            print(f"| {name} | {wall:.1f} | {rss / 2**30:.2f} |")
+            print(f"| {name} | {wall:.1f} | {rss / 2**30:.2f} | {mk_cols} |")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from merge.version import __version__
 
 # The public surface, imported on first use so `import merge` stays cheap.
 _EXPORTS = {

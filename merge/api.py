@@ -15,11 +15,14 @@ from typing import Any
 
 from torch import Tensor
 
+from merge.errors import UsageError
 from merge.execute import Engine, write_plan
+from merge.inputs import open_inputs
 from merge.io.detect import open_checkpoint
 from merge.io.sources import TensorSource
-from merge.plan import Plan, build_plan, open_inputs
-from merge.recipe import DEFAULT_SHARD_SIZE, Program, linear_recipe, load_recipe
+from merge.plan import Plan, build_plan
+from merge.recipe import DEFAULT_SHARD_TEXT, Program, linear_recipe, load_recipe
+from merge.slices import build_sliced_plan
 
 __all__ = [
     "evaluate_expression_in_memory",
@@ -67,6 +70,8 @@ def plan_recipe(
         )
         program = replace(program, recipe=program.recipe.model_copy(update={"options": options}))
     sources = open_inputs(program, unsafe_pickle=unsafe_pickle, preopened=preopened)
+    if program.recipe.slices:  # layer slices: one plan per slice over renaming views
+        return build_sliced_plan(program, sources, dtype=dtype, passthrough_from=passthrough_from)
     return build_plan(program, sources, dtype=dtype, passthrough_from=passthrough_from)
 
 
@@ -102,8 +107,6 @@ def run_recipe(
     try:
         target = output or plan.program.recipe.output.path
         if target is None:
-            from merge.errors import UsageError
-
             raise UsageError("no output path: pass -o/--output or set `output.path` in the recipe")
         out = Path(target)
         if output is None and not out.is_absolute():
@@ -160,7 +163,7 @@ def merge_expression(
     output: str | Path,
     *,
     dtype: str | None = None,
-    shard_size: str | int = DEFAULT_SHARD_SIZE,
+    shard_size: str | int = DEFAULT_SHARD_TEXT,
     copy_files_from: str | None = None,
     force: bool = False,
     quiet: bool = True,

@@ -10,14 +10,14 @@ from the same inputs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
-from merge import __version__
-
-if TYPE_CHECKING:
-    from merge.plan import Plan
+from merge.methods import get_method
+from merge.plan import Plan
+from merge.recipe import all_calls
+from merge.version import __version__
 
 TOOL = "mergewright"
 RECIPE_FILE = "merge-recipe.yaml"
@@ -46,9 +46,6 @@ def recipe_yaml(plan: Plan) -> str:
 
 def _methods(plan: Plan) -> list[tuple[str, str, str | None]]:
     """(step, method, base input) of every method call the output uses, in recipe order."""
-    from merge.methods import get_method
-    from merge.recipe import all_calls
-
     out = []
     seen = set()
     for step, form in plan.program.steps.items():

@@ -14,11 +14,13 @@ from __future__ import annotations
 import gc
 import sys
 
+from merge.malloc import keep_freed_blocks
 from merge.signals import defer_signals, exit_code, raise_on_signals
 
 
 def main(args: list[str] | None = None, *, standalone_mode: bool = True) -> None:
     defer_signals()
+    keep_freed_blocks()  # before torch's imports allocate: see merge.malloc
     gc.disable()
     try:
         from merge.cli import cli

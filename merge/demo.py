@@ -205,6 +205,7 @@ def make_act_model() -> nn.Module:
 def alignment_act(workdir: Path, *, progress: Progress | None = None) -> str:
     """Train two seeds, evaluate the naive and the aligned path, write the plot; returns a short table."""
     from merge.evaluate.paths import interpolation_path
+    from merge.evaluate.report import write_result
 
     start = time.perf_counter()
     workdir = Path(workdir)
@@ -234,7 +235,7 @@ def alignment_act(workdir: Path, *, progress: Progress | None = None) -> str:
         steps=ACT_STEPS,
         align="weight",
     )
-    result.write(workdir, stem="path")
+    write_result(result, workdir, stem="path")
     return act_table(result, workdir / "path.png", time.perf_counter() - start)
 
 

@@ -1,54 +1,71 @@
-"""Output dtype: which one a merge of mixed-precision inputs writes, and no silent overflow.
+"""Dtypes by name, tensor sizes, and the output-dtype rules: mixed inputs, no silent overflow.
 
-Without `--dtype` (`output.dtype`), each output tensor takes the dtype of the first checkpoint
-that has it. When the inputs mix float dtypes (a float16 model with a bfloat16 one), the plan
-says so and which dtype it writes. float16 holds |v| ≤ 65504 where bfloat16 and float32 reach
-~3.4e38, so a float16 output is checked as it is written: a tensor with values past that range
-(they would become ±inf) is refused by name, with the fix (`--dtype bfloat16` or `float32`).
+The one table of the float dtypes a recipe, an option or a method parameter may name. Without
+`--dtype` (`output.dtype`), each output tensor takes the dtype of the first checkpoint that has
+it. When the inputs mix float dtypes (a float16 model with a bfloat16 one), the plan says so
+and which dtype it writes. float16 holds |v| ≤ 65504 where bfloat16 and float32 reach ~3.4e38,
+so a float16 output is checked as it is written: a tensor with values past that range (they
+would become ±inf) is refused by name, with the fix (`--dtype bfloat16` or `float32`).
+
+This module imports only torch: files (`merge.io`), math (`merge.methods`) and plans all use it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+import math
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from merge.errors import ExecutionError
-from merge.io.sources import TensorSource
 
-if TYPE_CHECKING:
-    from merge.plan import Plan
-
+# The float dtypes a recipe (`output.dtype`, `options.compute_dtype`), the CLI and methods name.
+DtypeName = Literal["float32", "float16", "bfloat16", "float64"]
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+FLOAT_DTYPES = frozenset(DTYPE_NAMES.values())  # what merges; anything else is copied
 FLOAT16_MAX = 65504.0  # torch.finfo(torch.float16).max
 
 
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.bfloat16` -> "bfloat16", as recipes, configs and messages write it."""
+    return str(dtype).removeprefix("torch.")
 
 
-def input_float_dtypes(
-    sources: Mapping[str, TensorSource], inputs: Sequence[str]
-) -> dict[str, list[str]]:
-    """{dtype name: inputs holding float tensors of it}, over the headers of `inputs`."""
-    by_dtype: dict[str, list[str]] = {}
-    for n in inputs:
-        src = sources[n]
-        seen = {src.meta(k).dtype for k in src.keys()}
-        for dt in sorted((d for d in seen if d.is_floating_point), key=str):
-            by_dtype.setdefault(_name(dt), []).append(n)
-    return by_dtype
+class Sized:
+    """`numel` and `nbytes` of a tensor described by its `shape` and `dtype` (a header entry,
+    a planned output tensor, a file's tensor)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
 
 
 def mixed_dtype_note(
-    sources: Mapping[str, TensorSource], checkpoints: Sequence[str], forced: torch.dtype | None
+    by_dtype: Mapping[str, Sequence[str]], first: str, forced: torch.dtype | None
 ) -> str | None:
-    """A note naming the dtype a merge of mixed float dtypes writes (None when they agree)."""
-    by_dtype = input_float_dtypes(sources, checkpoints)
+    """A note naming the dtype a merge of mixed float dtypes writes (None when they agree).
+
+    Args:
+        by_dtype: {dtype name: checkpoints holding float tensors of it}.
+        first: the first checkpoint, whose dtypes the output keeps.
+        forced: the dtype asked for (`--dtype`), which makes the note moot.
+    """
     if len(by_dtype) < 2 or forced is not None:
         return None
-    first = checkpoints[0]
     firsts = [d for d, ns in by_dtype.items() if first in ns]
     chosen = firsts[0] if len(firsts) == 1 else "the dtype each tensor has in it"
     mix = "; ".join(f"{d}: {', '.join(f'`{n}`' for n in ns)}" for d, ns in by_dtype.items())
@@ -79,26 +96,10 @@ def check_float16_range(name: str, tensor: Tensor) -> None:
         )
 
 
-def float16_checked(plan: Plan) -> set[str]:
-    """Output tensors that can overflow float16: written as float16 from anything but a
-    float16 copy (a copy of a float16 tensor keeps its values, whatever they are)."""
-    names = set()
-    for job in plan.jobs:
-        if job.out_dtype != torch.float16:
-            continue
-        if job.mode == "copy" and len(job.inputs) == 1:
-            src = plan.sources[job.inputs[0].split("@")[0]]
-            if job.name in src.key_set() and src.meta(job.name).dtype == torch.float16:
-                continue
-        names.add(job.name)
-    return names
-
-
 def guard_float16(
-    write: Callable[[str, Tensor], None], plan: Plan
+    write: Callable[[str, Tensor], None], checked: Collection[str]
 ) -> Callable[[str, Tensor], None]:
-    """`write` that first refuses the plan's float16 outputs with overflowed (infinite) values."""
-    checked = float16_checked(plan)
+    """`write` that first refuses the `checked` float16 outputs with overflowed (infinite) values."""
 
     def guarded(name: str, tensor: Tensor) -> None:
         if name in checked:

@@ -7,6 +7,8 @@ Method calls ("graph" jobs) whose registrations declare a streaming shape (eleme
 statistics then elementwise, row-wise, model-wide statistics) run their kernels' statistics
 passes first, chunk by chunk, then an apply pass (row-wise calls get chunks of whole rows);
 only calls declared whole-matrix read whole tensors, one output tensor at a time.
+`write_plan` streams into the files of the plan's output layout; `describe_plan` says what a
+run would do (`merge validate`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import sys
 import time
 from collections import deque
@@ -28,37 +29,37 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from merge import __version__
-from merge.dtypes import guard_float16
+from merge.card import write_card
+from merge.dtypes import DTYPE_NAMES, dtype_name, guard_float16
 from merge.errors import ExecutionError, MergeError, PlanError, UsageError
 from merge.expr import Affine
+from merge.io.layout import copy_support_files
 from merge.io.output import check_output
 from merge.io.sources import TensorSource
 from merge.io.sources import check_finite as warn_non_finite_read
 from merge.io.support_files import unmerged_module_weights
 from merge.io.writer import (
-    DEFAULT_SHARD_SIZE,
     FilePlan,
     OutputTensor,
     StagedOutput,
     TensorFileWriter,
     check_free_space,
-    parse_size,
-    plan_files,
     write_json,
 )
 from merge.methods import get_method
 from merge.methods._checks import check_finite
 from merge.methods._registry import MATRIX, MODEL, ROWS, STATISTICS
 from merge.methods._stream import ElementRandom, Kernel, mix_seed, rows_of
-from merge.plan import DTYPE_NAMES, Job, Plan, ResolvedCall
+from merge.model_scope import resolve_model_scope
+from merge.plan import Plan, ResolvedCall, TensorJob, format_form, output_layout
 from merge.progress import byte_progress, write_summary
+from merge.version import __version__
 
 # 8M elements per read: 16 MiB of bf16 per input, large enough for sequential reads at disk speed.
 CHUNK_ELEMENTS = 1 << 23
 # 4M elements per chunk of a method call: each chunk holds the raw inputs in three slots, their
-# float32 copies and a few float32 temporaries per call (measured: TIES of base + 3 on the 1 GB
-# set peaks at 1.09 GiB with 8M-element chunks).
+# float32 copies and a few float32 temporaries per call (measured: a trim-and-elect call on
+# base + 3 models of the 1 GB set peaks at 1.09 GiB with 8M-element chunks).
 GRAPH_CHUNK = 1 << 22
 # 1M elements per combine block: the float32 accumulator and one converted input (8 MiB) stay in
 # the last-level cache, so each input's bytes cross main memory once instead of three times
@@ -116,7 +117,7 @@ def call_shape(call: ResolvedCall) -> str:
     return get_method(call.method).shape_for(dict(call.params))
 
 
-def streams(job: Job) -> bool:
+def streams(job: TensorJob) -> bool:
     """True when every call of a graph job can run chunk by chunk (no whole-matrix call)."""
     for call in form_calls(job.form):
         spec = get_method(call.method)
@@ -126,7 +127,7 @@ def streams(job: Job) -> bool:
     return True
 
 
-def job_row(job: Job) -> int:
+def job_row(job: TensorJob) -> int:
     """The row length a graph job's chunks must respect (1 when no call is row-wise)."""
     rows = {call_shape(c) == ROWS for c in form_calls(job.form)}
     return rows_of(job.shape) if True in rows else 1
@@ -151,8 +152,39 @@ def estimate_peak_bytes(plan: Plan, chunk: int = CHUNK_ELEMENTS) -> int:
     return peak
 
 
+def describe_plan(plan: Plan, limit: int = 12) -> str:
+    """A human-readable summary: inputs, steps as affine forms, jobs by mode, bytes, memory."""
+    lines = ["inputs:"]
+    for n, s in plan.sources.items():
+        lines.append(f"  {n}: {s.path} ({s.kind}, {len(s.keys())} tensors)")
+    lines.append("steps:")
+    for name, form in plan.program.steps.items():
+        lines.append(f"  {name} = {format_form(form, name)}")
+    by_mode: dict[str, int] = {}
+    for j in plan.jobs:
+        by_mode[j.mode] = by_mode.get(j.mode, 0) + 1
+    lines.append(
+        f"output: {len(plan.jobs)} tensors ("
+        + ", ".join(f"{v} {k}" for k, v in sorted(by_mode.items()))
+        + ")"
+    )
+    for j in plan.jobs[:limit]:
+        lines.append(
+            f"  {j.name} {list(j.shape)} {dtype_name(j.dtype)} [{j.mode}] = {format_form(j.form, plan.program.output_step)}"
+        )
+    if len(plan.jobs) > limit:
+        lines.append(f"  ... {len(plan.jobs) - limit} more")
+    lines.append(
+        f"read {plan.bytes_read / 1e9:.3f} GB, write {plan.bytes_written / 1e9:.3f} GB, estimated peak memory {estimate_peak_bytes(plan) / 2**20:.0f} MiB"
+    )
+    lines += [f"warning: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
 class FnKernel(Kernel):
     """A method function applied to each chunk as it is (elementwise), or to whole rows."""
+
+    mutates_inputs = True  # a method function may work in place on its arguments
 
     def __init__(
         self, fn: Callable[..., Tensor], kwargs: dict[str, Any], rng: ElementRandom | None, row: int
@@ -171,17 +203,22 @@ class FnKernel(Kernel):
 
 
 def _weighted_total(
-    form: Affine, value_of: Callable[[object], Tensor], empty: Callable[[], Tensor]
+    form: Affine,
+    value_of: Callable[[object], Tensor],
+    empty: Callable[[], Tensor],
+    *,
+    shared_ok: bool = False,
 ) -> Tensor:
     """Σ c·value over a form's terms, for a whole tensor or one chunk. A lone unit term is
-    cloned, since its value may be a cached input that later terms must not change."""
+    cloned, since its value may be a cached input that later terms must not change, unless
+    `shared_ok` (the caller only reads it: a kernel's operand; a clone cost 10% of a TIES run)."""
     total: Tensor | None = None
     for leaf, c in form.terms:
         value = value_of(leaf)
         term = value if c == 1.0 else value * c
         total = (
             term.clone()
-            if total is None and term is value
+            if total is None and term is value and not shared_ok
             else (term if total is None else total + term)
         )
     return empty() if total is None else total
@@ -189,12 +226,19 @@ def _weighted_total(
 
 @contextmanager
 def _method_call(
-    tensor: str, call: ResolvedCall, models: Sequence[Tensor], base: Tensor | None
+    tensor: str,
+    call: ResolvedCall,
+    models: Sequence[Tensor],
+    base: Tensor | None,
+    *,
+    check: bool = True,
 ) -> Iterator[None]:
-    """Around every method call: NaN/inf inputs refused, and failures named by tensor, step and
-    method (a MergeError already says what is wrong and passes as it is)."""
+    """Around every method call: NaN/inf inputs refused (`check`: a streamed call's later passes
+    see the same values its first pass checked), and failures named by tensor, step and method
+    (a MergeError already says what is wrong and passes as it is)."""
     try:
-        check_finite(call.method, models, base, tensor_name=tensor)
+        if check:
+            check_finite(call.method, models, base, tensor_name=tensor)
         yield
     except MergeError:
         raise
@@ -208,7 +252,7 @@ def _method_call(
 class _GraphRun:
     """One streamed graph job: a kernel per call, statistics passes inner calls first."""
 
-    def __init__(self, engine: Engine, job: Job):
+    def __init__(self, engine: Engine, job: TensorJob):
         self.job = job
         self.calls = form_calls(job.form)
         self.kernels: dict[int, Kernel] = {}
@@ -223,6 +267,7 @@ class _GraphRun:
                 kernel = FnKernel(spec.fn, kwargs, rng, row)
             self.kernels[id(call)] = kernel
         self.row = job_row(job)
+        self.checked: set[int] = set()  # calls whose first pass has checked their inputs
 
     def pending(self) -> ResolvedCall | None:
         """The first call (inner first) that still wants a statistics pass."""
@@ -231,7 +276,7 @@ class _GraphRun:
 
 @dataclass
 class _Item:
-    job: Job
+    job: TensorJob
     start: int
     stop: int
     slot: int = 0
@@ -298,8 +343,8 @@ def combine_blocked(inputs: list[Tensor], coefs: list[float], out: Tensor, work:
     return finite
 
 
-def _work_dtype(job: Job) -> torch.dtype:
-    return torch.float64 if job.out_dtype == torch.float64 else torch.float32
+def _work_dtype(job: TensorJob) -> torch.dtype:
+    return torch.float64 if job.dtype == torch.float64 else torch.float32
 
 
 class Engine:
@@ -314,8 +359,6 @@ class Engine:
         chunk: int = CHUNK_ELEMENTS,
         quiet: bool = False,
     ):
-        from merge.model_scope import resolve_model_scope
-
         resolve_model_scope(plan, quiet=quiet)  # a first pass, only for `scope: model` methods
         self.plan = plan
         self.device = pick_device(device)
@@ -364,14 +407,16 @@ class Engine:
         return out
 
     # -- computing ---------------------------------------------------------------------------------
-    def _buffer(self, key: str, n: int, dtype: torch.dtype) -> Tensor:
+    def _buffer(self, key: str, n: int, dtype: torch.dtype, *, on_device: bool = False) -> Tensor:
+        """A reused buffer (fresh 4 MB tensors per chunk cost page faults: a third of the
+        system time of a TIES run)."""
         buf = self._buffers.get(key)
         need = n * dtype.itemsize
         if buf is None or buf.numel() < need:
             buf = torch.empty(
                 max(need, 8 * min(self.chunk, n)),
                 dtype=torch.uint8,
-                device=self.device if key == "acc" else "cpu",
+                device=self.device if key == "acc" or on_device else "cpu",
             )
             self._buffers[key] = buf
         return buf[:need].view(dtype)
@@ -383,9 +428,9 @@ class Engine:
             (name,) = job.inputs
             x = data[name]
             self._warn_non_finite(job, {name: x})
-            if x.dtype == job.out_dtype:
+            if x.dtype == job.dtype:
                 return x
-            out = self._buffer(f"out{item.slot}", n, job.out_dtype)
+            out = self._buffer(f"out{item.slot}", n, job.dtype)
             return out.copy_(x)
         coefs = self._coefs.get(job.name)
         if coefs is None:
@@ -393,7 +438,7 @@ class Engine:
             coefs = [float(by_input[i]) for i in job.inputs]
             self._coefs = {job.name: coefs}
         inputs = [data[i] for i in job.inputs]
-        out = self._buffer(f"out{item.slot}", n, job.out_dtype)
+        out = self._buffer(f"out{item.slot}", n, job.dtype)
         if self.device.type == "cpu":
             finite = combine_blocked(
                 inputs, coefs, out, self._buffer("acc", 2 * BLOCK_ELEMENTS, _work_dtype(job))
@@ -408,7 +453,7 @@ class Engine:
             self._warn_non_finite(job, dict(zip(job.inputs, inputs)))
         return out
 
-    def _warn_non_finite(self, job: Job, chunks: dict[str, Tensor]) -> None:
+    def _warn_non_finite(self, job: TensorJob, chunks: dict[str, Tensor]) -> None:
         """Warn once per input and tensor about NaN/Inf in the chunks read (the engine's reads
         into its buffers skip the sources' own check, so it is done here, only where needed)."""
         for input_name, x in chunks.items():
@@ -417,7 +462,7 @@ class Engine:
                 file = self.plan.sources[input_name].meta(job.name).file or input_name
                 warn_non_finite_read(x, job.name, file, seen)
 
-    def _kwargs(self, call: ResolvedCall, job: Job) -> dict[str, Any]:
+    def _kwargs(self, call: ResolvedCall, job: TensorJob) -> dict[str, Any]:
         spec = get_method(call.method)
         kwargs: dict[str, Any] = {
             k: (list(v) if isinstance(v, tuple) else v) for k, v in call.params
@@ -426,15 +471,15 @@ class Engine:
             kwargs["tensor_name"] = job.name
         return kwargs
 
-    def _random(self, call: ResolvedCall, job: Job, ordinal: int) -> ElementRandom:
+    def _random(self, call: ResolvedCall, job: TensorJob, ordinal: int) -> ElementRandom:
         """Draws keyed by (seed, tensor, call identity): the step and the call's place among
         the job's calls, so two random calls on one tensor draw independent masks."""
         key = mix_seed(self.seed, job.name, call.step, ordinal)
         return ElementRandom(key, job.numel, 0, self.device)
 
-    def _compute_graph(self, job: Job, data: dict[str, Tensor]) -> Tensor:
+    def _compute_graph(self, job: TensorJob, data: dict[str, Tensor]) -> Tensor:
         """A whole-matrix job: whole fp32 tensors, one output tensor at a time."""
-        work = torch.float64 if job.out_dtype == torch.float64 else torch.float32
+        work = torch.float64 if job.dtype == torch.float64 else torch.float32
         options = self.plan.program.recipe.options
         if options.compat == "mergekit" and options.compute_dtype:  # mergekit's arithmetic
             work = DTYPE_NAMES[options.compute_dtype]
@@ -444,35 +489,61 @@ class Engine:
             cache[k] = data.pop(k).to(device=self.device, dtype=work).reshape(job.shape)
         ordinals = {id(c): i for i, c in enumerate(form_calls(job.form))}
         result = self._eval_form(job.form, cache, job, ordinals, {})
-        return result.to(job.out_dtype).cpu()
+        return result.to(job.dtype).cpu()
 
     def _compute_streamed(self, item: _Item, data: dict[str, Tensor]) -> Tensor | None:
         """One chunk of a streamed graph job: a statistics observation, or output values."""
         job, run = item.job, item.run
         assert run is not None
         work = _work_dtype(job)
-        cache = {k: v.to(device=self.device, dtype=work).reshape(-1) for k, v in data.items()}
+        # Converted into reused buffers: kernels see them only during their call.
+        cache = {
+            k: self._buffer(f"work{i}", v.numel(), work, on_device=True).copy_(v.reshape(-1))
+            for i, (k, v) in enumerate(data.items())
+        }
         data.clear()
         memo: dict[int, Tensor] = {}
         if item.stats is not None:
             call = item.stats
             kernel = run.kernels[id(call)]
-            models = [self._eval_chunk(m, cache, item, memo) for m in call.models]
-            base = None if call.base is None else self._eval_chunk(call.base, cache, item, memo)
-            with _method_call(job.name, call, models, base):
+            models, base = self._operands(call, cache, item, memo)
+            with _method_call(job.name, call, models, base, check=id(call) not in run.checked):
                 kernel.observe(item.start, models, base)
                 if item.barrier:
                     kernel.end_pass()
+                    run.checked.add(id(call))
             return None
         result = self._eval_chunk(job.form, cache, item, memo)
         if not math.isfinite(float(result.sum())):  # method inputs were refused; other terms:
             self._warn_non_finite(job, {k: cache[k] for k in job.inputs if k in cache})
-        out = self._buffer(f"out{item.slot}", item.stop - item.start, job.out_dtype)
+        out = self._buffer(f"out{item.slot}", item.stop - item.start, job.dtype)
         return out.copy_(result)
 
+    def _operands(
+        self, call: ResolvedCall, cache: dict[str, Tensor], item: _Item, memo: dict[int, Tensor]
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """A call's model and base chunks; shared with the cache when its kernel only reads."""
+        assert item.run is not None
+        shared = not item.run.kernels[id(call)].mutates_inputs
+        models = [self._eval_chunk(m, cache, item, memo, shared_ok=shared) for m in call.models]
+        base = (
+            None
+            if call.base is None
+            else self._eval_chunk(call.base, cache, item, memo, shared_ok=shared)
+        )
+        return models, base
+
     def _eval_chunk(
-        self, form: Affine, cache: dict[str, Tensor], item: _Item, memo: dict[int, Tensor]
+        self,
+        form: Affine,
+        cache: dict[str, Tensor],
+        item: _Item,
+        memo: dict[int, Tensor],
+        *,
+        shared_ok: bool = True,
     ) -> Tensor:
+        """A form's value on one chunk (`shared_ok`: the caller only reads it; the job's result
+        is only copied into the output buffer)."""
         run = item.run
         assert run is not None
 
@@ -482,9 +553,10 @@ class Engine:
             call: ResolvedCall = leaf  # type: ignore[assignment]
             value = memo.get(id(call))  # a call shared by two terms is computed once
             if value is None:
-                models = [self._eval_chunk(m, cache, item, memo) for m in call.models]
-                base = None if call.base is None else self._eval_chunk(call.base, cache, item, memo)
-                with _method_call(item.job.name, call, models, base):
+                models, base = self._operands(call, cache, item, memo)
+                with _method_call(
+                    item.job.name, call, models, base, check=id(call) not in run.checked
+                ):
                     value = run.kernels[id(call)].apply(item.start, models, base)
                 memo[id(call)] = value
             return value
@@ -493,13 +565,14 @@ class Engine:
             form,
             value_of,
             lambda: torch.zeros(item.stop - item.start, dtype=torch.float32, device=self.device),
+            shared_ok=shared_ok,
         )
 
     def _eval_form(
         self,
         form: Affine,
         cache: dict[str, Tensor],
-        job: Job,
+        job: TensorJob,
         ordinals: dict[int, int],
         memo: dict[int, Tensor],
     ) -> Tensor:
@@ -522,7 +595,7 @@ class Engine:
         self,
         call: ResolvedCall,
         cache: dict[str, Tensor],
-        job: Job,
+        job: TensorJob,
         ordinals: dict[int, int],
         memo: dict[int, Tensor],
     ) -> Tensor:
@@ -612,16 +685,16 @@ class Engine:
                 f"while merging tensor `{job.name}`: {type(e).__name__}: {e}"
             ) from e
 
-    def _job_bytes(self, job: Job) -> int:
+    def _job_bytes(self, job: TensorJob) -> int:
         """Bytes read and written for one job's output pass (what the progress bar counts)."""
         read = sum(self.plan.sources[i].meta(job.name).dtype.itemsize for i in job.inputs)
-        return (read + job.out_dtype.itemsize) * job.numel
+        return (read + job.dtype.itemsize) * job.numel
 
     def _item_bytes(self, item: _Item) -> int:
         """Bytes read and written for one item (what the progress bar counts)."""
         n = item.stop - item.start
         read = sum(self.plan.sources[i].meta(item.job.name).dtype.itemsize for i in item.job.inputs)
-        return (read + item.job.out_dtype.itemsize) * n
+        return (read + item.job.dtype.itemsize) * n
 
     def to_memory(self) -> dict[str, Tensor]:
         """Run the plan into an in-memory dict (for sweeps and tests on small models)."""
@@ -634,6 +707,21 @@ class Engine:
 
 
 # ---- output ----------------------------------------------------------------------------------------
+
+
+def float16_checked(plan: Plan) -> set[str]:
+    """Output tensors that can overflow float16: written as float16 from anything but a
+    float16 copy (a copy of a float16 tensor keeps its values, whatever they are)."""
+    names = set()
+    for job in plan.jobs:
+        if job.dtype != torch.float16:
+            continue
+        if job.mode == "copy" and len(job.inputs) == 1:
+            src = plan.sources[job.inputs[0]]
+            if job.name in src.key_set() and src.meta(job.name).dtype == torch.float16:
+                continue
+        names.add(job.name)
+    return names
 
 
 def _input_paths(sources: dict[str, TensorSource]) -> list[tuple[str, str | Path]]:
@@ -680,34 +768,22 @@ def write_plan(
     """
     output = Path(output)
     check_output(output, _input_paths(plan.sources), force=force)
-    recipe = plan.program.recipe
-    size = parse_size(
-        shard_size if shard_size is not None else recipe.output.shard_size or DEFAULT_SHARD_SIZE
-    )
-    tensors = [OutputTensor(j.name, j.shape, j.out_dtype) for j in plan.jobs]
-    meta = output_metadata(plan)
-    single = output.suffix == ".safetensors"
-    layout = plan.sources[plan.layout_input]
-    indexes: dict[str, object] = {}
-    if single:
-        plans, _ = plan_files(tensors, single_file="", metadata=meta)
-    else:
-        plans, indexes = layout.plan_output(tensors, shard_size=size, metadata=meta)
+    layout = output_layout(plan, output, shard_size=shard_size)
+    tensors = [OutputTensor(j.name, j.shape, j.dtype) for j in plan.jobs]
+    plans, indexes = layout.file_plans(tensors, metadata=output_metadata(plan))
     engine = Engine(plan, device=device, quiet=quiet)
     inputs = _input_paths(plan.sources)
     started, copied = time.monotonic(), []
-    with StagedOutput(output, is_dir=not single, force=force, inputs=inputs) as staged:
+    with StagedOutput(output, is_dir=not layout.single_file, force=force, inputs=inputs) as staged:
         check_free_space(output, sum(p.data_bytes for p in plans))
         writer = TensorFileWriter(staged.path(), plans)
-        engine.run(guard_float16(writer.write, plan))
+        engine.run(guard_float16(writer.write, float16_checked(plan)))
         writer.finish()
-        if not single:
+        if not layout.single_file:
             for rel, obj in indexes.items():
                 write_json(staged.path(rel), obj)
-            copied = _copy_support_files(layout, staged.path(), _uniform_dtype(plans))
+            copied = copy_support_files(layout.support_files, staged.path(), _uniform_dtype(plans))
             if card:
-                from merge.card import write_card
-
                 write_card(plan, staged.path())
         path = staged.commit()
     if not quiet:
@@ -719,12 +795,12 @@ def write_plan(
             files=len(plans),
             seconds=time.monotonic() - started,
             copied=copied,
-            source=layout.path,
+            source=layout.source,
         )
         print(line, file=sys.stderr)
         for rel in unmerged_module_weights([(r, Path(r)) for r in copied]):
             print(
-                f"note: {rel} is a module's weights copied from {layout.path}, not merged",
+                f"note: {rel} is a module's weights copied from {layout.source}, not merged",
                 file=sys.stderr,
             )
     return path
@@ -733,32 +809,3 @@ def write_plan(
 def _uniform_dtype(plans: list[FilePlan]) -> torch.dtype | None:
     floats = {t.dtype for p in plans for t in p.tensors if t.dtype.is_floating_point}
     return floats.pop() if len(floats) == 1 else None
-
-
-def _copy_support_files(layout: TensorSource, dest: Path, dtype: torch.dtype | None) -> list[str]:
-    """Copy `layout`'s support files into `dest` (config.json gets the output dtype); their relpaths."""
-    files = layout.support_files()
-    for rel, src in files:
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.name == "config.json" and dtype is not None:
-            try:
-                config = json.loads(src.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                shutil.copyfile(src, target)  # new files: the umask, not the input's mode
-                continue
-            if not isinstance(config, dict) or not {"model_type", "architectures"} & set(config):
-                shutil.copyfile(src, target)  # module configs carry no dtype
-                continue
-            if "_diffusers_version" in config:  # diffusers configs carry no dtype
-                shutil.copyfile(src, target)  # new files: the umask, not the input's mode
-                continue
-            name = str(dtype).replace("torch.", "")
-            if "dtype" in config:
-                config["dtype"] = name
-            else:
-                config["torch_dtype"] = name
-            target.write_text(json.dumps(config, indent=2) + "\n")
-        else:
-            shutil.copyfile(src, target)  # new files: the umask, not the input's mode
-    return [rel for rel, _ in files]

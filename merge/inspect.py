@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
+from merge.dtypes import dtype_name
 from merge.errors import PlanError
 from merge.io.detect import open_checkpoint
-from merge.io.lora_hook import looks_like_lora
+from merge.lora.source import describe as describe_adapter
+from merge.lora.source import looks_like_lora
 from merge.progress import counted
 
 
@@ -25,9 +27,7 @@ def _fmt_bytes(n: float) -> str:
 def describe_checkpoint(path: str, *, limit: int = 40, unsafe_pickle: bool = False) -> str:
     """Format, files, tensors with dtype/shape/bytes/shard, and totals by dtype (headers only)."""
     if looks_like_lora(path):
-        from merge.io import lora
-
-        return str(lora.describe(Path(path)))  # type: ignore[attr-defined]
+        return describe_adapter(path)
     src = open_checkpoint(path, unsafe_pickle=unsafe_pickle)
     try:
         keys = src.keys()
@@ -37,7 +37,7 @@ def describe_checkpoint(path: str, *, limit: int = 40, unsafe_pickle: bool = Fal
         rows = []
         for k in keys:
             m = src.meta(k)
-            d = str(m.dtype).replace("torch.", "")
+            d = dtype_name(m.dtype)
             by_dtype[d] += m.nbytes
             params[d] += m.numel
             rows.append(

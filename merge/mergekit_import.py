@@ -30,49 +30,18 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from merge.dtypes import DTYPE_NAMES, dtype_name
 from merge.errors import MergeWarning, did_you_mean
+from merge.mergekit_schema import MERGE_METHODS as _METHODS
+from merge.mergekit_schema import refusal, top_level_keys
 
-# mergekit method -> (our method, how the base model is used)
-#   "base": base_model is our `base`;  "peer": the base joins the models;  "none": not used.
-_METHODS: dict[str, tuple[str, str]] = {
-    "linear": ("linear", "none"),
-    "task_arithmetic": ("task_arithmetic", "base"),
-    "ties": ("ties", "base"),
-    "dare_ties": ("dare_ties", "base"),
-    "dare_linear": ("dare_linear", "base"),
-    "breadcrumbs": ("breadcrumbs", "base"),
-    "breadcrumbs_ties": ("breadcrumbs_ties", "base"),
-    "della": ("della", "base"),
-    "della_linear": ("della_linear", "base"),
-    "model_stock": ("model_stock", "base"),
-    "slerp": ("slerp", "base"),
-    "nuslerp": ("nuslerp", "base"),
-    "multislerp": ("multislerp", "base"),
-    "karcher": ("karcher", "peer"),
-    "passthrough": ("passthrough", "none"),
-    "nearswap": ("nearswap", "base"),
-    "sce": ("sce", "base"),
-    "ram": ("ram", "base"),
-    "ramplus_tl": ("ramplus_tl", "base"),
-    "arcee_fusion": ("arcee_fusion", "base"),
-}
 _RENAME = {"lambda": "scale", "nuslerp_flatten": "flatten", "nuslerp_row_wise": "row_wise"}
 _DROP = {"int8_mask"}  # no effect on the values
-_DTYPES = {"bfloat16", "float16", "float32", "float64"}
-_TOP_KEYS = {
-    "merge_method",
-    "base_model",
-    "models",
-    "slices",
-    "parameters",
-    "dtype",
-    "out_dtype",
-    "tokenizer_source",
-    "tokenizer",
-    "name",
-}
+_DTYPES = frozenset(DTYPE_NAMES)
+_TOP_KEYS = top_level_keys()
 STEP = "merged"
 
 
@@ -81,24 +50,85 @@ def is_mergekit_config(d: Mapping[str, Any]) -> bool:
     return isinstance(d, Mapping) and "merge_method" in d and "steps" not in d and "inputs" not in d
 
 
+_REF_KEYS = {"model", "lora", "override_architecture"}  # a ModelReference written out
+
+
 def _model_path(ref: Any, where: str, problems: list[str]) -> str | None:
+    """A model reference (`path`, `{model: path}` or `{model: {path}}`) as a path, or None
+    with the refusal of what it carries that is not translated (LoRA, revision, ...)."""
     if isinstance(ref, Mapping):
+        for key in ref:
+            if key not in _REF_KEYS:
+                problems.append(refusal("any other key", f"{where}.{key}"))
         if ref.get("lora"):
-            problems.append(
-                f"{where}: LoRA model references (`lora:`) are not translated; merge the LoRA first or list it as a delta input"
-            )
+            problems.append(refusal("lora", f"{where}.lora"))
+            return None
+        if ref.get("override_architecture"):
+            problems.append(refusal("override_architecture", f"{where}.override_architecture"))
             return None
         inner = ref.get("model")
-        ref = inner.get("path") if isinstance(inner, Mapping) else inner
+        if isinstance(inner, Mapping):
+            for key in inner:
+                if key not in ("path", "revision"):
+                    problems.append(refusal("any other key", f"{where}.model.{key}"))
+            if inner.get("revision"):
+                problems.append(refusal("revision", f"{where}.model.revision"))
+                return None
+            inner = inner.get("path")
+        ref = inner
     if not isinstance(ref, str) or not ref:
-        problems.append(f"{where}: expected a model path, got {ref!r}")
+        problems.append(f"`{where}`: expected a model path, got {ref!r}")
         return None
     if "+" in ref:
-        problems.append(
-            f"{where}: `{ref}` applies a LoRA (`model+lora`), which is not translated; merge the LoRA first"
-        )
+        problems.append(refusal("lora", where, ref))
         return None
-    return ref.split("@", 1)[0]  # a revision cannot be honoured for a local path
+    if "@" in ref:  # mergekit splits `path@revision` wherever the `@` is
+        problems.append(refusal("revision", where, ref))
+        return None
+    return ref
+
+
+_SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}
+_SOURCE_KEYS = {"model", "layer_range", "parameters"}
+
+
+def _known_keys(entry: Any, where: str, known: set[str], problems: list[str]) -> None:
+    """Name each key of a list entry that mergekit's schema does not have there (mergekit drops
+    them silently, so `models[0].weight` would do nothing)."""
+    if isinstance(entry, Mapping):
+        for key in entry:
+            if key not in known:
+                hint = did_you_mean(str(key), known)
+                if not hint and "parameters" in known:
+                    hint = f" (a parameter? put it under `{where}.parameters`)"
+                problems.append(refusal("any other key", f"{where}.{key}") + hint)
+
+
+def _stored_dtype(paths: list[str], base_dir: Path | None) -> str | None:
+    """The one floating dtype every input stores (mergekit without `dtype` merges in what it
+    loads), or None: mixed dtypes, or an input not on disk here (the plan reports it)."""
+    from merge.errors import MergeError
+    from merge.io.detect import open_checkpoint
+
+    found: set[str] = set()
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
+            path = base_dir / path  # as `Program.input_path` resolves it
+        if not path.exists():
+            return None
+        try:
+            source = open_checkpoint(str(path))
+        except (MergeError, OSError, ValueError):
+            return None
+        try:
+            for key in source.keys():
+                meta = source.meta(key)
+                if meta.is_float:
+                    found.add(dtype_name(meta.dtype))
+        finally:
+            source.close()
+    return found.pop() if len(found) == 1 and found <= _DTYPES else None
 
 
 def _input_name(path: str, taken: set[str]) -> str:
@@ -117,6 +147,8 @@ def _input_name(path: str, taken: set[str]) -> str:
 
 def _entries(value: Any, where: str, problems: list[str]) -> list[tuple[str | None, Any]] | None:
     """A parameter setting as [(filter or None, value)], or None when it cannot be translated."""
+    if isinstance(value, Mapping):  # one {filter, value}, as mergekit also accepts
+        value = [value]
     if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
         out: list[tuple[str | None, Any]] = []
         for i, cond in enumerate(value):
@@ -139,6 +171,9 @@ def _value(v: Any, where: str, problems: list[str]) -> Any:
         and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
     ):
         return [float(x) for x in v]
+    if isinstance(v, list) and v and all(isinstance(x, bool | str) for x in v):
+        problems.append(refusal('<param>: [true, ...] / ["a", ...]', where, v))
+        return None
     problems.append(
         f"{where}: value {v!r} cannot be translated (only numbers, booleans, strings and lists of numbers)"
     )
@@ -156,12 +191,19 @@ def _resolve(levels: list[list[tuple[str | None, Any]]]) -> tuple[Any, list[tupl
     return None, filtered
 
 
-def translate(d: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """mergekit config -> (recipe dict, messages naming every key that cannot be translated)."""
+def translate(
+    d: Mapping[str, Any], *, base_dir: Path | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """mergekit config -> (recipe dict, messages naming every key that cannot be translated).
+
+    `base_dir` (the config's folder) resolves relative input paths when `dtype` is absent and
+    the inputs' own dtype is looked up."""
     problems: list[str] = []
     for key in d:
-        if key not in _TOP_KEYS:
-            problems.append(f"`{key}`: not a mergekit key this translator knows; remove it")
+        if key not in _TOP_KEYS and key != "modules":
+            problems.append(refusal("any other key", str(key)) + did_you_mean(str(key), _TOP_KEYS))
+    if "chat_template" in d:  # until the tokenizer import handles it
+        problems.append("`chat_template`: not translated yet; remove it")
     mk_method = str(d.get("merge_method", ""))
     if mk_method not in _METHODS:
         problems.append(
@@ -175,17 +217,29 @@ def translate(d: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     # parameters, slice base ref or None). `models:` is one group; `slices:` one per slice.
     groups: list[tuple[str, list[tuple[Any, Mapping[str, Any], Any]], Mapping[str, Any], Any]] = []
     if "modules" in d:
-        problems.append("`modules`: multi-module configs are not translated")
+        problems.append(refusal("modules"))
     if "slices" in d and "models" in d:
         problems.append("give `models` or `slices`, not both")
     sliced_config = "slices" in d and "models" not in d
     if "models" in d:
         ms = [m if isinstance(m, Mapping) else {"model": m} for m in d.get("models") or []]
+        for i, m in enumerate(ms):
+            _known_keys(m, f"models[{i}]", {"model", "parameters"}, problems)
         groups.append(
             ("models", [(m.get("model"), m.get("parameters") or {}, None) for m in ms], {}, None)
         )
     elif sliced_config:
         for i, sl in enumerate(d.get("slices") or []):
+            _known_keys(sl, f"slices[{i}]", _SLICE_KEYS, problems)
+            if sl.get("residual_weight") is not None:
+                warnings.warn(
+                    f"mergekit config: `slices[{i}].residual_weight` has no effect (mergekit "
+                    "0.1.5 reads it nowhere); ignored",
+                    MergeWarning,
+                    stacklevel=2,
+                )
+            for j, src in enumerate(sl.get("sources") or []):
+                _known_keys(src, f"slices[{i}].sources[{j}]", _SOURCE_KEYS, problems)
             srcs = [
                 (s.get("model"), s.get("parameters") or {}, s.get("layer_range"))
                 for s in sl.get("sources") or []
@@ -339,6 +393,10 @@ def translate(d: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
         dt = str(d["dtype"]).removeprefix("torch.")
         if dt in _DTYPES:
             recipe["options"]["compute_dtype"] = dt
+    elif not problems:  # mergekit merges in the dtype it loads: bf16 inputs, bf16 arithmetic
+        stored = _stored_dtype(list(inputs.values()), base_dir)
+        if stored is not None:
+            recipe["options"]["compute_dtype"] = stored
     dtype = d.get("out_dtype") or d.get("dtype")
     if dtype is not None:
         dt = str(dtype).removeprefix("torch.")

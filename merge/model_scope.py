@@ -20,7 +20,7 @@ from merge.expr import Affine
 from merge.methods import get_method
 from merge.methods._registry import MODEL
 from merge.methods.selection import model_magnitude_threshold
-from merge.plan import Job, Plan, ResolvedCall
+from merge.plan import Plan, ResolvedCall, TensorJob
 from merge.progress import counted
 
 
@@ -85,7 +85,7 @@ def resolve_model_scope(plan: Plan, *, quiet: bool = True) -> None:
     plan.jobs = [_with_thresholds(job, thresholds) for job in plan.jobs]
 
 
-def _with_thresholds(job: Job, thresholds: dict[tuple[str, int], float]) -> Job:
+def _with_thresholds(job: TensorJob, thresholds: dict[tuple[str, int], float]) -> TensorJob:
     def rewrite(form: Affine) -> Affine:
         terms = []
         for leaf, c in form.terms:

@@ -3,12 +3,13 @@
 Key sets are reconciled, shapes checked and dtypes decided from headers alone, and every
 mismatch is reported at once. Per-tensor parameters (overrides, layer gradients) are resolved
 here, and the weighted-sum methods are folded into affine forms so the engine can stream them
-chunk by chunk into reused buffers.
+chunk by chunk into reused buffers. The output's layout on disk (one file, a model or pipeline
+folder, shard size, support files) is chosen here too (`output_layout`), from what the layout
+input says it is; the writer follows it.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -18,21 +19,16 @@ from typing import Any
 
 import torch
 
-from merge.dtypes import mixed_dtype_note
+from merge.dtypes import DTYPE_NAMES, Sized, dtype_name, mixed_dtype_note
 from merge.errors import MergeWarning, PlanError, UsageError
 from merge.expr import Affine, Call
-from merge.io.detect import open_checkpoint
+from merge.io.layout import OutputLayout
 from merge.io.sources import TensorSource
+from merge.io.writer import DEFAULT_SHARD_SIZE, parse_size
 from merge.keysets import output_key_problems, strict_hint
 from merge.methods import get_method
 from merge.recipe import Program, all_calls, unmatched_overrides
 
-DTYPE_NAMES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
 LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
@@ -48,31 +44,23 @@ class ResolvedCall:
 
 
 @dataclass(frozen=True)
-class Job:
-    """One output tensor: what to read, how to combine it, and how to store it."""
+class TensorJob(Sized):
+    """One output tensor: what to read, how to combine it, and how to store it (`dtype`)."""
 
     name: str
     shape: tuple[int, ...]
-    out_dtype: torch.dtype
+    dtype: torch.dtype
     mode: str  # "copy" (bytes as they are), "affine" (chunked Σ c·x), "graph" (method calls)
     form: Affine  # resolved: leaves are input names or ResolvedCall objects
     inputs: tuple[str, ...]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.out_dtype.itemsize
 
 
 @dataclass
 class Plan:
     program: Program
     sources: dict[str, TensorSource]
-    jobs: list[Job]
-    layout_input: str  # whose folder layout and support files the output follows
+    jobs: list[TensorJob]
+    layout_input: str  # whose folder layout and support files the output follows (output_layout)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -88,48 +76,39 @@ class Plan:
             s.close()
 
 
-def open_inputs(
-    program: Program,
-    *,
-    unsafe_pickle: bool = False,
-    preopened: Mapping[str, TensorSource] | None = None,
-) -> dict[str, TensorSource]:
-    """Open every input the output uses: checkpoints first, then deltas (LoRAs) against the base."""
-    from merge.io import lora_hook
+def float_dtypes(
+    sources: Mapping[str, TensorSource], inputs: Sequence[str]
+) -> dict[str, list[str]]:
+    """{dtype name: inputs holding float tensors of it}, over the headers of `inputs`."""
+    by_dtype: dict[str, list[str]] = {}
+    for n in inputs:
+        src = sources[n]
+        seen = {src.meta(k).dtype for k in src.keys()}
+        for dt in sorted((d for d in seen if d.is_floating_point), key=str):
+            by_dtype.setdefault(dtype_name(dt), []).append(n)
+    return by_dtype
 
-    sources: dict[str, TensorSource] = dict(preopened or {})
-    used = program.used_inputs()
-    layout = program.recipe.output.copy_files_from
-    if layout and layout not in used:
-        used.append(layout)
-    missing: list[str] = []
-    deferred: list[str] = []
-    for name in used:
-        if name in sources:
-            continue
-        path = program.input_path(name)
-        if lora_hook.looks_like_lora(path):
-            deferred.append(name)
-            continue
-        if not Path(path).exists() and "/" not in path:
-            missing.append(f"inputs.{name}: {path} does not exist")
-            continue
-        sources[name] = open_checkpoint(path, unsafe_pickle=unsafe_pickle)
-    if missing:
-        raise UsageError("missing inputs:\n  " + "\n  ".join(missing))
-    base = sources.get("base") or next(
-        (s for s in sources.values() if s.kind == "checkpoint"), None
+
+def output_layout(
+    plan: Plan, output: str | Path, *, shard_size: int | str | None = None
+) -> OutputLayout:
+    """How the output at `output` is laid out: one file for `x.safetensors`; else the layout
+    input's shape (a pipeline folder for a pipeline, a Hugging Face folder otherwise) with its
+    support files. `shard_size` (bytes or text like 5GB) overrides the recipe's."""
+    size = parse_size(
+        shard_size
+        if shard_size is not None
+        else plan.program.recipe.output.shard_size or DEFAULT_SHARD_SIZE
     )
-    for name in deferred:
-        sources[name] = lora_hook.open_lora(program.input_path(name), base)
-    options = program.recipe.options
-    if options.compat == "mergekit" and options.compute_dtype:  # mergekit casts inputs first
-        from merge.io.views import CastView
-
-        for name in sources:
-            if sources[name].kind == "checkpoint" and name not in (preopened or {}):
-                sources[name] = CastView(sources[name], DTYPE_NAMES[options.compute_dtype])
-    return sources
+    layout = plan.sources[plan.layout_input]
+    if Path(output).suffix == ".safetensors":
+        return OutputLayout(single_file=True, shard_size=size, source=layout.path)
+    return OutputLayout(
+        shard_size=size,
+        components=layout.component_stems() or None,
+        support_files=tuple(layout.support_files()),
+        source=layout.path,
+    )
 
 
 def layer_index(name: str) -> int | None:
@@ -137,8 +116,16 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def layer_position(layer: int | None, num_layers: int) -> float:
+    """Where a tensor sits on a gradient, mergekit's way: layer i of n at i/(n − 1), the only
+    layer of a one-layer model or slice at 1 (the last anchor), non-layer tensors at 0."""
+    if layer is None:
+        return 0.0
+    return layer / (num_layers - 1) if num_layers > 1 else 1.0
+
+
 def gradient_value(anchors: Sequence[float], t: float) -> float:
-    """mergekit's rule: anchors spread evenly over [0, 1], linear between neighbours."""
+    """mergekit's rule: anchors spread evenly over [0, 1], interpolated between neighbours."""
     n = len(anchors)
     if n == 1:
         return float(anchors[0])
@@ -156,11 +143,10 @@ def build_plan(
     dtype: str | None = None,
     passthrough_from: str | None = None,
 ) -> Plan:
-    """Check headers and produce one Job per output tensor, in sequential-read order."""
-    if program.recipe.slices:  # layer slices: one plan per slice over renaming views
-        from merge.slices import build_sliced_plan
+    """Check headers and produce one TensorJob per output tensor, in sequential-read order.
 
-        return build_sliced_plan(program, sources, dtype=dtype, passthrough_from=passthrough_from)
+    A recipe with layer slices is planned by `merge.slices.build_sliced_plan`, one plan like
+    this per slice."""
     recipe = program.recipe
     out_form = program.output
     used = program.used_inputs()
@@ -215,28 +201,34 @@ def build_plan(
 
     layers = [i for i in (layer_index(n) for n in names) if i is not None]
     num_layers = max(layers) + 1 if layers else 1
-    dtype_name = dtype or recipe.output.dtype
-    out_dtype_forced = DTYPE_NAMES[dtype_name] if dtype_name else None
-    dtype_note = mixed_dtype_note(sources, checkpoints, out_dtype_forced)
+    asked = dtype or recipe.output.dtype
+    out_dtype_forced = DTYPE_NAMES[asked] if asked else None
+    dtype_note = (
+        mixed_dtype_note(float_dtypes(sources, checkpoints), checkpoints[0], out_dtype_forced)
+        if checkpoints
+        else None
+    )
     if dtype_note:
         notes.append(dtype_note)
         warnings.warn(dtype_note, MergeWarning, stacklevel=2)
     passthrough_from = passthrough_from or (
         "base" if "base" in checkpoints else (checkpoints[0] if checkpoints else None)
     )
-    # DoRA adapters are not deltas: `base + k * dora` means peft's scale k applied inside the norm.
-    nonlinear = {n for n in deltas if getattr(sources[n], "nonlinear", False)}
-    dora_base = "base" if "base" in checkpoints else (checkpoints[0] if checkpoints else "")
+    # Deltas whose effect at coefficient k is not k times their values (each says what it is)
+    # only add to the base they were opened against: `base + k * x` reads x.at_strength(k).
+    fixed = {n: what for n in deltas if (what := sources[n].not_additive)}
+    fixed_base = "base" if "base" in checkpoints else (checkpoints[0] if checkpoints else "")
+    position = {n: i for i, n in enumerate(used)}  # job inputs are read in recipe order
     for call in all_calls(out_form):
-        inside = nonlinear & set().union(
+        inside = set(fixed) & set().union(
             *(m.inputs() for m in call.models), call.base.inputs() if call.base else set()
         )
         for n in sorted(inside):
             problems.append(
-                f"`{n}` is a DoRA adapter, which is not a delta: it can only be added to the base it "
-                f"was trained on, as `{dora_base} + k * {n}`, not passed to `{call.method}` in step `{call.step}`"
+                f"`{n}` is {fixed[n]}, which is not a delta: it can only be added to the base it "
+                f"was trained on, as `{fixed_base} + k * {n}`, not passed to `{call.method}` in step `{call.step}`"
             )
-    jobs: list[Job] = []
+    jobs: list[TensorJob] = []
     resolve_errors: dict[str, list[str]] = {}
     for name in names:
         have = [n for n in used if name in keys_by[n]]
@@ -252,32 +244,28 @@ def build_plan(
         ref = metas[first_ckpt] if first_ckpt else metas[have[0]]
         if not ref.is_float:
             src = passthrough_from if passthrough_from in have else first_ckpt or have[0]
-            jobs.append(Job(name, ref.shape, ref.dtype, "copy", Affine.leaf(src), (src,)))
+            jobs.append(TensorJob(name, ref.shape, ref.dtype, "copy", Affine.leaf(src), (src,)))
             continue
         missing_ckpts = [n for n in checkpoints if n not in have]
         if missing_ckpts:
             # union mode: a tensor some checkpoints lack passes through from the first that has it.
             src = first_ckpt or have[0]
             jobs.append(
-                Job(
+                TensorJob(
                     name, ref.shape, out_dtype_forced or ref.dtype, "copy", Affine.leaf(src), (src,)
                 )
             )
             continue
-        t = (
-            (layer_index(name) or 0) / max(num_layers - 1, 1)
-            if layer_index(name) is not None
-            else 0.0
-        )
+        t = layer_position(layer_index(name), num_layers)
         try:
             form = resolve_form(out_form, name, t, program, set(have), memo={})
         except (ValueError, UsageError) as e:
             # One line per distinct problem, not one per tensor (a zero weight sum hits all).
             resolve_errors.setdefault(str(e), []).append(name)
             continue
-        if nonlinear:
-            form = _scale_nonlinear(form, name, sources, nonlinear, dora_base, problems)
-        form_inputs = tuple(sorted(form_inputs_of(form), key=lambda n: used.index(n.split("@")[0])))
+        if fixed:
+            form = _at_strength(form, name, sources, fixed, fixed_base, problems, position)
+        form_inputs = tuple(sorted(form_inputs_of(form), key=position.__getitem__))
         single = form.single_input()
         out_dt = out_dtype_forced or ref.dtype
         if single is not None:
@@ -286,7 +274,7 @@ def build_plan(
             mode_ = "affine"
         else:
             mode_ = "graph"
-        jobs.append(Job(name, ref.shape, out_dt, mode_, form, form_inputs))
+        jobs.append(TensorJob(name, ref.shape, out_dt, mode_, form, form_inputs))
     for msg, where in resolve_errors.items():
         problems.append(
             f"`{where[0]}`: {msg}"
@@ -301,7 +289,7 @@ def build_plan(
 
     # Sequential reads: follow the layout input's file and offset (so each output file, e.g. a
     # pipeline component, is written in one run), else the first input read.
-    def order(j: Job) -> tuple[str, int]:
+    def order(j: TensorJob) -> tuple[str, int]:
         if not j.inputs:
             return ("", 0)
         lead = layout if layout in j.inputs else j.inputs[0]
@@ -316,29 +304,30 @@ def build_plan(
     return Plan(program, sources, jobs, layout, notes)
 
 
-def _scale_nonlinear(
+def _at_strength(
     form: Affine,
     tensor: str,
     sources: dict[str, TensorSource],
-    nonlinear: set[str],
+    fixed: Mapping[str, str],
     base: str,
     problems: list[str],
+    position: dict[str, int],
 ) -> Affine:
-    """Rewrite `k * dora` as `1 * dora.with_scale(k)`; refuse it without its base beside it."""
+    """Rewrite `k * x` as `1 * x@k`, where source `x@k` is `x.at_strength(k)`, for each source
+    in `fixed` (what it is, by name); refuse it without its base beside it."""
     terms: list[tuple[object, float]] = []
     present = {x for x, _ in form.terms if isinstance(x, str)}
     for leaf, c in form.terms:
-        if isinstance(leaf, str) and leaf in nonlinear:
+        if isinstance(leaf, str) and leaf in fixed:
             if base not in present:
                 problems.append(
-                    f"`{tensor}`: DoRA adapter `{leaf}` must be added to `{base}`, the base it was "
+                    f"`{tensor}`: {fixed[leaf]} `{leaf}` must be added to `{base}`, the base it was "
                     f"opened against (write `{base} + {c:g} * {leaf}`)"
                 )
-            # The strength is absolute: the adapter's own scale (e.g. from `bake --scale`) times k.
-            strength = c * float(getattr(sources[leaf], "scale", 1.0))
-            key = f"{leaf}@{strength:g}"
+            key = f"{leaf}@{c:g}"
             if key not in sources:
-                sources[key] = sources[leaf].with_scale(strength)  # type: ignore[attr-defined]
+                sources[key] = sources[leaf].at_strength(c)
+                position[key] = position[leaf]
             terms.append((key, 1.0))
         else:
             terms.append((leaf, c))
@@ -477,40 +466,9 @@ def _check_coefficients(
             warnings.warn(msg, MergeWarning, stacklevel=3)
 
 
-def describe_plan(plan: Plan, limit: int = 12) -> str:
-    """A human-readable summary: inputs, steps as affine forms, jobs by mode, bytes, memory."""
-    from merge.execute import estimate_peak_bytes
-
-    lines = ["inputs:"]
-    for n, s in plan.sources.items():
-        lines.append(f"  {n}: {s.path} ({s.kind}, {len(s.keys())} tensors)")
-    lines.append("steps:")
-    for name, form in plan.program.steps.items():
-        lines.append(f"  {name} = {format_form(form, name)}")
-    by_mode: dict[str, int] = {}
-    for j in plan.jobs:
-        by_mode[j.mode] = by_mode.get(j.mode, 0) + 1
-    lines.append(
-        f"output: {len(plan.jobs)} tensors ("
-        + ", ".join(f"{v} {k}" for k, v in sorted(by_mode.items()))
-        + ")"
-    )
-    for j in plan.jobs[:limit]:
-        lines.append(
-            f"  {j.name} {list(j.shape)} {str(j.out_dtype).replace('torch.', '')} [{j.mode}] = {format_form(j.form, plan.program.output_step)}"
-        )
-    if len(plan.jobs) > limit:
-        lines.append(f"  ... {len(plan.jobs) - limit} more")
-    lines.append(
-        f"read {plan.bytes_read / 1e9:.3f} GB, write {plan.bytes_written / 1e9:.3f} GB, estimated peak memory {estimate_peak_bytes(plan) / 2**20:.0f} MiB"
-    )
-    lines += [f"warning: {n}" for n in plan.notes]
-    return "\n".join(lines)
-
-
 def format_form(form: Affine, step: str | None = None) -> str:
     """A form as text; a call made in another step than `step` is shown by that step's name
-    (so a chain of steps prints in size linear in the recipe, not the size of its tree)."""
+    (so a chain of steps prints in size proportional to the recipe, not the size of its tree)."""
     parts = []
     for leaf, c in form.terms:
         if isinstance(leaf, str):

@@ -1,4 +1,5 @@
-"""YAML recipes: validated with pydantic, then compiled into affine forms per step.
+"""YAML recipes: validated with pydantic, then compiled into affine forms per step (a recipe
+with layer `slices:` compiles to one method step per slice; `merge.slices` plans them).
 
 Every problem is collected with its key path and reported together in one RecipeError;
 misspelt names get a "did you mean" suggestion. Nothing here reads a tensor.
@@ -27,15 +28,14 @@ from pydantic import (
     field_validator,
 )
 
+from merge.dtypes import DtypeName
 from merge.errors import RecipeError, UsageError, did_you_mean
 from merge.expr import Affine, Call, ExprError, HiddenNameError, fold, names_in, parse
 from merge.methods import get_method
-from merge.slices import SliceSpec
 
 ParamValue = float | int | bool | str | list[float]
 CURRENT_VERSION = 1
-DTYPES = ("float32", "float16", "bfloat16", "float64")
-DEFAULT_SHARD_SIZE = "5GB"
+DEFAULT_SHARD_TEXT = "5GB"  # `merge.io.writer.DEFAULT_SHARD_SIZE`, as a recipe writes it
 # A shard below this is surely a typo (`5B` for `5GB`): a 7B model would become ~14,000 files.
 MIN_SHARD_SIZE = 10**6
 MIN_SHARD_TEXT = "1MB"
@@ -82,8 +82,8 @@ class _Strict(BaseModel):
 class OutputSpec(_Strict):
     from_: str | None = Field(None, alias="from")
     path: str | None = None
-    dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
-    shard_size: str | int = DEFAULT_SHARD_SIZE
+    dtype: DtypeName | None = None
+    shard_size: str | int = DEFAULT_SHARD_TEXT
     copy_files_from: str | None = None
 
     @field_validator("shard_size")
@@ -103,6 +103,36 @@ class MethodStep(BaseModel):
     method: str
     base: str | None = None
     models: list[str] | dict[str, dict[str, ParamValue] | None] = Field(default_factory=list)
+
+
+class SliceSource(BaseModel):
+    """`{input: a, layers: [start, stop], <per-model params>}`: layers start..stop-1 of `a`."""
+
+    model_config = ConfigDict(extra="allow")
+    input: str
+    layers: tuple[int, int]
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class SliceSpec(BaseModel):
+    """One output slice: aligned layer ranges of its sources, merged by `method` (extra keys are
+    the method's parameters)."""
+
+    model_config = ConfigDict(extra="allow")
+    sources: list[SliceSource] = Field(min_length=1)
+    method: str | None = None
+    base: str | None = None
+
+    @property
+    def length(self) -> int:
+        start, stop = self.sources[0].layers
+        return stop - start
+
+
+def slice_step_name(i: int) -> str:
+    return f"slice{i}"
 
 
 class Override(BaseModel):
@@ -150,7 +180,7 @@ class Options(_Strict):
     compat: Literal["paper", "mergekit"] = "paper"
     # mergekit's compute dtype (its config's `dtype`): task vectors are rounded to it before
     # trimming under `compat: mergekit`. Set by the mergekit import; float32 math otherwise.
-    compute_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+    compute_dtype: DtypeName | None = None
 
 
 class Recipe(_Strict):
@@ -159,7 +189,7 @@ class Recipe(_Strict):
     inputs: dict[str, str]
     vars: dict[str, FiniteFloat] = Field(default_factory=dict)
     steps: dict[str, str | MethodStep] = Field(default_factory=dict)
-    slices: list[SliceSpec] | None = None  # layer slices instead of steps (merge/slices.py)
+    slices: list[SliceSpec] | None = None  # layer slices instead of steps (compile_slices)
     output: OutputSpec = Field(default_factory=lambda: OutputSpec.model_validate({}))
     overrides: list[Override] = Field(default_factory=list)
     options: Options = Field(default_factory=Options)
@@ -219,10 +249,16 @@ def load_recipe(
         data = dict(source)
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a mapping with `inputs:` and `steps:`", name)
+    if "experts" in data and "base_model" in data and "merge_method" not in data:
+        raise RecipeError(
+            "this is a mergekit-moe config (`base_model:` and `experts:`); build it with "
+            "`merge moe CONFIG -o OUT`",
+            name,
+        )
     if "merge_method" in data:  # a mergekit config: translate it (implies compat: mergekit)
         from merge.mergekit_import import translate
 
-        data, untranslated = translate(data)
+        data, untranslated = translate(data, base_dir=base_dir)
         translated_from = "mergekit"
         if untranslated:
             raise RecipeError([("", _clip(m)) for m in untranslated], name)
@@ -431,8 +467,6 @@ def compile_recipe(
     problems = list(problems or [])
     broken = set(broken or ())
     if recipe.slices is not None:
-        from merge.slices import compile_slices
-
         return compile_slices(recipe, name=name, base_dir=base_dir or Path.cwd(), problems=problems)
     if recipe.version > CURRENT_VERSION:
         problems.append(
@@ -496,6 +530,109 @@ def compile_recipe(
     if problems:
         raise RecipeError(_clipped(problems), name)
     return Program(recipe, folded, output_step, base_dir or Path.cwd())
+
+
+def compile_slices(
+    recipe: Recipe,
+    *,
+    name: str | None,
+    base_dir: Path,
+    problems: list[tuple[str, str]] | None = None,
+) -> Program:
+    """A recipe with `slices:` as a Program whose steps are `slice0`, `slice1`, ... (one method
+    call each over the input names); ranges are checked against the models at planning."""
+    assert recipe.slices is not None
+    problems = list(problems or [])  # what schema validation already found
+    if recipe.steps:
+        problems.append(("steps", "give `steps:` or `slices:`, not both"))
+    if recipe.output.from_ is not None:
+        problems.append(("output.from", "a sliced recipe's output is its slices; remove `from`"))
+    if not recipe.slices:
+        problems.append(("slices", "a sliced recipe needs at least one slice"))
+    inputs = set(recipe.inputs)
+    folded: dict[str, Affine] = {}
+    for i, sl in enumerate(recipe.slices):
+        where = f"slices[{i}]"
+        lengths = set()
+        for j, src in enumerate(sl.sources):
+            start, stop = src.layers
+            if src.input not in inputs:
+                problems.append(
+                    (
+                        f"{where}.sources[{j}].input",
+                        f"no input named `{src.input}`{did_you_mean(src.input, inputs)}",
+                    )
+                )
+            if not 0 <= start < stop:
+                problems.append(
+                    (
+                        f"{where}.sources[{j}].layers",
+                        f"[{start}, {stop}] is not a layer range: give [start, stop] with "
+                        "0 <= start < stop (stop excluded, as in Python and mergekit)",
+                    )
+                )
+            lengths.add(stop - start)
+        if len(lengths) > 1:
+            problems.append(
+                (
+                    f"{where}.sources",
+                    "the sources of one slice must span the same number of layers (layer j of "
+                    f"the slice merges layer start+j of each); got {sorted(lengths)}",
+                )
+            )
+        names = [s.input for s in sl.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            problems.append(
+                (
+                    f"{where}.sources",
+                    f"input `{dup[0]}` is listed twice in one slice; a slice merges different "
+                    "models (use two slices to stack two ranges of one model)",
+                )
+            )
+            continue
+        method = sl.method or ("passthrough" if len(sl.sources) == 1 else None)
+        if method is None:
+            problems.append(
+                (f"{where}.method", "a slice with several sources needs a `method:` to merge them")
+            )
+            continue
+        if sl.base is not None and sl.base not in names:
+            problems.append(
+                (
+                    f"{where}.base",
+                    f"`{sl.base}` is not one of this slice's sources ({', '.join(names)}); "
+                    "the base contributes its own layers of the same range, so list it there",
+                )
+            )
+            continue
+        step = MethodStep.model_validate(
+            {
+                **(sl.model_extra or {}),
+                "method": method,
+                "base": sl.base,
+                "models": {s.input: s.params() for s in sl.sources if s.input != sl.base},
+            }
+        )
+        call, step_problems = _method_call(step, slice_step_name(i), inputs, folded)
+        problems += [(f"{where}.{p}" if p else where, m) for p, m in step_problems]
+        if call is not None:
+            folded[slice_step_name(i)] = Affine.leaf(call)
+    if recipe.output.copy_files_from and recipe.output.copy_files_from not in inputs:
+        problems.append(
+            ("output.copy_files_from", f"no input named `{recipe.output.copy_files_from}`")
+        )
+    # Overrides may name a slice's step (`step: slice1`): check them against the slice steps.
+    as_steps = recipe.model_copy(update={"steps": dict.fromkeys(folded, "")})
+    for i, ov in enumerate(recipe.overrides):
+        problems += [
+            (f"overrides[{i}]{'.' + p if p else ''}", m)
+            for p, m in _override_problems(ov, as_steps, folded)
+        ]
+    if problems:
+        raise RecipeError(problems, name)
+    last = slice_step_name(len(recipe.slices) - 1)
+    return Program(recipe, folded, last, base_dir)
 
 
 def _step_deps(step: str | MethodStep, parsed: object, steps: set[str]) -> set[str]:
@@ -758,7 +895,7 @@ def _override_problems(
         out += [(k, m) for m in _value_problems(v)]
     if ov.input is not None and ov.input not in recipe.inputs and ov.input not in broken:
         out.append(("input", f"no input named `{ov.input}`{did_you_mean(ov.input, recipe.inputs)}"))
-    calls = [c for a in folded.values() for c in _all_calls(a)]
+    calls = [c for a in folded.values() for c in all_calls(a)]
     if ov.step is not None:
         if ov.step in broken:
             # The step's own problems are reported; check the keys against its method if known.
@@ -842,8 +979,9 @@ def unmatched_overrides(recipe: Recipe, tensors: Sequence[str]) -> list[str]:
     return out
 
 
-def _all_calls(a: Affine) -> list[Call]:
-    """Each call reachable from `a` once (a step used twice is one call, not a subtree per use)."""
+def all_calls(a: Affine) -> list[Call]:
+    """Each method call reachable from `a`, nested calls included, once (a step used twice is
+    one call, not a subtree per use)."""
     out: dict[int, Call] = {}
     stack = [a]
     while stack:
@@ -852,11 +990,6 @@ def _all_calls(a: Affine) -> list[Call]:
                 out[id(c)] = c
                 stack += [*c.models, *([c.base] if c.base else [])]
     return list(out.values())
-
-
-def all_calls(a: Affine) -> list[Call]:
-    """Every method call reachable from an affine form (nested calls included)."""
-    return _all_calls(a)
 
 
 def linear_recipe(

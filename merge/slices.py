@@ -14,11 +14,13 @@ with its `base` (one of its sources' inputs) and parameters (per source on the s
 Embeddings come from the first slice, the final norm and lm_head from the last (mergekit's
 rule), merged by that slice's method. Layer gradients run over each slice's own layers.
 
-How it runs: every source becomes a `LayerView`, a lazy renaming view of its TensorSource that
-shows the chosen layers under the output's layer numbers. Each slice is then an ordinary
-one-step merge of views, planned by `plan.build_plan`, and the slices' jobs are concatenated,
-so the streaming loop does not know slices exist. config.json comes out with the new layer
-count and layer-indexed lists (`merge.arch`).
+The recipe side (the `slices:` schema, and each slice compiled into a method step `slice0`,
+`slice1`, ...) is `merge.recipe`'s; this module plans them. Every source becomes a
+`LayerView`, a lazy renaming view of its TensorSource that shows the chosen layers under the
+output's layer numbers. Each slice is then an ordinary one-step merge of views, planned by
+`plan.build_plan`, and the slices' jobs are concatenated, so the streaming loop does not know
+slices exist. config.json comes out with the new layer count and layer-indexed lists
+(`merge.arch`).
 """
 
 from __future__ import annotations
@@ -29,161 +31,16 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from merge.arch import Arch, detect_arch, sliced_config
-from merge.errors import PlanError, did_you_mean
+from merge.errors import PlanError
+from merge.expr import Affine, Call
 from merge.io.sources import TensorMeta, TensorSource
-
-if TYPE_CHECKING:
-    from merge.expr import Affine, Call
-    from merge.io.writer import FilePlan, OutputTensor
-    from merge.plan import Plan
-    from merge.recipe import Program, Recipe
-
-
-class SliceSource(BaseModel):
-    """`{input: a, layers: [start, stop], <per-model params>}`: layers start..stop-1 of `a`."""
-
-    model_config = ConfigDict(extra="allow")
-    input: str
-    layers: tuple[int, int]
-
-    def params(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
-
-class SliceSpec(BaseModel):
-    """One output slice: aligned layer ranges of its sources, merged by `method` (extra keys are
-    the method's parameters)."""
-
-    model_config = ConfigDict(extra="allow")
-    sources: list[SliceSource] = Field(min_length=1)
-    method: str | None = None
-    base: str | None = None
-
-    @property
-    def length(self) -> int:
-        start, stop = self.sources[0].layers
-        return stop - start
-
-
-def slice_step_name(i: int) -> str:
-    return f"slice{i}"
-
-
-# ---- compiling: a slice is a method step over its sources' inputs --------------------------------
-
-
-def compile_slices(
-    recipe: Recipe,
-    *,
-    name: str | None,
-    base_dir: Path,
-    problems: list[tuple[str, str]] | None = None,
-) -> Program:
-    """A recipe with `slices:` as a Program whose steps are `slice0`, `slice1`, ... (one method
-    call each over the input names); ranges are checked against the models at planning."""
-    from merge.errors import RecipeError
-    from merge.expr import Affine
-    from merge.recipe import MethodStep, Program, _method_call, _override_problems
-
-    assert recipe.slices is not None
-    problems = list(problems or [])  # what schema validation already found
-    if recipe.steps:
-        problems.append(("steps", "give `steps:` or `slices:`, not both"))
-    if recipe.output.from_ is not None:
-        problems.append(("output.from", "a sliced recipe's output is its slices; remove `from`"))
-    if not recipe.slices:
-        problems.append(("slices", "a sliced recipe needs at least one slice"))
-    inputs = set(recipe.inputs)
-    folded: dict[str, Affine] = {}
-    for i, sl in enumerate(recipe.slices):
-        where = f"slices[{i}]"
-        lengths = set()
-        for j, src in enumerate(sl.sources):
-            start, stop = src.layers
-            if src.input not in inputs:
-                problems.append(
-                    (
-                        f"{where}.sources[{j}].input",
-                        f"no input named `{src.input}`{did_you_mean(src.input, inputs)}",
-                    )
-                )
-            if not 0 <= start < stop:
-                problems.append(
-                    (
-                        f"{where}.sources[{j}].layers",
-                        f"[{start}, {stop}] is not a layer range: give [start, stop] with "
-                        "0 <= start < stop (stop excluded, as in Python and mergekit)",
-                    )
-                )
-            lengths.add(stop - start)
-        if len(lengths) > 1:
-            problems.append(
-                (
-                    f"{where}.sources",
-                    "the sources of one slice must span the same number of layers (layer j of "
-                    f"the slice merges layer start+j of each); got {sorted(lengths)}",
-                )
-            )
-        names = [s.input for s in sl.sources]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            problems.append(
-                (
-                    f"{where}.sources",
-                    f"input `{dup[0]}` is listed twice in one slice; a slice merges different "
-                    "models (use two slices to stack two ranges of one model)",
-                )
-            )
-            continue
-        method = sl.method or ("passthrough" if len(sl.sources) == 1 else None)
-        if method is None:
-            problems.append(
-                (f"{where}.method", "a slice with several sources needs a `method:` to merge them")
-            )
-            continue
-        if sl.base is not None and sl.base not in names:
-            problems.append(
-                (
-                    f"{where}.base",
-                    f"`{sl.base}` is not one of this slice's sources ({', '.join(names)}); "
-                    "the base contributes its own layers of the same range, so list it there",
-                )
-            )
-            continue
-        step = MethodStep.model_validate(
-            {
-                **(sl.model_extra or {}),
-                "method": method,
-                "base": sl.base,
-                "models": {s.input: s.params() for s in sl.sources if s.input != sl.base},
-            }
-        )
-        call, step_problems = _method_call(step, slice_step_name(i), inputs, folded)
-        problems += [(f"{where}.{p}" if p else where, m) for p, m in step_problems]
-        if call is not None:
-            folded[slice_step_name(i)] = Affine.leaf(call)
-    if recipe.output.copy_files_from and recipe.output.copy_files_from not in inputs:
-        problems.append(
-            ("output.copy_files_from", f"no input named `{recipe.output.copy_files_from}`")
-        )
-    # Overrides may name a slice's step (`step: slice1`): check them against the slice steps.
-    as_steps = recipe.model_copy(update={"steps": dict.fromkeys(folded, "")})
-    for i, ov in enumerate(recipe.overrides):
-        problems += [
-            (f"overrides[{i}]{'.' + p if p else ''}", m)
-            for p, m in _override_problems(ov, as_steps, folded)
-        ]
-    if problems:
-        raise RecipeError(problems, name)
-    last = slice_step_name(len(recipe.slices) - 1)
-    return Program(recipe, folded, last, base_dir)
-
+from merge.plan import Plan, build_plan
+from merge.recipe import Program, slice_step_name
 
 # ---- views ---------------------------------------------------------------------------------------
 
@@ -241,11 +98,6 @@ class SlicedLayout(LayerView):
             for rel, path in files
         ]
 
-    def plan_output(
-        self, tensors: list[OutputTensor], *, shard_size: int, metadata: dict[str, str]
-    ) -> tuple[list[FilePlan], dict[str, object]]:
-        return TensorSource.plan_output(self, tensors, shard_size=shard_size, metadata=metadata)
-
     def close(self) -> None:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
@@ -269,8 +121,6 @@ def read_config(source: TensorSource) -> dict[str, Any] | None:
 
 
 def _renamed(form: Affine, names: Mapping[str, str]) -> Affine:
-    from merge.expr import Affine
-
     terms: list[tuple[str | Call, float]] = []
     for leaf, c in form.terms:
         if isinstance(leaf, str):
@@ -298,9 +148,6 @@ def build_sliced_plan(
 ) -> Plan:
     """One sub-plan per slice over views numbered from 0 (so gradients run over the slice), its
     jobs renamed to the output's layer numbers and read through views numbered that way."""
-    from merge.plan import Plan, build_plan
-    from merge.recipe import Program
-
     recipe = program.recipe
     slices = recipe.slices or []
     used = sorted({s.input for sl in slices for s in sl.sources}, key=list(recipe.inputs).index)

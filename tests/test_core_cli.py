@@ -182,10 +182,14 @@ def test_every_example_recipe_validates_and_runs(recipe: Path, tmp_path: Path) -
     header = recipe.read_text().splitlines()[0]
     assert header.startswith("#"), "every recipe starts with a comment saying how to run it"
     inputs = data.get("inputs", {})
-    if "merge_method" in data or any(
-        str(p).endswith((".safetensors", ".pt")) or "lora" in str(p) for p in inputs.values()
+    if (
+        "merge_method" in data
+        or "slices" in data
+        or any(
+            str(p).endswith((".safetensors", ".pt")) or "lora" in str(p) for p in inputs.values()
+        )
     ):
-        return  # recipes over adapters or mergekit configs are run by their own areas' tests
+        return  # recipes over adapters, layer slices or mergekit configs: their areas' tests
     for i, name in enumerate(inputs):
         save_state_dict(tensors(i), tmp_path / f"in-{name}")
         data["inputs"][name] = str(tmp_path / f"in-{name}")
@@ -230,6 +234,10 @@ def test_a_mergekit_config_is_noted_by_the_cli_not_the_library(
 def test_the_cli_option_tables_match_the_recipe_layer() -> None:
     """merge.cli.options keeps copies (the CLI loads without torch); they must not drift."""
     from merge.cli import options
-    from merge.recipe import DEFAULT_SHARD_SIZE, DTYPES
+    from merge.dtypes import DTYPE_NAMES
+    from merge.io.writer import DEFAULT_SHARD_SIZE, parse_size
+    from merge.recipe import DEFAULT_SHARD_TEXT
 
-    assert options.DTYPES == DTYPES and options.DEFAULT_SHARD_SIZE == DEFAULT_SHARD_SIZE
+    assert tuple(DTYPE_NAMES) == options.DTYPES
+    assert options.DEFAULT_SHARD_TEXT == DEFAULT_SHARD_TEXT
+    assert parse_size(DEFAULT_SHARD_TEXT) == DEFAULT_SHARD_SIZE

@@ -313,8 +313,8 @@ def test_chained_steps_plan_in_linear_time() -> None:
     """Issue 15 item 9: each step reused twice by the next made planning 2^steps."""
     import time
 
+    from merge.execute import describe_plan
     from merge.io.sources import MemorySource
-    from merge.plan import describe_plan
 
     steps: dict[str, object] = {
         "s0": {"method": "ties", "base": "base", "models": ["a", "b"], "density": 0.5}

@@ -25,8 +25,8 @@ from test_fuzz_headers import CASE_SECONDS, classify
 
 from merge.api import plan_recipe
 from merge.errors import MergeError
+from merge.execute import describe_plan
 from merge.io import save_state_dict
-from merge.plan import describe_plan
 from merge.recipe import load_recipe
 
 SEED = 20261130

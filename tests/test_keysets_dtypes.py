@@ -146,7 +146,7 @@ def test_mixed_dtypes_say_the_output_dtype(tmp_path: Path) -> None:
     )
     assert [str(w.message) for w in caught] == [note]
     assert plan.notes == [note]
-    assert {j.out_dtype for j in plan.jobs} == {torch.float16}
+    assert {j.dtype for j in plan.jobs} == {torch.float16}
     plan.close()
     with warnings.catch_warnings():
         warnings.simplefilter("error", MergeWarning)  # a chosen dtype: nothing to say
@@ -172,7 +172,7 @@ def test_float16_copies_are_not_checked(tmp_path: Path) -> None:
     """A float16 tensor copied as it is keeps its values (even ±inf in a mask buffer); a float16
     output computed or cast from another dtype is checked."""
     from merge.api import plan_recipe
-    from merge.dtypes import float16_checked
+    from merge.execute import float16_checked
 
     a, b = _mixed(tmp_path, 3.0)
     plan = plan_recipe({"inputs": {"a": str(a), "b": str(b)}, "steps": {"m": "a"}})

@@ -2,8 +2,8 @@
 
 `build_world(folder)` writes a tiny Llama base and a fine-tune (transformers `save_pretrained`),
 a peft LoRA of the base, two MLP checkpoints with an entry-point file (`merge align`, `stats`,
-`data-merge`) and four power-EMA snapshots; `VERBS` turns a world and an output path into each
-writing command's argument list, and says which inputs the command reads.
+`data-merge`), four power-EMA snapshots and a `merge moe` config; `VERBS` turns a world and an
+output path into each writing command's argument list, and says which inputs the command reads.
 """
 
 from __future__ import annotations
@@ -83,6 +83,11 @@ def build_world(root: Path) -> dict[str, Path]:
         "steps: {r: 'base + 0.5 * (tuned - base)'}\n"
     )
     w["recipe"] = root / "recipe.yaml"
+    (root / "moe.yaml").write_text(
+        f"base_model: {w['base']}\ngate_mode: random\n"
+        f"experts: [{{source_model: {w['base']}}}, {{source_model: {w['tuned']}}}]\n"
+    )
+    w["moe"] = root / "moe.yaml"
     return w
 
 
@@ -98,6 +103,7 @@ VERBS: dict[str, Verb] = {
         ("base", "tuned"),
     ),
     "run": (lambda w, o: ["run", str(w["recipe"]), "-o", o], ("base", "tuned")),
+    "moe": (lambda w, o: ["moe", str(w["moe"]), "-o", o], ("base", "tuned")),
     "ema": (
         lambda w, o: ["ema", str(w["base"]), str(w["tuned"]), "--swa", "-o", o],
         ("base", "tuned"),

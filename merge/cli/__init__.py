@@ -105,9 +105,9 @@ def _heavy_imports_first(command: click.Command) -> None:
 
 
 def _register_all() -> None:
-    from merge.cli import align, core, evaluate, lora, methods
+    from merge.cli import align, core, evaluate, lora, methods, moe
 
-    for module in (core, methods, lora, align, evaluate):
+    for module in (core, methods, lora, align, evaluate, moe):
         module.register(cli)
     for command in cli.commands.values():
         _heavy_imports_first(command)

@@ -15,6 +15,7 @@ from merge.cli.options import (
     device_option,
     dtype_option,
     force_option,
+    no_card_option,
     output_option,
     parse_floats,
     quiet_option,
@@ -24,6 +25,7 @@ from merge.cli.options import (
     weights_option,
 )
 from merge.errors import MergeWarning, UsageError
+from merge.mergekit_schema import help_text as mergekit_help_text
 
 # Options every writing command shares (see README: "Options shared by the writing commands").
 output_options = compose(
@@ -45,11 +47,7 @@ output_options = compose(
     ),
     unsafe_pickle_option(),
     quiet_option("No progress bar."),
-    click.option(
-        "--no-card",
-        is_flag=True,
-        help="Write no model card (README.md) or recipe file beside the weights.",
-    ),
+    no_card_option(),
 )
 
 
@@ -130,7 +128,7 @@ def linear(models: tuple[str, ...], weights: str | None, normalize: bool, **opts
     _write(linear_recipe(list(models), w, normalize=normalize), "merge linear", opts)
 
 
-@click.command()
+@click.command(epilog=mergekit_help_text())  # one table with the importer: they cannot drift
 @click.argument("recipe", type=click.Path(path_type=Path))
 @var_option()
 @output_options
@@ -148,7 +146,8 @@ def run(recipe: Path, vars_: tuple[str, ...], **opts: Any) -> None:
 @click.option("--limit", default=12, show_default=True, help="How many planned tensors to list.")
 def validate(recipe: Path, vars_: tuple[str, ...], no_inputs: bool, limit: int) -> None:
     """Check a recipe and print the resolved plan (reads headers only, never tensors)."""
-    from merge.plan import describe_plan, format_form
+    from merge.execute import describe_plan
+    from merge.plan import format_form
     from merge.recipe import load_recipe
 
     program = load_recipe(recipe, vars=_parse_vars(vars_) or None)

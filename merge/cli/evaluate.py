@@ -217,9 +217,9 @@ def _progress(quiet: bool) -> Any:
 
 
 def _finish(result: Any, output: str | None, verb: str, no_plot: bool) -> None:
-    from merge.evaluate.report import summary_table
+    from merge.evaluate.report import summary_table, write_result
 
-    result.write(output or f"merge-{verb}", plots=not no_plot, stem=verb)
+    write_result(result, output or f"merge-{verb}", plots=not no_plot, stem=verb)
     click.echo(summary_table(result))
     if not result.ok:
         bad = [k for k, e in result.endpoints.items() if not e["ok"]]

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from merge.cli.options import (
-    DEFAULT_SHARD_SIZE,
+    DEFAULT_SHARD_TEXT,
     dtype_option,
     force_option,
     lora_format_option,
@@ -80,7 +80,7 @@ def bake_cmd(
         list(zip(adapters, s)),
         output,
         dtype=dtype,
-        shard_size=shard_size or DEFAULT_SHARD_SIZE,
+        shard_size=shard_size or DEFAULT_SHARD_TEXT,
         force=force,
         quiet=quiet,
         unmatched=unmatched,

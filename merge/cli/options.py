@@ -20,9 +20,9 @@ from merge.errors import UsageError
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
-# Output dtypes (`merge.recipe.DTYPES`, kept here so the CLI loads without torch).
+# Output dtypes (`merge.dtypes.DTYPE_NAMES`, kept here so the CLI loads without torch).
 DTYPES = ("float32", "float16", "bfloat16", "float64")
-DEFAULT_SHARD_SIZE = "5GB"  # `merge.recipe.DEFAULT_SHARD_SIZE`
+DEFAULT_SHARD_TEXT = "5GB"  # `merge.recipe.DEFAULT_SHARD_TEXT`
 
 
 def compose(*decorators: Decorator) -> Decorator:
@@ -61,8 +61,9 @@ def quiet_option(help: str) -> Decorator:
     return click.option("-q", "--quiet", is_flag=True, help=help)
 
 
-def dtype_option(help: str) -> Decorator:
-    return click.option("--dtype", type=click.Choice(DTYPES), default=None, help=help)
+def dtype_option(help: str, *, choices: tuple[str, ...] = DTYPES) -> Decorator:
+    """`--dtype`: an output dtype name; `choices` narrows them where a builder supports fewer."""
+    return click.option("--dtype", type=click.Choice(choices), default=None, help=help)
 
 
 def _check_shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -83,8 +84,14 @@ shard_size_option = click.option(
     "--shard-size",
     default=None,
     callback=_check_shard_size,
-    help=f"Largest shard of a folder output, e.g. {DEFAULT_SHARD_SIZE} (default) or 500MB; at least 1MB.",
+    help=f"Largest shard of a folder output, e.g. {DEFAULT_SHARD_TEXT} (default) or 500MB; at least 1MB.",
 )
+
+
+def no_card_option(
+    help: str = "Write no model card (README.md) or recipe file beside the weights.",
+) -> Decorator:
+    return click.option("--no-card", is_flag=True, help=help)
 
 
 def device_option(default: str, help: str) -> Decorator:

@@ -2,7 +2,7 @@
 
     from merge.evaluate import interpolation_path
     result = interpolation_path(make_model, "a/", "b/", data=test_batches, steps=25)
-    result.write("report/")          # path.json, path.csv, path.png, path.svg
+    write_result(result, "report/")  # path.json, path.csv, path.png, path.svg
     print(summary_table(result))
 
 Models, data and metrics are callables here and `module:function` strings on the command line;
@@ -19,6 +19,7 @@ from merge.evaluate.evaluators import (
 )
 from merge.evaluate.grids import alpha_grid, linspace, parse_range
 from merge.evaluate.paths import interpolation_path, plane, scale_grid, task_vector_path
+from merge.evaluate.report import summary_table, write_result
 from merge.evaluate.results import SCHEMA, Curve, Result, load_result
 from merge.evaluate.weights import StateSpace
 
@@ -42,5 +43,7 @@ __all__ = [
     "parse_range",
     "plane",
     "scale_grid",
+    "summary_table",
     "task_vector_path",
+    "write_result",
 ]

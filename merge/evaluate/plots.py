@@ -10,12 +10,10 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from merge.evaluate.barriers import NOT_METRICS
-
-if TYPE_CHECKING:  # results.py writes the plots: only the names are needed here
-    from merge.evaluate.results import Curve, Result
+from merge.evaluate.results import Curve, Result
 
 PREFERRED = ("loss", "accuracy", "perplexity")
 MAX_PANELS = 4

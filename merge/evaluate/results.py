@@ -4,6 +4,7 @@ A result is a list of curves; a curve is a list of points; a point has `coords` 
 `metrics` (what the evaluator returned) and `seconds`. Paths add barriers per curve, and every
 kind may add `endpoints` (the reproduction check), `selection` (the chosen coefficient) and
 `notes`. The CSV has one row per point: `curve`, the coordinates, then the metrics.
+`merge.evaluate.report.write_result` writes both files and the plots.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merge import __version__
 from merge.errors import UsageError
-from merge.evaluate.plots import plot_result
+from merge.version import __version__
 
 SCHEMA = "merge.evaluate/1"
 KINDS = (
@@ -123,27 +123,6 @@ class Result:
                     ]
                 )
         return buf.getvalue()
-
-    def write(
-        self, outdir: str | Path, *, plots: bool = True, stem: str | None = None
-    ) -> dict[str, Any]:
-        """Write `<stem>.json`, `<stem>.csv` and the plots (PNG and SVG) into `outdir`; returns the paths."""
-        out = Path(outdir)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = stem or self.kind
-        files: dict[str, Any] = {
-            "json": str(out / f"{stem}.json"),
-            "csv": str(out / f"{stem}.csv"),
-            "plots": [],
-        }
-        if plots:
-            files["plots"] = [str(p) for p in plot_result(self, out, stem)]
-        self.files = files
-        (out / f"{stem}.csv").write_text(self.csv_text())
-        (out / f"{stem}.json").write_text(
-            json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
-        )
-        return files
 
 
 def _cell(x: Any) -> Any:

@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from merge.dtypes import dtype_name
 from merge.errors import FormatError, UsageError
-from merge.io.safetensors import SafetensorsSource
+from merge.io.diffusers import open_pipeline
+from merge.io.safetensors import SafetensorsSource, files_from_index
 from merge.io.sources import MemorySource, TensorSource
 from merge.io.torchfile import TorchFileSource
 
@@ -67,8 +69,6 @@ def _open_path(path: Path, unsafe_pickle: bool) -> TensorSource:
             "merge reads checkpoint files and folders of them"
         )
     if (path / "model_index.json").is_file():
-        from merge.io.diffusers import open_pipeline
-
         return open_pipeline(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -124,44 +124,6 @@ def _magic(path: Path) -> bytes:
         return b""
 
 
-def files_from_index(index: Path) -> list[Path]:
-    """The shard files a `*.index.json` names, each a regular file inside the index's folder."""
-    try:
-        data = json.loads(index.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise FormatError(f"{index}: not a valid shard index ({str(e)[:200]})") from None
-    except OSError as e:
-        raise FormatError(f"{index}: cannot read ({e.strerror})") from e
-    if not isinstance(data, dict) or "weight_map" not in data:
-        raise FormatError(f"{index}: not a valid shard index (no `weight_map`)")
-    weight_map = data["weight_map"]
-    if not isinstance(weight_map, dict):
-        raise FormatError(f"{index}: `weight_map` must map tensor names to file names")
-    files: dict[str, None] = {}
-    for name, f in weight_map.items():
-        where = f"{index}: `weight_map`.{ascii(name)[1:-1][:200]}"
-        if not isinstance(f, str) or not f or "\0" in f:
-            raise FormatError(f"{where} must be a file name, not {json.dumps(f)[:80]}")
-        try:
-            f.encode("utf-8")
-        except UnicodeEncodeError:
-            raise FormatError(f"{where} must be a file name, not {ascii(f)[:80]}") from None
-        # Shards sit in the index's folder: an index must not reach other files on the machine.
-        # (Checked on the name, not the resolved path: hub caches link shards to blobs elsewhere.)
-        rel = Path(f)
-        if rel.is_absolute() or ".." in rel.parts:
-            raise FormatError(
-                f"{where} points outside the model folder ({f}); shard files must sit beside the index"
-            )
-        files[f] = None
-    missing = [f for f in files if not (index.parent / f).is_file()]
-    if missing:
-        raise FormatError(
-            f"{index}: shard files listed in the index are missing: {', '.join(missing)}"
-        )
-    return [index.parent / f for f in files]
-
-
 def check_not_quantized(source: TensorSource, path: Path) -> None:
     """Refuse quantized checkpoints by config, dtype or key names, naming the format found."""
     root = source.root()
@@ -181,7 +143,7 @@ def check_not_quantized(source: TensorSource, path: Path) -> None:
         m = source.meta(k)
         if m.dtype in float8:
             raise FormatError(
-                f"{path}: tensor `{k}` is {str(m.dtype).replace('torch.', '')}: an fp8-quantized checkpoint; merge needs bf16/fp16/fp32 weights"
+                f"{path}: tensor `{k}` is {dtype_name(m.dtype)}: an fp8-quantized checkpoint; merge needs bf16/fp16/fp32 weights"
             )
     # One pass of one combined pattern: headers can list hundreds of thousands of names.
     for k in source.keys():

@@ -15,14 +15,13 @@ import math
 import os
 import stat
 import struct
-import threading
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from merge.errors import FormatError
-from merge.io.sources import TensorMeta, TensorSource, check_finite
+from merge.io.sources import FileSource, TensorMeta, check_finite
 
 # safetensors dtype codes -> torch dtypes (quantized formats are refused by detect.py).
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -266,19 +265,13 @@ def _short(x: object) -> str:
     return text if len(text) <= 80 else text[:80] + "..."
 
 
-class SafetensorsSource(TensorSource):
+class SafetensorsSource(FileSource):
     """One or more safetensors files presented as one lazy tensor dict."""
 
     def __init__(self, files: list[Path], display: str | None = None, root: Path | None = None):
-        self._files = [Path(f) for f in files]
-        self.path = display or str(self._files[0])
-        self._root = root
-        self._meta: dict[str, TensorMeta] = {}
-        self._file_of: dict[str, int] = {}
+        super().__init__(files, display, root)
         self.metadata: dict[str, str] = {}
         self._fds: dict[int, int] = {}
-        self._warned: set[str] = set()
-        self._lock = threading.Lock()
         # Headers hold up to hundreds of thousands of small objects, all kept: pausing the
         # cyclic GC spares the repeated full collections their allocation would trigger
         # (in a large process each one walks every live object).
@@ -309,15 +302,6 @@ class SafetensorsSource(TensorSource):
                     data_start + e["data_offsets"][0],
                 )
                 self._file_of[name] = i
-
-    def keys(self) -> list[str]:
-        return list(self._meta)
-
-    def meta(self, name: str) -> TensorMeta:
-        try:
-            return self._meta[name]
-        except KeyError:
-            raise FormatError(f"{self.path}: no tensor named `{name}`") from None
 
     def _fd(self, i: int) -> int:
         with self._lock:
@@ -350,12 +334,6 @@ class SafetensorsSource(TensorSource):
             check_finite(out, name, m.file, self._warned)
         return out
 
-    def files(self) -> list[Path]:
-        return list(self._files)
-
-    def root(self) -> Path | None:
-        return self._root
-
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
@@ -367,3 +345,41 @@ class SafetensorsSource(TensorSource):
             self.close()
         except Exception:
             pass
+
+
+def files_from_index(index: Path) -> list[Path]:
+    """The shard files a `*.index.json` names, each a regular file inside the index's folder."""
+    try:
+        data = json.loads(index.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FormatError(f"{index}: not a valid shard index ({str(e)[:200]})") from None
+    except OSError as e:
+        raise FormatError(f"{index}: cannot read ({e.strerror})") from e
+    if not isinstance(data, dict) or "weight_map" not in data:
+        raise FormatError(f"{index}: not a valid shard index (no `weight_map`)")
+    weight_map = data["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise FormatError(f"{index}: `weight_map` must map tensor names to file names")
+    files: dict[str, None] = {}
+    for name, f in weight_map.items():
+        where = f"{index}: `weight_map`.{ascii(name)[1:-1][:200]}"
+        if not isinstance(f, str) or not f or "\0" in f:
+            raise FormatError(f"{where} must be a file name, not {json.dumps(f)[:80]}")
+        try:
+            f.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FormatError(f"{where} must be a file name, not {ascii(f)[:80]}") from None
+        # Shards sit in the index's folder: an index must not reach other files on the machine.
+        # (Checked on the name, not the resolved path: hub caches link shards to blobs elsewhere.)
+        rel = Path(f)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise FormatError(
+                f"{where} points outside the model folder ({f}); shard files must sit beside the index"
+            )
+        files[f] = None
+    missing = [f for f in files if not (index.parent / f).is_file()]
+    if missing:
+        raise FormatError(
+            f"{index}: shard files listed in the index are missing: {', '.join(missing)}"
+        )
+    return [index.parent / f for f in files]

@@ -4,40 +4,28 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from merge.errors import MergeWarning
+from merge.dtypes import FLOAT_DTYPES, Sized
+from merge.errors import FormatError, MergeWarning
 from merge.io.support_files import select_support_files
-
-if TYPE_CHECKING:
-    from merge.io.writer import FilePlan, OutputTensor
-
-FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
-class TensorMeta:
+class TensorMeta(Sized):
     """What a header says about one tensor: enough to plan without reading data."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: str = ""  # the file holding it ("" for in-memory sources)
     offset: int = 0  # byte offset of its data in `file`, for sequential read order
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
 
     @property
     def is_float(self) -> bool:
@@ -68,10 +56,16 @@ class TensorSource:
 
     `kind` is "checkpoint" (full weights) or "delta" (a difference, e.g. a LoRA); the planner
     tracks checkpoint coefficients and treats deltas as already-differenced.
+
+    `not_additive` is None for every source whose effect at coefficient k is k times its values.
+    A delta that renormalises the weight it is added to (a DoRA adapter) says there what it is,
+    for messages ("a DoRA adapter"); it adds only to the base it was opened against, as
+    `at_strength(k)` with coefficient 1, and the planner refuses any other use.
     """
 
     kind: str = "checkpoint"
     path: str = "<memory>"
+    not_additive: str | None = None
 
     def keys(self) -> list[str]:
         raise NotImplementedError
@@ -92,6 +86,10 @@ class TensorSource:
     def read(self, name: str) -> Tensor:
         m = self.meta(name)
         return self.read_range(name, 0, m.numel).view(m.shape)
+
+    def at_strength(self, k: float) -> TensorSource:
+        """A `not_additive` source's effect at coefficient k, as a source added with coefficient 1."""
+        raise NotImplementedError(f"{self.path}: an additive source is scaled by its coefficient")
 
     def key_set(self) -> frozenset[str]:
         """The tensor names as a set (computed once: sources do not change)."""
@@ -129,18 +127,10 @@ class TensorSource:
             return []
         return select_support_files(root, {f.name for f in self.files()})
 
-    def plan_output(
-        self, tensors: list[OutputTensor], *, shard_size: int, metadata: dict[str, str]
-    ) -> tuple[list[FilePlan], dict[str, object]]:
-        """How an output shaped like this input is laid out in a folder: (file plans, {relpath: index JSON}).
-
-        The default is a Hugging Face folder (`model-0000k-of-0000n.safetensors` + index);
-        diffusers pipelines override it to write one folder per component.
-        """
-        from merge.io.writer import plan_files
-
-        plans, index = plan_files(tensors, shard_size=shard_size, metadata=metadata)
-        return plans, ({"model.safetensors.index.json": index} if index else {})
+    def component_stems(self) -> dict[str, str]:
+        """For a folder of several models (a diffusers pipeline): each component's folder and
+        the stem of its weight files (`unet` -> `diffusion_pytorch_model`). {} for one model."""
+        return {}
 
     def fingerprint(self) -> dict[str, object]:
         """Hashes of the headers and sizes of the files: identifies the input without reading data."""
@@ -164,6 +154,38 @@ class TensorSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class FileSource(TensorSource):
+    """Tensors listed in the headers of one or more files (the shards of one checkpoint).
+
+    A subclass reads the headers into `_meta` (name -> TensorMeta) and `_file_of` (name ->
+    index into `files()`), and implements `read_range`.
+    """
+
+    def __init__(self, files: list[Path], display: str | None = None, root: Path | None = None):
+        self._files = [Path(f) for f in files]
+        self.path = display or str(self._files[0])
+        self._root = root
+        self._meta: dict[str, TensorMeta] = {}
+        self._file_of: dict[str, int] = {}
+        self._warned: set[str] = set()  # tensors already reported as holding NaN or Inf
+        self._lock = threading.Lock()
+
+    def keys(self) -> list[str]:
+        return list(self._meta)
+
+    def meta(self, name: str) -> TensorMeta:
+        try:
+            return self._meta[name]
+        except KeyError:
+            raise FormatError(f"{self.path}: no tensor named `{name}`") from None
+
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def root(self) -> Path | None:
+        return self._root
 
 
 class MemorySource(TensorSource):

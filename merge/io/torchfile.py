@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import pickletools
 import sys
-import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 from torch import Tensor
 
 from merge.errors import FormatError
-from merge.io.sources import TensorMeta, TensorSource, check_finite
+from merge.io.sources import FileSource, TensorMeta, check_finite
 
 # Types found in real training checkpoints that cannot run code when unpickled.
 HARMLESS_GLOBALS: list[Any] = [
@@ -175,7 +174,7 @@ def _find_tensors(obj: object, path: Path) -> dict[str, Tensor]:
     )
 
 
-class TorchFileSource(TensorSource):
+class TorchFileSource(FileSource):
     """One or more PyTorch files (a sharded `pytorch_model.bin.index.json` set) as one tensor dict.
 
     Zip-format files are memory-mapped, so tensors are read on demand; each shard is opened when
@@ -190,15 +189,9 @@ class TorchFileSource(TensorSource):
         weight_map: dict[str, str] | None = None,
         unsafe_pickle: bool = False,
     ):
-        self._files = [Path(f) for f in files]
-        self.path = display or str(self._files[0])
-        self._root = root
+        super().__init__(files, display, root)
         self._unsafe = unsafe_pickle
-        self._lock = threading.Lock()
-        self._meta: dict[str, TensorMeta] = {}
-        self._file_of: dict[str, int] = {}
         self._open: tuple[int, dict[str, Tensor]] | None = None
-        self._warned: set[str] = set()
         for i, f in enumerate(self._files):
             tensors = self._shard(i)
             for k, v in tensors.items():
@@ -216,15 +209,6 @@ class TorchFileSource(TensorSource):
                 self._open = (i, _find_tensors(_load(self._files[i], self._unsafe), self._files[i]))
             return self._open[1]
 
-    def keys(self) -> list[str]:
-        return list(self._meta)
-
-    def meta(self, name: str) -> TensorMeta:
-        try:
-            return self._meta[name]
-        except KeyError:
-            raise FormatError(f"{self.path}: no tensor named `{name}`") from None
-
     def read_range(self, name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
         t = self._shard(self._file_of[name])[name]
         flat = t.reshape(-1)[start:stop]
@@ -232,12 +216,6 @@ class TorchFileSource(TensorSource):
         if out is None and result.is_floating_point() and name not in self._warned:
             check_finite(result, name, str(self._files[self._file_of[name]]), self._warned)
         return result
-
-    def files(self) -> list[Path]:
-        return list(self._files)
-
-    def root(self) -> Path | None:
-        return self._root
 
     def close(self) -> None:
         self._open = None

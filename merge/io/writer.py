@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from merge.dtypes import Sized
 from merge.errors import DiskFullError, ExecutionError, PlanError
 from merge.io.output import StagedOutput
 from merge.io.safetensors import TORCH_TO_ST
@@ -41,17 +42,12 @@ DEFAULT_SHARD_SIZE = 5 * 1000**3  # "5GB", as Hugging Face and mergekit count it
 
 
 @dataclass(frozen=True)
-class OutputTensor:
+class OutputTensor(Sized):
+    """One tensor of an output file: its name, shape and dtype (its bytes come later)."""
+
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
 
 
 @dataclass

@@ -11,9 +11,10 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from merge.api import merge_expression
 from merge.errors import MergeWarning, UsageError
 from merge.io.detect import open_checkpoint
-from merge.io.lora import LoraSource, open_lora
+from merge.lora.source import LoraSource, open_lora
 
 
 def bake(
@@ -28,8 +29,6 @@ def bake(
     unmatched: list[str] | None = None,
 ) -> Path:
     """Write base + Σ scale_i · adapter_i to `output` (same layout as the base, support files copied)."""
-    from merge.api import merge_expression
-
     if not adapters:
         raise UsageError("give at least one adapter to bake")
     src = open_checkpoint(base)

@@ -1,6 +1,7 @@
 """Give every module of an adapter a canonical place: (component, dotted path), as diffusers and
 transformers name modules, using the base checkpoint or the built-in SD1.x/SDXL tables for
-kohya's underscored names.
+kohya's underscored names. `locate` is where a module lands on a base checkpoint, for every
+use of adapters on a base (placing, baking, reading as deltas).
 """
 
 from __future__ import annotations
@@ -8,10 +9,37 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from merge.errors import PlanError
-from merge.io.lora_read import Adapter
 from merge.io.sources import TensorSource
 from merge.lora.modules import LoraModule
 from merge.lora.names import BaseIndex, builtin_sd_keys, split_target
+from merge.lora.read import Adapter
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where one adapter module lands on a base checkpoint."""
+
+    target: str  # the base's module prefix (`x.attn.in_proj#1`: a third of a fused projection)
+    weight_key: str  # the base tensor the module changes
+    part: int | None  # which third of a fused q/k/v projection, or None
+    weight_shape: tuple[int, ...]  # that tensor's shape in the base
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape the module's delta has: the base weight's, or a third of it (rows)."""
+        s = self.weight_shape
+        return s if self.part is None else (s[0] // 3, *s[1:])
+
+
+def locate(mod: LoraModule, index: BaseIndex, base: TensorSource) -> Site | None:
+    """Where `mod` lands on `base` (whose keys `index` holds); None when it matches no weight."""
+    target = index.resolve(mod.component, mod.path, mod.dotted)
+    if target is None:
+        return None
+    _, weight_key, part = split_target(target)
+    if weight_key not in index.key_set:
+        return None
+    return Site(target, weight_key, part, tuple(base.meta(weight_key).shape))
 
 
 @dataclass
@@ -45,17 +73,13 @@ def place(adapter: Adapter, base: TensorSource | None) -> Placed:
     builtin: BaseIndex | None = None
     for mod in adapter.modules.values():
         if index is not None:
-            target = index.resolve(mod.component, mod.path, mod.dotted)
-            wkey = split_target(target)[1] if target is not None else ""
-            if target is None or wkey not in index.key_set:
+            assert base is not None
+            site = locate(mod, index, base)
+            if site is None:
                 out.unmatched.append(mod.name)
                 continue
-            key = index.name_of(target)
-            assert base is not None
-            shape = tuple(base.meta(wkey).shape)
-            if split_target(target)[2] is not None:  # a third of a fused OpenCLIP in_proj
-                shape = (shape[0] // 3, *shape[1:])
-            out.shapes[key] = shape
+            key = index.name_of(site.target)
+            out.shapes[key] = site.shape
         elif mod.dotted:
             key = (mod.component, mod.path)
         else:

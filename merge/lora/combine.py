@@ -15,10 +15,10 @@ import torch
 
 from merge.errors import PlanError, UsageError
 from merge.io.detect import open_checkpoint
-from merge.io.lora_read import Adapter, read_adapter
 from merge.io.sources import TensorSource
 from merge.lora.canon import place
 from merge.lora.factor import Factored, concat, factor_module, factorwise_linear, truncate
+from merge.lora.read import Adapter, read_adapter
 from merge.lora.write import OutModule, check_output, write_adapter
 
 

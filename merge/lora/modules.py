@@ -47,11 +47,6 @@ class LoraModule:
     def is_dora(self) -> bool:
         return self.dora_key is not None
 
-    @property
-    def factorable(self) -> bool:
-        """True when the module is a plain B·A product (factor-space operations are exact)."""
-        return self.kind in ("lora", "embedding")
-
 
 def _f32(get: Getter, key: str) -> Tensor:
     return get(key).to(torch.float32)

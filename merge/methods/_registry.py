@@ -31,6 +31,7 @@ from typing import Annotated, Any, Literal
 
 from torch import Tensor
 
+from merge.dtypes import DtypeName
 from merge.errors import UsageError, did_you_mean
 
 MethodFn = Callable[..., Tensor]
@@ -83,7 +84,7 @@ Fraction = Annotated[float, FRACTION]
 NonNegative = Annotated[float, NON_NEGATIVE]
 Compat = Literal["paper", "mergekit"]
 # A mergekit config's `dtype`: methods under `compat: mergekit` round their task vectors to it.
-ComputeDtype = Literal["float32", "float16", "bfloat16", "float64"]
+ComputeDtype = DtypeName
 Elect = Literal["sum", "count"]
 
 
@@ -251,13 +252,7 @@ def register(
     return wrap
 
 
-def _load_builtin_methods() -> None:
-    # Importing the package registers every built-in method module.
-    import merge.methods  # noqa: F401
-
-
 def get_method(name: str) -> MethodSpec:
-    _load_builtin_methods()
     if name in _METHODS:
         return _METHODS[name]
     raise UsageError(
@@ -267,7 +262,6 @@ def get_method(name: str) -> MethodSpec:
 
 
 def list_methods() -> list[MethodSpec]:
-    _load_builtin_methods()
     return [_METHODS[n] for n in sorted(_METHODS)]
 
 

@@ -98,6 +98,10 @@ class Kernel:
 
     # Chunks must hold whole rows of this many elements (row-wise methods); 1: any cut.
     row: int = 1
+    # A kernel only reads the chunks it is given (they may be the engine's cached inputs,
+    # shared with other terms, in buffers reused for the next chunk: keep copies, never the
+    # chunks themselves); one that writes into them says so and gets copies.
+    mutates_inputs: bool = False
 
     def needs_pass(self) -> bool:
         """True while a statistics pass over the inputs is still needed before `apply`."""

@@ -22,11 +22,21 @@ def importance(x: Tensor, base: Tensor) -> Tensor:
 
 
 def outlier_threshold(scores: Tensor) -> Tensor:
-    """Q2 + 1.5·(Q3 − Q1), each quartile the sorted score at index ⌊q·(n − 1)⌋ (mergekit's
-    rule; it estimates them from a random sample of 10^6 scores when n is larger, we use all)."""
-    flat = scores.reshape(-1).sort().values
+    """Q2 + 1.5·(Q3 − Q1), each quartile the sorted score at index ⌊q·(n − 1)⌋ (mergekit's rule,
+    the index computed in float32 as mergekit does), in the scores' dtype.
+
+    mergekit 0.1.5 sorts all the scores when there are at most 10^6 and we then agree exactly.
+    Above that it sorts 10^6 scores drawn with replacement from torch's global generator, so its
+    threshold is a random estimate of this one: it changes from run to run (and with
+    `--random-seed`, with the order mergekit visits tensors in), and no fixed draw could repeat
+    it. We take the exact order statistics that sample estimates; on 1-4·10^6-entry tensors the
+    kept entries then differ from a mergekit run's in about 10^-4 of the entries, as two
+    mergekit runs differ from each other (tests/mergekit/test_arcee_fusion_oracle.py).
+    """
+    flat = scores.reshape(-1)
     at = (torch.tensor(QUARTILES) * (flat.numel() - 1)).long()  # float32 product, floored
-    q1, q2, q3 = flat[at.to(flat.device)]
+    # Three selections instead of a sort: the same order statistics, about twice as fast.
+    q1, q2, q3 = (flat.kthvalue(int(i) + 1).values for i in at)
     return q2 + 1.5 * (q3 - q1)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from merge.dtypes import DTYPE_NAMES
 from merge.methods.selection import Random, bernoulli_mask, trim
 
 __all__ = [
@@ -23,12 +24,7 @@ __all__ = [
     "trim",
 ]
 
-COMPUTE_DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
+COMPUTE_DTYPES = DTYPE_NAMES
 
 
 def in_compute_dtype(x: Tensor, compute_dtype: str | None) -> Tensor:

@@ -9,8 +9,8 @@ import torch
 
 from merge.errors import PlanError
 from merge.io.detect import open_checkpoint
-from merge.io.lora import open_lora
 from merge.lora.combine import combine
+from merge.lora.source import open_lora
 
 
 def dense_sum(llama: dict, names: list[str], weights: list[float]) -> dict[str, torch.Tensor]:

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from merge.errors import UsageError
 from merge.io.detect import open_checkpoint
-from merge.io.lora import open_lora
 from merge.lora.bake import bake
 from merge.lora.convert import convert
+from merge.lora.source import open_lora
 
 
 def deltas(adapter: Path, base: object) -> dict[str, torch.Tensor]:

@@ -11,11 +11,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from merge.io.detect import open_checkpoint
-from merge.io.lora import open_lora
 from merge.lora.bake import bake
 from merge.lora.combine import combine
 from merge.lora.convert import convert
 from merge.lora.extract import extract
+from merge.lora.source import open_lora
 
 
 def _dir_state(path: Path) -> dict[str, torch.Tensor]:

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from merge.errors import FormatError, MergeWarning, PlanError
-from merge.io.lora import describe, looks_like_lora, open_lora
 from merge.io.sources import MemorySource
+from merge.lora.source import describe, looks_like_lora, open_lora
 
 OUT, IN, K = 12, 10, 3
 g = torch.Generator().manual_seed(0)
@@ -365,7 +365,7 @@ def test_kohya_dora_scale_axis_from_shape(tmp_path: Path, plain_base: MemorySour
         }
     save_file(t, tmp_path / "dora.safetensors")
     src = open_lora(tmp_path / "dora.safetensors", plain_base, scale=0.7)
-    assert src.nonlinear
+    assert src.not_additive == "a DoRA adapter"
     for name, dim in (("blocks_0_proj", 1), ("blocks_1_proj", 0)):
         k = f"lora_unet_{name}"
         w = plain_base.read(name.replace("_", ".", 2) + ".weight")

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from merge.api import merge_expression, run_recipe
 from merge.errors import PlanError
 from merge.io.detect import open_checkpoint
-from merge.lora.sd import (
+from merge.sd import (
     ARCH_BLOCKS,
     align_inpainting,
     block_of,

@@ -259,7 +259,7 @@ def test_untranslatable_keys_are_each_named():
             }
         )
     assert problems == [
-        "`chat_template`: not a mergekit key this translator knows; remove it",
+        "`chat_template`: not translated yet; remove it",
         "tokenizer_source: union builds a merged vocabulary and re-maps embedding rows, which merge does not do; merge models that share a vocabulary, or use `tokenizer_source: base`",
     ]
     _, problems = translate({"merge_method": "model_breadcrumbs", "models": [{"model": "/m/a"}]})
@@ -330,7 +330,7 @@ def test_lora_references_are_refused():
             "models": [{"model": "/m/a+/l/lora", "parameters": {"weight": 1}}],
         }
     )
-    assert "applies a LoRA (`model+lora`)" in problems[0]
+    assert problems[0].startswith("`models[0].model` (`/m/a+/l/lora`): LoRA model references")
 
 
 @pytest.mark.parametrize(

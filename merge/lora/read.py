@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from merge.errors import FormatError, UsageError
@@ -398,7 +397,3 @@ def _apply_scale(
         return
     mod.alpha = alpha
     mod.scale = alpha / rank
-
-
-def tensor_f32(adapter: Adapter, key: str) -> Tensor:
-    return adapter.source.read(key).to(torch.float32)

@@ -1,5 +1,6 @@
-"""Stable Diffusion checkpoint-merge presets: weighted sum, add difference, UNet block weights
-(the IN/MID/OUT tables of SD1.x and SDXL) as recipe overrides, and the inpainting conv_in rule.
+"""Stable Diffusion checkpoint-merge presets: weighted sum and add difference per UNet block
+(the IN/MID/OUT block-weight tables of SD1.x and SDXL, as recipe overrides), and the
+inpainting conv_in rule (through the view `merge.io.views.ChannelAligned`).
 
 Block tables (reference §5.2, supermerger/kohya): SD1.x has 26 weights
 `BASE, IN00..IN11, M00, OUT00..OUT11`; SDXL has 20 `BASE, IN00..IN08, M00, OUT00..OUT08`.
@@ -12,13 +13,11 @@ is BASE. The same blocks are recognised in diffusers names (`down_blocks.b.resne
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
-from torch import Tensor
-
-from merge.errors import PlanError, UsageError
-from merge.io.sources import TensorMeta, TensorSource
+from merge.errors import UsageError
+from merge.io.sources import TensorSource
+from merge.io.views import ChannelAligned
 
 SD1_BLOCKS = (
     ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
@@ -131,65 +130,6 @@ def block_weight_recipe(
     if output:
         recipe["output"]["path"] = output
     return recipe
-
-
-class ChannelAligned(TensorSource):
-    """`source` seen with `primary`'s shapes where they differ only in dim 1 (inpainting conv_in).
-
-    A1111's rule: an inpainting (9-channel) or instruct-pix2pix (8-channel) A merged with a
-    4-channel B merges only `A[:, :4]` with B; the extra input channels stay A's. Showing B with
-    A's extra channels appended gives exactly that for every combination whose coefficients sum
-    to one (weighted sum) and for differences (B − C: the extra channels cancel).
-    """
-
-    def __init__(self, source: TensorSource, primary: TensorSource):
-        self.source, self.primary = source, primary
-        self.path = source.path
-        self.kind = source.kind
-        self.padded: list[str] = []
-        pkeys = set(primary.keys())
-        for k in source.keys():
-            if k not in pkeys:
-                continue
-            s, p = source.meta(k).shape, primary.meta(k).shape
-            if s == p:
-                continue
-            if len(s) == len(p) >= 2 and s[0] == p[0] and s[2:] == p[2:]:
-                if s[1] < p[1]:
-                    self.padded.append(k)
-                    continue
-                raise PlanError(
-                    f"`{k}` has {s[1]} input channels in {source.path} but {p[1]} in {primary.path}: when merging an "
-                    "inpainting (9-channel) or instruct-pix2pix (8-channel) model with a normal one, the special "
-                    "model must be the first input (A)"
-                )
-
-    def keys(self) -> list[str]:
-        return self.source.keys()
-
-    def meta(self, name: str) -> TensorMeta:
-        m = self.source.meta(name)
-        if name in self.padded:
-            return TensorMeta(self.primary.meta(name).shape, m.dtype)
-        return m
-
-    def read_range(self, name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
-        if name not in self.padded:
-            return self.source.read_range(name, start, stop, out)
-        own = self.source.read(name)
-        full = self.primary.read(name).to(own.dtype)  # the extra channels are the primary's
-        full[:, : own.shape[1]] = own
-        flat = full.reshape(-1)[start:stop]
-        return out.copy_(flat) if out is not None else flat.clone()
-
-    def files(self) -> list[Path]:
-        return self.source.files()
-
-    def root(self) -> Path | None:
-        return self.source.root()
-
-    def support_files(self) -> list[tuple[str, Path]]:
-        return self.source.support_files()
 
 
 def align_inpainting(sources: dict[str, TensorSource], primary: str) -> dict[str, TensorSource]:

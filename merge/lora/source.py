@@ -2,15 +2,17 @@
 
 `open_lora(path, base, scale=k)` returns a TensorSource (kind "delta") whose `read(name)` is the
 float32 `k · ΔW` of the module that targets base parameter `name`, so `base + 0.8 * style` is
-ordinary arithmetic. DoRA adapters are not deltas: their source has `nonlinear = True` and
-`read(name)` returns `W'(k) − W`, where `W'(k) = m · (W + kΔW) / ‖W + kΔW‖` is peft's merge
-with the scale applied inside the norm, at this base; add it to the base with coefficient 1.
+ordinary arithmetic. DoRA adapters are not deltas: their source is `not_additive` ("a DoRA
+adapter") and `read(name)` returns `W'(k) − W`, where `W'(k) = m · (W + kΔW) / ‖W + kΔW‖` is
+peft's merge with the scale applied inside the norm, at this base; add it to the base with
+coefficient 1 (`at_strength(c)` is the adapter at c times its scale).
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -19,10 +21,12 @@ import torch
 from torch import Tensor
 
 from merge.errors import FormatError, MergeError, MergeWarning, PlanError
-from merge.io.lora_read import ADAPTER_FILES, ROLE_PATTERNS, Adapter, read_adapter
+from merge.io.safetensors import read_header
 from merge.io.sources import TensorMeta, TensorSource
+from merge.lora.canon import locate
 from merge.lora.modules import LoraModule, dora_axis, dora_weight, module_delta
-from merge.lora.names import BaseIndex, split_target
+from merge.lora.names import BaseIndex
+from merge.lora.read import ADAPTER_FILES, ROLE_PATTERNS, Adapter, read_adapter
 
 __all__ = ["Adapter", "LoraSource", "describe", "looks_like_lora", "open_lora", "read_adapter"]
 
@@ -45,8 +49,6 @@ def looks_like_lora(path: str | Path) -> bool:
 
 
 def _keys_look_lora(file: Path) -> bool:
-    from merge.io.safetensors import read_header
-
     try:
         entries, _, _ = read_header(file)
     except MergeError:
@@ -68,7 +70,6 @@ class LoraSource(TensorSource):
     """A LoRA's per-module deltas (float32, scale applied) under the base's parameter names."""
 
     kind = "delta"
-    nonlinear = False
 
     def __init__(self, adapter: Adapter, base: TensorSource | None, scale: float = 1.0):
         self.adapter = adapter
@@ -86,10 +87,11 @@ class LoraSource(TensorSource):
             self._plan_without_base()
         else:
             self._plan_with_base(base)
-        self.nonlinear = any(
+        dora = any(
             isinstance(t[1], LoraModule) and t[1].is_dora and t[0] == "weight"
             for t in self._targets.values()
         )
+        self.not_additive = "a DoRA adapter" if dora else None
 
     # -- planning -------------------------------------------------------------------------
     def _plan_without_base(self) -> None:
@@ -108,17 +110,16 @@ class LoraSource(TensorSource):
         keys = index.key_set
         problems: list[str] = []
         for mod in self.adapter.modules.values():
-            target = index.resolve(mod.component, mod.path, mod.dotted)
-            wkey = split_target(target)[1] if target is not None else ""
-            if target is None or wkey not in keys:
+            site = locate(mod, index, base)
+            if site is None:
                 self.unmatched.append(mod.name)
                 continue
-            shape = tuple(base.meta(wkey).shape)
+            target, wkey, shape = site.target, site.weight_key, site.weight_shape
             natural = self._natural_shape(mod)
-            part = split_target(target)[2]
+            part = site.part
             if part is not None:  # q/k/v into a third of a fused OpenCLIP in_proj_weight
-                third = (shape[0] // 3, *shape[1:])
-                if _numel(natural) != _numel(third) or mod.is_dora:
+                third = site.shape
+                if math.prod(natural) != math.prod(third) or mod.is_dora:
                     problems.append(
                         f"`{mod.name}` gives a delta of shape {list(natural)} but a third of the base's `{wkey}` is {list(third)}"
                         + (" (and DoRA cannot target a fused projection)" if mod.is_dora else "")
@@ -131,7 +132,7 @@ class LoraSource(TensorSource):
                 if mod.bias_key:
                     self.unmatched.append(f"{mod.name} (bias delta into a fused in_proj_bias)")
                 continue
-            if _numel(natural) != _numel(shape):
+            if math.prod(natural) != math.prod(shape):
                 problems.append(
                     f"`{mod.name}` gives a delta of shape {list(natural)} but the base's `{wkey}` is {list(shape)}"
                 )
@@ -151,8 +152,8 @@ class LoraSource(TensorSource):
         for dotted_raw, fkey in self.adapter.full.items():
             dotted = dotted_raw.replace(".base_layer.", ".")  # peft's save_embedding_layers copy
             head, _, param = dotted.rpartition(".")
-            target = index.resolve("", head, True) if head else None
-            bkey: str | None = f"{target}.{param}" if target else None
+            owner = index.resolve("", head, True) if head else None
+            bkey: str | None = f"{owner}.{param}" if owner else None
             if bkey is None or bkey not in keys:
                 bkey = dotted if dotted in keys else None
             if bkey is None:
@@ -278,18 +279,15 @@ class LoraSource(TensorSource):
         new._cache = None
         return new
 
+    def at_strength(self, k: float) -> LoraSource:
+        """The adapter at k times its scale (DoRA: the norm recomputed at that strength)."""
+        return self.with_scale(self.scale * k)
+
     def files(self) -> list[Path]:
         return self.adapter.source.files()
 
     def root(self) -> Path | None:
         return None
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def open_lora(
