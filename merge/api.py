@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,12 @@ from merge.inputs import open_inputs
 from merge.io.detect import open_checkpoint
 from merge.io.sources import TensorSource
 from merge.plan import Plan, build_plan
-from merge.recipe import Program, linear_recipe, load_recipe
+from merge.recipe import DEFAULT_SHARD_TEXT, Program, linear_recipe, load_recipe
 from merge.slices import build_sliced_plan
 from merge.vocab.attach import attach_vocab, finish_plan
 
 __all__ = [
+    "evaluate_expression_in_memory",
     "evaluate_recipe_in_memory",
     "linear_recipe",
     "merge_expression",
@@ -62,10 +64,12 @@ def plan_recipe(
 ) -> Plan:
     """Validate a recipe and plan it from the inputs' headers (no tensor is read)."""
     program = recipe if isinstance(recipe, Program) else load_recipe(recipe, vars=vars)
-    if keys is not None:
-        program.recipe.options.keys = keys  # type: ignore[assignment]
-    if mixed_architectures:
-        program.recipe.options.mixed_architectures = True
+    if keys is not None or mixed_architectures:
+        options = program.recipe.options.model_copy(
+            update={"keys": keys or program.recipe.options.keys}
+            | ({"mixed_architectures": True} if mixed_architectures else {})
+        )
+        program = replace(program, recipe=program.recipe.model_copy(update={"options": options}))
     sources = open_inputs(program, unsafe_pickle=unsafe_pickle, preopened=preopened)
     # `tokenizer:`: views align the embeddings before planning; its files are added after.
     vocab = attach_vocab(program, sources)
@@ -140,35 +144,63 @@ def evaluate_recipe_in_memory(
         plan.close()
 
 
-def expression_recipe(expression: str, inputs: Mapping[str, str], **output: Any) -> dict[str, Any]:
+def expression_recipe(
+    expression: str,
+    inputs: Mapping[str, str],
+    *,
+    keys: str = "strict",
+    seed: int = 0,
+    **output: Any,
+) -> dict[str, Any]:
+    """A one-step recipe computing `expression` over `inputs` (output keys left out when None)."""
     return {
         "version": 1,
         "inputs": dict(inputs),
         "steps": {"result": expression},
         "output": {k: v for k, v in output.items() if v is not None},
+        "options": {"keys": keys, "seed": seed},
     }
 
 
 def merge_expression(
     expression: str,
     inputs: Mapping[str, Any],
-    output: str | Path | None = None,
+    output: str | Path,
     *,
     dtype: str | None = None,
-    shard_size: str | int = "5GB",
+    shard_size: str | int = DEFAULT_SHARD_TEXT,
     copy_files_from: str | None = None,
     force: bool = False,
     quiet: bool = True,
     device: str = "cpu",
     keys: str = "strict",
     seed: int = 0,
-) -> Path | dict[str, Tensor]:
-    """Evaluate a task-vector expression over named inputs; write to `output`, or return tensors if None."""
+) -> Path:
+    """Evaluate a task-vector expression over named inputs (paths, state dicts, modules) and
+    stream the result into `output`; returns the path written."""
     paths, opened = _split_inputs(inputs)
     recipe = expression_recipe(
-        expression, paths, dtype=dtype, shard_size=shard_size, copy_files_from=copy_files_from
+        expression,
+        paths,
+        keys=keys,
+        seed=seed,
+        dtype=dtype,
+        shard_size=shard_size,
+        copy_files_from=copy_files_from,
     )
-    recipe["options"] = {"keys": keys, "seed": seed}
-    if output is None:
-        return evaluate_recipe_in_memory(recipe, preopened=opened, device=device)
     return run_recipe(recipe, output, force=force, quiet=quiet, device=device, preopened=opened)
+
+
+def evaluate_expression_in_memory(
+    expression: str,
+    inputs: Mapping[str, Any],
+    *,
+    dtype: str | None = None,
+    device: str = "cpu",
+    keys: str = "strict",
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """`merge_expression`'s result as an in-memory tensor dict (nothing is written)."""
+    paths, opened = _split_inputs(inputs)
+    recipe = expression_recipe(expression, paths, keys=keys, seed=seed, dtype=dtype)
+    return evaluate_recipe_in_memory(recipe, preopened=opened, device=device)

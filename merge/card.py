@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 
-from merge import __version__
 from merge.methods import get_method
 from merge.plan import Plan
 from merge.recipe import all_calls
+from merge.version import __version__
 
 TOOL = "mergewright"
 RECIPE_FILE = "merge-recipe.yaml"

@@ -14,8 +14,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +25,7 @@ from merge.errors import UsageError
 from merge.recipe import linear_recipe
 
 BUFFER_NAMES = r"(^|\.)(running_mean|running_var)$"
+PREFIX = "ckpt"  # the recipe names checkpoint k `ckpt{k}`
 
 
 def weights_from_decays(decays: Sequence[float]) -> list[float]:
@@ -173,7 +176,7 @@ def ema_recipe(
     paths: Sequence[str], weights: Sequence[float], *, buffers: str = "average"
 ) -> dict[str, object]:
     """A recipe for the weighted sum; float buffers are averaged, or taken from the last checkpoint."""
-    recipe = linear_recipe(paths, weights, normalize=False, prefix="ckpt", step="ema")
+    recipe = linear_recipe(paths, weights, normalize=False, prefix=PREFIX, step="ema")
     names = list(recipe["inputs"])
     if buffers == "last":
         recipe["overrides"] = [
@@ -184,3 +187,57 @@ def ema_recipe(
         raise UsageError(f"--buffers must be `average` or `last`, not `{buffers}`")
     recipe["output"] = {"copy_files_from": names[-1]}
     return recipe
+
+
+@dataclass(frozen=True)
+class SequenceWeights:
+    """The weights of an ordered checkpoint sequence, and the training steps read from the
+    checkpoints' names when the rule needed them (None otherwise), for the caller to show."""
+
+    weights: list[float]
+    steps_from_names: list[int] | None = None
+
+
+def sequence_weights(
+    checkpoints: Sequence[str | Path],
+    *,
+    decay: float | None = None,
+    step_decay: float | None = None,
+    every: int | None = None,
+    swa: bool = False,
+    warmup_gamma: float | None = None,
+    warmup_power: float = 0.75,
+) -> SequenceWeights:
+    """Weights under exactly one rule: `decay` per checkpoint, `step_decay` per training step
+    (steps `every` apart, else read from the names), or `swa` (uniform); see the module doc."""
+    chosen = [x for x in (decay is not None, step_decay is not None, swa) if x]
+    if len(chosen) != 1:
+        raise UsageError("choose exactly one of --decay, --step-decay or --swa")
+    n = len(checkpoints)
+    if swa:
+        return SequenceWeights(swa_weights(n))
+    if step_decay is None:
+        assert decay is not None
+        decays = checkpoint_decays(n, decay, warmup_gamma=warmup_gamma, warmup_power=warmup_power)
+        return SequenceWeights(weights_from_decays(decays))
+    read = None if every else steps_from_names(checkpoints)
+    steps = read if read is not None else [i * (every or 0) for i in range(n)]
+    decays = step_decays(steps, step_decay, warmup_gamma=warmup_gamma, warmup_power=warmup_power)
+    return SequenceWeights(weights_from_decays(decays), read)
+
+
+def write_ema(
+    paths: Sequence[str],
+    weights: Sequence[float],
+    output: str | Path,
+    *,
+    buffers: str = "average",
+    **run: Any,
+) -> Path:
+    """Stream Σ w_k·checkpoint_k into `output` (`ema_recipe`); tensors that are not averaged
+    (integer buffers) and the files beside the weights come from the last checkpoint. `run`:
+    `merge.api.run_recipe`'s options (force, dtype, shard_size, device, quiet, ...)."""
+    from merge.api import run_recipe
+
+    recipe = ema_recipe(paths, weights, buffers=buffers)
+    return run_recipe(recipe, output, passthrough_from=f"{PREFIX}{len(paths) - 1}", **run)

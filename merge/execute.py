@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from merge import __version__
 from merge.card import write_card
 from merge.dtypes import DTYPE_NAMES, dtype_name, guard_float16
 from merge.errors import ExecutionError, MergeError, PlanError, UsageError
@@ -54,6 +53,7 @@ from merge.methods._stream import ElementRandom, Kernel, mix_seed, rows_of
 from merge.model_scope import resolve_model_scope
 from merge.plan import Plan, ResolvedCall, TensorJob, format_form, output_layout
 from merge.progress import byte_progress, write_summary
+from merge.version import __version__
 
 # 8M elements per read: 16 MiB of bf16 per input, large enough for sequential reads at disk speed.
 CHUNK_ELEMENTS = 1 << 23

@@ -10,8 +10,9 @@ equals a stored profile, x is that snapshot's unit vector (exact).
 `checkpoint_power_weights` is the simpler case: plain (non-EMA) checkpoints θ(t_i); the power EMA
 over them gives checkpoint i the profile's mass on (t_{i−1}, t_i]: (t_i/T)^(γ+1) − (t_{i−1}/T)^(γ+1).
 
-Everything here is pure and returns per-snapshot weights; `posthoc_ema_cli` (behind
-`merge ema SNAPSHOT... --sigma-rel 0.05,0.1 -o out/`) streams each weighted sum with the engine.
+Everything here is pure and returns per-snapshot weights; `write_posthoc_ema` (behind
+`merge ema SNAPSHOT... --sigma-rel 0.05,0.1 -o out/`) streams each weighted sum with the engine
+(`merge.ema.write_ema`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -169,40 +171,41 @@ def _safetensors_metadata(path: Path) -> dict[str, Any]:
         return dict(f.metadata() or {})
 
 
-def posthoc_ema_cli(
-    checkpoints: Sequence[str],
-    sigma_rels: Sequence[float],
-    output: str | Path,
-    *,
-    force: bool = False,
-    quiet: bool = False,
-    dtype: str | None = None,
-    device: str = "cpu",
-) -> list[Path]:
-    """For each σ_rel, write Σ x_i·snapshot_i to `output/sigma_0.050/` etc.; returns the paths."""
-    import click
+@dataclass(frozen=True)
+class PosthocTarget:
+    """One σ_rel's average: the snapshots' weights and the folder it goes to."""
 
-    from merge.api import run_recipe
-    from merge.ema import ema_recipe
+    sigma_rel: float
+    paths: list[str]
+    weights: list[float]
+    output: Path
 
-    info = snapshot_info(checkpoints)
+
+def posthoc_targets(
+    snapshots: Sequence[str], sigma_rels: Sequence[float], output: str | Path
+) -> list[PosthocTarget]:
+    """For each σ_rel, the weights of the snapshots (`snapshot_info`) and `output/sigma_0.050/`."""
+    info = snapshot_info(snapshots)
     paths = [p for p, _, _ in info]
-    written = []
-    for s in sigma_rels:
-        x = posthoc_weights([t for _, t, _ in info], [sr for _, _, sr in info], s)
-        if not quiet:
-            click.echo(f"σ_rel {s:.3f}: weights " + ", ".join(f"{w:.4g}" for w in x), err=True)
-        recipe = ema_recipe(paths, [float(w) for w in x])
-        dest = Path(output) / f"sigma_{s:.3f}"
-        written.append(
-            run_recipe(
-                recipe,
-                dest,
-                force=force,
-                quiet=quiet,
-                device=device,
-                dtype=dtype,
-                passthrough_from=f"ckpt{len(paths) - 1}",
-            )
+    times, sigmas = [t for _, t, _ in info], [sr for _, _, sr in info]
+    return [
+        PosthocTarget(
+            s,
+            paths,
+            [float(w) for w in posthoc_weights(times, sigmas, s)],
+            Path(output) / f"sigma_{s:.3f}",
         )
-    return written
+        for s in sigma_rels
+    ]
+
+
+def write_posthoc_ema(
+    snapshots: Sequence[str], sigma_rels: Sequence[float], output: str | Path, **run: Any
+) -> list[Path]:
+    """Write each σ_rel's average (`posthoc_targets`) with `merge.ema.write_ema`; returns the folders."""
+    from merge.ema import write_ema
+
+    return [
+        write_ema(t.paths, t.weights, t.output, **run)
+        for t in posthoc_targets(snapshots, sigma_rels, output)
+    ]

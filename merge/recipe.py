@@ -12,7 +12,7 @@ import fnmatch
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +36,7 @@ from merge.vocab.spec import TokenizerSpec, TokenSpec, tokenizer_problems
 
 ParamValue = float | int | bool | str | list[float]
 CURRENT_VERSION = 1
+DEFAULT_SHARD_TEXT = "5GB"  # `merge.io.writer.DEFAULT_SHARD_SIZE`, as a recipe writes it
 # A shard below this is surely a typo (`5B` for `5GB`): a 7B model would become ~14,000 files.
 MIN_SHARD_SIZE = 10**6
 MIN_SHARD_TEXT = "1MB"
@@ -76,14 +77,14 @@ def parse_shard_size(value: str | int, *, typed: bool = True) -> int:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
 
 class OutputSpec(_Strict):
     from_: str | None = Field(None, alias="from")
     path: str | None = None
     dtype: DtypeName | None = None
-    shard_size: str | int = "5GB"
+    shard_size: str | int = DEFAULT_SHARD_TEXT
     copy_files_from: str | None = None
 
     @field_validator("shard_size")
@@ -99,7 +100,7 @@ class OutputSpec(_Strict):
 class MethodStep(BaseModel):
     """`{method: ties, base: base, models: {...}, <method params>}`; extra keys are method params."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", frozen=True)
     method: str
     base: str | None = None
     models: list[str] | dict[str, dict[str, ParamValue] | None] = Field(default_factory=list)
@@ -138,7 +139,7 @@ def slice_step_name(i: int) -> str:
 class Override(BaseModel):
     """Per-tensor parameter values: `glob:` or `regex:` selects tensors; extra keys are params."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", frozen=True)
     glob: str | None = None
     regex: str | None = None
     step: str | None = None
@@ -205,6 +206,7 @@ class Program:
     steps: dict[str, Affine]
     output_step: str
     base_dir: Path
+    translated_from: str | None = None  # "mergekit": the recipe was a mergekit config
 
     @property
     def output(self) -> Affine:
@@ -235,9 +237,13 @@ class Program:
 def load_recipe(
     source: str | Path | Mapping[str, Any], *, vars: Mapping[str, float] | None = None
 ) -> Program:
-    """Read, validate and compile a recipe (a YAML path or a dict); raise RecipeError listing all problems."""
+    """Read, validate and compile a recipe (a YAML path or a dict); raise RecipeError listing all problems.
+
+    A mergekit config is translated first (`Program.translated_from` says so; the CLI prints a note).
+    """
     name: str | None = None
     base_dir = Path.cwd()
+    translated_from = None
     if isinstance(source, str | Path):
         path = Path(source)
         name, base_dir = str(path), path.resolve().parent
@@ -253,12 +259,10 @@ def load_recipe(
             name,
         )
     if "merge_method" in data:  # a mergekit config: translate it (implies compat: mergekit)
-        import click
-
         from merge.mergekit_import import translate
 
         data, untranslated = translate(data, base_dir=base_dir)
-        click.echo("note: this is a mergekit config; translated with `compat: mergekit`", err=True)
+        translated_from = "mergekit"
         if untranslated:
             raise RecipeError([("", _clip(m)) for m in untranslated], name)
     problems: list[tuple[str, str]] = []
@@ -293,7 +297,8 @@ def load_recipe(
         ]
         if not problems:
             recipe = recipe.model_copy(update={"vars": {**recipe.vars, **vars}})
-    return compile_recipe(recipe, name=name, base_dir=base_dir, problems=problems, broken=broken)
+    program = compile_recipe(recipe, name=name, base_dir=base_dir, problems=problems, broken=broken)
+    return replace(program, translated_from=translated_from) if translated_from else program
 
 
 def _read_yaml(path: Path, name: str) -> Any:

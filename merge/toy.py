@@ -25,22 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from merge.threads import threads as intra_op_threads
+
 Batch = tuple[Tensor, Tensor]
-
-
-@contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """Run a block with `n` intra-op threads (tiny models train fastest on one: no thread
-    hand-offs, and no collapse when other processes share the cores)."""
-    if n is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextmanager
@@ -346,6 +333,21 @@ def synthetic_tokens(
     return seq[:, :-1], seq[:, 1:]
 
 
+def synthetic_tasks(
+    seed: int, n: int, tasks: int = 4, num_classes: int = 4, block: int = 8
+) -> tuple[Tensor, Tensor]:
+    """Inputs `(n, tasks·block)` and labels `(n, tasks)`: label t is the argmax of a fixed random
+    linear teacher on feature block t, so each task reads only its own block of the input.
+
+    The teachers are the same for every `seed` (which draws only the inputs), so train, test
+    and validation sets from different seeds sample the same tasks.
+    """
+    teachers = torch.randn(tasks, num_classes, block, generator=torch.Generator().manual_seed(1234))
+    X = torch.randn(n, tasks * block, generator=torch.Generator().manual_seed(seed))
+    y = torch.einsum("tcb,ntb->ntc", teachers, X.view(n, tasks, block)).argmax(-1)  # (n, tasks)
+    return X, y
+
+
 def batches(X: Tensor, y: Tensor, batch_size: int) -> list[Batch]:
     """Split `(X, y)` into consecutive `(x, y)` batches (the last one may be smaller)."""
     return [(X[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(X), batch_size)]
@@ -384,7 +386,7 @@ def train(
     )
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    with _seeded(seed), _threads(threads):
+    with _seeded(seed), intra_op_threads(threads):
         for _ in range(steps):
             if not order:
                 order = torch.randperm(len(batches), generator=g).tolist()
@@ -427,6 +429,7 @@ __all__ = [
     "make_vgg",
     "synthetic_classification",
     "synthetic_images",
+    "synthetic_tasks",
     "synthetic_tokens",
     "train",
 ]

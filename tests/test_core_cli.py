@@ -216,3 +216,28 @@ def test_demo_shows_task_arithmetic(tmp_path: Path) -> None:
         tmp_path / "demo" / "merged-negate-task0" / "model.safetensors"
     ).is_file()
     assert not math.isnan(sum(rows["average"]))
+
+
+def test_a_mergekit_config_is_noted_by_the_cli_not_the_library(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from merge.recipe import load_recipe
+
+    recipe = Path(__file__).parent.parent / "recipes" / "mergekit-ties.yml"
+    assert load_recipe(recipe).translated_from == "mergekit"
+    assert capsys.readouterr() == ("", "")  # library code prints nothing
+    code, out = invoke("validate", recipe, "--no-inputs")
+    assert code == 0, out
+    assert "note: this is a mergekit config; translated with `compat: mergekit`" in out
+
+
+def test_the_cli_option_tables_match_the_recipe_layer() -> None:
+    """merge.cli.options keeps copies (the CLI loads without torch); they must not drift."""
+    from merge.cli import options
+    from merge.dtypes import DTYPE_NAMES
+    from merge.io.writer import DEFAULT_SHARD_SIZE, parse_size
+    from merge.recipe import DEFAULT_SHARD_TEXT
+
+    assert tuple(DTYPE_NAMES) == options.DTYPES
+    assert options.DEFAULT_SHARD_TEXT == DEFAULT_SHARD_TEXT
+    assert parse_size(DEFAULT_SHARD_TEXT) == DEFAULT_SHARD_SIZE

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ast
 import json
 import re
 import warnings
@@ -10,7 +11,13 @@ import torch
 from core_fixtures import sha256_tree, tensors
 from safetensors import safe_open
 
-from merge.api import evaluate_recipe_in_memory, merge_expression, plan_recipe, run_recipe
+from merge.api import (
+    evaluate_expression_in_memory,
+    evaluate_recipe_in_memory,
+    merge_expression,
+    plan_recipe,
+    run_recipe,
+)
 from merge.errors import ExecutionError, MergeWarning, PlanError
 from merge.execute import Engine
 from merge.io import load_state_dict, save_state_dict
@@ -21,16 +28,16 @@ def test_hand_worked_task_arithmetic() -> None:
     base = {"w": torch.tensor([1.0, 2.0, 3.0])}
     a = {"w": torch.tensor([2.0, 2.0, 2.0])}
     b = {"w": torch.tensor([0.0, 0.0, 0.0])}
-    out = merge_expression(
+    out = evaluate_expression_in_memory(
         "base + 0.5 * (a - base) - 0.5 * (b - base)", {"base": base, "a": a, "b": b}
     )
     # 1 + 0.5 - (-0.5) ... = [1 + 0.5, 2 + 0, 3 - 0.5] + [0.5, 1, 1.5] = [2, 3, 4]
     assert torch.equal(out["w"], torch.tensor([2.0, 3.0, 4.0]))
-    neg = merge_expression("base - (a - base)", {"base": base, "a": a})
+    neg = evaluate_expression_in_memory("base - (a - base)", {"base": base, "a": a})
     assert torch.equal(neg["w"], torch.tensor([0.0, 2.0, 4.0]))
-    analogy = merge_expression("a - b + base", {"base": base, "a": a, "b": b})
+    analogy = evaluate_expression_in_memory("a - b + base", {"base": base, "a": a, "b": b})
     assert torch.equal(analogy["w"], torch.tensor([3.0, 4.0, 5.0]))
-    scaled = merge_expression("base + 2 * (a - base) / 4", {"base": base, "a": a})
+    scaled = evaluate_expression_in_memory("base + 2 * (a - base) / 4", {"base": base, "a": a})
     assert torch.equal(scaled["w"], torch.tensor([1.5, 2.0, 2.5]))
 
 
@@ -111,7 +118,7 @@ def test_key_and_shape_mismatches_are_listed_together() -> None:
     b["extra.weight"] = torch.zeros(2)
     b["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
     with pytest.raises(PlanError) as e:
-        merge_expression("0.5 * a + 0.5 * b", {"a": a, "b": b})
+        evaluate_expression_in_memory("0.5 * a + 0.5 * b", {"a": a, "b": b})
     text = str(e.value)
     assert (
         "`a` (<memory:a>) has 1 tensor(s) that other inputs lack: model.layers.0.mlp.up_proj.weight"
@@ -119,7 +126,7 @@ def test_key_and_shape_mismatches_are_listed_together() -> None:
     )
     assert "`b` (<memory:b>) has 1 tensor(s) that other inputs lack: extra.weight" in text
     assert "use `options: {keys: intersection}`" in text
-    inter = merge_expression(
+    inter = evaluate_expression_in_memory(
         "0.5 * a + 0.5 * b",
         {
             "a": a,
@@ -133,8 +140,8 @@ def test_key_and_shape_mismatches_are_listed_together() -> None:
         PlanError,
         match=r"`model.layers.1.mlp.up_proj.weight` has different shapes: a \[12, 8\], b \[3, 3\]",
     ):
-        merge_expression("0.5 * a + 0.5 * b", {"a": a, "b": b}, keys="intersection")
-    union = merge_expression(
+        evaluate_expression_in_memory("0.5 * a + 0.5 * b", {"a": a, "b": b}, keys="intersection")
+    union = evaluate_expression_in_memory(
         "0.5 * a + 0.5 * b",
         {"a": a, "b": {k: v for k, v in b.items() if k != "model.layers.1.mlp.up_proj.weight"}},
         keys="union",
@@ -167,7 +174,7 @@ def test_zero_sum_weights_are_an_error_not_nan() -> None:
 
 def test_coefficients_not_summing_to_one_warn_naming_the_step() -> None:
     with pytest.warns(MergeWarning, match=r"step `result`: the checkpoints' coefficients sum to 2"):
-        merge_expression("a + b", {"a": tensors(0), "b": tensors(1)})
+        evaluate_expression_in_memory("a + b", {"a": tensors(0), "b": tensors(1)})
 
 
 def test_overrides_and_layer_gradients() -> None:
@@ -203,7 +210,9 @@ def _max(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def test_method_calls_inside_expressions() -> None:
     a, b, c = tensors(0), tensors(1), tensors(2)
-    out = merge_expression("c + 0.5 * (_test_elementwise_max(a, b) - c)", {"a": a, "b": b, "c": c})
+    out = evaluate_expression_in_memory(
+        "c + 0.5 * (_test_elementwise_max(a, b) - c)", {"a": a, "b": b, "c": c}
+    )
     k = "model.layers.2.mlp.up_proj.weight"
     torch.testing.assert_close(out[k], c[k] + 0.5 * (torch.maximum(a[k], b[k]) - c[k]))
 
@@ -220,7 +229,7 @@ def test_method_errors_name_the_tensor_and_step() -> None:
         ExecutionError,
         match=r"while merging tensor `model.embed_tokens.weight` in step `result` with `_test_fails`: RuntimeError: boom",
     ):
-        merge_expression("_test_fails(a)", {"a": tensors(0)})
+        evaluate_expression_in_memory("_test_fails(a)", {"a": tensors(0)})
 
 
 def test_ties_scope_model_uses_one_threshold_per_model() -> None:
@@ -266,11 +275,23 @@ def test_ties_scope_model_uses_one_threshold_per_model() -> None:
 def test_top_level_api() -> None:
     import merge
 
-    out = merge.merge_expression(
+    out = merge.evaluate_expression_in_memory(
         "0.5 * a + 0.5 * b", {"a": {"w": torch.ones(2)}, "b": {"w": torch.zeros(2)}}
     )
     assert torch.equal(out["w"], torch.full((2,), 0.5))
     assert merge.open_checkpoint({"w": torch.ones(1)}).keys() == ["w"]
+    # What type checkers see (the TYPE_CHECKING re-exports) is what `merge.X` gives at run time.
+    tree = ast.parse(Path(merge.__file__).read_text())
+    typed = {
+        alias.asname: node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+        if alias.asname
+    }
+    assert typed == merge._EXPORTS
+    assert all(getattr(merge, name) is not None for name in merge.__all__)
+    assert (Path(merge.__file__).parent / "py.typed").is_file()
     with pytest.raises(AttributeError, match="module `merge` has no attribute `nope`"):
         merge.nope  # noqa: B018
 

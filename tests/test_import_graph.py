@@ -19,16 +19,6 @@ import merge
 
 ROOT = Path(merge.__file__).parent
 
-# Cycles that another change removes (the CLI and its console; evaluation results and their
-# plots). Each pair is checked to still be a cycle, so this list shrinks as they are fixed:
-# delete an entry once that change has landed, and this constant with the last one.
-KNOWN_ELSEWHERE: frozenset[frozenset[str]] = frozenset(
-    {
-        frozenset({"merge.cli", "merge.console"}),
-        frozenset({"merge.evaluate.results", "merge.evaluate.plots"}),
-    }
-)
-
 # What `merge.io` (files) must not reach: it knows formats, never adapters, math or plans.
 IO_MUST_NOT_IMPORT = ("merge.lora", "merge.methods", "merge.plan", "merge.execute")
 
@@ -137,15 +127,8 @@ def test_every_module_is_seen() -> None:
 
 def test_no_import_cycles() -> None:
     graph = import_graph()
-    found = [c for c in cycles(graph) if frozenset(c) not in KNOWN_ELSEWHERE]
+    found = cycles(graph)
     assert not found, "import cycles in merge/:\n" + "\n".join(describe(c, graph) for c in found)
-
-
-def test_known_cycles_elsewhere_are_still_cycles() -> None:
-    """An entry of KNOWN_ELSEWHERE whose cycle is gone must be deleted, so none outstays it."""
-    present = {frozenset(c) for c in cycles(import_graph())}
-    stale = [sorted(pair) for pair in KNOWN_ELSEWHERE if pair not in present]
-    assert not stale, f"these cycles are fixed; remove them from KNOWN_ELSEWHERE: {stale}"
 
 
 def test_io_imports_no_adapters_math_or_plans() -> None:

@@ -1,5 +1,6 @@
 """Permutation alignment: specs (inferred by torch.fx or hand-written), weight and activation
-matching, equivalence checks, BatchNorm reset and REPAIR. See docs/align.md.
+matching, equivalence checks, BatchNorm reset and REPAIR. See docs/align.md; the map of
+the whole package is docs/architecture.md.
 
     from merge.align import align_state_dicts
     b_aligned, report = align_state_dicts(make_model, state_a, state_b, method="weight", seed=0)

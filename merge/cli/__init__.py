@@ -1,4 +1,8 @@
-"""The `merge` command line: one click group; each area registers its commands from its module."""
+"""The `merge` command line: one click group; each area registers its commands from its module.
+
+A new verb goes in its area's module (docs/architecture.md, "Where would a new CLI verb go?");
+shared options come from `merge.cli.options`.
+"""
 
 from __future__ import annotations
 
@@ -110,11 +114,3 @@ def _register_all() -> None:
 
 
 _register_all()
-
-
-def main() -> None:
-    """Kept for console scripts installed before `merge.console` existed (pip regenerates them
-    on reinstall); the one implementation is `merge.console.main`."""
-    from merge.console import main as console_main
-
-    console_main()

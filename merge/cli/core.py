@@ -2,115 +2,93 @@
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 
+from merge.cli.options import (
+    compose,
+    device_option,
+    dtype_option,
+    force_option,
+    no_card_option,
+    output_option,
+    parse_floats,
+    quiet_option,
+    shard_size_option,
+    unsafe_pickle_option,
+    var_option,
+    weights_option,
+)
 from merge.errors import MergeWarning, UsageError
 from merge.mergekit_schema import help_text as mergekit_help_text
 
-
-def _check_shard_size(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """`--shard-size` as typed: readable and at least 1 MB (`5B` is surely a typo for 5GB)."""
-    if value is None:
-        return None
-    from merge.recipe import parse_shard_size
-
-    try:
-        parse_shard_size(value)
-    except UsageError as e:
-        raise click.BadParameter(str(e)) from None
-    return value
-
-
-def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options every writing command shares."""
-    for deco in reversed(
-        [
-            click.option(
-                "-o",
-                "--output",
-                type=click.Path(path_type=Path),
-                help="Output: a folder (sharded) or a .safetensors file.",
-            ),
-            click.option("--force", is_flag=True, help="Replace an existing output."),
-            click.option(
-                "--dtype",
-                type=click.Choice(["float32", "float16", "bfloat16", "float64"]),
-                default=None,
-                help="Output dtype (default: the first checkpoint's, per tensor).",
-            ),
-            click.option(
-                "--shard-size",
-                default=None,
-                callback=_check_shard_size,
-                help="Largest shard of a folder output, e.g. 5GB (default) or 500MB; at least 1MB.",
-            ),
-            click.option(
-                "--device",
-                default="cpu",
-                show_default=True,
-                type=click.Choice(["cpu", "cuda", "auto"]),
-                help="Where the math runs.",
-            ),
-            click.option(
-                "--keys",
-                type=click.Choice(["strict", "intersection", "union"]),
-                default=None,
-                help="How to reconcile different key sets (default strict).",
-            ),
-            click.option(
-                "--mixed-architectures",
-                is_flag=True,
-                help="With --keys: write an output its copied config.json does not describe.",
-            ),
-            click.option(
-                "--unsafe-pickle",
-                is_flag=True,
-                help="Allow PyTorch pickles with arbitrary objects (runs their code: trusted files only).",
-            ),
-            click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
-            click.option(
-                "--no-card",
-                is_flag=True,
-                help="Write no model card (README.md) or recipe file beside the weights.",
-            ),
-        ]
-    ):
-        fn = deco(fn)
-    return fn
+# Options every writing command shares (see README: "Options shared by the writing commands").
+output_options = compose(
+    output_option("Output: a folder (sharded) or a .safetensors file."),
+    force_option(),
+    dtype_option("Output dtype (default: the first checkpoint's, per tensor)."),
+    shard_size_option,
+    device_option("cpu", "Where the math runs: cpu, cuda, cuda:N or auto."),
+    click.option(
+        "--keys",
+        type=click.Choice(["strict", "intersection", "union"]),
+        default=None,
+        help="How to reconcile different key sets (default strict).",
+    ),
+    click.option(
+        "--mixed-architectures",
+        is_flag=True,
+        help="With --keys: write an output its copied config.json does not describe.",
+    ),
+    unsafe_pickle_option(),
+    quiet_option("No progress bar."),
+    no_card_option(),
+)
 
 
 def _write(
-    recipe: Any, command: str, opts: dict[str, Any], *, output_required: bool = True, **extra: Any
+    recipe: Any,
+    command: str,
+    opts: dict[str, Any],
+    *,
+    output_required: bool = True,
+    vars: dict[str, float] | None = None,
+    **extra: Any,
 ) -> None:
     """Run a recipe with the shared output options (the writer reports what it wrote)."""
     from merge.api import run_recipe
+    from merge.execute import pick_device
+    from merge.recipe import load_recipe
 
     if output_required and opts["output"] is None:
         raise UsageError(f"{command} needs -o/--output")
+    pick_device(opts["device"])  # before any work: a bad --device is a clean error
+    with _warnings_shown(opts):
+        program = load_recipe(recipe, vars=vars)
+        _echo_translation(program)
+        run_recipe(program, **opts, **extra)
+
+
+def _echo_translation(program: Any) -> None:
+    if program.translated_from:
+        click.echo(
+            f"note: this is a {program.translated_from} config; translated with `compat: mergekit`",
+            err=True,
+        )
+
+
+@contextmanager
+def _warnings_shown(opts: dict[str, Any]) -> Iterator[None]:
+    """Our warnings, unless -q (which prints errors only)."""
     with warnings.catch_warnings():
-        if opts["quiet"]:  # -q prints errors only
+        if opts["quiet"]:
             warnings.simplefilter("ignore", MergeWarning)
-        run_recipe(recipe, **opts, **extra)
-
-
-def _parse_floats(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(
-            f"{flag} takes comma-separated numbers, like 0.5,0.3,0.2; got `{text}`"
-        ) from None
-    parts = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [x for x, v in zip(parts, values) if not math.isfinite(v)]
-    if bad:
-        raise UsageError(f"{flag} must be finite numbers; got {', '.join(bad)} in `{text}`")
-    return values
+        yield
 
 
 def _parse_vars(pairs: tuple[str, ...]) -> dict[str, float]:
@@ -128,7 +106,7 @@ def _parse_vars(pairs: tuple[str, ...]) -> dict[str, float]:
 
 @click.command()
 @click.argument("models", nargs=-1, required=True)
-@click.option("--weights", help="Comma-separated weights, one per model (default: equal).")
+@weights_option("Comma-separated weights, one per model (default: equal).")
 @click.option(
     "--normalize/--no-normalize",
     default=True,
@@ -142,7 +120,7 @@ def linear(models: tuple[str, ...], weights: str | None, normalize: bool, **opts
 
     if len(models) < 2:
         raise UsageError("merge linear needs at least two models")
-    w = _parse_floats(weights, "--weights") if weights else None
+    w = parse_floats(weights, "--weights") if weights else None
     if w is not None and len(w) != len(models):
         raise UsageError(
             f"--weights has {len(w)} values for {len(models)} models; give one weight per model"
@@ -152,9 +130,7 @@ def linear(models: tuple[str, ...], weights: str | None, normalize: bool, **opts
 
 @click.command(epilog=mergekit_help_text())  # one table with the importer: they cannot drift
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option(
-    "--var", "vars_", multiple=True, help="Override a recipe var: NAME=NUMBER (repeatable)."
-)
+@var_option()
 @output_options
 def run(recipe: Path, vars_: tuple[str, ...], **opts: Any) -> None:
     """Run a YAML recipe (ours, or a mergekit config); -o overrides the recipe's output path."""
@@ -163,7 +139,7 @@ def run(recipe: Path, vars_: tuple[str, ...], **opts: Any) -> None:
 
 @click.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--var", "vars_", multiple=True, help="Override a recipe var: NAME=NUMBER.")
+@var_option("Override a recipe var: NAME=NUMBER.")
 @click.option(
     "--no-inputs", is_flag=True, help="Check the recipe alone, without opening the inputs' headers."
 )
@@ -175,6 +151,7 @@ def validate(recipe: Path, vars_: tuple[str, ...], no_inputs: bool, limit: int) 
     from merge.recipe import load_recipe
 
     program = load_recipe(recipe, vars=_parse_vars(vars_) or None)
+    _echo_translation(program)
     if no_inputs:
         click.echo(f"{recipe}: ok")
         for name, form in program.steps.items():
@@ -198,8 +175,8 @@ def validate(recipe: Path, vars_: tuple[str, ...], no_inputs: bool, limit: int) 
     "--base", help="Base checkpoint: report task-vector norms (and cosines between several models)."
 )
 @click.option("--limit", default=40, show_default=True, help="Rows to print (0: all).")
-@click.option("--unsafe-pickle", is_flag=True, help="Allow PyTorch pickles with arbitrary objects.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@unsafe_pickle_option("Allow PyTorch pickles with arbitrary objects.")
+@quiet_option("No progress bar.")
 def inspect(
     paths: tuple[str, ...], base: str | None, limit: int, unsafe_pickle: bool, quiet: bool
 ) -> None:
@@ -264,52 +241,39 @@ def ema(
     **opts: Any,
 ) -> None:
     """EMA or SWA of an ordered checkpoint sequence, streamed as one weighted sum."""
-    from merge import ema as E
+    from merge.ema import sequence_weights, write_ema
+    from merge.posthoc_ema import posthoc_targets
 
     if opts["output"] is None:
         raise UsageError("merge ema needs -o/--output")
+    say = (lambda msg: None) if opts["quiet"] else (lambda msg: click.echo(msg, err=True))
+    run = {k: v for k, v in opts.items() if k != "output"}
     if sigma_rel is not None:
-        from merge.posthoc_ema import posthoc_ema_cli
-
-        posthoc_ema_cli(
-            list(checkpoints),
-            _parse_floats(sigma_rel, "--sigma-rel"),
-            opts["output"],
-            force=opts["force"],
-            quiet=opts["quiet"],
-            dtype=opts["dtype"],
-            device=opts["device"],
-        )
+        sigmas = parse_floats(sigma_rel, "--sigma-rel")
+        for t in posthoc_targets(checkpoints, sigmas, opts["output"]):
+            say(f"σ_rel {t.sigma_rel:.3f}: weights " + ", ".join(f"{w:.4g}" for w in t.weights))
+            with _warnings_shown(opts):
+                write_ema(t.paths, t.weights, t.output, **run)
         return
-    chosen = [x for x in (decay is not None, step_decay is not None, swa) if x]
-    if len(chosen) != 1:
-        raise UsageError("choose exactly one of --decay, --step-decay or --swa")
-    n = len(checkpoints)
-    if swa:
-        weights = E.swa_weights(n)
-    elif step_decay is not None:
-        if every:
-            steps = [i * every for i in range(n)]
-        else:
-            steps = E.steps_from_names(checkpoints)
-            if not opts["quiet"]:
-                click.echo(
-                    "steps read from the names: "
-                    + ", ".join(f"{Path(c).name or c} → {s}" for c, s in zip(checkpoints, steps)),
-                    err=True,
-                )
-        decays = E.step_decays(
-            steps, step_decay, warmup_gamma=warmup_gamma, warmup_power=warmup_power
+    chosen = sequence_weights(
+        checkpoints,
+        decay=decay,
+        step_decay=step_decay,
+        every=every,
+        swa=swa,
+        warmup_gamma=warmup_gamma,
+        warmup_power=warmup_power,
+    )
+    if chosen.steps_from_names is not None:
+        say(
+            "steps read from the names: "
+            + ", ".join(
+                f"{Path(c).name or c} → {s}" for c, s in zip(checkpoints, chosen.steps_from_names)
+            )
         )
-        weights = E.weights_from_decays(decays)
-    else:
-        assert decay is not None
-        decays = E.checkpoint_decays(n, decay, warmup_gamma=warmup_gamma, warmup_power=warmup_power)
-        weights = E.weights_from_decays(decays)
-    if not opts["quiet"]:
-        click.echo("weights: " + ", ".join(f"{w:.6g}" for w in weights), err=True)
-    recipe = E.ema_recipe(list(checkpoints), weights, buffers=buffers)
-    _write(recipe, "merge ema", opts, passthrough_from=f"ckpt{n - 1}")
+    say("weights: " + ", ".join(f"{w:.6g}" for w in chosen.weights))
+    with _warnings_shown(opts):
+        write_ema(list(checkpoints), chosen.weights, opts["output"], buffers=buffers, **run)
 
 
 @click.command()
@@ -320,13 +284,13 @@ def ema(
     show_default=True,
     help="Where the demo leaves its checkpoints, recipe and merges.",
 )
-@click.option("--force", is_flag=True, help="Replace an existing demo folder.")
-@click.option("-q", "--quiet", is_flag=True, help="Only the final tables.")
+@force_option("Replace an existing demo folder.")
+@quiet_option("Only the final tables.")
 def demo(workdir: Path, force: bool, quiet: bool) -> None:
     """Train a tiny base and fine-tunes on synthetic tasks, then show task arithmetic at work."""
     from merge.demo import run_demo
 
-    click.echo(run_demo(workdir, force=force, quiet=quiet))
+    click.echo(run_demo(workdir, force=force, progress=None if quiet else click.echo))
 
 
 def register(cli: click.Group) -> None:

@@ -6,131 +6,130 @@ Each writes `<verb>.json` (schema in docs/evaluate.md), `<verb>.csv` (one row pe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
+from merge.cli.options import (
+    Decorator,
+    compose,
+    data_option,
+    device_option,
+    grid_option,
+    metric_option,
+    model_option,
+    no_plot_option,
+    output_option,
+    quiet_option,
+    range_option,
+    save_option,
+    seed_option,
+)
 from merge.errors import ExecutionError, UsageError
 
-EXECUTOR_CHOICES = click.Choice(["sequential", "pool", "ray"])
-
-
-def _options(
-    options: list[Callable[[Any], Any]],
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    def apply(fn: Callable[..., Any]) -> Callable[..., Any]:
-        for opt in reversed(options):
-            fn = opt(fn)
-        return fn
-
-    return apply
-
-
-_data_options = _options(
-    [
-        click.option(
-            "--data",
-            "data",
-            metavar="MODULE:FN",
-            help="make_data() -> iterable of (inputs, targets) or dict batches; scored by the built-in evaluator.",
-        ),
-        click.option(
-            "--eval",
-            "eval_fn",
-            metavar="MODULE:FN",
-            help="evaluate(model) -> dict with at least `loss` (replaces the built-in evaluator).",
-        ),
-        click.option(
-            "--lm-text",
-            type=click.Path(dir_okay=False),
-            help="Causal-LM perplexity on this local text file.",
-        ),
-        click.option(
-            "--tokenizer",
-            type=click.Path(file_okay=False),
-            help="Local tokenizer folder for --lm-text (default: the first checkpoint folder that has one).",
-        ),
-        click.option(
-            "--seq-len",
-            type=int,
-            default=128,
-            show_default=True,
-            help="Tokens per block for --lm-text.",
-        ),
-    ]
+# What to evaluate with: a dataset for the built-in evaluator, the user's function, or a text.
+data_options = compose(
+    data_option(
+        "make_data() -> iterable of (inputs, targets) or dict batches; scored by the built-in evaluator."
+    ),
+    click.option(
+        "--eval",
+        "eval_fn",
+        metavar="MODULE:FN",
+        help="evaluate(model) -> dict with at least `loss` (replaces the built-in evaluator).",
+    ),
+    click.option(
+        "--lm-text",
+        type=click.Path(dir_okay=False),
+        help="Causal-LM perplexity on this local text file.",
+    ),
+    click.option(
+        "--tokenizer",
+        type=click.Path(file_okay=False),
+        help="Local tokenizer folder for --lm-text (default: the first checkpoint folder that has one).",
+    ),
+    click.option(
+        "--seq-len",
+        type=int,
+        default=128,
+        show_default=True,
+        help="Tokens per block for --lm-text.",
+    ),
 )
 
-_run_options = _options(
-    [
-        click.option(
-            "--model",
-            "model",
-            metavar="MODULE:FN",
-            help="make_model() -> nn.Module whose state_dict matches the checkpoints (optional for Hugging Face LM folders).",
-        ),
-        click.option(
-            "--device",
-            default="auto",
-            show_default=True,
-            help="cpu, cuda, cuda:1, ... (auto: cuda when available).",
-        ),
-        click.option(
-            "--device-map",
-            metavar="auto",
-            help="For a model too big for one GPU: build it on the meta device and spread it over the GPUs with accelerate.",
-        ),
-        click.option(
-            "--cache",
-            type=click.Choice(["auto", "device", "cpu", "stream"]),
-            default="auto",
-            show_default=True,
-            help="Where the checkpoints' tensors live between points: beside the model, in CPU memory, or read from the files at every point (memory-mapped; for models too big to hold twice).",
-        ),
-        click.option(
-            "--executor",
-            type=EXECUTOR_CHOICES,
-            default="sequential",
-            show_default=True,
-            help="Run points in this process, on a local process pool, or on Ray.",
-        ),
-        click.option(
-            "--workers",
-            type=int,
-            default=None,
-            help="Workers for --executor pool/ray (default: the CPU count).",
-        ),
-        click.option(
-            "-o",
-            "--output",
-            type=click.Path(file_okay=False),
-            default=None,
-            help="Folder for the JSON, CSV and plots (default: ./merge-<command>).",
-        ),
-        click.option(
-            "--higher-is-better",
-            "higher_is_better",
-            multiple=True,
-            metavar="METRIC",
-            help="A metric whose larger values are better (repeatable); overrides the evaluator's declaration. Needed for metrics the evaluator does not declare and merge does not know.",
-        ),
-        click.option(
-            "--lower-is-better",
-            "lower_is_better",
-            multiple=True,
-            metavar="METRIC",
-            help="A metric whose smaller values are better (repeatable).",
-        ),
-        click.option("--no-plot", is_flag=True, help="Skip the PNG/SVG plots."),
-        click.option("-q", "--quiet", is_flag=True, help="No per-point progress."),
-    ]
+# How the points run (`merge.evaluate.executors.RunOptions`) and what is written.
+run_options = compose(
+    model_option(
+        "make_model() -> nn.Module whose state_dict matches the checkpoints (optional for Hugging Face LM folders)."
+    ),
+    device_option("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)."),
+    click.option(
+        "--device-map",
+        metavar="auto",
+        help="For a model too big for one GPU: build it on the meta device and spread it over the GPUs with accelerate.",
+    ),
+    click.option(
+        "--cache",
+        type=click.Choice(["auto", "device", "cpu", "stream"]),
+        default="auto",
+        show_default=True,
+        help="Where the checkpoints' tensors live between points: beside the model, in CPU memory, or read from the files at every point (memory-mapped; for models too big to hold twice).",
+    ),
+    click.option(
+        "--executor",
+        type=click.Choice(["sequential", "pool", "ray"]),
+        default="sequential",
+        show_default=True,
+        help="Run points in this process, on a local process pool, or on Ray.",
+    ),
+    click.option(
+        "--workers",
+        type=int,
+        default=None,
+        help="Workers for --executor pool/ray (default: the CPU count).",
+    ),
+    output_option(
+        "Folder for the JSON, CSV and plots (default: ./merge-<command>).", file_okay=False
+    ),
+    click.option(
+        "--higher-is-better",
+        "higher_is_better",
+        multiple=True,
+        metavar="METRIC",
+        help="A metric whose larger values are better (repeatable); overrides the evaluator's declaration. Needed for metrics the evaluator does not declare and merge does not know.",
+    ),
+    click.option(
+        "--lower-is-better",
+        "lower_is_better",
+        multiple=True,
+        metavar="METRIC",
+        help="A metric whose smaller values are better (repeatable).",
+    ),
+    no_plot_option("Skip the PNG/SVG plots."),
+    quiet_option("No per-point progress."),
+)
+
+# --model, --data, --eval, --lm-text and friends, --device, --executor, --workers, -o, --no-plot, -q.
+eval_options = compose(run_options, data_options)
+
+# The probes run one model on one device, in this process.
+probe_output_options = compose(
+    device_option("auto", "cpu, cuda, cuda:1, ... (auto: cuda when available)."),
+    output_option(
+        "Folder for the JSON, CSV and plots (default: ./merge-<command>).", file_okay=False
+    ),
+    no_plot_option("Skip the PNG/SVG plots."),
 )
 
 
-def _eval_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--model, --data, --eval, --lm-text and friends, --device, --executor, --workers, -o, --no-plot, --quiet."""
-    return _run_options(_data_options(fn))
+def bn_reset_option(help: str) -> Decorator:
+    return click.option("--bn-reset", is_flag=True, help=help)
+
+
+def bn_data_option(help: str) -> Decorator:
+    return click.option("--bn-data", metavar="MODULE:FN", help=help)
 
 
 def model_spec(model: str | None, folders: list[str]) -> Any:
@@ -218,9 +217,9 @@ def _progress(quiet: bool) -> Any:
 
 
 def _finish(result: Any, output: str | None, verb: str, no_plot: bool) -> None:
-    from merge.evaluate.report import summary_table
+    from merge.evaluate.report import summary_table, write_result
 
-    result.write(output or f"merge-{verb}", plots=not no_plot, stem=verb)
+    write_result(result, output or f"merge-{verb}", plots=not no_plot, stem=verb)
     click.echo(summary_table(result))
     if not result.ok:
         bad = [k for k, e in result.endpoints.items() if not e["ok"]]
@@ -231,7 +230,8 @@ def _finish(result: Any, output: str | None, verb: str, no_plot: bool) -> None:
         )
 
 
-def _common(opts: dict[str, Any]) -> dict[str, Any]:
+def _run_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
+    """The command's run options as `RunKwargs` for the evaluation functions."""
     from merge.evaluate.runner import resolve_device
 
     resolve_device(opts["device"])  # before any work: a bad --device is a clean error
@@ -251,77 +251,93 @@ def _maybe_data(spec: str | None, what: str) -> Any:
     return Batches(spec, what=what) if spec else None
 
 
-def register(cli: click.Group) -> None:
-    @cli.command("path")
-    @click.argument("a")
-    @click.argument("b")
-    @_eval_options
-    @click.option(
-        "--steps",
-        type=int,
-        default=25,
-        show_default=True,
-        help="Points on the α grid (α = ½ is always included).",
-    )
-    @click.option(
-        "--scales",
-        metavar="START:STOP:NUM",
-        help="Instead of A→B, the task-vector path θ_A + λ(θ_B − θ_A) over these λ (extrapolation allowed).",
-    )
-    @click.option(
-        "--align",
-        type=click.Choice(["weight", "activation"]),
-        help="Also evaluate B permuted onto A (merge.align).",
-    )
-    @click.option(
-        "--align-data", metavar="MODULE:FN", help="Data for activation matching (default: --data)."
-    )
-    @click.option(
-        "--bn-reset",
-        is_flag=True,
-        help="Also recompute BatchNorm statistics at every α (its own curve).",
-    )
-    @click.option("--repair", is_flag=True, help="Also apply REPAIR at every α (merge.align).")
-    @click.option(
-        "--bn-data",
-        metavar="MODULE:FN",
-        help="Data for --bn-reset/--repair statistics (default: --data); training data is best.",
-    )
-    @click.option("--bn-batches", type=int, help="Use only this many batches for the statistics.")
-    @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the alignment.")
-    def path_cmd(a: str, b: str, **opts: Any) -> None:
-        """Loss and accuracy along the linear path from checkpoint A to B, with barriers under every definition.
+def _check_save(save: str | None, inputs: Sequence[str]) -> None:
+    """--save refused now, not after the evaluations."""
+    if save:
+        from merge.io.output import check_output
 
-        \b
-        merge path a/ b/ --model mypkg:make_model --data mypkg:test_loader --steps 25 -o report/
-        merge path a/ b/ ... --align weight --bn-reset --repair -o report/
-        merge path llm-a/ llm-b/ --lm-text corpus.txt -o report/
-        """
-        from merge.evaluate.grids import parse_values
-        from merge.evaluate.paths import interpolation_path, task_vector_path
+        check_output(save, inputs)
 
-        _check_inputs(a, b)
-        model = model_spec(opts["model"], [a, b])
-        ev = evaluator_from(opts, [a, b])
-        bn_data = _maybe_data(opts["bn_data"], "--bn-data")
-        if opts["scales"]:
-            if opts["align"] or opts["repair"]:
-                raise UsageError(
-                    "--scales draws a task-vector path; --align and --repair apply to A→B paths only"
-                )
-            result = task_vector_path(
-                model,
-                a,
-                b,
-                scales=parse_values(opts["scales"], what="--scales"),
-                evaluator=ev,
-                bn_reset=opts["bn_reset"],
-                bn_data=bn_data or ev_data(ev),
-                bn_batches=opts["bn_batches"],
-                **_common(opts),
+
+def _save_weighted(states: dict[str, str], weights: dict[str, float], save: str) -> str:
+    from merge.evaluate.weights import weighted_state
+    from merge.io import save_state_dict
+
+    return str(save_state_dict(weighted_state(states, weights), save))
+
+
+def _parse_span(text: str, flag: str, example: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise UsageError(f"{flag} `{text}` must look like START:STOP, e.g. {example}") from None
+    return lo, hi
+
+
+# -- merge path --------------------------------------------------------------------------------
+
+
+@click.command("path")
+@click.argument("a")
+@click.argument("b")
+@eval_options
+@click.option(
+    "--steps",
+    type=int,
+    default=25,
+    show_default=True,
+    help="Points on the α grid (α = ½ is always included).",
+)
+@click.option(
+    "--scales",
+    metavar="START:STOP:NUM",
+    help="Instead of A→B, the task-vector path θ_A + λ(θ_B − θ_A) over these λ (extrapolation allowed).",
+)
+@click.option(
+    "--align",
+    type=click.Choice(["weight", "activation"]),
+    help="Also evaluate B permuted onto A (merge.align).",
+)
+@click.option(
+    "--align-data", metavar="MODULE:FN", help="Data for activation matching (default: --data)."
+)
+@bn_reset_option("Also recompute BatchNorm statistics at every α (its own curve).")
+@click.option("--repair", is_flag=True, help="Also apply REPAIR at every α (merge.align).")
+@bn_data_option("Data for --bn-reset/--repair statistics (default: --data); training data is best.")
+@click.option("--bn-batches", type=int, help="Use only this many batches for the statistics.")
+@seed_option("Seed for the alignment.")
+def path_cmd(a: str, b: str, **opts: Any) -> None:
+    """Loss and accuracy along the linear path from checkpoint A to B, with barriers under every definition.
+
+    \b
+    merge path a/ b/ --model mypkg:make_model --data mypkg:test_loader --steps 25 -o report/
+    merge path a/ b/ ... --align weight --bn-reset --repair -o report/
+    merge path llm-a/ llm-b/ --lm-text corpus.txt -o report/
+    """
+    from merge.evaluate.grids import parse_values
+    from merge.evaluate.paths import interpolation_path, task_vector_path
+
+    _check_inputs(a, b)
+    model = model_spec(opts["model"], [a, b])
+    ev = evaluator_from(opts, [a, b])
+    bn_data = _maybe_data(opts["bn_data"], "--bn-data") or ev_data(ev)
+    if opts["scales"]:
+        if opts["align"] or opts["repair"]:
+            raise UsageError(
+                "--scales draws a task-vector path; --align and --repair apply to A→B paths only"
             )
-            _finish(result, opts["output"], "path", opts["no_plot"])
-            return
+        result = task_vector_path(
+            model,
+            a,
+            b,
+            scales=parse_values(opts["scales"], what="--scales"),
+            evaluator=ev,
+            bn_reset=opts["bn_reset"],
+            bn_data=bn_data,
+            bn_batches=opts["bn_batches"],
+            **_run_kwargs(opts),
+        )
+    else:
         result = interpolation_path(
             model,
             a,
@@ -333,374 +349,335 @@ def register(cli: click.Group) -> None:
             seed=opts["seed"],
             bn_reset=opts["bn_reset"],
             repair=opts["repair"],
-            bn_data=bn_data or ev_data(ev),
+            bn_data=bn_data,
             bn_batches=opts["bn_batches"],
-            **_common(opts),
+            **_run_kwargs(opts),
         )
-        _finish(result, opts["output"], "path", opts["no_plot"])
+    _finish(result, opts["output"], "path", opts["no_plot"])
 
-    @cli.command("sweep")
-    @click.argument("recipe", type=click.Path(dir_okay=False))
-    @click.option(
-        "--param",
-        "params",
-        multiple=True,
-        required=True,
-        metavar="NAME=START:STOP:NUM",
-        help="A range over `vars.NAME` or a step path (steps.STEP.PARAM); repeat for a grid. `NAME=v1,v2` lists values.",
+
+# -- merge sweep -------------------------------------------------------------------------------
+
+
+@click.command("sweep")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    required=True,
+    metavar="NAME=START:STOP:NUM",
+    help="A range over `vars.NAME` or a step path (steps.STEP.PARAM); repeat for a grid. `NAME=v1,v2` lists values.",
+)
+@metric_option("loss", "Metric that picks the best point.")
+@eval_options
+def sweep_cmd(recipe: str, params: tuple[str, ...], metric: str, **opts: Any) -> None:
+    """Evaluate a recipe's merge over a grid of coefficients (in memory, nothing written per point).
+
+    \b
+    merge sweep recipe.yaml --param vars.lam=0:1.5:16 --model mypkg:make_model --eval mypkg:val_score -o sweep/
+    """
+    from merge.evaluate.grids import parse_range
+    from merge.evaluate.sweep import RecipeBuilder, sweep_recipe
+
+    _check_inputs(recipe)
+    ranges = [parse_range(p) for p in params]
+    folders = _recipe_folders(RecipeBuilder(recipe))
+    result = sweep_recipe(
+        recipe,
+        ranges,
+        model_spec(opts["model"], folders),
+        evaluator=evaluator_from(opts, folders),
+        metric=metric,
+        **_run_kwargs(opts),
     )
-    @click.option(
-        "--metric", default="loss", show_default=True, help="Metric that picks the best point."
+    _finish(result, opts["output"], "sweep", opts["no_plot"])
+
+
+# -- merge plane -------------------------------------------------------------------------------
+
+
+@click.command("plane")
+@click.argument("base")
+@click.argument("task1")
+@click.argument("task2")
+@eval_options
+@grid_option(21)
+@range_option("0:1", "λ range on both axes.", dest="lam_range")
+@bn_reset_option("Recompute BatchNorm statistics at every point.")
+@bn_data_option("Data for --bn-reset (default: --data).")
+def plane_cmd(base: str, task1: str, task2: str, grid: int, lam_range: str, **opts: Any) -> None:
+    """Metrics over the plane θ0 + λ1 τ1 + λ2 τ2 spanned by two task vectors.
+
+    \b
+    merge plane base/ ft1/ ft2/ --model mypkg:make_model --data mypkg:val --grid 21 -o plane/
+    """
+    from merge.evaluate.paths import plane
+
+    _check_inputs(base, task1, task2)
+    lo, hi = _parse_span(lam_range, "--range", "-0.5:1.5")
+    ev = evaluator_from(opts, [base, task1, task2])
+    result = plane(
+        model_spec(opts["model"], [base]),
+        base,
+        task1,
+        task2,
+        grid=grid,
+        lam_range=(lo, hi),
+        evaluator=ev,
+        bn_reset=opts["bn_reset"],
+        bn_data=_maybe_data(opts["bn_data"], "--bn-data") or ev_data(ev),
+        **_run_kwargs(opts),
     )
-    @_eval_options
-    def sweep_cmd(recipe: str, params: tuple[str, ...], metric: str, **opts: Any) -> None:
-        """Evaluate a recipe's merge over a grid of coefficients (in memory, nothing written per point).
+    _finish(result, opts["output"], "plane", opts["no_plot"])
 
-        \b
-        merge sweep recipe.yaml --param vars.lam=0:1.5:16 --model mypkg:make_model --eval mypkg:val_score -o sweep/
-        """
-        from merge.evaluate.grids import parse_range
-        from merge.evaluate.sweep import RecipeBuilder, sweep_recipe
 
-        _check_inputs(recipe)
-        ranges = [parse_range(p) for p in params]
-        folders = _recipe_folders(RecipeBuilder(recipe))
-        result = sweep_recipe(
-            recipe,
-            ranges,
-            model_spec(opts["model"], folders),
-            evaluator=evaluator_from(opts, folders),
-            metric=metric,
-            **_common(opts),
+# -- merge negate ------------------------------------------------------------------------------
+
+
+@click.command("negate")
+@click.argument("base")
+@click.argument("finetuned")
+@run_options
+@click.option("--target-data", metavar="MODULE:FN", help="Data of the task to forget.")
+@click.option("--control-data", metavar="MODULE:FN", help="Data of the task to keep.")
+@click.option("--target-eval", metavar="MODULE:FN", help="Own evaluate(model) for the target task.")
+@click.option(
+    "--control-eval", metavar="MODULE:FN", help="Own evaluate(model) for the control task."
+)
+@click.option(
+    "--lambdas",
+    default="0:1:21",
+    show_default=True,
+    metavar="START:STOP:NUM",
+    help="λ grid for θ0 − λτ.",
+)
+@click.option(
+    "--threshold",
+    type=float,
+    default=0.95,
+    show_default=True,
+    help="Control must stay ≥ this fraction of the base's.",
+)
+@metric_option("accuracy", "Score compared (accuracy: higher is better; loss: lower).")
+@click.option(
+    "--random-baseline/--no-random-baseline",
+    default=True,
+    show_default=True,
+    help="Evaluate a random vector of τ's norm at the chosen λ.",
+)
+@seed_option()
+@save_option("Also write the negated model at the chosen λ here.")
+def negate_cmd(base: str, finetuned: str, **opts: Any) -> None:
+    """Forget a task: θ0 − λτ, with λ the lowest target score whose control stays ≥ 95% of the base's.
+
+    \b
+    merge negate base/ ft/ --model mypkg:make_model --target-data mypkg:toxic --control-data mypkg:wiki -o forget/
+    """
+    from merge.evaluate.grids import parse_values
+    from merge.evaluate.negation import negation
+
+    _check_inputs(base, finetuned)
+    _check_save(opts["save"], [base, finetuned])
+    folders = [base, finetuned]
+    target = (
+        evaluator_from(opts, folders, data_key="target_data", eval_key="target_eval")
+        if (opts["target_data"] or opts["target_eval"])
+        else None
+    )
+    control = (
+        evaluator_from(opts, folders, data_key="control_data", eval_key="control_eval")
+        if (opts["control_data"] or opts["control_eval"])
+        else None
+    )
+    if target is None or control is None:
+        raise UsageError(
+            "negate needs the task to forget and the task to keep: --target-data/--target-eval and --control-data/--control-eval"
         )
-        _finish(result, opts["output"], "sweep", opts["no_plot"])
-
-    @cli.command("plane")
-    @click.argument("base")
-    @click.argument("task1")
-    @click.argument("task2")
-    @_eval_options
-    @click.option("--grid", type=int, default=21, show_default=True, help="Points per axis.")
-    @click.option(
-        "--range",
-        "lam_range",
-        default="0:1",
-        show_default=True,
-        metavar="START:STOP",
-        help="λ range on both axes.",
+    result = negation(
+        model_spec(opts["model"], folders),
+        base,
+        finetuned,
+        target_eval=target,
+        control_eval=control,
+        lambdas=parse_values(opts["lambdas"], what="--lambdas"),
+        threshold=opts["threshold"],
+        metric=opts["metric"],
+        random_baseline=opts["random_baseline"],
+        seed=opts["seed"],
+        **_run_kwargs(opts),
     )
-    @click.option("--bn-reset", is_flag=True, help="Recompute BatchNorm statistics at every point.")
-    @click.option("--bn-data", metavar="MODULE:FN", help="Data for --bn-reset (default: --data).")
-    def plane_cmd(
-        base: str, task1: str, task2: str, grid: int, lam_range: str, **opts: Any
-    ) -> None:
-        """Metrics over the plane θ0 + λ1 τ1 + λ2 τ2 spanned by two task vectors.
-
-        \b
-        merge plane base/ ft1/ ft2/ --model mypkg:make_model --data mypkg:val --grid 21 -o plane/
-        """
-        from merge.evaluate.paths import plane
-
-        _check_inputs(base, task1, task2)
-        try:
-            lo, hi = (float(x) for x in lam_range.split(":"))
-        except ValueError:
-            raise UsageError(
-                f"--range `{lam_range}` must look like START:STOP, e.g. -0.5:1.5"
-            ) from None
-        ev = evaluator_from(opts, [base, task1, task2])
-        result = plane(
-            model_spec(opts["model"], [base]),
-            base,
-            task1,
-            task2,
-            grid=grid,
-            lam_range=(lo, hi),
-            evaluator=ev,
-            bn_reset=opts["bn_reset"],
-            bn_data=_maybe_data(opts["bn_data"], "--bn-data") or ev_data(ev),
-            **_common(opts),
+    if opts["save"] and result.selection.get("lambda") is not None:
+        lam = result.selection["lambda"]
+        result.selection["saved"] = _save_weighted(
+            {"base": base, "task": finetuned}, {"base": 1.0 + lam, "task": -lam}, opts["save"]
         )
-        _finish(result, opts["output"], "plane", opts["no_plot"])
+    _finish(result, opts["output"], "negate", opts["no_plot"])
 
-    @cli.command("negate")
-    @click.argument("base")
-    @click.argument("finetuned")
-    @_run_options
-    @click.option("--target-data", metavar="MODULE:FN", help="Data of the task to forget.")
-    @click.option("--control-data", metavar="MODULE:FN", help="Data of the task to keep.")
-    @click.option(
-        "--target-eval", metavar="MODULE:FN", help="Own evaluate(model) for the target task."
-    )
-    @click.option(
-        "--control-eval", metavar="MODULE:FN", help="Own evaluate(model) for the control task."
-    )
-    @click.option(
-        "--lambdas",
-        default="0:1:21",
-        show_default=True,
-        metavar="START:STOP:NUM",
-        help="λ grid for θ0 − λτ.",
-    )
-    @click.option(
-        "--threshold",
-        type=float,
-        default=0.95,
-        show_default=True,
-        help="Control must stay ≥ this fraction of the base's.",
-    )
-    @click.option(
-        "--metric",
-        default="accuracy",
-        show_default=True,
-        help="Score compared (accuracy: higher is better; loss: lower).",
-    )
-    @click.option(
-        "--random-baseline/--no-random-baseline",
-        default=True,
-        show_default=True,
-        help="Evaluate a random vector of τ's norm at the chosen λ.",
-    )
-    @click.option("--seed", type=int, default=0, show_default=True)
-    @click.option(
-        "--save",
-        type=click.Path(file_okay=False),
-        help="Also write the negated model at the chosen λ here.",
-    )
-    def negate_cmd(base: str, finetuned: str, **opts: Any) -> None:
-        """Forget a task: θ0 − λτ, with λ the lowest target score whose control stays ≥ 95% of the base's.
 
-        \b
-        merge negate base/ ft/ --model mypkg:make_model --target-data mypkg:toxic --control-data mypkg:wiki -o forget/
-        """
-        from merge.evaluate.grids import parse_values
-        from merge.evaluate.negation import negation
+# -- merge greedy-soup -------------------------------------------------------------------------
 
-        _check_inputs(base, finetuned)
-        if opts["save"]:  # refused now, not after the evaluations
-            from merge.io.output import check_output
 
-            check_output(opts["save"], [base, finetuned])
-        folders = [base, finetuned]
-        target = (
-            evaluator_from(opts, folders, data_key="target_data", eval_key="target_eval")
-            if (opts["target_data"] or opts["target_eval"])
-            else None
+@click.command("greedy-soup")
+@click.argument("ingredients", nargs=-1, required=True)
+@eval_options
+@metric_option("accuracy", "Validation metric the soup must improve.")
+@save_option("Also write the soup here.")
+def soup_cmd(ingredients: tuple[str, ...], metric: str, **opts: Any) -> None:
+    """Greedy soup: add each fine-tuned model (best first) only if the validation score improves."""
+    from merge.evaluate.soup import greedy_soup
+
+    _check_inputs(*ingredients)
+    _check_save(opts["save"], ingredients)
+    states = dict(zip(_unique_names(ingredients), ingredients))
+    result = greedy_soup(
+        model_spec(opts["model"], list(ingredients)),
+        states,
+        evaluator=evaluator_from(opts, list(ingredients)),
+        metric=metric,
+        **_run_kwargs(opts),
+    )
+    if opts["save"]:
+        result.selection["saved"] = _save_weighted(
+            states, result.selection["weights"], opts["save"]
         )
-        control = (
-            evaluator_from(opts, folders, data_key="control_data", eval_key="control_eval")
-            if (opts["control_data"] or opts["control_eval"])
-            else None
-        )
-        if target is None or control is None:
-            raise UsageError(
-                "negate needs the task to forget and the task to keep: --target-data/--target-eval and --control-data/--control-eval"
-            )
-        result = negation(
-            model_spec(opts["model"], folders),
-            base,
-            finetuned,
-            target_eval=target,
-            control_eval=control,
-            lambdas=parse_values(opts["lambdas"], what="--lambdas"),
-            threshold=opts["threshold"],
-            metric=opts["metric"],
-            random_baseline=opts["random_baseline"],
-            seed=opts["seed"],
-            **_common(opts),
-        )
-        if opts["save"] and result.selection.get("lambda") is not None:
-            from merge.evaluate.weights import weighted_state
-            from merge.io import save_state_dict
+    _finish(result, opts["output"], "greedy-soup", opts["no_plot"])
 
-            lam = result.selection["lambda"]
-            path = save_state_dict(
-                weighted_state(
-                    {"base": base, "task": finetuned}, {"base": 1.0 + lam, "task": -lam}
-                ),
-                opts["save"],
-            )
-            result.selection["saved"] = str(path)
-        _finish(result, opts["output"], "negate", opts["no_plot"])
 
-    @cli.command("greedy-soup")
-    @click.argument("ingredients", nargs=-1, required=True)
-    @_eval_options
-    @click.option(
-        "--metric",
-        default="accuracy",
-        show_default=True,
-        help="Validation metric the soup must improve.",
-    )
-    @click.option("--save", type=click.Path(file_okay=False), help="Also write the soup here.")
-    def soup_cmd(ingredients: tuple[str, ...], metric: str, **opts: Any) -> None:
-        """Greedy soup: add each fine-tuned model (best first) only if the validation score improves."""
-        from merge.evaluate.soup import greedy_soup
+# -- merge probe linearity | disentanglement ---------------------------------------------------
 
-        _check_inputs(*ingredients)
-        if opts["save"]:
-            from merge.io.output import check_output
 
-            check_output(opts["save"], ingredients)
-        names = _unique_names(ingredients)
-        states = dict(zip(names, ingredients))
-        result = greedy_soup(
-            model_spec(opts["model"], list(ingredients)),
-            states,
-            evaluator=evaluator_from(opts, list(ingredients)),
-            metric=metric,
-            **_common(opts),
-        )
-        if opts["save"]:
-            from merge.evaluate.weights import weighted_state
-            from merge.io import save_state_dict
+@click.group("probe")
+def probe_group() -> None:
+    """Probes of how linear a network is, in function space and in weight space."""
 
-            result.selection["saved"] = str(
-                save_state_dict(weighted_state(states, result.selection["weights"]), opts["save"])
-            )
-        _finish(result, opts["output"], "greedy-soup", opts["no_plot"])
 
-    @cli.group("probe")
-    def probe() -> None:
-        """Probes of how linear a network is, in function space and in weight space."""
+@probe_group.command("linearity")
+@model_option("make_model() -> nn.Module.", required=True)
+@data_option("Batches whose inputs are probed (float tensors).", required=True)
+@click.option("--weights", type=click.Path(), help="Checkpoint to load into the model first.")
+@click.option(
+    "--layer",
+    "layers",
+    multiple=True,
+    metavar="NAME",
+    help="Also probe this module's output (repeatable).",
+)
+@click.option(
+    "--k",
+    "ks",
+    default="-2,-1,-0.5,0.5,2",
+    show_default=True,
+    help="Scales for homogeneity (include negative ones).",
+)
+@click.option(
+    "--origin",
+    type=click.Choice(["affine", "zero"]),
+    default="affine",
+    show_default=True,
+    help="affine: measure f − f(0) (an affine map scores 0); zero: the textbook f(kx) = k f(x).",
+)
+@click.option(
+    "--pairs",
+    type=int,
+    default=512,
+    show_default=True,
+    help="Input pairs (x, y) to average over.",
+)
+@click.option("--base", type=click.Path(), help="Weight-space probes: the base checkpoint θ0 ...")
+@click.option(
+    "--task",
+    "tasks",
+    multiple=True,
+    type=click.Path(),
+    help="... and one or two fine-tuned checkpoints (τ = θ − θ0).",
+)
+@seed_option()
+@probe_output_options
+def linearity_cmd(**opts: Any) -> None:
+    """Homogeneity |f(kx) − k f(x)| and additivity |f(x+y) − f(x) − f(y)|, relative to |f(x) − f(y)|.
 
-    @probe.command("linearity")
-    @click.option("--model", required=True, metavar="MODULE:FN", help="make_model() -> nn.Module.")
-    @click.option(
-        "--data",
-        required=True,
-        metavar="MODULE:FN",
-        help="Batches whose inputs are probed (float tensors).",
-    )
-    @click.option("--weights", type=click.Path(), help="Checkpoint to load into the model first.")
-    @click.option(
-        "--layer",
-        "layers",
-        multiple=True,
-        metavar="NAME",
-        help="Also probe this module's output (repeatable).",
-    )
-    @click.option(
-        "--k",
-        "ks",
-        default="-2,-1,-0.5,0.5,2",
-        show_default=True,
-        help="Scales for homogeneity (include negative ones).",
-    )
-    @click.option(
-        "--origin",
-        type=click.Choice(["affine", "zero"]),
-        default="affine",
-        show_default=True,
-        help="affine: measure f − f(0) (an affine map scores 0); zero: the textbook f(kx) = k f(x).",
-    )
-    @click.option(
-        "--pairs",
-        type=int,
-        default=512,
-        show_default=True,
-        help="Input pairs (x, y) to average over.",
-    )
-    @click.option(
-        "--base", type=click.Path(), help="Weight-space probes: the base checkpoint θ0 ..."
-    )
-    @click.option(
-        "--task",
-        "tasks",
-        multiple=True,
-        type=click.Path(),
-        help="... and one or two fine-tuned checkpoints (τ = θ − θ0).",
-    )
-    @click.option("--seed", type=int, default=0, show_default=True)
-    @click.option("--device", default="auto", show_default=True)
-    @click.option("-o", "--output", type=click.Path(file_okay=False), default=None)
-    @click.option("--no-plot", is_flag=True)
-    def linearity_cmd(**opts: Any) -> None:
-        """Homogeneity |f(kx) − k f(x)| and additivity |f(x+y) − f(x) − f(y)|, relative to |f(x) − f(y)|.
+    \b
+    merge probe linearity --model mypkg:make_model --data mypkg:val --layer layers.1
+    merge probe linearity --model ... --data ... --base base/ --task ft1/ --task ft2/   # along task vectors
+    """
+    from merge.evaluate.evaluators import Batches
+    from merge.evaluate.grids import parse_values
+    from merge.evaluate.probes import linearity_probe, weight_linearity
 
-        \b
-        merge probe linearity --model mypkg:make_model --data mypkg:val --layer layers.1
-        merge probe linearity --model ... --data ... --base base/ --task ft1/ --task ft2/   # along task vectors
-        """
-        from merge.evaluate.evaluators import Batches
-        from merge.evaluate.grids import parse_values
-        from merge.evaluate.probes import linearity_probe, weight_linearity
-
-        ks = parse_values(opts["ks"], what="--k")
-        data = Batches(opts["data"], what="--data")
-        if opts["tasks"] or opts["base"]:
-            if not opts["base"] or not 1 <= len(opts["tasks"]) <= 2:
-                raise UsageError(
-                    "weight-space probes need --base and one or two --task checkpoints"
-                )
-            _check_inputs(opts["base"], *opts["tasks"])
-            result = weight_linearity(
-                opts["model"],
-                opts["base"],
-                opts["tasks"][0],
-                data,
-                task2=opts["tasks"][1] if len(opts["tasks"]) > 1 else None,
-                layers=opts["layers"],
-                ks=ks,
-                max_examples=opts["pairs"],
-                device=opts["device"],
-            )
-        else:
-            if opts["weights"]:
-                _check_inputs(opts["weights"])
-            result = linearity_probe(
-                opts["model"],
-                data,
-                weights=opts["weights"],
-                layers=opts["layers"],
-                ks=ks,
-                origin=opts["origin"],
-                max_pairs=opts["pairs"],
-                seed=opts["seed"],
-                device=opts["device"],
-            )
-        _finish(result, opts["output"], "linearity", opts["no_plot"])
-
-    @probe.command("disentanglement")
-    @click.argument("base")
-    @click.argument("task1")
-    @click.argument("task2")
-    @click.option("--model", required=True, metavar="MODULE:FN")
-    @click.option("--data1", required=True, metavar="MODULE:FN", help="Inputs of task 1.")
-    @click.option("--data2", required=True, metavar="MODULE:FN", help="Inputs of task 2.")
-    @click.option("--grid", type=int, default=13, show_default=True, help="Points per axis.")
-    @click.option("--range", "a_range", default="-3:3", show_default=True, metavar="START:STOP")
-    @click.option(
-        "--examples", type=int, default=1024, show_default=True, help="Examples per task."
-    )
-    @click.option("--device", default="auto", show_default=True)
-    @click.option("-o", "--output", type=click.Path(file_okay=False), default=None)
-    @click.option("--no-plot", is_flag=True)
-    def disentanglement_cmd(base: str, task1: str, task2: str, **opts: Any) -> None:
-        """Weight disentanglement error ξ(α1, α2) of two task vectors (prediction disagreement)."""
-        from merge.evaluate.evaluators import Batches
-        from merge.evaluate.grids import linspace
-        from merge.evaluate.probes import disentanglement
-
-        _check_inputs(base, task1, task2)
-        try:
-            lo, hi = (float(x) for x in opts["a_range"].split(":"))
-        except ValueError:
-            raise UsageError(
-                f"--range `{opts['a_range']}` must look like START:STOP, e.g. -3:3"
-            ) from None
-        result = disentanglement(
+    ks = parse_values(opts["ks"], what="--k")
+    data = Batches(opts["data"], what="--data")
+    if opts["tasks"] or opts["base"]:
+        if not opts["base"] or not 1 <= len(opts["tasks"]) <= 2:
+            raise UsageError("weight-space probes need --base and one or two --task checkpoints")
+        _check_inputs(opts["base"], *opts["tasks"])
+        result = weight_linearity(
             opts["model"],
-            base,
-            task1,
-            task2,
-            Batches(opts["data1"], what="--data1"),
-            Batches(opts["data2"], what="--data2"),
-            alphas=linspace(lo, hi, opts["grid"]),
-            max_examples=opts["examples"],
+            opts["base"],
+            opts["tasks"][0],
+            data,
+            task2=opts["tasks"][1] if len(opts["tasks"]) > 1 else None,
+            layers=opts["layers"],
+            ks=ks,
+            max_examples=opts["pairs"],
             device=opts["device"],
         )
-        _finish(result, opts["output"], "disentanglement", opts["no_plot"])
+    else:
+        if opts["weights"]:
+            _check_inputs(opts["weights"])
+        result = linearity_probe(
+            opts["model"],
+            data,
+            weights=opts["weights"],
+            layers=opts["layers"],
+            ks=ks,
+            origin=opts["origin"],
+            max_pairs=opts["pairs"],
+            seed=opts["seed"],
+            device=opts["device"],
+        )
+    _finish(result, opts["output"], "linearity", opts["no_plot"])
+
+
+@probe_group.command("disentanglement")
+@click.argument("base")
+@click.argument("task1")
+@click.argument("task2")
+@model_option("make_model() -> nn.Module.", required=True)
+@click.option("--data1", required=True, metavar="MODULE:FN", help="Inputs of task 1.")
+@click.option("--data2", required=True, metavar="MODULE:FN", help="Inputs of task 2.")
+@grid_option(13)
+@range_option("-3:3", "α range on both axes.", dest="a_range")
+@click.option("--examples", type=int, default=1024, show_default=True, help="Examples per task.")
+@probe_output_options
+def disentanglement_cmd(base: str, task1: str, task2: str, **opts: Any) -> None:
+    """Weight disentanglement error ξ(α1, α2) of two task vectors (prediction disagreement)."""
+    from merge.evaluate.evaluators import Batches
+    from merge.evaluate.grids import linspace
+    from merge.evaluate.probes import disentanglement
+
+    _check_inputs(base, task1, task2)
+    lo, hi = _parse_span(opts["a_range"], "--range", "-3:3")
+    result = disentanglement(
+        opts["model"],
+        base,
+        task1,
+        task2,
+        Batches(opts["data1"], what="--data1"),
+        Batches(opts["data2"], what="--data2"),
+        alphas=linspace(lo, hi, opts["grid"]),
+        max_examples=opts["examples"],
+        device=opts["device"],
+    )
+    _finish(result, opts["output"], "disentanglement", opts["no_plot"])
+
+
+COMMANDS = (path_cmd, sweep_cmd, plane_cmd, negate_cmd, soup_cmd, probe_group)
+
+
+def register(cli: click.Group) -> None:
+    for command in COMMANDS:
+        cli.add_command(command)
 
 
 def ev_data(ev: Any) -> Any:

@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import click
 
+from merge.cli.options import (
+    DEFAULT_SHARD_TEXT,
+    dtype_option,
+    force_option,
+    lora_format_option,
+    output_option,
+    parse_floats,
+    quiet_option,
+    shard_size_option,
+    weights_option,
+)
 from merge.errors import MergeWarning, UsageError
 
 SAVE_DTYPES = ("float32", "float16", "bfloat16")  # names only: torch loads when a command runs
 
 
-def _floats(text: str | None, what: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(
-            f"{what} must be comma-separated numbers like 0.7,0.5, not `{text}`"
-        ) from None
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    return None if text is None else parse_floats(text, flag)
 
 
 def _echo_warnings(caught: list[warnings.WarningMessage]) -> None:
@@ -41,25 +46,18 @@ def lora_group() -> None:
     default="1.0",
     help="Strength per adapter, comma-separated (one value applies to all).",
 )
-@click.option(
-    "-o", "--output", required=True, type=click.Path(), help="Output folder or .safetensors file."
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
-    default=None,
-    help="Output dtype (default: the base's).",
-)
-@click.option("--shard-size", default="5GB", show_default=True)
-@click.option("--force", is_flag=True, help="Replace an existing output.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@output_option("Output folder or .safetensors file.", required=True)
+@dtype_option("Output dtype (default: the base's).")
+@shard_size_option
+@force_option()
+@quiet_option("No progress bar or summary.")
 def bake_cmd(
     base: str,
     adapters: tuple[str, ...],
     scales: str,
-    output: str,
+    output: Path,
     dtype: str | None,
-    shard_size: str,
+    shard_size: str | None,
     force: bool,
     quiet: bool,
 ) -> None:
@@ -82,7 +80,7 @@ def bake_cmd(
         list(zip(adapters, s)),
         output,
         dtype=dtype,
-        shard_size=shard_size,
+        shard_size=shard_size or DEFAULT_SHARD_TEXT,
         force=force,
         quiet=quiet,
         unmatched=unmatched,
@@ -95,9 +93,7 @@ def bake_cmd(
 
 @lora_group.command("combine")
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
-@click.option(
-    "--weights", default=None, help="Weight per adapter, comma-separated (default 1 each)."
-)
+@weights_option("Weight per adapter, comma-separated (default 1 each).")
 @click.option(
     "--rank",
     type=int,
@@ -110,13 +106,9 @@ def bake_cmd(
     default=None,
     help="Re-factorise keeping this fraction of Σσ² per module.",
 )
-@click.option(
-    "--to",
-    "fmt",
-    type=click.Choice(["peft", "diffusers", "kohya"]),
-    default=None,
-    help="Output format (default: kohya for kohya/LyCORIS inputs and a .safetensors -o, diffusers "
-    "for pipeline adapters, else peft, a folder).",
+@lora_format_option(
+    "Output format (default: kohya for kohya/LyCORIS inputs and a .safetensors -o, diffusers "
+    "for pipeline adapters, else peft, a folder)."
 )
 @click.option(
     "--base",
@@ -129,8 +121,8 @@ def bake_cmd(
     is_flag=True,
     help="peft's `linear` factor mixing (approximate, equal ranks only).",
 )
-@click.option("-o", "--output", required=True, type=click.Path())
-@click.option("--force", is_flag=True)
+@output_option("Output folder or .safetensors file.", required=True)
+@force_option()
 def combine_cmd(
     adapters: tuple[str, ...],
     weights: str | None,
@@ -139,7 +131,7 @@ def combine_cmd(
     fmt: str | None,
     base: str | None,
     factorwise: bool,
-    output: str,
+    output: Path,
     force: bool,
 ) -> None:
     """One adapter equal to Σ w_i·ΔW_i: exact (concatenated ranks) unless --rank/--energy."""
@@ -186,13 +178,9 @@ def combine_cmd(
     default=None,
     help="Smallest rank keeping this fraction of Σσ², per module.",
 )
-@click.option(
-    "--to",
-    "fmt",
-    type=click.Choice(["peft", "diffusers", "kohya"]),
-    default=None,
-    help="Default from the base: peft (a folder) for a model folder, kohya (one .safetensors) "
-    "for single-file SD, diffusers for pipelines. -o must fit the format.",
+@lora_format_option(
+    "Default from the base: peft (a folder) for a model folder, kohya (one .safetensors) "
+    "for single-file SD, diffusers for pipelines. -o must fit the format."
 )
 @click.option(
     "--svd", type=click.Choice(["auto", "full", "randomized"]), default="auto", show_default=True
@@ -207,8 +195,8 @@ def combine_cmd(
 @click.option(
     "--save-dtype", type=click.Choice(list(SAVE_DTYPES)), default="float32", show_default=True
 )
-@click.option("-o", "--output", required=True, type=click.Path())
-@click.option("--force", is_flag=True)
+@output_option("Output folder or .safetensors file.", required=True)
+@force_option()
 def extract_cmd(
     base: str,
     tuned: str,
@@ -218,7 +206,7 @@ def extract_cmd(
     svd: str,
     min_diff: float,
     save_dtype: str,
-    output: str,
+    output: Path,
     force: bool,
 ) -> None:
     """A LoRA from TUNED − BASE by truncated SVD per module."""
@@ -246,16 +234,16 @@ def extract_cmd(
 
 @lora_group.command("convert")
 @click.argument("adapter", type=click.Path())
-@click.option("--to", "fmt", required=True, type=click.Choice(["peft", "diffusers", "kohya"]))
+@lora_format_option(required=True)
 @click.option(
     "--base",
     default=None,
     type=click.Path(),
     help="Base model for kohya names outside the SD1.x/SDXL tables.",
 )
-@click.option("-o", "--output", required=True, type=click.Path())
-@click.option("--force", is_flag=True)
-def convert_cmd(adapter: str, fmt: str, base: str | None, output: str, force: bool) -> None:
+@output_option("Output folder or .safetensors file.", required=True)
+@force_option()
+def convert_cmd(adapter: str, fmt: str, base: str | None, output: Path, force: bool) -> None:
     """Rewrite ADAPTER in another format; the delta is unchanged."""
     from merge.io.output import check_output
     from merge.lora.convert import convert

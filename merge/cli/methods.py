@@ -7,6 +7,16 @@ from pathlib import Path
 
 import click
 
+from merge.cli.options import (
+    data_option,
+    fisher_kind_option,
+    force_option,
+    model_option,
+    n_examples_option,
+    output_option,
+    parse_floats,
+    weights_option,
+)
 from merge.errors import UsageError, did_you_mean
 
 
@@ -67,31 +77,17 @@ def methods_cmd(pattern: str | None, verbose: bool) -> None:
 @click.command("stats")
 @click.argument("kind", type=click.Choice(["fisher", "regmean"]))
 @click.argument("checkpoint", type=click.Path())
-@click.option(
-    "--model",
-    "model_spec",
-    required=True,
-    help="`module:function` building the model (make_model).",
+@model_option(
+    "`module:function` building the model (make_model).", required=True, dest="model_spec"
 )
-@click.option(
-    "--data", "data_spec", required=True, help="`module:function` returning batches (make_data)."
-)
-@click.option(
-    "-o", "--output", required=True, type=click.Path(path_type=Path), help="A .safetensors file."
-)
-@click.option(
-    "--n-examples", default=256, show_default=True, help="Examples used for the statistics."
-)
-@click.option(
-    "--fisher-kind",
-    type=click.Choice(["exact", "sampled", "empirical"]),
-    default="exact",
-    show_default=True,
-)
+@data_option("`module:function` returning batches (make_data).", required=True, dest="data_spec")
+@output_option("A .safetensors file.", required=True)
+@n_examples_option("Examples used for the statistics.")
+@fisher_kind_option
 @click.option(
     "--normalize", is_flag=True, help="Fisher: divide by its global L2 norm over the model."
 )
-@click.option("--force", is_flag=True, help="Replace an existing output.")
+@force_option()
 def stats_cmd(
     kind: str,
     checkpoint: str,
@@ -128,45 +124,26 @@ def stats_cmd(
 @click.command("data-merge")
 @click.argument("method", type=click.Choice(["fisher", "regmean"]))
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
-@click.option(
-    "--model",
-    "model_spec",
-    required=True,
-    help="`module:function` building the model (make_model).",
+@model_option(
+    "`module:function` building the model (make_model).", required=True, dest="model_spec"
 )
-@click.option(
-    "--data",
-    "data_specs",
+@data_option(
+    "`module:function` returning batches; once for all, or once per checkpoint.",
     required=True,
+    dest="data_specs",
     multiple=True,
-    help="`module:function` returning batches; once for all, or once per checkpoint.",
 )
-@click.option(
-    "--weights", default=None, help="Weight per checkpoint, comma-separated (default 1 each)."
-)
+@weights_option("Weight per checkpoint, comma-separated (default 1 each).")
 @click.option(
     "--alpha",
     default=0.1,
     show_default=True,
     help="RegMean: off-diagonal scale of the Gram matrices.",
 )
-@click.option(
-    "--n-examples", default=256, show_default=True, help="Examples per model for the statistics."
-)
-@click.option(
-    "--fisher-kind",
-    type=click.Choice(["exact", "sampled", "empirical"]),
-    default="exact",
-    show_default=True,
-)
-@click.option(
-    "-o",
-    "--output",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Output folder or .safetensors file.",
-)
-@click.option("--force", is_flag=True, help="Replace an existing output.")
+@n_examples_option("Examples per model for the statistics.")
+@fisher_kind_option
+@output_option("Output folder or .safetensors file.", required=True)
+@force_option()
 def data_merge_cmd(
     method: str,
     checkpoints: tuple[str, ...],
@@ -188,12 +165,7 @@ def data_merge_cmd(
     check_output(output, checkpoints, force=force)
     w = None
     if weights is not None:
-        try:
-            w = [float(x) for x in weights.split(",")]
-        except ValueError:
-            raise UsageError(
-                f"--weights must be comma-separated numbers, not `{weights}`"
-            ) from None
+        w = parse_floats(weights, "--weights")
         if len(w) != len(checkpoints):
             raise UsageError(f"--weights has {len(w)} values for {len(checkpoints)} checkpoints")
     merged = merge_with_data(

@@ -7,32 +7,27 @@ from pathlib import Path
 
 import click
 
-from merge.cli.core import _check_shard_size
+from merge.cli.options import (
+    dtype_option,
+    force_option,
+    no_card_option,
+    output_option,
+    quiet_option,
+    shard_size_option,
+)
 from merge.errors import MergeWarning, UsageError
 
 
 @click.command("moe")
 @click.argument("config", type=click.Path(path_type=Path))
 @click.argument("out", required=False, type=click.Path(path_type=Path))
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(path_type=Path),
-    help="Output folder (or give it after CONFIG).",
+@output_option("Output folder (or give it after CONFIG).")
+@force_option()
+@dtype_option(
+    "Output dtype (default: the config's `dtype`, else the base's).",
+    choices=("float32", "float16", "bfloat16"),
 )
-@click.option("--force", is_flag=True, help="Replace an existing output.")
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
-    default=None,
-    help="Output dtype (default: the config's `dtype`, else the base's).",
-)
-@click.option(
-    "--shard-size",
-    default=None,
-    callback=_check_shard_size,
-    help="Largest shard, e.g. 5GB (default) or 500MB; at least 1MB.",
-)
+@shard_size_option
 @click.option(
     "--random-seed",
     "seed",
@@ -47,12 +42,8 @@ from merge.errors import MergeWarning, UsageError
     is_flag=True,
     help="Allow every expert to be the same model (as mergekit-moe's flag).",
 )
-@click.option("-q", "--quiet", is_flag=True, help="No progress or summary.")
-@click.option(
-    "--no-card",
-    is_flag=True,
-    help="Write no model card (README.md) or config file beside the weights.",
-)
+@quiet_option("No progress or summary.")
+@no_card_option("Write no model card (README.md) or config file beside the weights.")
 def moe(
     config: Path,
     out: Path | None,

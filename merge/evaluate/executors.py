@@ -2,6 +2,9 @@
 
 Every executor gives one result per point, in the points' order. The pool and Ray build one
 `Runner` per worker (one model instance, states read once) and send it one point per task.
+
+`RunOptions` are the options every evaluation shares (executor, workers, device, cache,
+device_map, progress); the evaluation functions take them as keyword arguments (`RunKwargs`).
 """
 
 from __future__ import annotations
@@ -9,18 +12,80 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any
-
-import torch
+from dataclasses import dataclass
+from typing import Any, TypedDict
 
 from merge.errors import MergeError, UsageError
-from merge.evaluate.runner import Job, Point, Runner, resolve_device
+from merge.evaluate.evaluators import Evaluator
+from merge.evaluate.runner import Job, ModelSpec, Point, Runner, resolve_device
+from merge.evaluate.weights import StateLike
+from merge.threads import pin_threads, threads_per_worker
 
 EXECUTORS = ("sequential", "pool", "ray")
 
 Progress = Callable[[int, Point, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How an evaluation runs its points: by which executor on how many workers, on which device
+    (or spread by `device_map`), with the states where `cache` says (`StateSpace`), and who
+    hears of each finished point (`progress`)."""
+
+    executor: str = "sequential"
+    workers: int | None = None  # pool/ray workers (default: the CPU count)
+    device: str = "cpu"
+    cache: str = "auto"
+    device_map: str | dict[str, Any] | None = None  # "auto" or {module: device}
+    progress: Progress | None = None
+
+    @property
+    def same_process(self) -> bool:
+        """Points run in this process, so endpoints must reproduce exactly (no tolerance)."""
+        return self.executor == "sequential"
+
+    def job(
+        self,
+        model: ModelSpec,
+        states: Mapping[str, StateLike],
+        evaluator: Evaluator,
+        **extra: Any,
+    ) -> Job:
+        """The picklable job every worker builds its `Runner` from."""
+        return Job(
+            model=model,
+            states=dict(states),
+            evaluator=evaluator,
+            device=self.device,
+            cache=self.cache,
+            device_map=self.device_map,
+            **extra,
+        )
+
+    def run(
+        self, job: Job, points: Sequence[Point], runner: Runner | None = None
+    ) -> list[dict[str, Any]]:
+        return run_points(
+            job,
+            points,
+            executor=self.executor,
+            workers=self.workers,
+            runner=runner,
+            progress=self.progress,
+        )
+
+
+class RunKwargs(TypedDict, total=False):
+    """`RunOptions` as keyword arguments (`interpolation_path(..., executor="pool", workers=2)`)."""
+
+    executor: str
+    workers: int | None
+    device: str
+    cache: str
+    device_map: str | dict[str, Any] | None
+    progress: Progress | None
 
 
 def run_points(
@@ -60,7 +125,7 @@ _WORKER: Runner | None = None
 
 def _init_worker(job: Job, threads: int) -> None:
     global _WORKER
-    torch.set_num_threads(threads)
+    pin_threads(threads)
     _WORKER = Runner(job)
 
 
@@ -82,7 +147,7 @@ def _start_method(job: Job) -> str:
 def _run_pool(
     job: Job, points: Sequence[Point], n: int, progress: Progress | None
 ) -> list[dict[str, Any]]:
-    threads = max(1, (os.cpu_count() or 1) // n)
+    threads = threads_per_worker(n)
     ctx = mp.get_context(_start_method(job))
     with ProcessPoolExecutor(
         max_workers=n, mp_context=ctx, initializer=_init_worker, initargs=(job, threads)
@@ -101,7 +166,7 @@ def _run_pool(
 
 class _RayWorker:
     def __init__(self, job: Job):
-        torch.set_num_threads(1)
+        pin_threads(1)
         self.runner = Runner(job)
 
     def evaluate(self, point: Point) -> dict[str, Any]:

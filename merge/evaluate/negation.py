@@ -11,7 +11,7 @@ chosen λ as the baseline: it should harm the target far less.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,12 +25,15 @@ from merge.evaluate.evaluators import (
     declared_directions,
     model_device,
 )
-from merge.evaluate.executors import Progress, run_points
+from merge.evaluate.executors import RunKwargs, RunOptions
 from merge.evaluate.grids import linspace
 from merge.evaluate.paths import check_endpoints, collect_curves, resolve_evaluator
 from merge.evaluate.results import Result
-from merge.evaluate.runner import Job, ModelSpec, Point, Runner
+from merge.evaluate.runner import ModelSpec, Point, Runner
 from merge.evaluate.weights import StateLike, describe_state
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 DEFAULT_THRESHOLD = 0.95  # Ilharco et al.: control accuracy ≥ 95% of the pre-trained model's
 
@@ -49,12 +52,7 @@ def negation(
     metric: str = "accuracy",
     random_baseline: bool = True,
     seed: int = 0,
-    executor: str = "sequential",
-    workers: int | None = None,
-    device: str = "cpu",
-    cache: str = "auto",
-    device_map: str | dict[str, Any] | None = None,
-    progress: Progress | None = None,
+    **run: Unpack[RunKwargs],
 ) -> Result:
     """Evaluate θ0 − λτ on the target and control tasks over `lambdas` and pick λ (see module doc)."""
     if not 0.0 < threshold <= 1.0:
@@ -72,10 +70,9 @@ def negation(
             "control": resolve_evaluator(control_eval, control_data, "--control-data"),
         }
     )
+    opts = RunOptions(**run)
     states: dict[str, StateLike] = {"base": base, "task": finetuned}
-    job = Job(
-        model=model, states=states, evaluator=ev, device=device, cache=cache, device_map=device_map
-    )
+    job = opts.job(model, states, ev)
     runner = Runner(job)
     if random_baseline:
         runner.space.add(
@@ -85,9 +82,7 @@ def negation(
             ),
         )
     points = [Point("negation", {"lambda": lam}, {"base": 1.0 + lam, "task": -lam}) for lam in grid]
-    results = run_points(
-        job, points, executor=executor, workers=workers, runner=runner, progress=progress
-    )
+    results = opts.run(job, points, runner)
     result = Result(
         kind="negation",
         axes=["lambda"],
@@ -98,15 +93,13 @@ def negation(
             "metric": metric,
             "random_baseline": random_baseline,
             "seed": seed,
-            "executor": executor,
+            "executor": opts.executor,
             "device": str(model_device(runner.model)),
             "cache": runner.space.cache,
         },
     )
     result.curves = collect_curves(points, results, {"negation": {"formula": "θ0 − λ(θ_ft − θ0)"}})
-    check_endpoints(
-        runner, result, [("base", "negation", {"lambda": 0.0}, executor == "sequential")]
-    )
+    check_endpoints(runner, result, [("base", "negation", {"lambda": 0.0}, opts.same_process)])
     sel = choose_lambda(
         result, metric=metric, threshold=threshold, directions=declared_directions(ev)
     )

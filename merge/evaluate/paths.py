@@ -10,7 +10,7 @@ stored statistics, and must reproduce those metrics before any barrier is report
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -26,11 +26,16 @@ from merge.evaluate.evaluators import (
     make_evaluator,
     model_device,
 )
-from merge.evaluate.executors import Progress, run_points
+from merge.evaluate.executors import RunKwargs, RunOptions
 from merge.evaluate.grids import alpha_grid, linspace
 from merge.evaluate.results import Curve, Result
-from merge.evaluate.runner import Job, ModelSpec, Point, Runner
+from merge.evaluate.runner import ModelSpec, Point, Runner
 from merge.evaluate.weights import StateLike, describe_state, read_state
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from merge.align import MatchReport
 
 BN_NOTE = (
     "the model has BatchNorm layers and neither --bn-reset nor --repair was given: interpolated "
@@ -69,12 +74,7 @@ def interpolation_path(
     repair: bool = False,
     bn_data: DataSpec | Batches | None = None,
     bn_batches: int | None = None,
-    executor: str = "sequential",
-    workers: int | None = None,
-    device: str = "cpu",
-    cache: str = "auto",
-    device_map: str | dict[str, Any] | None = None,
-    progress: Progress | None = None,
+    **run: Unpack[RunKwargs],
 ) -> Result:
     """Loss (and every other metric) along θ(α) = (1−α)θ_A + αθ_B, with barriers per curve.
 
@@ -82,6 +82,7 @@ def interpolation_path(
     names a method), each also `+bn_reset` (BatchNorm statistics recomputed at every α, endpoints
     included) and `+repair` (REPAIR at every α) when asked.
     """
+    opts = RunOptions(**run)
     grid = alpha_grid(steps, alphas)
     ev = resolve_evaluator(evaluator, data)
     bn = (
@@ -98,15 +99,11 @@ def interpolation_path(
         "bn_reset": bn_reset,
         "repair": repair,
         "bn_batches": bn_batches,
-        "executor": executor,
-        "device": device,
-        "device_map": device_map,
+        "executor": opts.executor,
+        "device": opts.device,
+        "device_map": opts.device_map,
     }
     notes: list[str] = []
-    if repair:
-        from merge.evaluate.runner import repair_function
-
-        repair_function()  # fail before any work when REPAIR is not available
     if align:
         aligned, report = align_states(
             model,
@@ -117,19 +114,8 @@ def interpolation_path(
             seed=seed,
         )
         states["b_aligned"] = aligned
-        settings["alignment"] = _jsonable(
-            report.to_dict() if hasattr(report, "to_dict") else report
-        )
-    job = Job(
-        model=model,
-        states=states,
-        evaluator=ev,
-        bn_data=bn,
-        bn_batches=bn_batches,
-        device=device,
-        cache=cache,
-        device_map=device_map,
-    )
+        settings["alignment"] = _jsonable(report.to_dict())
+    job = opts.job(model, states, ev, bn_data=bn, bn_batches=bn_batches)
     runner = Runner(job)
     settings["cache"] = runner.space.cache
     settings["device"] = str(model_device(runner.model))
@@ -177,12 +163,9 @@ def interpolation_path(
         settings=settings,
         notes=notes,
     )
-    results = run_points(
-        job, points, executor=executor, workers=workers, runner=runner, progress=progress
-    )
-    result.curves = collect_curves(points, results, infos)
+    result.curves = collect_curves(points, opts.run(job, points, runner), infos)
 
-    same_process = executor == "sequential"
+    same_process = opts.same_process
     checks = [
         ("a", "naive", {"alpha": 0.0}, same_process),
         ("b", "naive", {"alpha": 1.0}, same_process),
@@ -283,12 +266,7 @@ def scale_grid(
     bn_reset: bool = False,
     bn_data: DataSpec | Batches | None = None,
     bn_batches: int | None = None,
-    executor: str = "sequential",
-    workers: int | None = None,
-    device: str = "cpu",
-    cache: str = "auto",
-    device_map: str | dict[str, Any] | None = None,
-    progress: Progress | None = None,
+    **run: Unpack[RunKwargs],
 ) -> Result:
     """θ0 + Σ_t λ_t τ_t at every grid point; `weights_of(coords)` gives {task: λ_t}.
 
@@ -297,6 +275,7 @@ def scale_grid(
     """
     if not grid:
         raise UsageError("the grid is empty")
+    opts = RunOptions(**run)
     ev = resolve_evaluator(evaluator, data)
     bn = (
         as_batches(bn_data, "--bn-data")
@@ -306,16 +285,7 @@ def scale_grid(
     if "base" in tasks:
         raise UsageError("a task may not be named `base`")
     states: dict[str, StateLike] = {"base": base, **tasks}
-    job = Job(
-        model=model,
-        states=states,
-        evaluator=ev,
-        bn_data=bn,
-        bn_batches=bn_batches,
-        device=device,
-        cache=cache,
-        device_map=device_map,
-    )
+    job = opts.job(model, states, ev, bn_data=bn, bn_batches=bn_batches)
     runner = Runner(job)
     notes = []
     if runner.has_batchnorm and not bn_reset:
@@ -332,9 +302,7 @@ def scale_grid(
                 bn_reset=bn_reset,
             )
         )
-    results = run_points(
-        job, points, executor=executor, workers=workers, runner=runner, progress=progress
-    )
+    results = opts.run(job, points, runner)
     result = Result(
         kind=kind,
         axes=axes,
@@ -343,7 +311,7 @@ def scale_grid(
             "evaluator": getattr(ev, "kind", "custom"),
             "bn_reset": bn_reset,
             "bn_batches": bn_batches,
-            "executor": executor,
+            "executor": opts.executor,
             "device": str(model_device(runner.model)),
             "cache": runner.space.cache,
             "points": len(points),
@@ -361,7 +329,7 @@ def scale_grid(
             for p in points:
                 w = p.weights
                 if w.get(name) == 1.0 and all(v == 0.0 for k, v in w.items() if k != name):
-                    checks.append((name, curve, p.coords, executor == "sequential"))
+                    checks.append((name, curve, p.coords, opts.same_process))
                     break
         check_endpoints(runner, result, checks)
     return result
@@ -375,19 +343,14 @@ def align_states(
     method: str,
     data: DataSpec | Batches | None,
     seed: int = 0,
-) -> tuple[dict[str, Any], Any]:
-    """B permuted onto A by `merge.align.align_state_dicts` (the alignment package)."""
-    try:
-        from merge.align import align_state_dicts  # type: ignore[attr-defined]
-    except ImportError as e:
-        raise UsageError(
-            "--align needs `merge.align.align_state_dicts` (the alignment package), which this installation "
-            "does not have yet; run without --align for the naive path"
-        ) from e
+) -> tuple[dict[str, Any], MatchReport]:
+    """B permuted onto A by `merge.align.align_state_dicts`."""
+    from merge.align import align_state_dicts
+
     batches = as_batches(data, "--align-data") if data is not None else None
     return align_state_dicts(
         model, read_state(a), read_state(b), method=method, data=batches, seed=seed
-    )  # type: ignore[no-any-return]
+    )
 
 
 def collect_curves(

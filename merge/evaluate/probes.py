@@ -122,6 +122,11 @@ class Features:
         return {k: torch.cat(v) for k, v in captured.items()}
 
 
+def _probe_point(test: str, k: float | None, num: Tensor, den: Tensor) -> dict[str, Any]:
+    """One point of a linearity curve: statistics of the error ratios num / den over the pairs."""
+    return {"coords": {"test": test, "k": k}, "metrics": _stats(_ratio(num, den)), "seconds": 0.0}
+
+
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
     keep = den > TINY
     if not bool(keep.any()):
@@ -185,21 +190,9 @@ def linearity_probe(
         c = Curve(where, info={"space": "function"})
         for k in ks:
             num = ((fk[k][where] - f0[where]) - k * (fx[where] - f0[where])).norm(dim=1)
-            c.points.append(
-                {
-                    "coords": {"test": "homogeneity", "k": k},
-                    "metrics": _stats(_ratio(num, den)),
-                    "seconds": 0.0,
-                }
-            )
+            c.points.append(_probe_point("homogeneity", k, num, den))
         num = (fxy[where] - fx[where] - fy[where] + f0[where]).norm(dim=1)
-        c.points.append(
-            {
-                "coords": {"test": "additivity", "k": None},
-                "metrics": _stats(_ratio(num, den)),
-                "seconds": 0.0,
-            }
-        )
+        c.points.append(_probe_point("additivity", None, num, den))
         result.curves.append(c)
     return result
 
@@ -252,22 +245,10 @@ def weight_linearity(
         c = Curve(f"weights:{where}", info={"space": "weight"})
         for k in ks:
             num = (gk[k][where] - g0[where] - k * (g1[where] - g0[where])).norm(dim=1)
-            c.points.append(
-                {
-                    "coords": {"test": "homogeneity", "k": k},
-                    "metrics": _stats(_ratio(num, den)),
-                    "seconds": 0.0,
-                }
-            )
+            c.points.append(_probe_point("homogeneity", k, num, den))
         if g12 is not None and g2 is not None:
             num = (g12[where] - g1[where] - g2[where] + g0[where]).norm(dim=1)
-            c.points.append(
-                {
-                    "coords": {"test": "additivity", "k": None},
-                    "metrics": _stats(_ratio(num, den)),
-                    "seconds": 0.0,
-                }
-            )
+            c.points.append(_probe_point("additivity", None, num, den))
         result.curves.append(c)
     return result
 

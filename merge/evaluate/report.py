@@ -1,15 +1,41 @@
-"""The terminal summary of a result: one small table per kind, then endpoint checks and notes."""
+"""A result reported: its files (JSON, CSV, plots) and its terminal summary (one small table
+per kind, then endpoint checks and notes)."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from merge.evaluate.plots import headline_metrics
+from merge.evaluate.plots import headline_metrics, plot_result
 from merge.evaluate.results import Result
 
 MAX_ROWS = 40
+
+
+def write_result(
+    result: Result, outdir: str | Path, *, plots: bool = True, stem: str | None = None
+) -> dict[str, Any]:
+    """Write `<stem>.json`, `<stem>.csv` and the plots (PNG and SVG) into `outdir` (`stem`: the
+    result's kind by default); returns the paths, also kept in `result.files`."""
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = stem or result.kind
+    files: dict[str, Any] = {
+        "json": str(out / f"{stem}.json"),
+        "csv": str(out / f"{stem}.csv"),
+        "plots": [],
+    }
+    if plots:
+        files["plots"] = [str(p) for p in plot_result(result, out, stem)]
+    result.files = files
+    (out / f"{stem}.csv").write_text(result.csv_text())
+    (out / f"{stem}.json").write_text(
+        json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n"
+    )
+    return files
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -4,6 +4,7 @@ A result is a list of curves; a curve is a list of points; a point has `coords` 
 `metrics` (what the evaluator returned) and `seconds`. Paths add barriers per curve, and every
 kind may add `endpoints` (the reproduction check), `selection` (the chosen coefficient) and
 `notes`. The CSV has one row per point: `curve`, the coordinates, then the metrics.
+`merge.evaluate.report.write_result` writes both files and the plots.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from merge.errors import UsageError
+from merge.version import __version__
 
 SCHEMA = "merge.evaluate/1"
 KINDS = (
@@ -84,8 +88,6 @@ class Result:
         return all(e.get("ok", True) for e in self.endpoints.values())
 
     def to_json(self) -> dict[str, Any]:
-        from merge import __version__
-
         return _finite(
             {
                 "schema": SCHEMA,
@@ -122,29 +124,6 @@ class Result:
                 )
         return buf.getvalue()
 
-    def write(
-        self, outdir: str | Path, *, plots: bool = True, stem: str | None = None
-    ) -> dict[str, Any]:
-        """Write `<stem>.json`, `<stem>.csv` and the plots (PNG and SVG) into `outdir`; returns the paths."""
-        out = Path(outdir)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = stem or self.kind
-        files: dict[str, Any] = {
-            "json": str(out / f"{stem}.json"),
-            "csv": str(out / f"{stem}.csv"),
-            "plots": [],
-        }
-        if plots:
-            from merge.evaluate.plots import plot_result
-
-            files["plots"] = [str(p) for p in plot_result(self, out, stem)]
-        self.files = files
-        (out / f"{stem}.csv").write_text(self.csv_text())
-        (out / f"{stem}.json").write_text(
-            json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
-        )
-        return files
-
 
 def _cell(x: Any) -> Any:
     if x is None:
@@ -169,8 +148,6 @@ def load_result(path: str | Path) -> dict[str, Any]:
     """A result JSON back as a dict, checked to be of this schema."""
     data = json.loads(Path(path).read_text())
     if data.get("schema") != SCHEMA:
-        from merge.errors import UsageError
-
         raise UsageError(
             f"{path}: not a merge evaluation result (schema {data.get('schema')!r}, expected {SCHEMA!r})"
         )

@@ -187,17 +187,13 @@ class Runner:
             raise UsageError(
                 "--bn-reset needs data to recompute BatchNorm statistics on (--bn-data or --data)"
             )
-        try:
-            from merge.align import reset_batchnorm
-        except ImportError as e:
-            raise UsageError(
-                "--bn-reset needs `merge.align.reset_batchnorm` (the alignment package), which this "
-                "installation does not have"
-            ) from e
+        from merge.align import reset_batchnorm
+
         reset_batchnorm(self.model, self.job.bn_data, num_batches=self.job.bn_batches)
 
     def _repair(self, point: Point) -> None:
-        repair = repair_function()
+        from merge.align import repair
+
         if len(point.weights) != 2 or self.job.bn_data is None:
             raise UsageError(
                 "--repair works on a path between two models and needs data (--bn-data or --data)"
@@ -234,17 +230,6 @@ class Runner:
     @property
     def has_batchnorm(self) -> bool:
         return has_batchnorm(self.model)
-
-
-def repair_function() -> Callable[..., Any]:
-    try:
-        from merge.align import repair  # type: ignore[attr-defined]
-    except ImportError as e:
-        raise UsageError(
-            "--repair needs `merge.align.repair` (the alignment package), which this installation does not "
-            "have yet; use --bn-reset for BatchNorm models meanwhile"
-        ) from e
-    return repair  # type: ignore[no-any-return]
 
 
 def _clone(model: nn.Module) -> nn.Module:

@@ -9,7 +9,7 @@ kept states, evaluated in place on one model instance.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from merge.errors import UsageError
 from merge.evaluate.barriers import higher_is_better
@@ -20,11 +20,14 @@ from merge.evaluate.evaluators import (
     declared_directions,
     model_device,
 )
-from merge.evaluate.executors import Progress, run_points
+from merge.evaluate.executors import RunKwargs, RunOptions
 from merge.evaluate.paths import resolve_evaluator
 from merge.evaluate.results import Curve, Result
-from merge.evaluate.runner import Job, ModelSpec, Point, Runner
+from merge.evaluate.runner import ModelSpec, Point, Runner
 from merge.evaluate.weights import StateLike, describe_state
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 def greedy_soup(
@@ -34,32 +37,19 @@ def greedy_soup(
     evaluator: Evaluator | str | None = None,
     data: DataSpec | Batches | None = None,
     metric: str = "accuracy",
-    executor: str = "sequential",
-    workers: int | None = None,
-    device: str = "cpu",
-    cache: str = "auto",
-    device_map: str | dict[str, Any] | None = None,
-    progress: Progress | None = None,
+    **run: Unpack[RunKwargs],
 ) -> Result:
     """Greedy soup over `ingredients`; `selection` holds the kept names, the weights and the score."""
     if len(ingredients) < 2:
         raise UsageError("a soup needs at least two ingredients")
+    opts = RunOptions(**run)
     ev = resolve_evaluator(evaluator, data)
-    job = Job(
-        model=model,
-        states=dict(ingredients),
-        evaluator=ev,
-        device=device,
-        cache=cache,
-        device_map=device_map,
-    )
+    job = opts.job(model, ingredients, ev)
     runner = Runner(job)
     names = list(ingredients)
     singles = [Point("ingredients", {"index": i}, {n: 1.0}) for i, n in enumerate(names)]
     # Ranking the ingredients is embarrassingly parallel; the greedy pass is sequential by nature.
-    single_results = run_points(
-        job, singles, executor=executor, workers=workers, runner=runner, progress=progress
-    )
+    single_results = opts.run(job, singles, runner)
     if metric not in single_results[0]["metrics"]:
         raise UsageError(
             f"--metric `{metric}` is not among the evaluator's metrics ({', '.join(single_results[0]['metrics'])})"
@@ -117,7 +107,7 @@ def greedy_soup(
         inputs={n: describe_state(s) for n, s in ingredients.items()},
         settings={
             "metric": metric,
-            "executor": executor,
+            "executor": opts.executor,
             "device": str(model_device(runner.model)),
             "cache": runner.space.cache,
             "order": [names[i] for i in ranked],

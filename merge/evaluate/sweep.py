@@ -12,19 +12,22 @@ import copy
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from merge.errors import RecipeError, UsageError, did_you_mean
 from merge.evaluate.barriers import higher_is_better
 from merge.evaluate.evaluators import Batches, DataSpec, Evaluator, declared_directions
-from merge.evaluate.executors import Progress, run_points
+from merge.evaluate.executors import RunKwargs, RunOptions
 from merge.evaluate.grids import product
 from merge.evaluate.paths import collect_curves, resolve_evaluator, scale_grid
 from merge.evaluate.results import Result
-from merge.evaluate.runner import Job, ModelSpec, Point
+from merge.evaluate.runner import ModelSpec, Point
 from merge.evaluate.weights import StateLike
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 class RecipeBuilder:
@@ -83,21 +86,10 @@ class RecipeBuilder:
         load_recipe(recipe, vars=vars_ or None)
 
     def __call__(self, values: Mapping[str, Any]) -> dict[str, Tensor]:
-        api = recipe_api()
-        recipe, vars_ = self.recipe_for(values)
-        return api(recipe, vars=vars_ or None, device=self.device)  # type: ignore[no-any-return]
-
-
-def recipe_api() -> Any:
-    try:
         from merge.api import evaluate_recipe_in_memory
-    except ImportError as e:
-        raise UsageError(
-            "recipe sweeps need `merge.api.evaluate_recipe_in_memory` (the recipe engine), which this "
-            "installation does not have; sweep task-vector scales with `merge plane` or "
-            "`merge.evaluate.scale_grid` meanwhile"
-        ) from e
-    return evaluate_recipe_in_memory
+
+        recipe, vars_ = self.recipe_for(values)
+        return evaluate_recipe_in_memory(recipe, vars=vars_ or None, device=self.device)
 
 
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -128,32 +120,19 @@ def sweep_recipe(
     evaluator: Evaluator | str | None = None,
     data: DataSpec | Batches | None = None,
     metric: str = "loss",
-    executor: str = "sequential",
-    workers: int | None = None,
-    device: str = "cpu",
-    cache: str = "auto",
-    device_map: str | dict[str, Any] | None = None,
-    progress: Progress | None = None,
+    **run: Unpack[RunKwargs],
 ) -> Result:
     """Evaluate the recipe's merge at every combination of `ranges`; `selection.best` is the best point."""
     if not ranges:
         raise UsageError("a sweep needs at least one --param name=start:stop:num")
-    recipe_api()
     grid = product(ranges)
     builder = RecipeBuilder(recipe, device="cpu")
     builder.validate(grid[0])
+    opts = RunOptions(**run)
     ev = resolve_evaluator(evaluator, data)
-    job = Job(
-        model=model,
-        states={},
-        evaluator=ev,
-        device=device,
-        cache=cache,
-        device_map=device_map,
-        builder=builder,
-    )
+    job = opts.job(model, {}, ev, builder=builder)
     points = [Point("sweep", dict(c), build=dict(c)) for c in grid]
-    results = run_points(job, points, executor=executor, workers=workers, progress=progress)
+    results = opts.run(job, points)
     axes = [n for n, _ in ranges]
     result = Result(
         kind="sweep",
@@ -163,8 +142,8 @@ def sweep_recipe(
             "ranges": {n: v for n, v in ranges},
             "metric": metric,
             "evaluator": getattr(ev, "kind", "custom"),
-            "executor": executor,
-            "device": device,
+            "executor": opts.executor,
+            "device": opts.device,
             "points": len(points),
         },
     )

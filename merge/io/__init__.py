@@ -1,4 +1,7 @@
-"""Reading and writing tensor dicts; knows files, not math."""
+"""Reading and writing tensor dicts; knows files, not math.
+
+Map of the package: docs/architecture.md.
+"""
 
 from __future__ import annotations
 

@@ -8,4 +8,6 @@ operations.
 - `canon.py`: where a module lands on a base (`locate`), and canonical placing (`place`);
 - `source.py`: an adapter as a lazy TensorSource of deltas keyed by the base's tensor names;
 - `bake.py`, `combine.py`, `extract.py`, `convert.py`, `factor.py`, `write.py`: the operations.
+
+Map of the package: docs/architecture.md.
 """

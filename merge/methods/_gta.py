@@ -22,8 +22,8 @@ from torch import Tensor
 
 from merge.methods._checks import check_choice
 from merge.methods._stream import ElementRandom
-from merge.methods._threads import one_thread
 from merge.methods.selection import Random, bernoulli_mask, keep_top
+from merge.threads import one_thread
 
 ELECT_CHOICES = ("sum", "count")
 

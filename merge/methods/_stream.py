@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from merge.methods._threads import one_thread
+from merge.threads import one_thread
 
 # Elements per random block: draws are made a whole block at a time from a generator seeded by
 # (key, stream, block), so any chunk boundary sees the same numbers.

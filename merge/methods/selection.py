@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from merge.methods._stream import ElementRandom
-from merge.methods._threads import one_thread
+from merge.threads import one_thread
 
 SMALL = 1 << 18  # below this many elements a plain kthvalue is as fast as anything else
 SAMPLE = 1 << 16  # sample size; the bracket then holds ~8/sqrt(SAMPLE) ≈ 3% of the entries

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from merge.methods._checks import check_finite, check_fraction
 from merge.methods._registry import register
-from merge.methods._threads import one_thread
+from merge.threads import one_thread
 
 
 def polar_factor(a: Tensor) -> Tensor:

@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from merge import __version__
 from merge.errors import MergeWarning, RecipeError, UsageError
 from merge.io.sources import TensorSource
 from merge.moe.config import DTYPES, HIDDEN_MODES, LoadedConfig, Model, load_moe_config
 from merge.moe.layout import LAYOUTS, MLP_PROJS, QKV_BIAS, MoELayout, dense_mlp, split_base
+from merge.version import __version__
 
 CHUNK = 1 << 22  # elements per read of a copied tensor (16 MB of float32)
 DEGENERATE_COND = 5.0  # mergekit's threshold for warning about near-parallel router rows

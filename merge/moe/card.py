@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from merge import __version__
 from merge.card import TOOL
 from merge.moe.layout import LAYOUTS
+from merge.version import __version__
 
 if TYPE_CHECKING:
     from merge.moe.config import LoadedConfig, Model

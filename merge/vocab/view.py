@@ -17,7 +17,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,9 +26,6 @@ from torch import Tensor
 from merge.io.sources import TensorMeta, TensorSource
 from merge.vocab.build import TOKENIZER_FILES
 from merge.vocab.fill import Copy, Mean, RowPlan
-
-if TYPE_CHECKING:
-    from merge.io.writer import FilePlan, OutputTensor
 
 # Rows per block when a view sums its own rows for the padding mean (float32 working set).
 PAD_BLOCK_ELEMENTS = 1 << 22
@@ -250,10 +247,8 @@ class VocabView(TensorSource):
     def support_files(self) -> list[tuple[str, Path]]:
         return self.source.support_files()
 
-    def plan_output(
-        self, tensors: list[OutputTensor], *, shard_size: int, metadata: dict[str, str]
-    ) -> tuple[list[FilePlan], dict[str, object]]:
-        return self.source.plan_output(tensors, shard_size=shard_size, metadata=metadata)
+    def component_stems(self) -> dict[str, str]:
+        return self.source.component_stems()
 
     def fingerprint(self) -> dict[str, object]:
         return {**self.source.fingerprint(), "vocab_rows": self.table.size}
@@ -321,10 +316,8 @@ class TokenizerLayout(TensorSource):
     def fingerprint(self) -> dict[str, object]:
         return self.source.fingerprint()
 
-    def plan_output(
-        self, tensors: list[OutputTensor], *, shard_size: int, metadata: dict[str, str]
-    ) -> tuple[list[FilePlan], dict[str, object]]:
-        return self.source.plan_output(tensors, shard_size=shard_size, metadata=metadata)
+    def component_stems(self) -> dict[str, str]:
+        return self.source.component_stems()
 
     def support_files(self) -> list[tuple[str, Path]]:
         if self._tmp is None:

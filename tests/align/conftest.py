@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import torch
 from align_helpers import MLP_KW, TrainedPair
 
+from merge.threads import one_thread as one_intra_op_thread
 from merge.toy import batches, make_mlp, synthetic_classification, train
 
 
@@ -24,7 +24,5 @@ def mlp_pair() -> TrainedPair:
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
     """These models are tiny: one intra-op thread is fastest, and stays fast on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_intra_op_thread():
+        yield

@@ -11,7 +11,7 @@ import pytest
 
 from merge.errors import UsageError
 from merge.evaluate import SCHEMA, interpolation_path, load_result
-from merge.evaluate.report import format_table, summary_table
+from merge.evaluate.report import format_table, summary_table, write_result
 from merge.evaluate.results import Curve, Result
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "evaluate.md"
@@ -37,7 +37,7 @@ def written(mlp_pair, tmp_path_factory: pytest.TempPathFactory) -> tuple[Result,
         entry.make_model, mlp_pair.path_a, mlp_pair.path_b, data=entry.test_data(), steps=5
     )
     out = tmp_path_factory.mktemp("report")
-    r.write(out)
+    write_result(r, out)
     return r, out
 
 
@@ -128,7 +128,7 @@ def test_non_finite_values_become_null_and_other_files_are_refused(tmp_path: Pat
             )
         ],
     )
-    r.write(tmp_path, plots=False)
+    write_result(r, tmp_path, plots=False)
     assert (
         json.loads((tmp_path / "sweep.json").read_text())["curves"][0]["points"][0]["metrics"][
             "loss"

@@ -62,3 +62,11 @@ def test_ray_matches_sequential_in_order(mlp_pair, sequential) -> None:
     for got, want in zip(_metrics(r), _metrics(sequential), strict=True):
         assert got == pytest.approx(want, rel=1e-6)
     assert r.ok
+
+
+def test_run_keywords_are_the_run_options() -> None:
+    from dataclasses import fields
+
+    from merge.evaluate.executors import RunKwargs, RunOptions
+
+    assert list(RunKwargs.__annotations__) == [f.name for f in fields(RunOptions)]

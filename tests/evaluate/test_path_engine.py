@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import evaluate_entry as entry
 import pytest
 import torch
@@ -152,31 +149,6 @@ def test_task_vector_path_and_plane_check_their_checkpoints(mlp_pair) -> None:
     )
     end = next(pt for pt in p.curves[0].points if pt["coords"] == {"lambda1": 1.0, "lambda2": 0.0})
     assert corner["metrics"] == pytest.approx(end["metrics"], rel=1e-5)  # τ1 = τ2 here
-
-
-def test_repair_without_the_alignment_package_is_a_clear_error(mlp_pair, monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "merge.align", types.ModuleType("merge.align"))
-    monkeypatch.delitem(
-        sys.modules, "merge.align.repair", raising=False
-    )  # else `from merge.align import repair` finds it
-    with pytest.raises(UsageError, match=r"--repair needs `merge.align.repair`"):
-        interpolation_path(
-            entry.make_model,
-            mlp_pair.path_a,
-            mlp_pair.path_b,
-            data=entry.test_data(),
-            steps=3,
-            repair=True,
-        )
-    with pytest.raises(UsageError, match=r"--align needs `merge.align.align_state_dicts`"):
-        interpolation_path(
-            entry.make_model,
-            mlp_pair.path_a,
-            mlp_pair.path_b,
-            data=entry.test_data(),
-            steps=3,
-            align="weight",
-        )
 
 
 def test_data_that_yields_nothing_is_a_clear_error(mlp_pair) -> None:

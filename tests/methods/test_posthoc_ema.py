@@ -94,7 +94,7 @@ def test_checkpoint_power_weights_equal_the_discrete_power_ema():
 def test_cli_writes_one_folder_per_sigma(tmp_path):
     import merge.api as api
     from merge.io import load_state_dict, save_state_dict
-    from merge.posthoc_ema import posthoc_ema_cli
+    from merge.posthoc_ema import write_posthoc_ema
 
     snaps = _power_ema_run(64, [0.05, 0.10], 16, dim=6)
     paths = []
@@ -105,7 +105,7 @@ def test_cli_writes_one_folder_per_sigma(tmp_path):
         )
         paths.append(str(p))
     assert api is not None
-    out = posthoc_ema_cli(paths, [0.05, 0.08], tmp_path / "out", quiet=True)
+    out = write_posthoc_ema(paths, [0.05, 0.08], tmp_path / "out", quiet=True)
     assert [p.name for p in out] == ["sigma_0.050", "sigma_0.080"]
     got = load_state_dict(out[0])["w"]
     torch.testing.assert_close(got, snaps[-2][2].float().reshape(2, 3))  # σ 0.05 at t = 64: exact
