@@ -241,17 +241,10 @@ def load_recipe(
 
     A mergekit config is translated first (`Program.translated_from` says so; the CLI prints a note).
     """
-    name: str | None = None
-    base_dir = Path.cwd()
+    data, name, base_dir = read_mapping(
+        source, "a recipe must be a mapping with `inputs:` and `steps:`"
+    )
     translated_from = None
-    if isinstance(source, str | Path):
-        path = Path(source)
-        name, base_dir = str(path), path.resolve().parent
-        data = _read_yaml(path, name)
-    else:
-        data = dict(source)
-    if not isinstance(data, dict):
-        raise RecipeError("a recipe must be a mapping with `inputs:` and `steps:`", name)
     if "experts" in data and "base_model" in data and "merge_method" not in data:
         raise RecipeError(
             "this is a mergekit-moe config (`base_model:` and `experts:`); build it with "
@@ -299,6 +292,25 @@ def load_recipe(
             recipe = recipe.model_copy(update={"vars": {**recipe.vars, **vars}})
     program = compile_recipe(recipe, name=name, base_dir=base_dir, problems=problems, broken=broken)
     return replace(program, translated_from=translated_from) if translated_from else program
+
+
+def read_mapping(
+    source: str | Path | Mapping[str, Any], shape: str
+) -> tuple[dict[str, Any], str | None, Path]:
+    """A recipe or config (a YAML path, or a mapping given as is) as (mapping, its file name or
+    None, the folder its relative paths start from). RecipeError with `shape` (what the mapping
+    should hold) when the YAML is not a mapping."""
+    name: str | None = None
+    base_dir = Path.cwd()
+    if isinstance(source, str | Path):
+        path = Path(source)
+        name, base_dir = str(path), path.resolve().parent
+        data = _read_yaml(path, name)
+    else:
+        data = dict(source)
+    if not isinstance(data, dict):
+        raise RecipeError(shape, name)
+    return data, name, base_dir
 
 
 def _read_yaml(path: Path, name: str) -> Any:

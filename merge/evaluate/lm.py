@@ -17,6 +17,7 @@ from torch import nn
 
 from merge.errors import UsageError
 
+# Any one of these makes a folder loadable by AutoTokenizer (settings files alone do not).
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",

@@ -17,10 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    # tokenizers (fast, slow BPE/WordPiece/SentencePiece, tiktoken) and their settings
+# tokenizers (fast, slow BPE/WordPiece/SentencePiece, tiktoken) and their settings
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -33,6 +31,12 @@ MODEL_FILES = (
     "sentencepiece.bpe.model",
     "chat_template.jinja",
     "chat_template.json",
+)
+TOKENIZER_SUFFIXES = (".tiktoken",)  # tokenizer files whose stem varies
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    *TOKENIZER_FILES,
     # processors of multimodal models
     "preprocessor_config.json",
     "processor_config.json",
@@ -42,11 +46,17 @@ MODEL_FILES = (
     "config_sentence_transformers.json",
     "sentence_bert_config.json",
 )
-MODEL_SUFFIXES = (".tiktoken",)  # tokenizer files whose stem varies
+MODEL_SUFFIXES = TOKENIZER_SUFFIXES
 TENSOR_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
-def _json(path: Path) -> object:
+def is_tokenizer_file(relpath: str) -> bool:
+    """Whether a support file (its path in the folder) belongs to the tokenizer."""
+    return relpath in TOKENIZER_FILES or relpath.endswith(TOKENIZER_SUFFIXES)
+
+
+def read_json(path: Path) -> object:
+    """The JSON in `path`, or None when it is unreadable or not JSON (copied as it is then)."""
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -55,7 +65,7 @@ def _json(path: Path) -> object:
 
 def _auto_map_modules(config: Path) -> set[str]:
     """Module files (`modeling_x.py`) that `config.json`'s `auto_map` points at (trust_remote_code)."""
-    cfg = _json(config)
+    cfg = read_json(config)
     auto_map = cfg.get("auto_map") if isinstance(cfg, dict) else None
     if not isinstance(auto_map, dict):
         return set()
@@ -68,7 +78,7 @@ def _auto_map_modules(config: Path) -> set[str]:
 
 def sentence_transformers_modules(root: Path) -> list[str]:
     """The module folders (`1_Pooling`, ...) that `modules.json` lists ("" = the root: skipped)."""
-    mods = _json(root / "modules.json")
+    mods = read_json(root / "modules.json")
     if not isinstance(mods, list):
         return []
     out = []

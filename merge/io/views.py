@@ -12,8 +12,8 @@ from merge.io.sources import TensorMeta, TensorSource
 
 
 class View(TensorSource):
-    """A view of `source`: its tensor names, files and support files, its tensors as a
-    subclass shows them (`meta`, `read_range`)."""
+    """A view of `source`: its tensor names, files, support files and components; its tensors
+    as they are unless a subclass shows them otherwise (`meta`, `read_range`)."""
 
     def __init__(self, source: TensorSource):
         self.source = source
@@ -31,6 +31,15 @@ class View(TensorSource):
 
     def support_files(self) -> list[tuple[str, Path]]:
         return self.source.support_files()
+
+    def component_stems(self) -> dict[str, str]:
+        return self.source.component_stems()
+
+    def meta(self, name: str) -> TensorMeta:
+        return self.source.meta(name)
+
+    def read_range(self, name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+        return self.source.read_range(name, start, stop, out=out)
 
 
 class CastView(View):

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, FiniteFloat, ValidationError
 
 from merge.errors import RecipeError, did_you_mean
 from merge.io.sources import TensorSource
+from merge.recipe import read_mapping
 
 # mergekit-moe's gate modes: `hidden` and `hidden_last` take each prompt's last token,
 # `hidden_avg` the mean over every position (padding included, as mergekit computes it).
@@ -114,18 +115,9 @@ def load_moe_config(
 ) -> LoadedConfig:
     """Read and validate a mergekit-moe config (a YAML path or a dict); RecipeError lists every
     problem with its key, exit 2."""
-    from merge.recipe import _read_yaml
-
-    name: str | None = None
-    base_dir = Path.cwd()
-    if isinstance(source, str | Path):
-        path = Path(source)
-        name, base_dir = str(path), path.resolve().parent
-        data = _read_yaml(path, name)
-    else:
-        data = dict(source)
-    if not isinstance(data, dict):
-        raise RecipeError("a MoE config is a mapping with `base_model:` and `experts:`", name)
+    data, name, base_dir = read_mapping(
+        source, "a MoE config is a mapping with `base_model:` and `experts:`"
+    )
     if "merge_method" in data or "models" in data:
         raise RecipeError(
             "this is a mergekit merge config (`merge_method:`/`models:`), not a mergekit-moe "

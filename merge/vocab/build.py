@@ -25,22 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from merge.errors import MergeWarning, UsageError
-
-# Files a tokenizer folder may hold (copied when a tokenizer is rewritten without some ids).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+from merge.io.support_files import TOKENIZER_FILES
 
 
 @dataclass

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from merge.io.sources import TensorMeta, TensorSource
-from merge.vocab.build import TOKENIZER_FILES
+from merge.io.support_files import is_tokenizer_file, read_json
+from merge.io.views import View
 from merge.vocab.fill import Copy, Mean, RowPlan
 
 # Rows per block when a view sums its own rows for the padding mean (float32 working set).
@@ -122,16 +123,14 @@ def _row_numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape[1:])
 
 
-class VocabView(TensorSource):
+class VocabView(View):
     """Input `model` with its token-indexed tensors in the output vocabulary (see module doc)."""
 
     def __init__(self, model: str, table: VocabTable):
+        super().__init__(table.sources[model])
         self.model = model
         self.table = table
-        self.source = table.sources[model]
         self.names = table.names[model]
-        self.kind = self.source.kind
-        self.path = self.source.path
         self._aligned_names: dict[str, bool] = {}
 
     def keys(self) -> list[str]:
@@ -238,18 +237,6 @@ class VocabView(TensorSource):
             self.table.pad_means[key] = got
         return got
 
-    def files(self) -> list[Path]:
-        return self.source.files()
-
-    def root(self) -> Path | None:
-        return self.source.root()
-
-    def support_files(self) -> list[tuple[str, Path]]:
-        return self.source.support_files()
-
-    def component_stems(self) -> dict[str, str]:
-        return self.source.component_stems()
-
     def fingerprint(self) -> dict[str, object]:
         return {**self.source.fingerprint(), "vocab_rows": self.table.size}
 
@@ -274,61 +261,29 @@ def set_vocab_size(config: dict[str, Any], size: int) -> dict[str, Any]:
     return out
 
 
-def _json_object(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None  # copied as it is, as the engine copies an unreadable config
-    return data if isinstance(data, dict) else None
-
-
-def _is_tokenizer_file(rel: str) -> bool:
-    return rel in TOKENIZER_FILES or rel.endswith(".tiktoken")
-
-
-class TokenizerLayout(TensorSource):
+class TokenizerLayout(View):
     """The output's layout input with the output tokenizer's files in place of its own, and
     config.json's vocab size set (written to a temporary folder removed at close)."""
 
     def __init__(self, source: TensorSource, tokenizer: Any, vocab_size: int | None):
-        self.source = source
+        super().__init__(source)
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self.kind = source.kind
-        self.path = source.path
         self._tmp: Path | None = None
-
-    def keys(self) -> list[str]:
-        return self.source.keys()
-
-    def meta(self, name: str) -> TensorMeta:
-        return self.source.meta(name)
-
-    def read_range(self, name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
-        return self.source.read_range(name, start, stop, out=out)
-
-    def files(self) -> list[Path]:
-        return self.source.files()
-
-    def root(self) -> Path | None:
-        return self.source.root()
 
     def fingerprint(self) -> dict[str, object]:
         return self.source.fingerprint()
-
-    def component_stems(self) -> dict[str, str]:
-        return self.source.component_stems()
 
     def support_files(self) -> list[tuple[str, Path]]:
         if self._tmp is None:
             self._tmp = Path(tempfile.mkdtemp(prefix="merge-vocab-"))
             self.tokenizer.save_pretrained(str(self._tmp / "tokenizer"))
-        files = [(r, p) for r, p in self.source.support_files() if not _is_tokenizer_file(r)]
+        files = [(r, p) for r, p in self.source.support_files() if not is_tokenizer_file(r)]
         if self.vocab_size is not None:
             out = []
             for rel, path in files:
-                config = _json_object(path) if rel == "config.json" else None
-                if config is not None:
+                config = read_json(path) if rel == "config.json" else None
+                if isinstance(config, dict):  # else copied as it is, as the engine does
                     path = self._tmp / "config.json"
                     path.write_text(
                         json.dumps(set_vocab_size(config, self.vocab_size), indent=2) + "\n"
