@@ -95,6 +95,15 @@ def dare_drop(
     return pruned.div_(density)
 
 
+def _row_kth_smallest(rows: Tensor, k: int) -> Tensor:
+    """Each row's k-th smallest value (1-based), as a (R, 1) column: a top-k from the nearer
+    end, which for the band's edges (a few % from either end) is 2-4x faster than `kthvalue`."""
+    n = rows.shape[-1]
+    if k <= n - k + 1:
+        return rows.topk(k, dim=-1, largest=False, sorted=False).values.amax(-1, keepdim=True)
+    return rows.topk(n - k + 1, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+
+
 def breadcrumbs_band(delta: Tensor, density: float, gamma: float, *, compat: str) -> Tensor:
     """Drop the top-γ magnitudes and keep the next `density` fraction (Davari & Belilovsky).
 
@@ -140,9 +149,9 @@ def breadcrumbs_band(delta: Tensor, density: float, gamma: float, *, compat: str
         return torch.where(band, rows, zero).reshape(delta.shape)
     key = rows.abs().float().contiguous().view(torch.int32).to(torch.int64).mul_(n)
     key += torch.arange(n - 1, -1, -1, dtype=torch.int64, device=rows.device)
-    keep = key >= key.kthvalue(n - n_top - n_keep + 1, dim=-1, keepdim=True).values
+    keep = key >= _row_kth_smallest(key, n - n_top - n_keep + 1)
     if n_top > 0:
-        keep &= key <= key.kthvalue(n - n_top, dim=-1, keepdim=True).values
+        keep &= key <= _row_kth_smallest(key, n - n_top)
     return torch.where(keep, rows, zero).reshape(delta.shape)
 
 
