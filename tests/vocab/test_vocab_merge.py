@@ -79,6 +79,13 @@ def _linear(inputs: dict[str, Path], weights: dict[str, float], **tokenizer: obj
     }
 
 
+def _merged(
+    tmp_path: Path, inputs: dict[str, Path], weights: dict[str, float], **tokenizer: object
+) -> Path:
+    """The linear merge of `inputs` with `tokenizer:` settings, written to tmp_path/out."""
+    return run_recipe(_linear(inputs, weights, **tokenizer), tmp_path / "out", quiet=True)
+
+
 def _row(tensors: dict, vocab: dict[str, int], name: str, token: str) -> torch.Tensor:
     return tensors[name][vocab[token]]
 
@@ -112,15 +119,12 @@ def _expected(out_vocab, sources, weights, name, base=None):
 
 
 def test_union_of_two_tokenizers_and_their_rows(models, tmp_path):
-    out = run_recipe(
-        _linear(
-            {"base": models["a"], "b": models["b"]},
-            {"base": 0.6, "b": 0.4},
-            source="union",
-            base="base",
-        ),
-        tmp_path / "out",
-        quiet=True,
+    out = _merged(
+        tmp_path,
+        {"base": models["a"], "b": models["b"]},
+        {"base": 0.6, "b": 0.4},
+        source="union",
+        base="base",
     )
     va, vb, vo = vocab_of(models["a"]), vocab_of(models["b"]), vocab_of(out)
     # a's 52 tokens keep their ids; b's plain `y1` and added `<img>` follow (mergekit's order)
@@ -162,15 +166,12 @@ def test_union_of_two_tokenizers_and_their_rows(models, tmp_path):
 
 def test_three_models_mean_rule_and_a_tied_model(models, tmp_path):
     weights = {"base": 0.5, "b": 0.3, "c": 0.2}
-    out = run_recipe(
-        _linear(
-            {"base": models["a"], "b": models["b"], "c": models["c"]},
-            weights,
-            source="union",
-            base="base",
-        ),
-        tmp_path / "out",
-        quiet=True,
+    out = _merged(
+        tmp_path,
+        {"base": models["a"], "b": models["b"], "c": models["c"]},
+        weights,
+        source="union",
+        base="base",
     )
     srcs = {m: (vocab_of(models[k]), _tensors(models[k])) for m, k in zip(weights, "abc")}
     assert HEAD not in srcs["c"][1]  # c ties its lm_head to its embeddings
@@ -189,15 +190,12 @@ def test_three_models_mean_rule_and_a_tied_model(models, tmp_path):
 
 
 def test_base_tokenizer_drops_what_the_base_lacks(models, tmp_path):
-    out = run_recipe(
-        _linear(
-            {"base": models["a"], "b": models["b"]},
-            {"base": 0.5, "b": 0.5},
-            source="base",
-            base="base",
-        ),
-        tmp_path / "out",
-        quiet=True,
+    out = _merged(
+        tmp_path,
+        {"base": models["a"], "b": models["b"]},
+        {"base": 0.5, "b": 0.5},
+        source="base",
+        base="base",
     )
     va, vb, vo = vocab_of(models["a"]), vocab_of(models["b"]), vocab_of(out)
     assert vo == va and "<img>" not in vo
@@ -209,15 +207,12 @@ def test_base_tokenizer_drops_what_the_base_lacks(models, tmp_path):
 
 
 def test_a_base_tokenizer_longer_than_its_embeddings_is_cut(models, tmp_path):
-    out = run_recipe(
-        _linear(
-            {"base": models["short"], "b": models["b"]},
-            {"base": 0.5, "b": 0.5},
-            source="base",
-            base="base",
-        ),
-        tmp_path / "out",
-        quiet=True,
+    out = _merged(
+        tmp_path,
+        {"base": models["short"], "b": models["b"]},
+        {"base": 0.5, "b": 0.5},
+        source="base",
+        base="base",
     )
     vo = vocab_of(out)
     assert len(vo) == 51 and "<x>" not in vo and vo["<tool>"] == 50
@@ -230,17 +225,14 @@ def test_tokens_overrides_and_padding(models, tmp_path):
         "<new>": {"source": {"kind": "model_token", "model": "b", "token": "y1"}},
         "x2": {"source": "b", "force": True},
     }
-    out = run_recipe(
-        _linear(
-            {"base": models["a"], "b": models["b"]},
-            {"base": 0.6, "b": 0.4},
-            source="union",
-            base="base",
-            tokens=tokens,
-            pad_to_multiple_of=8,
-        ),
-        tmp_path / "out",
-        quiet=True,
+    out = _merged(
+        tmp_path,
+        {"base": models["a"], "b": models["b"]},
+        {"base": 0.6, "b": 0.4},
+        source="union",
+        base="base",
+        tokens=tokens,
+        pad_to_multiple_of=8,
     )
     vb, vo = vocab_of(models["b"]), vocab_of(out)
     assert vo["<new>"] == 54 and len(vo) == 55
@@ -306,16 +298,13 @@ def test_models_sharing_a_vocabulary_pass_through(models):
 def test_chat_template_round_trips_through_autotokenizer(models, tmp_path, which):
     literal = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
     value = {"literal": literal, "auto": "auto", "chatml": "chatml"}[which]
-    out = run_recipe(
-        _linear(
-            {"base": models["a"], "b": models["b"], "c": models["c"]},
-            {"base": 0.4, "b": 0.3, "c": 0.3},
-            source="union",
-            base="base",
-            chat_template=value,
-        ),
-        tmp_path / "out",
-        quiet=True,
+    out = _merged(
+        tmp_path,
+        {"base": models["a"], "b": models["b"], "c": models["c"]},
+        {"base": 0.4, "b": 0.3, "c": 0.3},
+        source="union",
+        base="base",
+        chat_template=value,
     )
     tok = AutoTokenizer.from_pretrained(str(out))
     want = {"literal": literal, "auto": T_B, "chatml": TEMPLATES["chatml"]}[which]
@@ -531,15 +520,12 @@ def test_gpt2_tied_embeddings_union(tmp_path):
         ).save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
         paths[name] = tmp_path / name
-    out = run_recipe(
-        _linear(
-            {"base": paths["g1"], "g2": paths["g2"]},
-            {"base": 0.5, "g2": 0.5},
-            source="union",
-            base="base",
-        ),
-        tmp_path / "out",
-        quiet=True,
+    out = _merged(
+        tmp_path,
+        {"base": paths["g1"], "g2": paths["g2"]},
+        {"base": 0.5, "g2": 0.5},
+        source="union",
+        base="base",
     )
     v1, v2, vo = vocab_of(paths["g1"]), vocab_of(paths["g2"]), vocab_of(out)
     t1, t2, to = _tensors(paths["g1"]), _tensors(paths["g2"]), _tensors(out)
