@@ -283,7 +283,11 @@ class StreamingTopK:
         self._bin = 0
         self._need = 0  # rank of t among the entries of the current bin, from the top
         self._vals: list[Tensor] = []
-        self._idx: list[Tensor] = []
+        # the collect pass's entries of the threshold's bin and their flat indices, preallocated
+        self._bin_vals: Tensor | None = None
+        self._bin_idx: Tensor | None = None
+        self._bin_count = 0
+        self._filled = 0
         self._ties_left = 0
 
     def set_k(self, k: int) -> None:
@@ -322,8 +326,14 @@ class StreamingTopK:
             inside = (bits >> 16) == self._bin
             if self._phase == "collect":
                 at = inside.nonzero().reshape(-1)  # once: a[inside] would find them again
-                self._vals.append(a[at])
-                self._idx.append(at + start)
+                if self._bin_vals is None:  # the bin's size is known: fill, never concatenate
+                    self._bin_vals = torch.empty(self._bin_count, dtype=a.dtype, device=a.device)
+                    self._bin_idx = torch.empty(self._bin_count, dtype=at.dtype, device=a.device)
+                got = self._filled + at.numel()
+                assert self._bin_idx is not None and got <= self._bin_count
+                torch.index_select(a, 0, at, out=self._bin_vals[self._filled : got])
+                torch.add(at, start, out=self._bin_idx[self._filled : got])
+                self._filled = got
             else:
                 self._hist = self._hist.to(a.device)
                 self._hist += torch.bincount(bits[inside] & 0xFFFF, minlength=1 << 16)
@@ -365,11 +375,14 @@ class StreamingTopK:
         elif self._phase == "high":
             self._bin, self._need, count = self._pick_bin(self.k)
             self._phase = "collect" if count <= BIN_LIMIT else "low"
+            self._bin_count = count
             self._hist.zero_()
         elif self._phase == "collect":
-            vals, idx = torch.cat(self._vals), torch.cat(self._idx)
-            self._vals, self._idx = [], []
-            self._finish(vals, idx, self._need)
+            bin_vals, bin_idx = self._bin_vals, self._bin_idx
+            self._bin_vals = self._bin_idx = None
+            assert bin_vals is not None and bin_idx is not None
+            assert self._filled == self._bin_count
+            self._finish(bin_vals, bin_idx, self._need)
         elif self._phase == "low":
             low, need, count = self._pick_bin(self._need)
             self.threshold = self._value((self._bin << 16) | low)
