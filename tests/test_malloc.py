@@ -39,5 +39,7 @@ def test_chunk_sized_temporaries_stop_page_faulting() -> None:
         )
         for mode in ("off", "on")
     }
-    assert got["off"] > 100_000  # ~100 × 5 × 1024 pages
-    assert got["on"] < 20_000  # the first round only
+    # Without the policy glibc faulted 47k to 100k+ pages here (its dynamic mmap and trim
+    # thresholds adapt differently from run to run); with it, about the first round's only.
+    assert got["on"] < 20_000, got
+    assert got["on"] < got["off"], got
