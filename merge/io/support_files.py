@@ -46,7 +46,6 @@ MODEL_FILES = (
     "config_sentence_transformers.json",
     "sentence_bert_config.json",
 )
-MODEL_SUFFIXES = TOKENIZER_SUFFIXES
 TENSOR_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -101,7 +100,7 @@ def select_support_files(root: Path, tensor_files: set[str]) -> list[tuple[str, 
     for f in sorted(root.iterdir()):
         if not f.is_file() or f.name in tensor_files:
             continue
-        if f.name in wanted or f.suffix in MODEL_SUFFIXES:
+        if f.name in wanted or f.suffix in TOKENIZER_SUFFIXES:
             out.append((f.name, f))
     for module in sentence_transformers_modules(root):
         folder = root / module
