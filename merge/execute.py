@@ -366,6 +366,7 @@ class Engine:
         self.chunk = chunk
         self.quiet = quiet
         self._slots = _Slots()
+        self._staging = _Slots()  # the reader's raw chunks before it converts them (one slot)
         self._buffers: dict[str, Tensor] = {}  # reused: the accumulator and one output per slot
         self._coefs: dict[str, list[float]] = {}
         self._warned: dict[str, set[str]] = {}  # input -> tensors already reported non-finite
@@ -391,16 +392,28 @@ class Engine:
                     yield _Item(j, s, min(j.numel, s + self.chunk))
 
     def _load(self, item: _Item, slot: int) -> dict[str, Tensor]:
-        """One item's inputs in their own dtype, read into the slot's reused buffers (never
-        mapped: a mapped input truncated mid-run is a SIGBUS); whole tensors for graph jobs.
-        The main thread converts."""
+        """One item's inputs, read into the slot's reused buffers (never mapped: a mapped input
+        truncated mid-run is a SIGBUS); whole tensors for graph jobs. Chunks of a streamed
+        method call are converted to the compute dtype here, on the reader thread, which
+        otherwise waits on the main thread's math; weighted sums convert block by block in the
+        main thread, where the converted block is still in cache."""
         job = item.job
         out: dict[str, Tensor] = {}
+        convert = item.run is not None and self.device.type == "cpu"
+        work = self._graph_dtype(job) if convert else None
         for pos, name in enumerate(job.inputs):
             src = self.plan.sources[name]
             meta = src.meta(job.name)
             if job.mode == "graph" and item.run is None:
                 out[name] = src.read(job.name)
+            elif work is not None:
+                dest = self._slots.view(slot, pos, item.stop - item.start, work)
+                if meta.dtype == work:
+                    out[name] = src.read_range(job.name, item.start, item.stop, out=dest)
+                else:
+                    raw = self._staging.view(0, pos, item.stop - item.start, meta.dtype)
+                    got = src.read_range(job.name, item.start, item.stop, out=raw)
+                    out[name] = dest.copy_(got.reshape(-1))
             else:
                 buf = self._slots.view(slot, pos, item.stop - item.start, meta.dtype)
                 out[name] = src.read_range(job.name, item.start, item.stop, out=buf)
@@ -501,9 +514,12 @@ class Engine:
         job, run = item.job, item.run
         assert run is not None
         work = self._graph_dtype(job)
-        # Converted into reused buffers: kernels see them only during their call.
+        # Converted into reused buffers (on the CPU the reader did it): kernels see them only
+        # during their call.
         cache = {
-            k: self._buffer(f"work{i}", v.numel(), work, on_device=True).copy_(v.reshape(-1))
+            k: v.reshape(-1)
+            if v.dtype == work and v.device == self.device
+            else self._buffer(f"work{i}", v.numel(), work, on_device=True).copy_(v.reshape(-1))
             for i, (k, v) in enumerate(data.items())
         }
         data.clear()

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from merge.methods._checks import check_choice
+from merge.methods._fused import loops, usable
 from merge.methods._stream import ElementRandom
-from merge.methods.selection import Random, bernoulli_mask, keep_top
+from merge.methods.selection import Random, bernoulli_mask, keep_top, uniform
 from merge.threads import one_thread
 
 ELECT_CHOICES = ("sum", "count")
@@ -176,6 +178,20 @@ def _fused_merge(
     n = base.numel()
     flat_b = base.reshape(-1)
     flats = [x.reshape(-1) for x in tensors]
+    if compat == "paper" and n and usable(flat_b, *flats):
+        return _looped_merge(
+            flats,
+            flat_b,
+            weight,
+            thresholds,
+            cuts,
+            offset,
+            keep_prob,
+            generator,
+            elect,
+            normalize,
+            scale,
+        ).reshape(base.shape)
     out = torch.empty_like(flat_b)
     size = min(CHUNK, n)
     bufs = [torch.empty(size, dtype=base.dtype, device=base.device) for _ in tensors]
@@ -197,3 +213,63 @@ def _fused_merge(
             method, b, deltas, weight, elect=elect, normalize=normalize, scale=scale, compat=compat
         )
     return out.reshape(base.shape)
+
+
+_ELECT_CODES = {None: 0, "sum": 1, "count": 2}
+
+
+def _looped_merge(
+    flats: Sequence[Tensor],
+    flat_b: Tensor,
+    weight: Sequence[float],
+    thresholds: Sequence[float | None] | None,
+    cuts: Sequence[int] | None,
+    offset: int,
+    keep_prob: Sequence[float] | None,
+    generator: Random,
+    elect: str | None,
+    normalize: bool,
+    scale: float,
+) -> Tensor:
+    """`_fused_merge` in one compiled loop (`_loops.task_vector_merge`): the same float32
+    operations per element, the same draws (made here, by torch, per model)."""
+    n, k = flat_b.numel(), len(flats)
+    nan = float("nan")  # no trim
+    thr = [nan] * k if thresholds is None else [nan if t is None else float(t) for t in thresholds]
+    cut = [n + offset] * k if cuts is None else [int(c) for c in cuts]
+    prob = [1.0] * k if keep_prob is None else [float(p) for p in keep_prob]
+    uniforms = np.empty((0, 0), dtype=np.float32)
+    seeds = np.empty((0, 2), dtype=np.uint64)
+    draw_offset = 0
+    if isinstance(generator, ElementRandom):  # drawn inside the loop, by element
+        seeds = np.asarray([generator.seed(i) for i in range(k)], dtype=np.uint64)
+        draw_offset = generator.offset
+    elif any(p < 1.0 for p in prob):
+        # A torch generator's draws, in the torch path's order: chunk by chunk, model by model.
+        drawn = torch.empty((k, n), dtype=torch.float32)
+        for start in range(0, n, CHUNK):
+            stop = min(n, start + CHUNK)
+            for i, p in enumerate(prob):
+                if p < 1.0:
+                    drawn[i, start:stop] = uniform((stop - start,), generator, stream=i)
+        uniforms = drawn.numpy()
+    total = float(sum(float(w) for w in weight))
+    out = torch.empty_like(flat_b)
+    loops().task_vector_merge(
+        tuple(x.numpy() for x in flats),
+        flat_b.numpy(),
+        np.asarray([float(w) for w in weight], dtype=np.float32),
+        np.asarray(thr, dtype=np.float32),
+        np.asarray(cut, dtype=np.int64),
+        np.asarray(prob, dtype=np.float32),
+        uniforms,
+        seeds,
+        draw_offset,
+        offset,
+        _ELECT_CODES[elect],
+        bool(normalize and (elect is not None or abs(total) >= 1e-8)),
+        np.float32(total),
+        np.float32(scale),
+        out.numpy(),
+    )
+    return out

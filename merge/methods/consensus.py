@@ -99,7 +99,7 @@ class TiesTrimKernel(Kernel):
     def observe(self, start: int, models: Sequence[Tensor], base: Tensor | None) -> None:
         assert base is not None
         for x, s in zip(models, self.select):
-            s.observe(start, torch.sub(x, base).abs_())
+            s.observe_abs_diff(start, x, base)
 
     def end_pass(self) -> None:
         for s in self.select:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from merge.methods._fused import loops, usable
 from merge.methods._stream import ElementRandom
 from merge.threads import one_thread
 
@@ -345,14 +346,49 @@ class StreamingTopK:
             else:
                 self._ties_left -= eq.numel()
 
+    def observe_abs_diff(self, start: int, x: Tensor, base: Tensor) -> None:
+        """`observe(start, |x − base|)`, the histogram and collect passes in one compiled loop
+        each when the chunks are float32 on the CPU (the torch expression otherwise)."""
+        if self.done:
+            return
+        if self._phase not in ("high", "collect") or not usable(x, base):
+            self.observe(start, torch.sub(x, base).abs_())
+            return
+        xs, bs = x.reshape(-1).numpy(), base.reshape(-1).numpy()
+        if self._phase == "high":
+            self._hist = self._hist.cpu()
+            loops().abs_diff_high_histogram(xs, bs, self._hist.numpy())
+            return
+        if self._bin_vals is None:
+            self._bin_vals = torch.empty(self._bin_count, dtype=torch.float32)
+            self._bin_idx = torch.empty(self._bin_count, dtype=torch.int64)
+        assert self._bin_idx is not None
+        got = loops().abs_diff_collect(
+            xs, bs, self._bin, start, self._bin_vals.numpy(), self._bin_idx.numpy(), self._filled
+        )
+        if got < 0:
+            raise RuntimeError("an input changed between two passes over it (more entries)")
+        self._filled = got
+
     def _pick_bin(self, need: int) -> tuple[int, int, int]:
         """(bin, rank of t within it from the top, entries in it) for the need-th largest."""
         self._hist = self._hist.cpu()
         b, rank = _top_bin(self._hist, need)
         return b, rank, int(self._hist[b])
 
-    def _finish(self, vals: Tensor, idx: Tensor | None, need: int) -> None:
-        """t is the need-th largest of `vals`; `idx` (ascending) are their flat indices."""
+    def _finish(self, vals: Tensor, idx: Tensor | None, need: int, one_bin: bool = False) -> None:
+        """t is the need-th largest of `vals`; `idx` (ascending) are their flat indices.
+        `one_bin`: all of `vals` share their high 16 bits (the collected bin)."""
+        if not self.signed and usable(vals):
+            no_idx = torch.empty(0, dtype=torch.int64)
+            key, cut = loops().top_order_statistic(
+                vals.numpy(), (no_idx if idx is None else idx).numpy(), need, one_bin
+            )
+            self.threshold = self._value(int(key))
+            if cut >= 0:
+                self.cut = int(cut)
+            self.done = True
+            return
         if self.signed:  # the bit histograms order non-negative floats only
             self.threshold = float(vals.kthvalue(vals.numel() - need + 1).values)
             ties = need - int((vals > self.threshold).sum())
@@ -382,7 +418,7 @@ class StreamingTopK:
             self._bin_vals = self._bin_idx = None
             assert bin_vals is not None and bin_idx is not None
             assert self._filled == self._bin_count
-            self._finish(bin_vals, bin_idx, self._need)
+            self._finish(bin_vals, bin_idx, self._need, one_bin=True)
         elif self._phase == "low":
             low, need, count = self._pick_bin(self._need)
             self.threshold = self._value((self._bin << 16) | low)

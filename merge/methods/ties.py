@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
 from merge.errors import UsageError
@@ -65,7 +64,7 @@ class TiesKernel(Kernel):
         assert base is not None
         for x, s in zip(models, self.select):
             if s is not None and not s.done:
-                s.observe(start, torch.sub(x, base).abs_())
+                s.observe_abs_diff(start, x, base)
 
     def end_pass(self) -> None:
         for s in self.select:

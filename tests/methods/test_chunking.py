@@ -76,7 +76,6 @@ CASES = [
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stream, "RANDOM_BLOCK", 16)
     monkeypatch.setattr(stream, "REDUCE_BLOCK", 16)
     monkeypatch.setattr(selection, "STREAM_SAMPLE", 32)
 

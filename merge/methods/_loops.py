@@ -1,0 +1,248 @@
+"""Compiled loops (numba) for the hot passes of the streaming task-vector kernels, on the CPU.
+
+Each pass of a TIES merge used to be a dozen torch operations over a 4M-element chunk: every
+one reads and writes 16 MB that do not fit in cache, so a pass cost 5-10 times a linear merge's
+arithmetic. Here each pass is one loop that reads every input element once and keeps its
+temporaries in registers. The arithmetic is IEEE float32, operation for operation what the torch
+expressions in `_gta.py` and `selection.py` do, except that a weighted add is rounded twice (torch's
+vectorised `add_(x, alpha=w)` may fuse it): results agree with the torch path to the last bit
+or two, and a merge's bytes never depend on how its tensors were cut into chunks.
+
+Imported lazily (`_fused.loops()`): numba takes ~0.3 s to import and each loop is compiled once
+per machine (`cache=True` keeps the machine code next to this file, or in numba's user cache).
+Every function releases the GIL, so the engine's reader and writer threads run alongside.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+# Compiled once per machine and kept (cache); run without the GIL, so reader and writer go on.
+_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+_BLOCK = 512  # elements per register-sized staging block (float32 values and their bits)
+_INF = np.float32(np.inf)
+_ZERO = np.float32(0.0)
+_ONE = np.float32(1.0)
+
+
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+@numba.njit(inline="always")
+def mix32(x):  # type: ignore[no-untyped-def]
+    """C. Wellons' lowbias32 integer mixer on the low 32 bits (uint64 arithmetic, masked)."""
+    x = x ^ (x >> np.uint64(16))
+    x = (x * np.uint64(0x7FEB352D)) & _M32
+    x = x ^ (x >> np.uint64(15))
+    x = (x * np.uint64(0x846CA68B)) & _M32
+    return x ^ (x >> np.uint64(16))
+
+
+@_jit
+def counter_uniform(low, high, offset, out):  # type: ignore[no-untyped-def]
+    """out[i] = U[0, 1) draw of element offset + i under the seed (low, high): see
+    `_stream.ElementRandom`."""
+    for i in range(out.shape[0]):
+        out[i] = draw(offset + i, low, high)
+
+
+@numba.njit(inline="always")
+def draw(index, low, high):  # type: ignore[no-untyped-def]
+    """The U[0, 1) draw of flat element `index` under the seed (low, high)."""
+    g = np.uint64(index)
+    h = mix32((g & _M32) ^ low)
+    h = mix32(h ^ (g >> np.uint64(32)) ^ high)
+    return np.float32(h >> np.uint64(8)) * np.float32(1.0 / 16777216.0)
+
+
+@_jit
+def abs_diff_high_histogram(x, b, hist):  # type: ignore[no-untyped-def]
+    """hist[bits(|x_i − b_i|) >> 16] += 1 for every i (float32; bits order non-negative floats)."""
+    n = x.shape[0]
+    vals = np.empty(_BLOCK, np.float32)
+    keys = vals.view(np.uint32)
+    for s in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - s)
+        xb, bb = x[s : s + m], b[s : s + m]  # slices: indices provably >= 0, so it vectorises
+        for j in range(m):
+            vals[j] = abs(xb[j] - bb[j])
+        for j in range(m):
+            hist[keys[j] >> 16] += 1
+
+
+@_jit
+def abs_diff_collect(x, b, high, start, vals_out, idx_out, filled):  # type: ignore[no-untyped-def]
+    """Append |x_i − b_i| and start + i for every i whose high 16 bits are `high`, from position
+    `filled` of the outputs; returns the new fill (at most their length: the caller sized them
+    from the histogram pass)."""
+    n = x.shape[0]
+    cap = vals_out.shape[0]
+    vals = np.empty(_BLOCK, np.float32)
+    keys = vals.view(np.uint32)
+    for s in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - s)
+        xb, bb = x[s : s + m], b[s : s + m]
+        for j in range(m):
+            vals[j] = abs(xb[j] - bb[j])
+        for j in range(m):
+            if keys[j] >> 16 == high:
+                if filled >= cap:
+                    return -1  # more than the histogram counted: the inputs changed
+                vals_out[filled] = vals[j]
+                idx_out[filled] = start + s + j
+                filled += 1
+    return filled
+
+
+@_jit
+def task_vector_merge(  # type: ignore[no-untyped-def]
+    xs,
+    b,
+    weight,
+    threshold,
+    cut,
+    keep_prob,
+    uniforms,
+    seeds,
+    draw_offset,
+    offset,
+    elect,
+    normalize,
+    total,
+    scale,
+    out,
+):
+    """out_i = b_i + scale · merge_j(δ̃_ij) with δ_ij = x_j,i − b_i (see `_gta.fused_merge`).
+
+    threshold[j]: NaN keeps every entry; otherwise the magnitude trim of `selection.keep_top`
+    (|δ| > t kept; |δ| = t kept before the flat index cut[j]; t = inf keeps none, t ≤ 0 all).
+    keep_prob[j] < 1: DARE's drop, δ·min(⌊u + p⌋, 1)/p, with u the counter draws of element
+    draw_offset + i under seeds[j] = (low, high) when `seeds` has rows, else uniforms[j, i].
+    elect: 0 none
+    (weighted sum, divided by `total` when normalize), 1 "sum", 2 "count" (the paper's
+    dis-mean). `offset` is the flat index of element 0. Block by block, each step a plain loop
+    over the block (the compiler vectorises those).
+    """
+    n = b.shape[0]
+    k = len(xs)
+    deltas = np.empty((k, _BLOCK), np.float32)
+    vote = np.empty(_BLOCK, np.float32)
+    mixed = np.empty(_BLOCK, np.float32)
+    count = np.empty(_BLOCK, np.float32)
+    for s in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - s)
+        # slices, so every index is provably >= 0 and the loops vectorise
+        bb, ob = b[s : s + m], out[s : s + m]
+        for j in range(k):
+            x = xs[j][s : s + m]
+            d = deltas[j]
+            for i in range(m):
+                d[i] = x[i] - bb[i]
+            t = threshold[j]
+            if t == _INF:
+                for i in range(m):
+                    d[i] = _ZERO
+            elif t > _ZERO:  # NaN (no trim) and t <= 0 keep everything
+                # entries equal to t are kept below the cut (two loops: no index test inside)
+                edge = max(0, min(m, cut[j] - offset - s))
+                for i in range(edge):
+                    d[i] = d[i] if abs(d[i]) >= t else _ZERO
+                for i in range(edge, m):
+                    d[i] = d[i] if abs(d[i]) > t else _ZERO
+            p = keep_prob[j]
+            if p < _ONE:
+                if seeds.shape[0]:
+                    low, high = seeds[j, 0], seeds[j, 1]
+                    at = draw_offset + s
+                    for i in range(m):
+                        u = draw(at + i, low, high)
+                        d[i] = d[i] * min(np.float32(np.floor(u + p)), _ONE) / p
+                else:
+                    ub = uniforms[j][s : s + m]
+                    for i in range(m):
+                        d[i] = d[i] * min(np.float32(np.floor(ub[i] + p)), _ONE) / p
+        if elect == 0:
+            for i in range(m):
+                mixed[i] = _ZERO
+            for j in range(k):
+                w = weight[j]
+                d = deltas[j]
+                for i in range(m):
+                    mixed[i] = mixed[i] + w * d[i]
+            for i in range(m):
+                v = mixed[i] / total if normalize else mixed[i]
+                ob[i] = v * scale + bb[i]
+            continue
+        for i in range(m):
+            vote[i] = _ZERO
+            mixed[i] = _ZERO
+            count[i] = _ZERO
+        for j in range(k):
+            d = deltas[j]
+            if elect == 1:
+                for i in range(m):
+                    vote[i] = vote[i] + d[i]
+            else:
+                for i in range(m):
+                    vote[i] = vote[i] + (np.float32(d[i] > _ZERO) - np.float32(d[i] < _ZERO))
+        for i in range(m):
+            vote[i] = np.float32(np.copysign(_ONE, vote[i]))  # a zero total elects +
+        for j in range(k):
+            w = weight[j]
+            d = deltas[j]
+            for i in range(m):
+                a = max(d[i] * vote[i], _ZERO)  # |δ| where its sign agrees; zeros never agree
+                mixed[i] = mixed[i] + w * a
+                count[i] = count[i] + np.float32(a > _ZERO)
+        for i in range(m):
+            v = mixed[i] * vote[i]
+            if normalize:
+                v = v / max(count[i], _ONE)
+            ob[i] = v * scale + bb[i]
+
+
+@_jit
+def _top_bin(hist, need):  # type: ignore[no-untyped-def]
+    """(bin holding the need-th largest entry of a histogram, entries above that bin)."""
+    above = 0
+    b = hist.shape[0] - 1
+    while above + hist[b] < need:
+        above += hist[b]
+        b -= 1
+    return b, above
+
+
+@_jit
+def top_order_statistic(vals, idx, need, one_bin):  # type: ignore[no-untyped-def]
+    """(key, cut) for non-negative float32 `vals`: key the bits of the need-th largest value t,
+    cut the position after the last entry equal to t that the top `need` take (-1 when they
+    take every entry equal to t), as a flat index `idx[pos] + 1` when `idx` is not empty, else
+    as a position in `vals`. `one_bin`: every value has the same high 16 bits (StreamingTopK's
+    collected bin), so only the low bits are counted."""
+    n = vals.shape[0]
+    keys = vals.view(np.uint32)
+    high = np.int64(keys[0] >> 16)
+    if not one_bin:
+        hist = np.zeros(1 << 16, np.int64)
+        for i in range(n):
+            hist[keys[i] >> 16] += 1
+        high, above = _top_bin(hist, need)
+        need -= above
+    hist = np.zeros(1 << 16, np.int64)
+    for i in range(n):
+        key = keys[i]
+        if key >> 16 == high:
+            hist[key & 0xFFFF] += 1
+    low, above = _top_bin(hist, need)
+    key = (high << 16) | low
+    taken = need - above  # entries equal to t that the top `need` take
+    if taken == hist[low]:
+        return key, -1
+    seen = 0
+    for i in range(n):
+        if keys[i] == key:
+            seen += 1
+            if seen == taken:
+                return key, (idx[i] if idx.shape[0] else i) + 1
+    return key, -1  # not reached: more than `taken` entries equal t

@@ -1,0 +1,164 @@
+"""The compiled loops (`merge.methods._loops`) against the torch path they replace and against
+plain Python references: thresholds, tie cuts and random draws exactly, merges to the last bit
+or two (torch may fuse a weighted add into one rounding)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from merge.methods import selection
+from merge.methods._fused import NO_LOOPS, usable
+from merge.methods._gta import fused_merge
+from merge.methods._stream import ElementRandom, mix_seed
+from merge.methods.selection import StreamingTopK, keep_count
+
+
+@pytest.fixture
+def torch_path(monkeypatch: pytest.MonkeyPatch):
+    """Run a callable with the loops switched off (the reference path)."""
+
+    def run(fn):  # type: ignore[no-untyped-def]
+        with monkeypatch.context() as m:
+            m.setenv(NO_LOOPS, "1")
+            return fn()
+
+    return run
+
+
+def _fine_tunes(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """bf16-rounded base and fine-tunes: task-vector magnitudes repeat, so ties are common."""
+    g = torch.Generator().manual_seed(seed)
+    base = (0.02 * torch.randn(n, generator=g)).bfloat16().float()
+    xs = [(base + 0.002 * torch.randn(n, generator=g)).bfloat16().float() for _ in range(k)]
+    xs[0][: n // 10] = base[: n // 10]  # exact zeros in one task vector
+    return base, xs
+
+
+def test_loops_take_cpu_float32_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert usable(torch.zeros(3), None)
+    assert not usable(torch.zeros(3, dtype=torch.float64))
+    assert not usable(torch.zeros(3, 2).t())  # not contiguous
+    monkeypatch.setenv(NO_LOOPS, "1")
+    assert not usable(torch.zeros(3))
+
+
+def _python_draw(key: int, stream: int, index: int) -> float:
+    """The counter draw with Python integers: lowbias32 twice, 24 bits."""
+
+    def mix(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    seed = mix_seed(key, stream)
+    h = mix((index & 0xFFFFFFFF) ^ (seed & 0xFFFFFFFF))
+    h = mix(h ^ (index >> 32) ^ (seed >> 32))
+    return (h >> 8) / (1 << 24)
+
+
+@pytest.mark.parametrize("offset", [0, 12345, (1 << 32) - 3, (1 << 40) + 7])
+def test_counter_draws_match_python_and_the_torch_path(offset: int, torch_path) -> None:  # type: ignore[no-untyped-def]
+    r = ElementRandom(key=77, numel=1 << 50, offset=offset)
+    looped = r.uniform(4096, stream=2)
+    reference = torch_path(lambda: r.uniform(4096, stream=2))
+    assert torch.equal(looped, reference)
+    want = [_python_draw(77, 2, offset + i) for i in (0, 1, 2, 4095)]
+    assert [float(looped[i]) for i in (0, 1, 2, 4095)] == want
+
+
+def test_counter_draws_look_uniform_and_streams_independent() -> None:
+    r = ElementRandom(key=5, numel=1 << 20)
+    a, b = r.uniform(1 << 20, 0), r.uniform(1 << 20, 1)
+    assert 0.0 <= float(a.min()) and float(a.max()) < 1.0
+    assert abs(float(a.mean()) - 0.5) < 2e-3  # sd of the mean ≈ 2.8e-4
+    assert abs(float(a.var()) - 1 / 12) < 1e-3
+    hist = torch.histc(a, bins=16, min=0.0, max=1.0)
+    assert float(((hist - 65536) ** 2 / 65536).sum()) < 60  # χ² with 15 dof: p ≈ 1e-6
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.01
+    assert abs(float(torch.corrcoef(torch.stack([a[:-1], a[1:]]))[0, 1])) < 0.01
+
+
+CASES = list(
+    itertools.product(
+        [None, "sum", "count"],  # elect
+        [False, True],  # trim
+        [False, True],  # drop
+        [False, True],  # normalize
+    )
+)
+
+
+@pytest.mark.parametrize("elect,trim,drop,normalize", CASES)
+def test_task_vector_merge_matches_the_torch_path(elect, trim, drop, normalize, torch_path) -> None:  # type: ignore[no-untyped-def]
+    n = 300_001  # not a multiple of any block
+    base, xs = _fine_tunes(n, 3)
+    kwargs = dict(
+        thresholds=[0.002, float("inf"), None] if trim else None,
+        cuts=[n // 2, n, n] if trim else None,
+        offset=0,
+        keep_prob=[0.3, 0.9, 1.0] if drop else None,
+        elect=elect,
+        normalize=normalize,
+        scale=0.7,
+        compat="paper",
+    )
+
+    def run():  # type: ignore[no-untyped-def]
+        return fused_merge(
+            "t", xs, base, [0.5, 1.0, -0.3], generator=ElementRandom(3, n), **kwargs
+        )
+
+    looped, reference = run(), torch_path(run)
+    # the same entries survive the trim, the drop and the election ...
+    assert torch.equal(looped == base, reference == base)
+    # ... and the values agree to a rounding of each weighted add
+    torch.testing.assert_close(looped, reference, rtol=0, atol=2.5e-7)
+
+
+def test_task_vector_merge_with_a_torch_generator_draws_in_the_torch_order(torch_path) -> None:  # type: ignore[no-untyped-def]
+    n = 600_000  # more than one of the torch path's 256K-element chunks
+    base, xs = _fine_tunes(n, 2, seed=1)
+
+    def run():  # type: ignore[no-untyped-def]
+        g = torch.Generator().manual_seed(11)
+        return fused_merge(
+            "t", xs, base, [1.0, 1.0], keep_prob=[0.5, 0.5], generator=g, elect="sum",
+            normalize=False, scale=1.0, compat="paper",
+        )  # fmt: skip
+
+    looped, reference = run(), torch_path(run)
+    assert torch.equal(looped == base, reference == base)
+    torch.testing.assert_close(looped, reference, rtol=0, atol=2.5e-7)
+
+
+@pytest.mark.parametrize("n,density", [(5000, 0.2), (300_001, 0.1), (300_001, 0.9)])
+def test_streaming_top_k_threshold_and_cut_match_the_torch_path(
+    n, density, monkeypatch, torch_path
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(selection, "STREAM_SAMPLE", 1000)  # the histogram passes for n > 1000
+    base, xs = _fine_tunes(n, 1, seed=2)
+    x = xs[0]
+    k = keep_count(n, density)
+
+    def select() -> tuple[float, int]:
+        s = StreamingTopK(n, k)
+        while not s.done:
+            for start in range(0, n, 65_537):
+                s.observe_abs_diff(start, x[start : start + 65_537], base[start : start + 65_537])
+            s.end_pass()
+        return s.threshold, s.cut
+
+    got, want = select(), torch_path(select)
+    assert got == want
+    # and against a sort: exactly k kept, ties at the threshold in index order
+    t, cut = got
+    a = (x - base).abs()
+    index = torch.arange(n)
+    kept = (a > t) | ((a == t) & (index < cut))
+    assert int(kept.sum()) == k
+    assert float(a.sort(descending=True).values[k - 1]) == t
