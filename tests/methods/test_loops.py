@@ -74,7 +74,7 @@ def test_counter_draws_match_python_and_the_torch_path(offset: int, torch_path) 
 def test_counter_draws_look_uniform_and_streams_independent() -> None:
     r = ElementRandom(key=5, numel=1 << 20)
     a, b = r.uniform(1 << 20, 0), r.uniform(1 << 20, 1)
-    assert 0.0 <= float(a.min()) and float(a.max()) < 1.0
+    assert float(a.min()) >= 0.0 and float(a.max()) < 1.0
     assert abs(float(a.mean()) - 0.5) < 2e-3  # sd of the mean ≈ 2.8e-4
     assert abs(float(a.var()) - 1 / 12) < 1e-3
     hist = torch.histc(a, bins=16, min=0.0, max=1.0)
@@ -109,9 +109,7 @@ def test_task_vector_merge_matches_the_torch_path(elect, trim, drop, normalize, 
     )
 
     def run():  # type: ignore[no-untyped-def]
-        return fused_merge(
-            "t", xs, base, [0.5, 1.0, -0.3], generator=ElementRandom(3, n), **kwargs
-        )
+        return fused_merge("t", xs, base, [0.5, 1.0, -0.3], generator=ElementRandom(3, n), **kwargs)
 
     looped, reference = run(), torch_path(run)
     # the same entries survive the trim, the drop and the election ...
