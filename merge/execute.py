@@ -47,7 +47,7 @@ from merge.io.writer import (
     write_json,
 )
 from merge.methods import get_method
-from merge.methods._checks import check_finite
+from merge.methods._checks import check_finite, is_finite
 from merge.methods._registry import MATRIX, MODEL, ROWS, STATISTICS
 from merge.methods._stream import ElementRandom, Kernel, mix_seed, rows_of
 from merge.model_scope import resolve_model_scope
@@ -283,6 +283,8 @@ class _Item:
     run: _GraphRun | None = None
     stats: ResolvedCall | None = None  # a statistics pass for this call: computes, writes nothing
     barrier: bool = False  # the last item of a statistics pass: what follows depends on it
+    # inputs whose chunk the reader found free of NaN and inf (streamed calls not yet checked)
+    finite: frozenset[str] = frozenset()
 
 
 # Items in flight: one being read, one being computed, one being written. Each owns a slot of
@@ -401,6 +403,10 @@ class Engine:
         out: dict[str, Tensor] = {}
         convert = item.run is not None and self.device.type == "cpu"
         work = self._graph_dtype(job) if convert else None
+        # The NaN/inf check of a call's inputs, done here while the reader has time to spare:
+        # the main thread then skips it for operands that are these chunks (`_check_needed`).
+        check = convert and item.run is not None and len(item.run.checked) < len(item.run.kernels)
+        finite: set[str] = set()
         for pos, name in enumerate(job.inputs):
             src = self.plan.sources[name]
             meta = src.meta(job.name)
@@ -414,9 +420,12 @@ class Engine:
                     raw = self._staging.view(0, pos, item.stop - item.start, meta.dtype)
                     got = src.read_range(job.name, item.start, item.stop, out=raw)
                     out[name] = dest.copy_(got.reshape(-1))
+                if check and is_finite(out[name]):
+                    finite.add(name)
             else:
                 buf = self._slots.view(slot, pos, item.stop - item.start, meta.dtype)
                 out[name] = src.read_range(job.name, item.start, item.stop, out=buf)
+        item.finite = frozenset(finite)
         return out
 
     # -- computing ---------------------------------------------------------------------------------
@@ -528,7 +537,8 @@ class Engine:
             call = item.stats
             kernel = run.kernels[id(call)]
             models, base = self._operands(call, cache, item, memo)
-            with _method_call(job.name, call, models, base, check=id(call) not in run.checked):
+            check = self._check_needed(item, call, models, base, cache)
+            with _method_call(job.name, call, models, base, check=check):
                 kernel.observe(item.start, models, base)
                 if item.barrier:
                     kernel.end_pass()
@@ -539,6 +549,22 @@ class Engine:
             self._warn_non_finite(job, {k: cache[k] for k in job.inputs if k in cache})
         out = self._buffer(f"out{item.slot}", item.stop - item.start, job.dtype)
         return out.copy_(result)
+
+    def _check_needed(
+        self,
+        item: _Item,
+        call: ResolvedCall,
+        models: Sequence[Tensor],
+        base: Tensor | None,
+        cache: dict[str, Tensor],
+    ) -> bool:
+        """Whether a call's operands on this chunk still need the NaN/inf check: not after the
+        call's first pass, nor when each operand is an input chunk the reader found finite."""
+        assert item.run is not None
+        if id(call) in item.run.checked:
+            return False
+        clean = {id(cache[k]) for k in item.finite if k in cache}
+        return not all(id(t) in clean for t in (*models, base) if t is not None)
 
     def _operands(
         self, call: ResolvedCall, cache: dict[str, Tensor], item: _Item, memo: dict[int, Tensor]
@@ -575,9 +601,8 @@ class Engine:
             value = memo.get(id(call))  # a call shared by two terms is computed once
             if value is None:
                 models, base = self._operands(call, cache, item, memo)
-                with _method_call(
-                    item.job.name, call, models, base, check=id(call) not in run.checked
-                ):
+                check = self._check_needed(item, call, models, base, cache)
+                with _method_call(item.job.name, call, models, base, check=check):
                     value = run.kernels[id(call)].apply(item.start, models, base)
                 memo[id(call)] = value
             return value

@@ -64,7 +64,8 @@ def check_fraction(method: str, param: str, value: float, *, closed_low: bool = 
         raise UsageError(f"method `{method}`: `{param}` is {value}, outside {interval}")
 
 
-def _is_finite(x: Tensor) -> bool:
+def is_finite(x: Tensor) -> bool:
+    """No NaN or ±inf in x (True for integer and empty tensors)."""
     # aminmax propagates NaN and shows ±inf: one pass, no boolean mask the size of x.
     if x.numel() == 0 or not x.is_floating_point():
         return True
@@ -88,7 +89,7 @@ def check_finite(
     named = [("the base", base)] if base is not None else []
     named += [(f"model {i + 1}", x) for i, x in enumerate(tensors)]
     for who, x in named:
-        if x is None or _is_finite(x):
+        if x is None or is_finite(x):
             continue
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())

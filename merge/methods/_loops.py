@@ -72,27 +72,35 @@ def abs_diff_high_histogram(x, b, hist):  # type: ignore[no-untyped-def]
 
 
 @_jit
-def abs_diff_collect(x, b, high, start, vals_out, idx_out, filled):  # type: ignore[no-untyped-def]
-    """Append |x_i − b_i| and start + i for every i whose high 16 bits are `high`, from position
-    `filled` of the outputs; returns the new fill (at most their length: the caller sized them
-    from the histogram pass)."""
+def abs_diff_collect(x, b, lo, hi, start, vals_out, idx_out, filled, hist):  # type: ignore[no-untyped-def]
+    """Append |x_i − b_i| and start + i for every i whose high 16 bits lie in [lo, hi], from
+    position `filled` of the outputs, in index order; with a non-empty `hist`, also count every
+    entry's high bits into it. Returns the new fill, or -1 when the outputs are full (the
+    histogram is still completed)."""
     n = x.shape[0]
     cap = vals_out.shape[0]
+    count = hist.shape[0] > 0
     vals = np.empty(_BLOCK, np.float32)
     keys = vals.view(np.uint32)
+    low, span = np.uint32(lo), np.uint32(hi - lo)
+    if filled < 0:
+        filled = cap + 1
     for s in range(0, n, _BLOCK):
         m = min(_BLOCK, n - s)
         xb, bb = x[s : s + m], b[s : s + m]
         for j in range(m):
             vals[j] = abs(xb[j] - bb[j])
+        if count:
+            for j in range(m):
+                hist[keys[j] >> 16] += 1
         for j in range(m):
-            if keys[j] >> 16 == high:
-                if filled >= cap:
-                    return -1  # more than the histogram counted: the inputs changed
-                vals_out[filled] = vals[j]
-                idx_out[filled] = start + s + j
+            # one unsigned comparison for lo <= high <= hi; no early exit, so it stays tight
+            if (keys[j] >> np.uint32(16)) - low <= span:
+                if filled < cap:
+                    vals_out[filled] = vals[j]
+                    idx_out[filled] = start + s + j
                 filled += 1
-    return filled
+    return filled if filled <= cap else -1
 
 
 @_jit

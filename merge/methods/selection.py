@@ -15,6 +15,7 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -250,6 +251,8 @@ def nth_largest_nonneg(vals: Tensor, need: int) -> tuple[float, int, int]:
 
 STREAM_SAMPLE = 1 << 20  # up to this many elements, one pass keeps every |d| and is done
 BIN_LIMIT = 1 << 22  # at most this many candidates (value and index) are kept from one bin
+GUESS_LIMIT = 1 << 23  # at most this many entries of the guessed bins (96 MiB) are kept
+_NO_HIST = np.zeros(0, dtype=np.int64)  # "count nothing" for `_loops.abs_diff_collect`
 
 
 class StreamingTopK:
@@ -290,6 +293,11 @@ class StreamingTopK:
         self._bin_count = 0
         self._filled = 0
         self._ties_left = 0
+        # the compiled histogram pass's guess of the threshold's bins and their entries
+        self._guess: tuple[int, int] | None = None
+        self._guess_vals: Tensor | None = None
+        self._guess_idx: Tensor | None = None
+        self._guess_filled = 0
 
     def set_k(self, k: int) -> None:
         """Keep the k largest (before the first `end_pass`); k ≤ 0 keeps none, k ≥ n all."""
@@ -357,18 +365,69 @@ class StreamingTopK:
         xs, bs = x.reshape(-1).numpy(), base.reshape(-1).numpy()
         if self._phase == "high":
             self._hist = self._hist.cpu()
-            loops().abs_diff_high_histogram(xs, bs, self._hist.numpy())
+            if self._guess is None:
+                self._place_guess(xs, bs, start)
+                return
+            lo, hi = self._guess
+            if self._guess_filled >= 0:
+                assert self._guess_vals is not None and self._guess_idx is not None
+                self._guess_filled = loops().abs_diff_collect(
+                    xs, bs, lo, hi, start, self._guess_vals.numpy(), self._guess_idx.numpy(),
+                    self._guess_filled, self._hist.numpy(),
+                )  # fmt: skip
+            else:
+                loops().abs_diff_high_histogram(xs, bs, self._hist.numpy())
             return
         if self._bin_vals is None:
             self._bin_vals = torch.empty(self._bin_count, dtype=torch.float32)
             self._bin_idx = torch.empty(self._bin_count, dtype=torch.int64)
         assert self._bin_idx is not None
         got = loops().abs_diff_collect(
-            xs, bs, self._bin, start, self._bin_vals.numpy(), self._bin_idx.numpy(), self._filled
-        )
+            xs, bs, self._bin, self._bin, start, self._bin_vals.numpy(), self._bin_idx.numpy(),
+            self._filled, _NO_HIST,
+        )  # fmt: skip
         if got < 0:
             raise RuntimeError("an input changed between two passes over it (more entries)")
         self._filled = got
+
+    def _place_guess(self, xs: np.ndarray, bs: np.ndarray, start: int) -> None:
+        """The first chunk of the histogram pass: guess the threshold's bin from its own
+        histogram (the same rank, scaled to the chunk) and keep, for the rest of the pass, the
+        entries of that bin and its two neighbours. When the full histogram's bin is among them,
+        the collect pass is not needed: a TIES merge reads its inputs twice, not three times."""
+        first = np.zeros(1 << 16, dtype=np.int64)
+        loops().abs_diff_high_histogram(xs, bs, first)
+        m = xs.shape[0]
+        rank = max(1, min(m, math.ceil(self.k * m / self.n)))
+        guess, _ = _top_bin(torch.from_numpy(first), rank)
+        self._guess = (max(guess - 1, 0), min(guess + 1, (1 << 16) - 1))
+        # room for the window's share of the whole tensor, with slack; a miss or an overflow
+        # only means the collect pass runs
+        lo, hi = self._guess
+        expected = int(first[lo : hi + 1].sum()) * self.n // max(m, 1)
+        room = min(GUESS_LIMIT, 2 * expected + 4096)
+        self._guess_vals = torch.empty(room, dtype=torch.float32)
+        self._guess_idx = torch.empty(room, dtype=torch.int64)
+        self._guess_filled = loops().abs_diff_collect(
+            xs, bs, lo, hi, start, self._guess_vals.numpy(), self._guess_idx.numpy(), 0, _NO_HIST
+        )
+        self._hist.numpy()[:] += first
+
+    def _take_guess(self) -> bool:
+        """After the histogram pass: finish from the guessed window when it holds the bin."""
+        vals, idx, filled = self._guess_vals, self._guess_idx, self._guess_filled
+        self._guess_vals = self._guess_idx = None
+        if self._guess is None or vals is None or idx is None or filled < 0:
+            return False
+        lo, hi = self._guess
+        if not lo <= self._bin <= hi:
+            return False
+        vals, idx = vals[:filled], idx[:filled]
+        inside = (vals.view(torch.int32) >> 16) == self._bin
+        bin_vals, bin_idx = vals[inside], idx[inside]
+        assert bin_vals.numel() == self._bin_count
+        self._finish(bin_vals, bin_idx, self._need, one_bin=True)
+        return True
 
     def _pick_bin(self, need: int) -> tuple[int, int, int]:
         """(bin, rank of t within it from the top, entries in it) for the need-th largest."""
@@ -413,6 +472,8 @@ class StreamingTopK:
             self._phase = "collect" if count <= BIN_LIMIT else "low"
             self._bin_count = count
             self._hist.zero_()
+            if self._phase == "collect" and self._take_guess():
+                return
         elif self._phase == "collect":
             bin_vals, bin_idx = self._bin_vals, self._bin_idx
             self._bin_vals = self._bin_idx = None

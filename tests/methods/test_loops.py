@@ -160,3 +160,37 @@ def test_streaming_top_k_threshold_and_cut_match_the_torch_path(
     kept = (a > t) | ((a == t) & (index < cut))
     assert int(kept.sum()) == k
     assert float(a.sort(descending=True).values[k - 1]) == t
+
+
+def _passes_and_result(x: torch.Tensor, base: torch.Tensor, k: int) -> tuple[int, float, int]:
+    n = x.numel()
+    s = StreamingTopK(n, k)
+    passes = 0
+    while not s.done:
+        passes += 1
+        for start in range(0, n, 10_000):
+            s.observe_abs_diff(start, x[start : start + 10_000], base[start : start + 10_000])
+        s.end_pass()
+    return passes, s.threshold, s.cut
+
+
+@pytest.mark.parametrize(
+    "first_chunk_scale,limit,passes", [(1.0, None, 1), (50.0, None, 2), (1.0, 10, 2)]
+)
+def test_the_histogram_pass_guesses_the_bin_and_a_miss_costs_one_pass(
+    first_chunk_scale, limit, passes, monkeypatch, torch_path
+) -> None:  # type: ignore[no-untyped-def]
+    """The first chunk's guess of the threshold's bin saves the collect pass when it holds; a
+    first chunk unlike the rest (a miss) or too many entries in the window (an overflow) only
+    cost that pass. The threshold and cut are exact either way."""
+    monkeypatch.setattr(selection, "STREAM_SAMPLE", 1000)
+    if limit is not None:
+        monkeypatch.setattr(selection, "GUESS_LIMIT", limit)
+    base, (x,) = _fine_tunes(200_000, 1, seed=3)
+    x = (base + 0.002 * torch.randn(200_000, generator=torch.Generator().manual_seed(4))).float()
+    x[:10_000] = base[:10_000] + first_chunk_scale * (x[:10_000] - base[:10_000])
+    k = keep_count(200_000, 0.3)
+    got = _passes_and_result(x, base, k)
+    assert got[0] == passes
+    reference = torch_path(lambda: _passes_and_result(x, base, k))
+    assert reference[0] == 2 and got[1:] == reference[1:]
