@@ -48,6 +48,7 @@ from merge.io.writer import (
 )
 from merge.methods import get_method
 from merge.methods._checks import check_finite, is_finite
+from merge.methods._fused import loops, usable
 from merge.methods._registry import MATRIX, MODEL, ROWS, STATISTICS
 from merge.methods._stream import ElementRandom, Kernel, mix_seed, rows_of
 from merge.model_scope import resolve_model_scope
@@ -545,10 +546,16 @@ class Engine:
                     run.checked.add(id(call))
             return None
         result = self._eval_chunk(job.form, cache, item, memo)
-        if not math.isfinite(float(result.sum())):  # method inputs were refused; other terms:
-            self._warn_non_finite(job, {k: cache[k] for k in job.inputs if k in cache})
         out = self._buffer(f"out{item.slot}", item.stop - item.start, job.dtype)
-        return out.copy_(result)
+        if job.dtype == torch.bfloat16 and usable(result):
+            # rounded and checked in one loop (torch's rounding, bit for bit)
+            finite = loops().store_bfloat16(result.numpy(), out.view(torch.int16).numpy())
+        else:
+            finite = math.isfinite(float(result.sum()))
+            out.copy_(result)
+        if not finite:  # method inputs were refused; other terms:
+            self._warn_non_finite(job, {k: cache[k] for k in job.inputs if k in cache})
+        return out
 
     def _check_needed(
         self,

@@ -19,10 +19,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 import merge.methods._stream as _stream
+from merge.methods._fused import loops, usable
 
 
 def all_pairs(k: int) -> list[tuple[int, int]]:
@@ -53,6 +55,12 @@ class BlockGram:
         self._prod: Tensor | None = None  # (P, size) float64: its products
         self._fill = 0
         self._sums: Tensor | None = None  # (P, cols) float64
+        # the compiled loop's state (flat sums of float32 CPU chunks): 8 lanes per pair
+        self._looped: bool | None = None
+        self._lanes: np.ndarray | None = None
+        self._flat_sums: np.ndarray | None = None
+        self._first: np.ndarray | None = None
+        self._second: np.ndarray | None = None
 
     def _buffers(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self._x is None or self._prod is None or self._sums is None:
@@ -67,6 +75,11 @@ class BlockGram:
         m = vectors[0].numel()
         if m == 0:
             return
+        if self._looped is None:  # decided once: the two ways sum in different orders
+            self._looped = self.cols == 1 and usable(*vectors)
+        if self._looped:
+            self._add_looped(vectors)
+            return
         x, _, _ = self._buffers(vectors[0])
         pos = 0
         while pos < m:
@@ -77,6 +90,18 @@ class BlockGram:
             pos += take
             if self._fill == self.size:
                 self._flush()
+
+    def _add_looped(self, vectors: Sequence[Tensor]) -> None:
+        """`add` by the compiled loop (`_loops.gram_blocks`): float32 CPU vectors, flat sums."""
+        if self._lanes is None:
+            self._lanes = np.zeros((len(self.pairs), 8), dtype=np.float64)
+            self._flat_sums = np.zeros(len(self.pairs), dtype=np.float64)
+            self._first = np.asarray([i for i, _ in self.pairs], dtype=np.int64)
+            self._second = np.asarray([j for _, j in self.pairs], dtype=np.int64)
+        arrays = tuple(v.reshape(-1).to(torch.float32).contiguous().numpy() for v in vectors)
+        self._fill = loops().gram_blocks(
+            arrays, self._first, self._second, self._lanes, self._flat_sums, self._fill, self.size
+        )
 
     def _flush(self) -> None:
         x, prod, sums = self._x, self._prod, self._sums
@@ -89,6 +114,12 @@ class BlockGram:
 
     def total(self) -> Tensor:
         """(P, cols) float64 sums over every element added (zeros if none was)."""
+        if self._looped:
+            assert self._lanes is not None and self._flat_sums is not None
+            if self._fill:  # the last, partial block counts as one more block
+                loops().flush_lanes(self._lanes, self._flat_sums)
+                self._fill = 0
+            return torch.from_numpy(self._flat_sums.copy()).reshape(len(self.pairs), 1)
         if self._x is None:
             return torch.zeros(len(self.pairs), self.cols, dtype=torch.float64)
         if self._fill:

@@ -254,3 +254,86 @@ def top_order_statistic(vals, idx, need, one_bin):  # type: ignore[no-untyped-de
             if seen == taken:
                 return key, (idx[i] if idx.shape[0] else i) + 1
     return key, -1  # not reached: more than `taken` entries equal t
+
+
+_LANES = 8  # independent float64 partial sums per Gram entry (element index mod 8)
+
+
+@_jit
+def gram_blocks(vectors, first, second, lanes, sums, fill, size):  # type: ignore[no-untyped-def]
+    """Add the next m elements of K float32 vectors to Gram sums taken over fixed blocks of
+    `size` elements (`_gram.BlockGram`, flat): pair p accumulates vectors[first[p]] ·
+    vectors[second[p]] in float64 (products of float32 values are exact there) into 8 lanes
+    by the element's position in its block mod 8, each lane summed in element order; a full
+    block's lanes are added to sums[p] in a fixed order. `fill` is how far the current block
+    is filled; returns the new fill. Nothing depends on where the chunks are cut."""
+    m = vectors[0].shape[0]
+    pos = 0
+    while pos < m:
+        take = min(size - fill, m - pos)
+        for p in range(first.shape[0]):
+            a = vectors[first[p]][pos : pos + take]
+            b = vectors[second[p]][pos : pos + take]
+            lane = lanes[p]
+            e = 0
+            while e < take and (fill + e) % _LANES != 0:  # up to a lane-0 element
+                lane[(fill + e) % _LANES] += np.float64(a[e]) * np.float64(b[e])
+                e += 1
+            s0, s1, s2, s3 = lane[0], lane[1], lane[2], lane[3]
+            s4, s5, s6, s7 = lane[4], lane[5], lane[6], lane[7]
+            while e + _LANES <= take:
+                s0 += np.float64(a[e]) * np.float64(b[e])
+                s1 += np.float64(a[e + 1]) * np.float64(b[e + 1])
+                s2 += np.float64(a[e + 2]) * np.float64(b[e + 2])
+                s3 += np.float64(a[e + 3]) * np.float64(b[e + 3])
+                s4 += np.float64(a[e + 4]) * np.float64(b[e + 4])
+                s5 += np.float64(a[e + 5]) * np.float64(b[e + 5])
+                s6 += np.float64(a[e + 6]) * np.float64(b[e + 6])
+                s7 += np.float64(a[e + 7]) * np.float64(b[e + 7])
+                e += _LANES
+            lane[0], lane[1], lane[2], lane[3] = s0, s1, s2, s3
+            lane[4], lane[5], lane[6], lane[7] = s4, s5, s6, s7
+            while e < take:
+                lane[(fill + e) % _LANES] += np.float64(a[e]) * np.float64(b[e])
+                e += 1
+        fill += take
+        pos += take
+        if fill == size:
+            flush_lanes(lanes, sums)
+            fill = 0
+    return fill
+
+
+@_jit
+def flush_lanes(lanes, sums):  # type: ignore[no-untyped-def]
+    """sums[p] += the block's lanes of pair p, added in a fixed order; the lanes are cleared."""
+    for p in range(lanes.shape[0]):
+        lane = lanes[p]
+        sums[p] += ((lane[0] + lane[1]) + (lane[2] + lane[3])) + (
+            (lane[4] + lane[5]) + (lane[6] + lane[7])
+        )
+        for j in range(_LANES):
+            lane[j] = 0.0
+
+
+@_jit
+def combine_two(v0, v1, c0, c1, out):  # type: ignore[no-untyped-def]
+    """out = v0·c0 + v1·c1 in float32, rounded after each product as torch's `v0 * c0 + v1 * c1`."""
+    for i in range(out.shape[0]):
+        out[i] = v0[i] * c0 + v1[i] * c1
+
+
+@_jit
+def store_bfloat16(values, out):  # type: ignore[no-untyped-def]
+    """out (bfloat16 bits, uint16) = values (float32) rounded to nearest even, NaN as 0xFFFF
+    (torch's vectorised conversion, bit for bit); returns whether every value is finite."""
+    bits = values.view(np.uint32)
+    finite = True
+    for i in range(values.shape[0]):
+        u = bits[i]
+        if (u & np.uint32(0x7F800000)) == np.uint32(0x7F800000):
+            finite = False
+            out[i] = np.uint16(0xFFFF) if u & np.uint32(0x007FFFFF) else np.uint16(u >> 16)
+        else:
+            out[i] = np.uint16((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16)
+    return finite

@@ -11,11 +11,13 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from merge.errors import UsageError
 from merge.methods._checks import check_compat, check_count, check_finite
+from merge.methods._fused import loops, usable
 from merge.methods._gram import (
     BlockGram,
     gram_matrix,
@@ -95,6 +97,10 @@ class SlerpKernel(Kernel):
         if self.coefs is None:
             return torch.lerp(v0, v1, self.t)
         c0, c1 = self.coefs
+        if usable(v0, v1):
+            out = torch.empty_like(v0)
+            loops().combine_two(v0.numpy(), v1.numpy(), np.float32(c0), np.float32(c1), out.numpy())
+            return out
         return v0 * c0 + v1 * c1
 
 

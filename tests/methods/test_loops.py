@@ -194,3 +194,47 @@ def test_the_histogram_pass_guesses_the_bin_and_a_miss_costs_one_pass(
     assert got[0] == passes
     reference = torch_path(lambda: _passes_and_result(x, base, k))
     assert reference[0] == 2 and got[1:] == reference[1:]
+
+
+def test_block_gram_loop_is_exact_in_its_chunking_and_close_to_math_fsum() -> None:
+    import math
+
+    from merge.methods._gram import BlockGram
+
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(200_003, generator=g), torch.randn(200_003, generator=g)
+
+    def sums(cut: int) -> torch.Tensor:
+        gram = BlockGram(2)
+        for s in range(0, a.numel(), cut):
+            gram.add([a[s : s + cut], b[s : s + cut]])
+        return gram.total()[:, 0]
+
+    whole = sums(a.numel())
+    for cut in (1, 7, 4099, 65_536, 100_000):
+        assert torch.equal(sums(cut), whole)
+    want = [
+        math.fsum(x * y for x, y in zip(u.double().tolist(), v.double().tolist()))
+        for u, v in ((a, a), (a, b), (b, b))
+    ]
+    torch.testing.assert_close(whole, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_two_term_combination_and_bfloat16_store_match_torch_bit_for_bit() -> None:
+    import numpy as np
+
+    from merge.methods._fused import loops
+
+    g = torch.Generator().manual_seed(8)
+    v0, v1 = torch.randn(100_001, generator=g), torch.randn(100_001, generator=g)
+    out = torch.empty_like(v0)
+    loops().combine_two(v0.numpy(), v1.numpy(), np.float32(0.3), np.float32(0.7), out.numpy())
+    assert torch.equal(out, v0 * 0.3 + v1 * 0.7)
+
+    x = 1e3 * torch.randn(100_001, generator=g)
+    edges = [float("inf"), -float("inf"), 0.0, -0.0, 3.0e38, 3.3895314e38, 1.00390625, 1e-40]
+    x[: len(edges)] = torch.tensor(edges)
+    store = torch.empty(x.shape, dtype=torch.bfloat16)
+    assert not loops().store_bfloat16(x.numpy(), store.view(torch.int16).numpy())  # ±inf
+    assert torch.equal(store.view(torch.int16), x.bfloat16().view(torch.int16))
+    assert loops().store_bfloat16(x[8:].numpy(), store[8:].view(torch.int16).numpy())
