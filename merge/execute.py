@@ -286,6 +286,8 @@ class _Item:
     barrier: bool = False  # the last item of a statistics pass: what follows depends on it
     # inputs whose chunk the reader found free of NaN and inf (streamed calls not yet checked)
     finite: frozenset[str] = frozenset()
+    reading: float = 0.0  # seconds the reader spent reading (not converting) this item
+    converting: float = 0.0  # seconds the main thread spent converting its inputs
 
 
 # Items in flight: one being read, one being computed, one being written. Each owns a slot of
@@ -370,6 +372,10 @@ class Engine:
         self.quiet = quiet
         self._slots = _Slots()
         self._staging = _Slots()  # the reader's raw chunks before it converts them (one slot)
+        # which thread converts streamed chunks (`_balance`): seconds per element, averaged
+        self._reader_converts = True
+        self._main_pace = 0.0
+        self._read_pace = 0.0
         self._buffers: dict[str, Tensor] = {}  # reused: the accumulator and one output per slot
         self._coefs: dict[str, list[float]] = {}
         self._warned: dict[str, set[str]] = {}  # input -> tensors already reported non-finite
@@ -402,8 +408,9 @@ class Engine:
         main thread, where the converted block is still in cache."""
         job = item.job
         out: dict[str, Tensor] = {}
-        convert = item.run is not None and self.device.type == "cpu"
+        convert = item.run is not None and self.device.type == "cpu" and self._reader_converts
         work = self._graph_dtype(job) if convert else None
+        reading = 0.0
         # The NaN/inf check of a call's inputs, done here while the reader has time to spare:
         # the main thread then skips it for operands that are these chunks (`_check_needed`).
         check = convert and item.run is not None and len(item.run.checked) < len(item.run.kernels)
@@ -415,18 +422,24 @@ class Engine:
                 out[name] = src.read(job.name)
             elif work is not None:
                 dest = self._slots.view(slot, pos, item.stop - item.start, work)
+                t0 = time.perf_counter()
                 if meta.dtype == work:
                     out[name] = src.read_range(job.name, item.start, item.stop, out=dest)
+                    reading += time.perf_counter() - t0
                 else:
                     raw = self._staging.view(0, pos, item.stop - item.start, meta.dtype)
                     got = src.read_range(job.name, item.start, item.stop, out=raw)
+                    reading += time.perf_counter() - t0
                     out[name] = dest.copy_(got.reshape(-1))
                 if check and is_finite(out[name]):
                     finite.add(name)
             else:
                 buf = self._slots.view(slot, pos, item.stop - item.start, meta.dtype)
+                t0 = time.perf_counter()
                 out[name] = src.read_range(job.name, item.start, item.stop, out=buf)
+                reading += time.perf_counter() - t0
         item.finite = frozenset(finite)
+        item.reading = reading
         return out
 
     # -- computing ---------------------------------------------------------------------------------
@@ -524,14 +537,16 @@ class Engine:
         job, run = item.job, item.run
         assert run is not None
         work = self._graph_dtype(job)
-        # Converted into reused buffers (on the CPU the reader did it): kernels see them only
-        # during their call.
+        # Converted into reused buffers (the reader did it when it had time to spare): kernels
+        # see them only during their call.
+        t0 = time.perf_counter()
         cache = {
             k: v.reshape(-1)
             if v.dtype == work and v.device == self.device
             else self._buffer(f"work{i}", v.numel(), work, on_device=True).copy_(v.reshape(-1))
             for i, (k, v) in enumerate(data.items())
         }
+        item.converting = time.perf_counter() - t0
         data.clear()
         memo: dict[int, Tensor] = {}
         if item.stats is not None:
@@ -710,8 +725,11 @@ class Engine:
                 want = threads if whole else 1
                 if torch.get_num_threads() != want:
                     torch.set_num_threads(want)
+                t0 = time.perf_counter()
                 out = self._compute(item, data)
                 del data
+                if item.run is not None:
+                    self._balance(item, time.perf_counter() - t0 - item.converting)
                 if out is not None:
                     pending.append((item, writer.submit(write, item.job.name, out)))
                 if item.barrier:
@@ -722,6 +740,17 @@ class Engine:
             reader.shutdown(wait=True, cancel_futures=True)
             writer.shutdown(wait=True, cancel_futures=True)
             bar.close()
+
+    def _balance(self, item: _Item, computing: float) -> None:
+        """Give the conversion of streamed chunks to whichever thread has time to spare: the
+        reader converts while the main thread's own work on a chunk takes longer than reading
+        it (a trimming merge), the main thread while reading takes longer (a light call on two
+        inputs, or a cold page cache). Averaged over recent chunks, per element."""
+        n = max(item.stop - item.start, 1)
+        decay = 0.7
+        self._main_pace = decay * self._main_pace + (1 - decay) * computing / n
+        self._read_pace = decay * self._read_pace + (1 - decay) * item.reading / n
+        self._reader_converts = self._main_pace > self._read_pace
 
     def _compute(self, item: _Item, data: dict[str, Tensor]) -> Tensor | None:
         job = item.job

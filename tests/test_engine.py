@@ -441,3 +441,42 @@ def test_weighted_sums_and_copies_warn_once_about_non_finite_inputs(tmp_path: Pa
     assert torch.isnan(merged["model.layers.0.mlp.up_proj.weight"][1, 1])
     with pytest.warns(MergeWarning, match=r"tensor `model.layers.0.mlp.up_proj.weight` holds 1"):
         merge_expression("a", {"a": a}, tmp_path / "copy")  # a copy job
+
+
+@pytest.mark.parametrize("reader_converts", [True, False])
+def test_streamed_calls_give_the_same_bytes_whichever_thread_converts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader_converts: bool
+) -> None:
+    """The engine hands the bf16 → float32 conversion (and the NaN check) of streamed chunks to
+    the reader or to the main thread, whichever has time to spare: the bytes are the same, and a
+    NaN is refused either way."""
+    paths = {
+        n: save_state_dict(
+            {k: v.bfloat16() if v.is_floating_point() else v for k, v in tensors(i).items()},
+            tmp_path / n,
+        )
+        for i, n in enumerate(["base", "a", "b"])
+    }
+    recipe = {
+        "inputs": {k: str(v) for k, v in paths.items()},
+        "steps": {"r": "ties(a, b, base=base, density=0.3) + slerp(a, base=base, t=0.3) - base"},
+    }
+    want = Engine(plan_recipe(recipe), chunk=1 << 20, quiet=True).to_memory()
+
+    def fixed(self: Engine, item: object, computing: float) -> None:
+        self._reader_converts = reader_converts
+
+    monkeypatch.setattr(Engine, "_balance", fixed)
+    engine = Engine(plan_recipe(recipe), chunk=37, quiet=True)
+    engine._reader_converts = reader_converts
+    got = engine.to_memory()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+    bad = {k: v.bfloat16() if v.is_floating_point() else v for k, v in tensors(1).items()}
+    bad["model.layers.1.mlp.up_proj.weight"][3, 2] = float("nan")
+    save_state_dict(bad, tmp_path / "a2")
+    recipe["inputs"]["a"] = str(tmp_path / "a2")
+    engine = Engine(plan_recipe(recipe), chunk=37, quiet=True)
+    engine._reader_converts = reader_converts
+    with pytest.raises(ExecutionError, match="model 1 has 1 NaN"):
+        engine.to_memory()
