@@ -252,6 +252,7 @@ def nth_largest_nonneg(vals: Tensor, need: int) -> tuple[float, int, int]:
 STREAM_SAMPLE = 1 << 20  # up to this many elements, one pass keeps every |d| and is done
 BIN_LIMIT = 1 << 22  # at most this many candidates (value and index) are kept from one bin
 GUESS_LIMIT = 1 << 23  # at most this many entries of the guessed bins (96 MiB) are kept
+GUESS_SAMPLE = 1 << 18  # entries of the first chunk that the guess of the bin is made from
 _NO_HIST = np.zeros(0, dtype=np.int64)  # "count nothing" for `_loops.abs_diff_collect`
 
 
@@ -395,9 +396,11 @@ class StreamingTopK:
         histogram (the same rank, scaled to the chunk) and keep, for the rest of the pass, the
         entries of that bin and its two neighbours. When the full histogram's bin is among them,
         the collect pass is not needed: a TIES merge reads its inputs twice, not three times."""
+        # the guess comes from the chunk's first GUESS_SAMPLE entries; the whole chunk is then
+        # counted and collected in one loop, as every later chunk is
+        m = min(xs.shape[0], GUESS_SAMPLE)
         first = np.zeros(1 << 16, dtype=np.int64)
-        loops().abs_diff_high_histogram(xs, bs, first)
-        m = xs.shape[0]
+        loops().abs_diff_high_histogram(xs[:m], bs[:m], first)
         rank = max(1, min(m, math.ceil(self.k * m / self.n)))
         guess, _ = _top_bin(torch.from_numpy(first), rank)
         self._guess = (max(guess - 1, 0), min(guess + 1, (1 << 16) - 1))
@@ -409,9 +412,9 @@ class StreamingTopK:
         self._guess_vals = torch.empty(room, dtype=torch.float32)
         self._guess_idx = torch.empty(room, dtype=torch.int64)
         self._guess_filled = loops().abs_diff_collect(
-            xs, bs, lo, hi, start, self._guess_vals.numpy(), self._guess_idx.numpy(), 0, _NO_HIST
-        )
-        self._hist.numpy()[:] += first
+            xs, bs, lo, hi, start, self._guess_vals.numpy(), self._guess_idx.numpy(), 0,
+            self._hist.numpy(),
+        )  # fmt: skip
 
     def _take_guess(self) -> bool:
         """After the histogram pass: finish from the guessed window when it holds the bin."""
