@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 from core_fixtures import tensors
 
 from merge.io import save_state_dict
+
+# A suite started with SIGINT ignored (`make test &` in a script, nohup) would pass that on to
+# every `merge` child, which then rightly leaves Ctrl-C ignored, and the signal tests would fail.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
