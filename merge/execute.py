@@ -511,7 +511,7 @@ class Engine:
         """Draws keyed by (seed, tensor, call identity): the step and the call's place among
         the job's calls, so two random calls on one tensor draw independent masks."""
         key = mix_seed(self.seed, job.name, call.step, ordinal)
-        return ElementRandom(key, job.numel, 0, self.device)
+        return ElementRandom(key, 0, self.device)
 
     def _graph_dtype(self, job: TensorJob) -> torch.dtype:
         """Method calls compute in float32 (float64 for a float64 output), or in the compute

@@ -74,7 +74,7 @@ def abs_diff_high_histogram(x, b, hist):  # type: ignore[no-untyped-def]
 @_jit
 def abs_diff_collect(x, b, lo, hi, start, vals_out, idx_out, filled, hist):  # type: ignore[no-untyped-def]
     """Append |x_i − b_i| and start + i for every i whose high 16 bits lie in [lo, hi], from
-    position `filled` of the outputs, in index order; with a non-empty `hist`, also count every
+    position `filled` (≥ 0) of the outputs, in index order; with a non-empty `hist`, also count every
     entry's high bits into it. Returns the new fill, or -1 when the outputs are full (the
     histogram is still completed)."""
     n = x.shape[0]
@@ -83,8 +83,6 @@ def abs_diff_collect(x, b, lo, hi, start, vals_out, idx_out, filled, hist):  # t
     vals = np.empty(_BLOCK, np.float32)
     keys = vals.view(np.uint32)
     low, span = np.uint32(lo), np.uint32(hi - lo)
-    if filled < 0:
-        filled = cap + 1
     for s in range(0, n, _BLOCK):
         m = min(_BLOCK, n - s)
         xb, bb = x[s : s + m], b[s : s + m]

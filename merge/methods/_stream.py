@@ -50,23 +50,21 @@ class ElementRandom:
     integer arithmetic in torch on other devices, bit for bit.
     """
 
-    def __init__(self, key: int, numel: int, offset: int = 0, device: torch.device | str = "cpu"):
+    def __init__(self, key: int, offset: int = 0, device: torch.device | str = "cpu"):
         self.key = key
-        self.numel = numel
         self.offset = offset
         self.device = torch.device(device)
 
     def at(self, offset: int) -> ElementRandom:
-        return ElementRandom(self.key, self.numel, self.offset + offset, self.device)
+        return ElementRandom(self.key, self.offset + offset, self.device)
 
     def seed(self, stream: int) -> tuple[int, int]:
         """Stream `stream`'s seed as two 32-bit halves (low, high)."""
         seed = mix_seed(self.key, stream)
         return seed & _MASK32, seed >> 32
 
-    def uniform(self, n: int, stream: int = 0, out: Tensor | None = None) -> Tensor:
-        if out is None:
-            out = torch.empty(n, dtype=torch.float32, device=self.device)
+    def uniform(self, n: int, stream: int = 0) -> Tensor:
+        out = torch.empty(n, dtype=torch.float32, device=self.device)
         if n == 0:
             return out
         low, high = self.seed(stream)

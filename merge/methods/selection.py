@@ -336,13 +336,11 @@ class StreamingTopK:
             inside = (bits >> 16) == self._bin
             if self._phase == "collect":
                 at = inside.nonzero().reshape(-1)  # once: a[inside] would find them again
-                if self._bin_vals is None:  # the bin's size is known: fill, never concatenate
-                    self._bin_vals = torch.empty(self._bin_count, dtype=a.dtype, device=a.device)
-                    self._bin_idx = torch.empty(self._bin_count, dtype=at.dtype, device=a.device)
+                bin_vals, bin_idx = self._bin_buffers(a.dtype, a.device)
                 got = self._filled + at.numel()
-                assert self._bin_idx is not None and got <= self._bin_count
-                torch.index_select(a, 0, at, out=self._bin_vals[self._filled : got])
-                torch.add(at, start, out=self._bin_idx[self._filled : got])
+                assert got <= self._bin_count
+                torch.index_select(a, 0, at, out=bin_vals[self._filled : got])
+                torch.add(at, start, out=bin_idx[self._filled : got])
                 self._filled = got
             else:
                 self._hist = self._hist.to(a.device)
@@ -379,17 +377,22 @@ class StreamingTopK:
             else:
                 loops().abs_diff_high_histogram(xs, bs, self._hist.numpy())
             return
-        if self._bin_vals is None:
-            self._bin_vals = torch.empty(self._bin_count, dtype=torch.float32)
-            self._bin_idx = torch.empty(self._bin_count, dtype=torch.int64)
-        assert self._bin_idx is not None
+        bin_vals, bin_idx = self._bin_buffers(torch.float32, x.device)
         got = loops().abs_diff_collect(
-            xs, bs, self._bin, self._bin, start, self._bin_vals.numpy(), self._bin_idx.numpy(),
-            self._filled, _NO_HIST,
+            xs, bs, self._bin, self._bin, start, bin_vals.numpy(), bin_idx.numpy(), self._filled,
+            _NO_HIST,
         )  # fmt: skip
         if got < 0:
             raise RuntimeError("an input changed between two passes over it (more entries)")
         self._filled = got
+
+    def _bin_buffers(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The collect pass's buffers for the bin's entries and their flat indices: its size is
+        known from the histogram, so they are filled in place, never concatenated."""
+        if self._bin_vals is None or self._bin_idx is None:
+            self._bin_vals = torch.empty(self._bin_count, dtype=dtype, device=device)
+            self._bin_idx = torch.empty(self._bin_count, dtype=torch.int64, device=device)
+        return self._bin_vals, self._bin_idx
 
     def _place_guess(self, xs: np.ndarray, bs: np.ndarray, start: int) -> None:
         """The first chunk of the histogram pass: guess the threshold's bin from its own

@@ -63,7 +63,7 @@ def _python_draw(key: int, stream: int, index: int) -> float:
 
 @pytest.mark.parametrize("offset", [0, 12345, (1 << 32) - 3, (1 << 40) + 7])
 def test_counter_draws_match_python_and_the_torch_path(offset: int, torch_path) -> None:  # type: ignore[no-untyped-def]
-    r = ElementRandom(key=77, numel=1 << 50, offset=offset)
+    r = ElementRandom(key=77, offset=offset)
     looped = r.uniform(4096, stream=2)
     reference = torch_path(lambda: r.uniform(4096, stream=2))
     assert torch.equal(looped, reference)
@@ -72,7 +72,7 @@ def test_counter_draws_match_python_and_the_torch_path(offset: int, torch_path) 
 
 
 def test_counter_draws_look_uniform_and_streams_independent() -> None:
-    r = ElementRandom(key=5, numel=1 << 20)
+    r = ElementRandom(key=5)
     a, b = r.uniform(1 << 20, 0), r.uniform(1 << 20, 1)
     assert float(a.min()) >= 0.0 and float(a.max()) < 1.0
     assert abs(float(a.mean()) - 0.5) < 2e-3  # sd of the mean ≈ 2.8e-4
@@ -109,7 +109,7 @@ def test_task_vector_merge_matches_the_torch_path(elect, trim, drop, normalize, 
     )
 
     def run():  # type: ignore[no-untyped-def]
-        return fused_merge("t", xs, base, [0.5, 1.0, -0.3], generator=ElementRandom(3, n), **kwargs)
+        return fused_merge("t", xs, base, [0.5, 1.0, -0.3], generator=ElementRandom(3), **kwargs)
 
     looped, reference = run(), torch_path(run)
     # the same entries survive the trim, the drop and the election ...
