@@ -19,7 +19,7 @@ import math
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,7 +48,7 @@ from merge.io.writer import (
 )
 from merge.methods import get_method
 from merge.methods._checks import check_finite, is_finite
-from merge.methods._fused import loops, usable
+from merge.methods._fused import as_array, enabled, loops, usable
 from merge.methods._registry import MATRIX, MODEL, ROWS, STATISTICS
 from merge.methods._stream import ElementRandom, Kernel, mix_seed, rows_of
 from merge.model_scope import resolve_model_scope
@@ -268,6 +268,10 @@ class _GraphRun:
                 kernel = FnKernel(spec.fn, kwargs, rng, row)
             self.kernels[id(call)] = kernel
         self.row = job_row(job)
+        # bfloat16 chunks go to the kernel as read (no float32 copy) when it can widen them
+        self.raw = engine._feeds_bfloat16(job, self.calls, self.kernels)
+        for kernel in self.kernels.values():
+            kernel.widen_bfloat16 = self.raw
         self.checked: set[int] = set()  # calls whose first pass has checked their inputs
 
     def pending(self) -> ResolvedCall | None:
@@ -408,12 +412,23 @@ class Engine:
         main thread, where the converted block is still in cache."""
         job = item.job
         out: dict[str, Tensor] = {}
-        convert = item.run is not None and self.device.type == "cpu" and self._reader_converts
+        as_read = item.run is not None and item.run.raw
+        convert = (
+            item.run is not None
+            and self.device.type == "cpu"
+            and self._reader_converts
+            and not as_read
+        )
         work = self._graph_dtype(job) if convert else None
         reading = 0.0
-        # The NaN/inf check of a call's inputs, done here while the reader has time to spare:
-        # the main thread then skips it for operands that are these chunks (`_check_needed`).
-        check = convert and item.run is not None and len(item.run.checked) < len(item.run.kernels)
+        # The NaN/inf check of a call's inputs, done here while the reader has time to spare
+        # (always for bfloat16 chunks as read: a compiled loop over their bits is cheap): the
+        # main thread then skips it for operands that are these chunks (`_check_needed`).
+        check = (
+            (convert or as_read)
+            and item.run is not None
+            and len(item.run.checked) < len(item.run.kernels)
+        )
         finite: set[str] = set()
         for pos, name in enumerate(job.inputs):
             src = self.plan.sources[name]
@@ -438,6 +453,8 @@ class Engine:
                 t0 = time.perf_counter()
                 out[name] = src.read_range(job.name, item.start, item.stop, out=buf)
                 reading += time.perf_counter() - t0
+                if check and loops().all_finite_bfloat16(as_array(out[name].reshape(-1))):
+                    finite.add(name)
         item.finite = frozenset(finite)
         item.reading = reading
         return out
@@ -513,6 +530,25 @@ class Engine:
         key = mix_seed(self.seed, job.name, call.step, ordinal)
         return ElementRandom(key, 0, self.device)
 
+    def _feeds_bfloat16(
+        self, job: TensorJob, calls: Sequence[ResolvedCall], kernels: Mapping[int, Kernel]
+    ) -> bool:
+        """Whether a streamed job's chunks go to its kernel as read, in bfloat16: one call that
+        is the whole job (`ties(...)`, not `0.5 * ties(...) + a`), whose operands are inputs,
+        all bfloat16, computed in float32 on the CPU by a kernel that widens them itself."""
+        if self.device.type != "cpu" or not enabled() or self._graph_dtype(job) != torch.float32:
+            return False
+        if len(calls) != 1 or job.form.terms != ((calls[0], 1.0),):
+            return False
+        (call,) = calls
+        operands = [*call.models, *([] if call.base is None else [call.base])]
+        if not all(len(f.terms) == 1 and isinstance(f.terms[0][0], str) for f in operands):
+            return False
+        if any(f.terms[0][1] != 1.0 for f in operands):
+            return False
+        dtypes = {self.plan.sources[name].meta(job.name).dtype for name in job.inputs}
+        return dtypes == {torch.bfloat16} and type(kernels[id(call)]).reads_bfloat16
+
     def _graph_dtype(self, job: TensorJob) -> torch.dtype:
         """Method calls compute in float32 (float64 for a float64 output), or in the compute
         dtype under `compat: mergekit` (mergekit's arithmetic), whole or in chunks."""
@@ -542,7 +578,7 @@ class Engine:
         t0 = time.perf_counter()
         cache = {
             k: v.reshape(-1)
-            if v.dtype == work and v.device == self.device
+            if (v.dtype == work or run.raw) and v.device == self.device
             else self._buffer(f"work{i}", v.numel(), work, on_device=True).copy_(v.reshape(-1))
             for i, (k, v) in enumerate(data.items())
         }

@@ -5,6 +5,7 @@ import json
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,9 +20,10 @@ from merge.api import (
     run_recipe,
 )
 from merge.errors import ExecutionError, MergeWarning, PlanError
-from merge.execute import Engine
+from merge.execute import Engine, form_calls
 from merge.io import load_state_dict, save_state_dict
 from merge.methods import register
+from merge.methods.slerp import SlerpKernel
 
 
 def test_hand_worked_task_arithmetic() -> None:
@@ -480,3 +482,75 @@ def test_streamed_calls_give_the_same_bytes_whichever_thread_converts(
     engine._reader_converts = reader_converts
     with pytest.raises(ExecutionError, match="model 1 has 1 NaN"):
         engine.to_memory()
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        "ties(a, b, base=base, density=0.3)",
+        "slerp(a, base=base, t=0.3)",
+        "ties(a, b, base=base, density=[0.3, 1.0], weight=[0.7, 0.5])",
+    ],
+)
+def test_bfloat16_chunks_go_to_widening_kernels_as_read_with_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """A job that is one TIES or SLERP call on bfloat16 inputs hands the kernel the chunks as
+    read (the loops widen them), with no float32 copy: the bytes equal those of the converted
+    path, whatever the chunking, and a NaN is still refused by tensor and model."""
+    paths = {
+        n: save_state_dict(
+            {k: v.bfloat16() if v.is_floating_point() else v for k, v in tensors(i).items()},
+            tmp_path / n,
+        )
+        for i, n in enumerate(["base", "a", "b"])
+    }
+    recipe = {"inputs": {k: str(v) for k, v in paths.items()}, "steps": {"r": step}}
+    fed: list[bool] = []
+    feeds = Engine._feeds_bfloat16
+
+    def spy(self: Engine, *args: Any) -> bool:
+        fed.append(feeds(self, *args))
+        return fed[-1]
+
+    monkeypatch.setattr(Engine, "_feeds_bfloat16", spy)
+    got = Engine(plan_recipe(recipe), chunk=37, quiet=True).to_memory()
+    assert fed and all(fed)
+    monkeypatch.setattr(Engine, "_feeds_bfloat16", lambda self, *args: False)
+    want = Engine(plan_recipe(recipe), chunk=1 << 20, quiet=True).to_memory()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+    monkeypatch.setattr(Engine, "_feeds_bfloat16", spy)
+    bad = {k: v.bfloat16() if v.is_floating_point() else v for k, v in tensors(2).items()}
+    bad["model.layers.1.mlp.up_proj.weight"][3, 2] = float("inf")
+    save_state_dict(bad, tmp_path / "b2")
+    recipe["inputs"]["a"] = str(tmp_path / "b2")
+    method = step.split("(")[0]
+    with pytest.raises(
+        ExecutionError,
+        match=rf"method `{method}`: model 1 has 0 NaN and 1 inf value in tensor "
+        r"`model.layers.1.mlp.up_proj.weight`",
+    ):
+        Engine(plan_recipe(recipe), chunk=37, quiet=True).to_memory()
+
+
+def test_bfloat16_chunks_are_converted_when_the_call_is_not_the_whole_job(tmp_path: Path) -> None:
+    """`0.5 * slerp(...) + 0.5 * a` and float32 inputs keep the float32 copy: the kernel is
+    not told to widen, so the feed stays off."""
+    paths = {
+        n: save_state_dict(
+            {k: v.bfloat16() if v.is_floating_point() else v for k, v in tensors(i).items()},
+            tmp_path / n,
+        )
+        for i, n in enumerate(["base", "a"])
+    }
+    plan = plan_recipe(
+        {
+            "inputs": {k: str(v) for k, v in paths.items()},
+            "steps": {"r": "0.5 * slerp(a, base=base, t=0.3) + 0.5 * a"},
+        }
+    )
+    engine = Engine(plan, quiet=True)
+    job = next(j for j in plan.jobs if j.mode == "graph")
+    calls = form_calls(job.form)
+    assert not engine._feeds_bfloat16(job, calls, {id(calls[0]): SlerpKernel(job.shape, {})})

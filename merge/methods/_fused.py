@@ -6,6 +6,7 @@ import os
 from functools import cache
 from types import ModuleType
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,11 +24,24 @@ def loops() -> ModuleType:
     return _loops
 
 
-def usable(*tensors: Tensor | None) -> bool:
-    """Whether the loops take these tensors: contiguous float32 on the CPU, all of them."""
-    if os.environ.get(NO_LOOPS, "") not in ("", "0"):
-        return False
-    return all(
-        t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous())
+def enabled() -> bool:
+    """Whether the loops may run at all (`MERGE_NO_LOOPS` unset)."""
+    return os.environ.get(NO_LOOPS, "") in ("", "0")
+
+
+def usable(*tensors: Tensor | None, widen: bool = False) -> bool:
+    """Whether the loops take these tensors: contiguous float32 on the CPU, all of them, or
+    (`widen`) also bfloat16 ones, which the loops read as their exact float32 values."""
+    dtypes = (torch.float32, torch.bfloat16) if widen else (torch.float32,)
+    return enabled() and all(
+        t is None or (t.device.type == "cpu" and t.dtype in dtypes and t.is_contiguous())
         for t in tensors
     )
+
+
+def as_array(t: Tensor) -> np.ndarray:
+    """A loop's view of a `usable` tensor: float32 values, or bfloat16 as their uint16 bits
+    (the loops' `value` widens those)."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 import merge.methods._stream as _stream
-from merge.methods._fused import loops, usable
+from merge.methods._fused import as_array, loops, usable
 
 
 def all_pairs(k: int) -> list[tuple[int, int]]:
@@ -76,7 +76,8 @@ class BlockGram:
         if m == 0:
             return
         if self._looped is None:  # decided once: the two ways sum in different orders
-            self._looped = self.cols == 1 and usable(*vectors)
+            # bfloat16 too: the sums are of float64 values either way, exact for both
+            self._looped = self.cols == 1 and usable(*vectors, widen=True)
         if self._looped:
             self._add_looped(vectors)
             return
@@ -98,7 +99,11 @@ class BlockGram:
             self._flat_sums = np.zeros(len(self.pairs), dtype=np.float64)
             self._first = np.asarray([i for i, _ in self.pairs], dtype=np.int64)
             self._second = np.asarray([j for _, j in self.pairs], dtype=np.int64)
-        arrays = tuple(v.reshape(-1).to(torch.float32).contiguous().numpy() for v in vectors)
+        same = len({v.dtype for v in vectors}) == 1 and usable(*vectors, widen=True)
+        arrays = tuple(
+            as_array(v.reshape(-1) if same else v.reshape(-1).to(torch.float32).contiguous())
+            for v in vectors
+        )
         self._fill = loops().gram_blocks(
             arrays, self._first, self._second, self._lanes, self._flat_sums, self._fill, self.size
         )

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from merge.methods._checks import check_choice
-from merge.methods._fused import loops, usable
+from merge.methods._fused import as_array, loops, usable
 from merge.methods._stream import ElementRandom
 from merge.methods.selection import Random, bernoulli_mask, keep_top, uniform
 from merge.threads import one_thread
@@ -132,6 +132,7 @@ def fused_merge(
     normalize: bool,
     scale: float,
     compat: str,
+    widen: bool = False,
 ) -> Tensor:
     """`combine` of sparsified task vectors, chunk by chunk with reused buffers.
 
@@ -140,8 +141,17 @@ def fused_merge(
     Bernoulli(keep_prob[i]) and rescale by 1/keep_prob[i] (DARE, paper); then `combine`.
     `offset` is the flat index of the first element (the inputs may be one chunk of a larger
     tensor). Random draws: a torch generator draws chunk by chunk, model by model; an
-    `ElementRandom` draws by element index, model i on stream i.
+    `ElementRandom` draws by element index, model i on stream i. `widen`: bfloat16 inputs
+    stand for their float32 values (a streamed kernel's chunks as read); the result is float32.
     """
+    # the loop reads flat views (a non-contiguous input's reshape is a contiguous copy)
+    tensors = [x.reshape(-1) for x in tensors]
+    shape, base = base.shape, base.reshape(-1)
+    looped = compat == "paper" and usable(base, *tensors, widen=widen)
+    if widen and (not looped or len({x.dtype for x in tensors}) > 1):
+        # the torch path, or a mix the loop's one model type cannot take: float32 copies
+        tensors = [x.float() for x in tensors]
+        base = base.float()
     with one_thread():
         return _fused_merge(
             method,
@@ -157,7 +167,8 @@ def fused_merge(
             normalize,
             scale,
             compat,
-        )
+            looped,
+        ).reshape(shape)
 
 
 def _fused_merge(
@@ -174,11 +185,12 @@ def _fused_merge(
     normalize: bool,
     scale: float,
     compat: str,
+    looped: bool,
 ) -> Tensor:
     n = base.numel()
     flat_b = base.reshape(-1)
     flats = [x.reshape(-1) for x in tensors]
-    if compat == "paper" and n and usable(flat_b, *flats):
+    if looped and n:
         return _looped_merge(
             flats,
             flat_b,
@@ -254,10 +266,10 @@ def _looped_merge(
                     drawn[i, start:stop] = uniform((stop - start,), generator, stream=i)
         uniforms = drawn.numpy()
     total = float(sum(float(w) for w in weight))
-    out = torch.empty_like(flat_b)
+    out = torch.empty(n, dtype=torch.float32)
     loops().task_vector_merge(
-        tuple(x.numpy() for x in flats),
-        flat_b.numpy(),
+        tuple(as_array(x) for x in flats),
+        as_array(flat_b),
         np.asarray([float(w) for w in weight], dtype=np.float32),
         np.asarray(thr, dtype=np.float32),
         np.asarray(cut, dtype=np.int64),

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
 
 # Compiled once per machine and kept (cache); run without the GIL, so reader and writer go on.
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -27,6 +30,39 @@ _ONE = np.float32(1.0)
 
 
 _M32 = np.uint64(0xFFFFFFFF)
+
+
+@intrinsic
+def _float_from_bits(typingctx, bits):  # type: ignore[no-untyped-def]
+    """The float32 whose bits are the uint32 `bits` (a register reinterpretation)."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+def value(array, i):  # type: ignore[no-untyped-def]
+    """array[i] as a float32: a float32 array's element, or the float32 value of a bfloat16
+    array's element, given as its uint16 bits (widened in a register: bfloat16 is float32's
+    high half, so the value is exact). Every loop reading model or base chunks reads them
+    through this, so a bfloat16 model is merged as read, without a float32 copy of it."""
+
+
+@overload(value, inline="always")
+def _value(array, i):  # type: ignore[no-untyped-def]
+    if array.dtype == types.uint16:
+        return lambda array, i: _float_from_bits(np.uint32(array[i]) << np.uint32(16))  # type: ignore[call-arg]
+    return lambda array, i: array[i]
+
+
+@_jit
+def all_finite_bfloat16(bits):  # type: ignore[no-untyped-def]
+    """Whether no bfloat16 (uint16 bits) is NaN or ±inf: all exponent bits set."""
+    bad = np.uint16(0)
+    for i in range(bits.shape[0]):
+        bad |= np.uint16((bits[i] & np.uint16(0x7F80)) == np.uint16(0x7F80))
+    return bad == 0
 
 
 @numba.njit(inline="always")
@@ -66,7 +102,7 @@ def abs_diff_high_histogram(x, b, hist):  # type: ignore[no-untyped-def]
         m = min(_BLOCK, n - s)
         xb, bb = x[s : s + m], b[s : s + m]  # slices: indices provably >= 0, so it vectorises
         for j in range(m):
-            vals[j] = abs(xb[j] - bb[j])
+            vals[j] = abs(value(xb, j) - value(bb, j))
         for j in range(m):
             hist[keys[j] >> 16] += 1
 
@@ -87,7 +123,7 @@ def abs_diff_collect(x, b, lo, hi, start, vals_out, idx_out, filled, hist):  # t
         m = min(_BLOCK, n - s)
         xb, bb = x[s : s + m], b[s : s + m]
         for j in range(m):
-            vals[j] = abs(xb[j] - bb[j])
+            vals[j] = abs(value(xb, j) - value(bb, j))
         if count:
             for j in range(m):
                 hist[keys[j] >> 16] += 1
@@ -144,7 +180,7 @@ def task_vector_merge(  # type: ignore[no-untyped-def]
             x = xs[j][s : s + m]
             d = deltas[j]
             for i in range(m):
-                d[i] = x[i] - bb[i]
+                d[i] = value(x, i) - value(bb, i)
             t = threshold[j]
             if t == _INF:
                 for i in range(m):
@@ -178,7 +214,7 @@ def task_vector_merge(  # type: ignore[no-untyped-def]
                     mixed[i] = mixed[i] + w * d[i]
             for i in range(m):
                 v = mixed[i] / total if normalize else mixed[i]
-                ob[i] = v * scale + bb[i]
+                ob[i] = v * scale + value(bb, i)
             continue
         for i in range(m):
             vote[i] = _ZERO
@@ -205,7 +241,7 @@ def task_vector_merge(  # type: ignore[no-untyped-def]
             v = mixed[i] * vote[i]
             if normalize:
                 v = v / max(count[i], _ONE)
-            ob[i] = v * scale + bb[i]
+            ob[i] = v * scale + value(bb, i)
 
 
 @_jit
@@ -259,47 +295,62 @@ _LANES = 8  # independent float64 partial sums per Gram entry (element index mod
 
 @_jit
 def gram_blocks(vectors, first, second, lanes, sums, fill, size):  # type: ignore[no-untyped-def]
-    """Add the next m elements of K float32 vectors to Gram sums taken over fixed blocks of
-    `size` elements (`_gram.BlockGram`, flat): pair p accumulates vectors[first[p]] ·
-    vectors[second[p]] in float64 (products of float32 values are exact there) into 8 lanes
-    by the element's position in its block mod 8, each lane summed in element order; a full
-    block's lanes are added to sums[p] in a fixed order. `fill` is how far the current block
-    is filled; returns the new fill. Nothing depends on where the chunks are cut."""
+    """Add the next m elements of K vectors (float32, or bfloat16 bits) to Gram sums taken
+    over fixed blocks of `size` elements (`_gram.BlockGram`, flat): pair p accumulates
+    vectors[first[p]] · vectors[second[p]] in float64 (products of float32 values are exact
+    there) into 8 lanes by the element's position in its block mod 8, each lane summed in
+    element order; a full block's lanes are added to sums[p] in a fixed order. `fill` is how
+    far the current block is filled; returns the new fill. Nothing depends on where the chunks
+    are cut. Each vector is widened once per staging block, then every pair reads the copies."""
     m = vectors[0].shape[0]
+    k = len(vectors)
+    staged = np.empty((k, _BLOCK), np.float64)
     pos = 0
     while pos < m:
         take = min(size - fill, m - pos)
-        for p in range(first.shape[0]):
-            a = vectors[first[p]][pos : pos + take]
-            b = vectors[second[p]][pos : pos + take]
-            lane = lanes[p]
-            e = 0
-            while e < take and (fill + e) % _LANES != 0:  # up to a lane-0 element
-                lane[(fill + e) % _LANES] += np.float64(a[e]) * np.float64(b[e])
-                e += 1
-            s0, s1, s2, s3 = lane[0], lane[1], lane[2], lane[3]
-            s4, s5, s6, s7 = lane[4], lane[5], lane[6], lane[7]
-            while e + _LANES <= take:
-                s0 += np.float64(a[e]) * np.float64(b[e])
-                s1 += np.float64(a[e + 1]) * np.float64(b[e + 1])
-                s2 += np.float64(a[e + 2]) * np.float64(b[e + 2])
-                s3 += np.float64(a[e + 3]) * np.float64(b[e + 3])
-                s4 += np.float64(a[e + 4]) * np.float64(b[e + 4])
-                s5 += np.float64(a[e + 5]) * np.float64(b[e + 5])
-                s6 += np.float64(a[e + 6]) * np.float64(b[e + 6])
-                s7 += np.float64(a[e + 7]) * np.float64(b[e + 7])
-                e += _LANES
-            lane[0], lane[1], lane[2], lane[3] = s0, s1, s2, s3
-            lane[4], lane[5], lane[6], lane[7] = s4, s5, s6, s7
-            while e < take:
-                lane[(fill + e) % _LANES] += np.float64(a[e]) * np.float64(b[e])
-                e += 1
+        e = 0
+        while e < take:
+            step = min(_BLOCK, take - e)
+            for v in range(k):
+                src = vectors[v][pos + e : pos + e + step]
+                row = staged[v]
+                for j in range(step):
+                    row[j] = np.float64(value(src, j))
+            for p in range(first.shape[0]):
+                _lane_dot(staged[first[p]], staged[second[p]], step, (fill + e) % _LANES, lanes[p])
+            e += step
         fill += take
         pos += take
         if fill == size:
             flush_lanes(lanes, sums)
             fill = 0
     return fill
+
+
+@numba.njit(inline="always")
+def _lane_dot(a, b, m, phase, lane):  # type: ignore[no-untyped-def]
+    """lane[(phase + e) % 8] += a[e]·b[e] for e < m, each lane in element order."""
+    e = 0
+    while e < m and (phase + e) % _LANES != 0:  # up to a lane-0 element
+        lane[(phase + e) % _LANES] += a[e] * b[e]
+        e += 1
+    s0, s1, s2, s3 = lane[0], lane[1], lane[2], lane[3]
+    s4, s5, s6, s7 = lane[4], lane[5], lane[6], lane[7]
+    while e + _LANES <= m:
+        s0 += a[e] * b[e]
+        s1 += a[e + 1] * b[e + 1]
+        s2 += a[e + 2] * b[e + 2]
+        s3 += a[e + 3] * b[e + 3]
+        s4 += a[e + 4] * b[e + 4]
+        s5 += a[e + 5] * b[e + 5]
+        s6 += a[e + 6] * b[e + 6]
+        s7 += a[e + 7] * b[e + 7]
+        e += _LANES
+    lane[0], lane[1], lane[2], lane[3] = s0, s1, s2, s3
+    lane[4], lane[5], lane[6], lane[7] = s4, s5, s6, s7
+    while e < m:
+        lane[(phase + e) % _LANES] += a[e] * b[e]
+        e += 1
 
 
 @_jit
@@ -318,20 +369,20 @@ def flush_lanes(lanes, sums):  # type: ignore[no-untyped-def]
 def combine_two(v0, v1, c0, c1, out):  # type: ignore[no-untyped-def]
     """out = v0·c0 + v1·c1 in float32, rounded after each product as torch's `v0 * c0 + v1 * c1`."""
     for i in range(out.shape[0]):
-        out[i] = v0[i] * c0 + v1[i] * c1
+        out[i] = value(v0, i) * c0 + value(v1, i) * c1
 
 
 @_jit
 def store_bfloat16(values, out):  # type: ignore[no-untyped-def]
     """out (bfloat16 bits, uint16) = values (float32) rounded to nearest even, NaN as 0xFFFF
-    (torch's vectorised conversion, bit for bit); returns whether every value is finite."""
+    (torch's vectorised conversion, bit for bit); returns whether every value is finite.
+    Branch-free, so it vectorises: ±inf rounds to itself by the same formula."""
     bits = values.view(np.uint32)
-    finite = True
+    bad = np.uint32(0)
     for i in range(values.shape[0]):
         u = bits[i]
-        if (u & np.uint32(0x7F800000)) == np.uint32(0x7F800000):
-            finite = False
-            out[i] = np.uint16(0xFFFF) if u & np.uint32(0x007FFFFF) else np.uint16(u >> 16)
-        else:
-            out[i] = np.uint16((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16)
-    return finite
+        magnitude = u & np.uint32(0x7FFFFFFF)
+        bad |= np.uint32(magnitude >= np.uint32(0x7F800000))
+        rounded = np.uint16((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16)
+        out[i] = np.uint16(0xFFFF) if magnitude > np.uint32(0x7F800000) else rounded
+    return bad == 0

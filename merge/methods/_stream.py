@@ -130,6 +130,12 @@ class Kernel:
     # shared with other terms, in buffers reused for the next chunk: keep copies, never the
     # chunks themselves); one that writes into them says so and gets copies.
     mutates_inputs: bool = False
+    # The kernel can take bfloat16 chunks as read and compute on their float32 values (its
+    # compiled loops widen them in registers): the engine then skips a float32 copy of every
+    # chunk, and sets `widen_bfloat16` on the kernels it feeds so. Without that flag a
+    # bfloat16 chunk is in the compute dtype (`compat: mergekit`) and is computed as such.
+    reads_bfloat16: bool = False
+    widen_bfloat16: bool = False
 
     def needs_pass(self) -> bool:
         """True while a statistics pass over the inputs is still needed before `apply`."""

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from merge.methods._fused import loops, usable
+from merge.methods._fused import as_array, loops, usable
 from merge.methods._stream import ElementRandom
 from merge.threads import one_thread
 
@@ -353,15 +353,18 @@ class StreamingTopK:
             else:
                 self._ties_left -= eq.numel()
 
-    def observe_abs_diff(self, start: int, x: Tensor, base: Tensor) -> None:
+    def observe_abs_diff(self, start: int, x: Tensor, base: Tensor, *, widen: bool = False) -> None:
         """`observe(start, |x − base|)`, the histogram and collect passes in one compiled loop
-        each when the chunks are float32 on the CPU (the torch expression otherwise)."""
+        each when the chunks are float32 on the CPU (the torch expression otherwise). `widen`:
+        bfloat16 chunks stand for their float32 values (the loops read them as they are)."""
         if self.done:
             return
-        if self._phase not in ("high", "collect") or not usable(x, base):
+        if self._phase not in ("high", "collect") or not usable(x, base, widen=widen):
+            if widen:
+                x, base = x.float(), base.float()
             self.observe(start, torch.sub(x, base).abs_())
             return
-        xs, bs = x.reshape(-1).numpy(), base.reshape(-1).numpy()
+        xs, bs = as_array(x.reshape(-1)), as_array(base.reshape(-1))
         if self._phase == "high":
             self._hist = self._hist.cpu()
             if self._guess is None:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from merge.errors import UsageError
 from merge.methods._checks import check_compat, check_count, check_finite
-from merge.methods._fused import loops, usable
+from merge.methods._fused import as_array, loops, usable
 from merge.methods._gram import (
     BlockGram,
     gram_matrix,
@@ -73,6 +73,8 @@ def _pair(
 class SlerpKernel(Kernel):
     """One pass sums ‖v0‖², ‖v1‖², v0·v1; the apply pass is c0·v0 + c1·v1 (or a lerp)."""
 
+    reads_bfloat16 = True
+
     def __init__(self, shape: Sequence[int], params: Mapping[str, Any]):
         self.t = float(params.get("t", 0.5))
         self.compat = str(params.get("compat", "paper"))
@@ -94,13 +96,18 @@ class SlerpKernel(Kernel):
 
     def apply(self, start: int, models: Sequence[Tensor], base: Tensor | None) -> Tensor:
         v0, v1 = _pair("slerp", models, base, with_base_as_v0=True)
+        if self.coefs is not None and usable(v0, v1, widen=self.widen_bfloat16):
+            c0, c1 = self.coefs
+            out = torch.empty(v0.shape, dtype=torch.float32)
+            loops().combine_two(
+                as_array(v0), as_array(v1), np.float32(c0), np.float32(c1), out.numpy()
+            )
+            return out
+        if self.widen_bfloat16:
+            v0, v1 = v0.float(), v1.float()
         if self.coefs is None:
             return torch.lerp(v0, v1, self.t)
         c0, c1 = self.coefs
-        if usable(v0, v1):
-            out = torch.empty_like(v0)
-            loops().combine_two(v0.numpy(), v1.numpy(), np.float32(c0), np.float32(c1), out.numpy())
-            return out
         return v0 * c0 + v1 * c1
 
 

@@ -29,6 +29,8 @@ class TiesKernel(Kernel):
     """Statistics passes find each model's exact top-k of |x_i − base| (threshold and tie cut,
     `StreamingTopK`); the apply pass trims, elects and merges chunk by chunk."""
 
+    reads_bfloat16 = True
+
     def __init__(self, shape: Sequence[int], params: Mapping[str, Any]):
         self.p = dict(params)
         n = 1
@@ -64,7 +66,7 @@ class TiesKernel(Kernel):
         assert base is not None
         for x, s in zip(models, self.select):
             if s is not None and not s.done:
-                s.observe_abs_diff(start, x, base)
+                s.observe_abs_diff(start, x, base, widen=self.widen_bfloat16)
 
     def end_pass(self) -> None:
         for s in self.select:
@@ -90,6 +92,7 @@ class TiesKernel(Kernel):
             normalize=bool(self.p.get("normalize", True)),
             scale=float(self.p.get("scale", 1.0)),
             compat=self.p.get("compat", "paper"),
+            widen=self.widen_bfloat16,
         )
 
 

@@ -238,3 +238,83 @@ def test_two_term_combination_and_bfloat16_store_match_torch_bit_for_bit() -> No
     assert not loops().store_bfloat16(x.numpy(), store.view(torch.int16).numpy())  # ±inf
     assert torch.equal(store.view(torch.int16), x.bfloat16().view(torch.int16))
     assert loops().store_bfloat16(x[8:].numpy(), store[8:].view(torch.int16).numpy())
+
+
+def _bits(t: torch.Tensor):  # type: ignore[no-untyped-def]
+    from merge.methods._fused import as_array
+
+    return as_array(t)
+
+
+def test_loops_read_bfloat16_chunks_as_their_float32_values() -> None:
+    """Every loop that reads model or base chunks takes bfloat16 ones (as uint16 bits) and
+    gives exactly what it gives on their float32 copies: histogram, collect, the apply step
+    with draws, Gram sums and SLERP's combination."""
+    import numpy as np
+
+    from merge.methods._fused import loops
+
+    g = torch.Generator().manual_seed(11)
+    n = 70_001
+    xs = [torch.randn(n, generator=g).bfloat16() for _ in range(3)]
+    b = torch.randn(n, generator=g).bfloat16()
+    xs[0][:4] = torch.tensor([0.0, -0.0, 1e-40, 3e38])  # zeros, a subnormal, a large value
+    wide = [x.float() for x in xs]
+    L = loops()
+
+    h_raw, h_f32 = np.zeros(1 << 16, np.int64), np.zeros(1 << 16, np.int64)
+    L.abs_diff_high_histogram(_bits(xs[0]), _bits(b), h_raw)
+    L.abs_diff_high_histogram(wide[0].numpy(), b.float().numpy(), h_f32)
+    assert np.array_equal(h_raw, h_f32)
+
+    lo, hi = 0x3F00, 0x3F80
+    got = []
+    for x, base in ((_bits(xs[1]), _bits(b)), (wide[1].numpy(), b.float().numpy())):
+        vals, idx = np.empty(n, np.float32), np.empty(n, np.int64)
+        filled = L.abs_diff_collect(x, base, lo, hi, 5, vals, idx, 0, np.zeros(0, np.int64))
+        got.append((vals[:filled].copy(), idx[:filled].copy()))
+    assert np.array_equal(got[0][0], got[1][0]) and np.array_equal(got[0][1], got[1][1])
+
+    def merged(models, base):  # type: ignore[no-untyped-def]
+        out = np.empty(n, np.float32)
+        L.task_vector_merge(
+            models, base, np.asarray([1.0, 0.5, 0.25], np.float32),
+            np.asarray([0.5, np.nan, 0.1], np.float32), np.full(3, n, np.int64),
+            np.asarray([0.7, 1.0, 0.4], np.float32), np.empty((0, 0), np.float32),
+            np.asarray([[1, 2], [3, 4], [5, 6]], np.uint64), 9, 0, 1, True,
+            np.float32(1.75), np.float32(0.8), out,
+        )  # fmt: skip
+        return out
+
+    want = merged(tuple(w.numpy() for w in wide), b.float().numpy())
+    assert np.array_equal(merged(tuple(_bits(x) for x in xs), _bits(b)), want)
+
+    first, second = np.asarray([0, 0, 1]), np.asarray([0, 1, 1])
+    sums = []
+    for vectors in ((_bits(xs[0]), _bits(xs[1])), (wide[0].numpy(), wide[1].numpy())):
+        lanes, total = np.zeros((3, 8)), np.zeros(3)
+        fill = L.gram_blocks(vectors, first, second, lanes, total, 0, 4099)
+        assert fill == n % 4099
+        sums.append(total.copy())
+    assert np.array_equal(sums[0], sums[1])
+
+    out_raw, out_f32 = np.empty(n, np.float32), np.empty(n, np.float32)
+    L.combine_two(_bits(xs[0]), _bits(b), np.float32(0.3), np.float32(0.7), out_raw)
+    L.combine_two(wide[0].numpy(), b.float().numpy(), np.float32(0.3), np.float32(0.7), out_f32)
+    assert np.array_equal(out_raw, out_f32)
+
+
+def test_bfloat16_finite_check_and_store_of_nan_and_inf() -> None:
+    from merge.methods._fused import loops
+
+    x = torch.randn(10_000).bfloat16()
+    assert loops().all_finite_bfloat16(_bits(x))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[9_999] = bad
+        assert not loops().all_finite_bfloat16(_bits(y))
+    values = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 1.0])
+    values[1] = torch.tensor([0xFFC00001], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    store = torch.empty(5, dtype=torch.bfloat16)
+    assert not loops().store_bfloat16(values.numpy(), store.view(torch.int16).numpy())
+    assert store.view(torch.int16).tolist() == [-1, -1, 0x7F80, -128, 0x3F80]
