@@ -490,12 +490,14 @@ def test_streamed_calls_give_the_same_bytes_whichever_thread_converts(
         "ties(a, b, base=base, density=0.3)",
         "slerp(a, base=base, t=0.3)",
         "ties(a, b, base=base, density=[0.3, 1.0], weight=[0.7, 0.5])",
+        "model_stock(a, b, base=base)",
     ],
 )
+@pytest.mark.filterwarnings("ignore:model_stock.*pointing apart")  # random task vectors
 def test_bfloat16_chunks_go_to_widening_kernels_as_read_with_the_same_bytes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
 ) -> None:
-    """A job that is one TIES or SLERP call on bfloat16 inputs hands the kernel the chunks as
+    """A job that is one TIES, SLERP or Model Stock call on bfloat16 inputs hands the kernel the chunks as
     read (the loops widen them), with no float32 copy: the bytes equal those of the converted
     path, whatever the chunking, and a NaN is still refused by tensor and model."""
     paths = {

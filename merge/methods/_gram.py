@@ -92,7 +92,16 @@ class BlockGram:
             if self._fill == self.size:
                 self._flush()
 
-    def _add_looped(self, vectors: Sequence[Tensor]) -> None:
+    def add_differences(self, vectors: Sequence[Tensor], base: Tensor) -> None:
+        """`add([x − base for x in vectors])` in one compiled loop, without the differences'
+        copies: CPU vectors of one dtype, float32 or bfloat16 (their float32 values), any base
+        `usable` by the loops; the float32 differences are the same either way."""
+        if self._looped is None:
+            self._looped = self.cols == 1
+        assert self._looped and vectors[0].numel() == base.numel()
+        self._add_looped(vectors, base)
+
+    def _add_looped(self, vectors: Sequence[Tensor], base: Tensor | None = None) -> None:
         """`add` by the compiled loop (`_loops.gram_blocks`): float32 CPU vectors, flat sums."""
         if self._lanes is None:
             self._lanes = np.zeros((len(self.pairs), 8), dtype=np.float64)
@@ -104,8 +113,16 @@ class BlockGram:
             as_array(v.reshape(-1) if same else v.reshape(-1).to(torch.float32).contiguous())
             for v in vectors
         )
+        no_base = np.empty(0, dtype=np.float32)
         self._fill = loops().gram_blocks(
-            arrays, self._first, self._second, self._lanes, self._flat_sums, self._fill, self.size
+            arrays,
+            no_base if base is None else as_array(base.reshape(-1)),
+            self._first,
+            self._second,
+            self._lanes,
+            self._flat_sums,
+            self._fill,
+            self.size,
         )
 
     def _flush(self) -> None:

@@ -294,14 +294,15 @@ _LANES = 8  # independent float64 partial sums per Gram entry (element index mod
 
 
 @_jit
-def gram_blocks(vectors, first, second, lanes, sums, fill, size):  # type: ignore[no-untyped-def]
+def gram_blocks(vectors, base, first, second, lanes, sums, fill, size):  # type: ignore[no-untyped-def]
     """Add the next m elements of K vectors (float32, or bfloat16 bits) to Gram sums taken
     over fixed blocks of `size` elements (`_gram.BlockGram`, flat): pair p accumulates
     vectors[first[p]] · vectors[second[p]] in float64 (products of float32 values are exact
     there) into 8 lanes by the element's position in its block mod 8, each lane summed in
     element order; a full block's lanes are added to sums[p] in a fixed order. `fill` is how
     far the current block is filled; returns the new fill. Nothing depends on where the chunks
-    are cut. Each vector is widened once per staging block, then every pair reads the copies."""
+    are cut. Each vector is widened once per staging block, then every pair reads the copies.
+    A non-empty `base` makes the vectors x − base (the float32 difference, then widened)."""
     m = vectors[0].shape[0]
     k = len(vectors)
     staged = np.empty((k, _BLOCK), np.float64)
@@ -314,8 +315,13 @@ def gram_blocks(vectors, first, second, lanes, sums, fill, size):  # type: ignor
             for v in range(k):
                 src = vectors[v][pos + e : pos + e + step]
                 row = staged[v]
-                for j in range(step):
-                    row[j] = np.float64(value(src, j))
+                if base.shape[0]:
+                    sb = base[pos + e : pos + e + step]
+                    for j in range(step):
+                        row[j] = np.float64(value(src, j) - value(sb, j))
+                else:
+                    for j in range(step):
+                        row[j] = np.float64(value(src, j))
             for p in range(first.shape[0]):
                 _lane_dot(staged[first[p]], staged[second[p]], step, (fill + e) % _LANES, lanes[p])
             e += step
@@ -370,6 +376,22 @@ def combine_two(v0, v1, c0, c1, out):  # type: ignore[no-untyped-def]
     """out = v0·c0 + v1·c1 in float32, rounded after each product as torch's `v0 * c0 + v1 * c1`."""
     for i in range(out.shape[0]):
         out[i] = value(v0, i) * c0 + value(v1, i) * c1
+
+
+@_jit
+def scaled_sum(xs, base, keep, share, out):  # type: ignore[no-untyped-def]
+    """out = base·keep + Σ_j xs[j]·share in float32, rounded after each product and each add,
+    the models in order (Model Stock's (1 − t)·base + (t/N)·Σ x_j)."""
+    n = out.shape[0]
+    for s in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - s)
+        bb, ob = base[s : s + m], out[s : s + m]
+        for i in range(m):
+            ob[i] = value(bb, i) * keep
+        for j in range(len(xs)):
+            x = xs[j][s : s + m]
+            for i in range(m):
+                ob[i] = ob[i] + value(x, i) * share
 
 
 @_jit

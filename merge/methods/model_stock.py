@@ -12,11 +12,13 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from merge.errors import MergeWarning
 from merge.methods._checks import check_compat, check_count, check_finite
+from merge.methods._fused import as_array, loops, usable
 from merge.methods._gram import BlockGram, all_pairs, row_gram
 from merge.methods._registry import ROWS, STATISTICS, Compat, register
 from merge.methods._stream import Kernel, run_whole
@@ -80,6 +82,8 @@ class ModelStockKernel(Kernel):
     rows, t per row from the rows' own sums; negative rows are counted over the tensor and
     reported once, with its last chunk."""
 
+    reads_bfloat16 = True
+
     def __init__(self, shape: Sequence[int], params: Mapping[str, Any]):
         self.compat = str(params.get("compat", "paper"))
         check_compat("model_stock", self.compat)
@@ -99,7 +103,28 @@ class ModelStockKernel(Kernel):
         check_count("model_stock", len(models), at_least=2)
         if self.gram is None:
             self.gram = BlockGram(len(models))
+        if self._looped(models, base):
+            self.gram.add_differences(models, base)
+            return
+        models, base = self._widened(models, base)
         self.gram.add([x - base for x in models])
+
+    def _looped(self, models: Sequence[Tensor], base: Tensor) -> bool:
+        """The compiled loops take the chunks: models of one dtype, float32 or (widened)
+        bfloat16, on the CPU; whole-tensor, not per row."""
+        return (
+            not self.rows
+            and len({x.dtype for x in models}) == 1
+            and usable(base, *models, widen=self.widen_bfloat16)
+        )
+
+    def _widened(
+        self, models: Sequence[Tensor], base: Tensor
+    ) -> tuple[Sequence[Tensor], Tensor]:
+        """float32 copies of bfloat16 chunks the engine handed over as read (torch paths)."""
+        if not self.widen_bfloat16:
+            return models, base
+        return [x.float() for x in models], base.float()
 
     def end_pass(self) -> None:
         assert self.gram is not None
@@ -113,6 +138,18 @@ class ModelStockKernel(Kernel):
         assert base is not None
         check_count("model_stock", len(models), at_least=2)
         n = len(models)
+        if not self.rows and self._looped(models, base):
+            assert self.t is not None
+            out = torch.empty(base.shape, dtype=torch.float32)
+            loops().scaled_sum(
+                tuple(as_array(x) for x in models),
+                as_array(base),
+                np.float32(1.0 - self.t),
+                np.float32(self.t / n),
+                out.numpy(),
+            )
+            return out
+        models, base = self._widened(models, base)
         if not self.rows:
             assert self.t is not None
             # base + t·mean_i(x_i − base) = (1 − t)·base + (t/N)·Σ x_i

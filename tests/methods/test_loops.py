@@ -293,7 +293,7 @@ def test_loops_read_bfloat16_chunks_as_their_float32_values() -> None:
     sums = []
     for vectors in ((_bits(xs[0]), _bits(xs[1])), (wide[0].numpy(), wide[1].numpy())):
         lanes, total = np.zeros((3, 8)), np.zeros(3)
-        fill = L.gram_blocks(vectors, first, second, lanes, total, 0, 4099)
+        fill = L.gram_blocks(vectors, np.empty(0, np.float32), first, second, lanes, total, 0, 4099)
         assert fill == n % 4099
         sums.append(total.copy())
     assert np.array_equal(sums[0], sums[1])
@@ -318,3 +318,34 @@ def test_bfloat16_finite_check_and_store_of_nan_and_inf() -> None:
     store = torch.empty(5, dtype=torch.bfloat16)
     assert not loops().store_bfloat16(values.numpy(), store.view(torch.int16).numpy())
     assert store.view(torch.int16).tolist() == [-1, -1, 0x7F80, -128, 0x3F80]
+
+
+def test_gram_of_differences_and_scaled_sum_match_their_torch_expressions() -> None:
+    """Model Stock's loops: Gram sums of x − base equal those of the float32 differences
+    (bfloat16 or float32 chunks), and (1 − t)·base + (t/N)·Σ x equals torch's expression up
+    to its fused multiply-adds."""
+    import numpy as np
+
+    from merge.methods._fused import loops
+    from merge.methods._gram import BlockGram
+
+    g = torch.Generator().manual_seed(12)
+    n = 50_003
+    xs = [torch.randn(n, generator=g).bfloat16() for _ in range(3)]
+    b = torch.randn(n, generator=g).bfloat16()
+    want = BlockGram(3)
+    want.add([x.float() - b.float() for x in xs])
+    for models, base in ((xs, b), ([x.float() for x in xs], b.float())):
+        got = BlockGram(3)
+        for s in range(0, n, 7919):  # chunks cut inside blocks and lanes
+            got.add_differences([x[s : s + 7919] for x in models], base[s : s + 7919])
+        assert torch.equal(got.total(), want.total())
+
+    out = torch.empty(n)
+    loops().scaled_sum(
+        tuple(_bits(x) for x in xs), _bits(b), np.float32(0.4), np.float32(0.2), out.numpy()
+    )
+    ref = b.float() * 0.4
+    for x in xs:
+        ref = ref + x.float() * np.float32(0.2)
+    assert torch.equal(out, ref)
