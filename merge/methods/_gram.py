@@ -104,7 +104,7 @@ class BlockGram:
     def _add_looped(self, vectors: Sequence[Tensor], base: Tensor | None = None) -> None:
         """`add` by the compiled loop (`_loops.gram_blocks`): float32 CPU vectors, flat sums."""
         if self._lanes is None:
-            self._lanes = np.zeros((len(self.pairs), 8), dtype=np.float64)
+            self._lanes = np.zeros((len(self.pairs), loops().LANES), dtype=np.float64)
             self._flat_sums = np.zeros(len(self.pairs), dtype=np.float64)
             self._first = np.asarray([i for i, _ in self.pairs], dtype=np.int64)
             self._second = np.asarray([j for _, j in self.pairs], dtype=np.int64)

@@ -118,9 +118,7 @@ class ModelStockKernel(Kernel):
             and usable(base, *models, widen=self.widen_bfloat16)
         )
 
-    def _widened(
-        self, models: Sequence[Tensor], base: Tensor
-    ) -> tuple[Sequence[Tensor], Tensor]:
+    def _widened(self, models: Sequence[Tensor], base: Tensor) -> tuple[Sequence[Tensor], Tensor]:
         """float32 copies of bfloat16 chunks the engine handed over as read (torch paths)."""
         if not self.widen_bfloat16:
             return models, base

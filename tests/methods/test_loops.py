@@ -292,7 +292,7 @@ def test_loops_read_bfloat16_chunks_as_their_float32_values() -> None:
     first, second = np.asarray([0, 0, 1]), np.asarray([0, 1, 1])
     sums = []
     for vectors in ((_bits(xs[0]), _bits(xs[1])), (wide[0].numpy(), wide[1].numpy())):
-        lanes, total = np.zeros((3, 8)), np.zeros(3)
+        lanes, total = np.zeros((3, L.LANES)), np.zeros(3)
         fill = L.gram_blocks(vectors, np.empty(0, np.float32), first, second, lanes, total, 0, 4099)
         assert fill == n % 4099
         sums.append(total.copy())
