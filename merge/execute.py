@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -55,6 +55,8 @@ from merge.model_scope import resolve_model_scope
 from merge.plan import Plan, ResolvedCall, TensorJob, format_form, output_layout
 from merge.progress import byte_progress, write_summary
 from merge.version import __version__
+
+_T = TypeVar("_T")
 
 # 8M elements per read: 16 MiB of bf16 per input, large enough for sequential reads at disk speed.
 CHUNK_ELEMENTS = 1 << 23
@@ -587,17 +589,29 @@ class Engine:
         memo: dict[int, Tensor] = {}
         if item.stats is not None:
             call = item.stats
-            kernel = run.kernels[id(call)]
-            models, base = self._operands(call, cache, item, memo)
-            check = self._check_needed(item, call, models, base, cache)
-            with _method_call(job.name, call, models, base, check=check):
+
+            def observe(kernel: Kernel, models: list[Tensor], base: Tensor | None) -> None:
                 kernel.observe(item.start, models, base)
                 if item.barrier:
                     kernel.end_pass()
                     run.checked.add(id(call))
+
+            self._run_call(call, cache, item, memo, observe)
             return None
-        result = self._eval_chunk(job.form, cache, item, memo)
         out = self._buffer(f"out{item.slot}", item.stop - item.start, job.dtype)
+        if run.raw and job.dtype == torch.bfloat16:  # the call is the job: rounded as computed
+            rounded = self._run_call(
+                run.calls[0],
+                cache,
+                item,
+                memo,
+                lambda kernel, models, base: kernel.apply_bfloat16(item.start, models, base, out),
+            )
+            if rounded is not None:
+                if not rounded:
+                    self._warn_non_finite(job, {k: cache[k] for k in job.inputs if k in cache})
+                return out
+        result = self._eval_chunk(job.form, cache, item, memo)
         if job.dtype == torch.bfloat16 and usable(result):
             # rounded and checked in one loop (torch's rounding, bit for bit)
             finite = loops().store_bfloat16(result.numpy(), out.view(torch.int16).numpy())
@@ -607,6 +621,22 @@ class Engine:
         if not finite:  # method inputs were refused; other terms:
             self._warn_non_finite(job, {k: cache[k] for k in job.inputs if k in cache})
         return out
+
+    def _run_call(
+        self,
+        call: ResolvedCall,
+        cache: dict[str, Tensor],
+        item: _Item,
+        memo: dict[int, Tensor],
+        act: Callable[[Kernel, list[Tensor], Tensor | None], _T],
+    ) -> _T:
+        """`act(kernel, models, base)` on one chunk of a call's operands, with their NaN/inf
+        check when still needed and failures named by tensor, step and method."""
+        assert item.run is not None
+        models, base = self._operands(call, cache, item, memo)
+        check = self._check_needed(item, call, models, base, cache)
+        with _method_call(item.job.name, call, models, base, check=check):
+            return act(item.run.kernels[id(call)], models, base)
 
     def _check_needed(
         self,
@@ -658,10 +688,13 @@ class Engine:
             call: ResolvedCall = leaf  # type: ignore[assignment]
             value = memo.get(id(call))  # a call shared by two terms is computed once
             if value is None:
-                models, base = self._operands(call, cache, item, memo)
-                check = self._check_needed(item, call, models, base, cache)
-                with _method_call(item.job.name, call, models, base, check=check):
-                    value = run.kernels[id(call)].apply(item.start, models, base)
+                value = self._run_call(
+                    call,
+                    cache,
+                    item,
+                    memo,
+                    lambda k, models, base: k.apply(item.start, models, base),
+                )
                 memo[id(call)] = value
             return value
 

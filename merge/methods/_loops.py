@@ -352,26 +352,48 @@ def flush_lanes(lanes, sums):  # type: ignore[no-untyped-def]
 
 
 @_jit
-def combine_two(v0, v1, c0, c1, out):  # type: ignore[no-untyped-def]
-    """out = v0·c0 + v1·c1 in float32, rounded after each product as torch's `v0 * c0 + v1 * c1`."""
-    for i in range(out.shape[0]):
-        out[i] = value(v0, i) * c0 + value(v1, i) * c1
+def combine_two(v0, v1, c0, c1, out, out16):  # type: ignore[no-untyped-def]
+    """out = v0·c0 + v1·c1 in float32, rounded after each product as torch's `v0 * c0 + v1 * c1`;
+    with a non-empty `out16`, into it instead, rounded to bfloat16 (`store_bfloat16`). Returns
+    whether every value is finite (True when writing float32)."""
+    if out16.shape[0] == 0:
+        for i in range(out.shape[0]):
+            out[i] = value(v0, i) * c0 + value(v1, i) * c1
+        return True
+    n = out16.shape[0]
+    block = np.empty(_BLOCK, np.float32)
+    finite = True
+    for s in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - s)
+        a, b = v0[s : s + m], v1[s : s + m]
+        for i in range(m):
+            block[i] = value(a, i) * c0 + value(b, i) * c1
+        finite &= store_bfloat16(block[:m], out16[s : s + m])
+    return finite
 
 
 @_jit
-def scaled_sum(xs, base, keep, share, out):  # type: ignore[no-untyped-def]
+def scaled_sum(xs, base, keep, share, out, out16):  # type: ignore[no-untyped-def]
     """out = base·keep + Σ_j xs[j]·share in float32, rounded after each product and each add,
-    the models in order (Model Stock's (1 − t)·base + (t/N)·Σ x_j)."""
-    n = out.shape[0]
+    the models in order (Model Stock's (1 − t)·base + (t/N)·Σ x_j); with a non-empty
+    `out16`, into it instead, rounded to bfloat16. Returns whether every value is finite."""
+    rounded = out16.shape[0] > 0
+    n = out16.shape[0] if rounded else out.shape[0]
+    block = np.empty(_BLOCK, np.float32)
+    finite = True
     for s in range(0, n, _BLOCK):
         m = min(_BLOCK, n - s)
-        bb, ob = base[s : s + m], out[s : s + m]
+        bb = base[s : s + m]
+        ob = block[:m] if rounded else out[s : s + m]
         for i in range(m):
             ob[i] = value(bb, i) * keep
         for j in range(len(xs)):
             x = xs[j][s : s + m]
             for i in range(m):
                 ob[i] = ob[i] + value(x, i) * share
+        if rounded:
+            finite &= store_bfloat16(ob, out16[s : s + m])
+    return finite
 
 
 @_jit

@@ -151,6 +151,15 @@ class Kernel:
         """The output for chunk [start, start + m) (flat, float32)."""
         raise NotImplementedError
 
+    def apply_bfloat16(
+        self, start: int, models: Sequence[Tensor], base: Tensor | None, out: Tensor
+    ) -> bool | None:
+        """`apply`'s chunk rounded to bfloat16 into `out` (torch's rounding, bit for bit) by
+        the loop that computes it, for a job that is this call alone; returns whether every
+        value is finite, or None when the kernel has no such loop (the engine then rounds
+        `apply`'s float32 chunk)."""
+        return None
+
 
 def run_whole(kernel: Kernel, tensors: Sequence[Tensor], base: Tensor | None) -> Tensor:
     """A kernel on the whole tensor as one chunk (what a method's own function returns).

@@ -137,15 +137,8 @@ class ModelStockKernel(Kernel):
         check_count("model_stock", len(models), at_least=2)
         n = len(models)
         if not self.rows and self._looped(models, base):
-            assert self.t is not None
             out = torch.empty(base.shape, dtype=torch.float32)
-            loops().scaled_sum(
-                tuple(as_array(x) for x in models),
-                as_array(base),
-                np.float32(1.0 - self.t),
-                np.float32(self.t / n),
-                out.numpy(),
-            )
+            self._scaled_sum(models, base, out.numpy(), _NO_BFLOAT16)
             return out
         models, base = self._widened(models, base)
         if not self.rows:
@@ -171,6 +164,24 @@ class ModelStockKernel(Kernel):
             out.add_(x * share)
         return out.reshape(-1)
 
+    def apply_bfloat16(
+        self, start: int, models: Sequence[Tensor], base: Tensor | None, out: Tensor
+    ) -> bool | None:
+        assert base is not None
+        if self.rows or not self._looped(models, base):
+            return None
+        return self._scaled_sum(models, base, _NO_FLOAT32, as_array(out))
+
+    def _scaled_sum(
+        self, models: Sequence[Tensor], base: Tensor, out: np.ndarray, out16: np.ndarray
+    ) -> bool:
+        """(1 − t)·base + (t/N)·Σ x_i by the compiled loop, into `out` or rounded into `out16`."""
+        check_count("model_stock", len(models), at_least=2)
+        assert self.t is not None
+        keep, share = np.float32(1.0 - self.t), np.float32(self.t / len(models))
+        xs = tuple(as_array(x) for x in models)
+        return bool(loops().scaled_sum(xs, as_array(base), keep, share, out, out16))
+
     def _count_negative(self, c: Tensor, stop: int) -> None:
         """Count rows with c < 0 (paper); warn once, when the tensor's last row is done."""
         if self.compat == "mergekit":
@@ -182,6 +193,11 @@ class ModelStockKernel(Kernel):
             self._c_min = min(self._c_min, float(c.min()))
         if stop >= self.numel and self._neg:
             _warn_negative(self._c_min, self._neg, self._n_rows, self.tensor_name)
+
+
+# the unused output of the loops that write float32 or bfloat16
+_NO_FLOAT32 = np.empty(0, dtype=np.float32)
+_NO_BFLOAT16 = np.empty(0, dtype=np.uint16)
 
 
 def _shape(params: Mapping[str, Any]) -> str:

@@ -97,11 +97,8 @@ class SlerpKernel(Kernel):
     def apply(self, start: int, models: Sequence[Tensor], base: Tensor | None) -> Tensor:
         v0, v1 = _pair("slerp", models, base, with_base_as_v0=True)
         if self.coefs is not None and usable(v0, v1, widen=self.widen_bfloat16):
-            c0, c1 = self.coefs
             out = torch.empty(v0.shape, dtype=torch.float32)
-            loops().combine_two(
-                as_array(v0), as_array(v1), np.float32(c0), np.float32(c1), out.numpy()
-            )
+            self._combine(v0, v1, out.numpy(), _NO_BFLOAT16)
             return out
         if self.widen_bfloat16:
             v0, v1 = v0.float(), v1.float()
@@ -109,6 +106,24 @@ class SlerpKernel(Kernel):
             return torch.lerp(v0, v1, self.t)
         c0, c1 = self.coefs
         return v0 * c0 + v1 * c1
+
+    def apply_bfloat16(
+        self, start: int, models: Sequence[Tensor], base: Tensor | None, out: Tensor
+    ) -> bool | None:
+        v0, v1 = _pair("slerp", models, base, with_base_as_v0=True)
+        if self.coefs is None or not usable(v0, v1, widen=self.widen_bfloat16):
+            return None
+        return bool(self._combine(v0, v1, _NO_FLOAT32, as_array(out)))
+
+    def _combine(self, v0: Tensor, v1: Tensor, out: np.ndarray, out16: np.ndarray) -> bool:
+        assert self.coefs is not None
+        c0, c1 = (np.float32(c) for c in self.coefs)
+        return bool(loops().combine_two(as_array(v0), as_array(v1), c0, c1, out, out16))
+
+
+# the unused output of the loops that write float32 or bfloat16
+_NO_FLOAT32 = np.empty(0, dtype=np.float32)
+_NO_BFLOAT16 = np.empty(0, dtype=np.uint16)
 
 
 @register(

@@ -228,7 +228,14 @@ def test_two_term_combination_and_bfloat16_store_match_torch_bit_for_bit() -> No
     g = torch.Generator().manual_seed(8)
     v0, v1 = torch.randn(100_001, generator=g), torch.randn(100_001, generator=g)
     out = torch.empty_like(v0)
-    loops().combine_two(v0.numpy(), v1.numpy(), np.float32(0.3), np.float32(0.7), out.numpy())
+    loops().combine_two(
+        v0.numpy(),
+        v1.numpy(),
+        np.float32(0.3),
+        np.float32(0.7),
+        out.numpy(),
+        np.empty(0, np.uint16),
+    )
     assert torch.equal(out, v0 * 0.3 + v1 * 0.7)
 
     x = 1e3 * torch.randn(100_001, generator=g)
@@ -299,8 +306,11 @@ def test_loops_read_bfloat16_chunks_as_their_float32_values() -> None:
     assert np.array_equal(sums[0], sums[1])
 
     out_raw, out_f32 = np.empty(n, np.float32), np.empty(n, np.float32)
-    L.combine_two(_bits(xs[0]), _bits(b), np.float32(0.3), np.float32(0.7), out_raw)
-    L.combine_two(wide[0].numpy(), b.float().numpy(), np.float32(0.3), np.float32(0.7), out_f32)
+    no16 = np.empty(0, np.uint16)
+    L.combine_two(_bits(xs[0]), _bits(b), np.float32(0.3), np.float32(0.7), out_raw, no16)
+    L.combine_two(
+        wide[0].numpy(), b.float().numpy(), np.float32(0.3), np.float32(0.7), out_f32, no16
+    )
     assert np.array_equal(out_raw, out_f32)
 
 
@@ -342,10 +352,27 @@ def test_gram_of_differences_and_scaled_sum_match_their_torch_expressions() -> N
         assert torch.equal(got.total(), want.total())
 
     out = torch.empty(n)
-    loops().scaled_sum(
-        tuple(_bits(x) for x in xs), _bits(b), np.float32(0.4), np.float32(0.2), out.numpy()
-    )
+    args = (tuple(_bits(x) for x in xs), _bits(b), np.float32(0.4), np.float32(0.2))
+    assert loops().scaled_sum(*args, out.numpy(), np.empty(0, np.uint16))
     ref = b.float() * 0.4
     for x in xs:
         ref = ref + x.float() * np.float32(0.2)
     assert torch.equal(out, ref)
+    # rounded to bfloat16 in the same loop: torch's rounding of the float32 values
+    rounded = torch.empty(n, dtype=torch.bfloat16)
+    assert loops().scaled_sum(*args, np.empty(0, np.float32), _bits(rounded))
+    assert torch.equal(rounded.view(torch.int16), ref.bfloat16().view(torch.int16))
+    xs[1][7] = float("inf")
+    args = (tuple(_bits(x) for x in xs), _bits(b), np.float32(0.4), np.float32(0.2))
+    assert not loops().scaled_sum(*args, np.empty(0, np.float32), _bits(rounded))
+    two = torch.empty(n, dtype=torch.bfloat16)
+    assert not loops().combine_two(
+        _bits(xs[1]),
+        _bits(b),
+        np.float32(0.3),
+        np.float32(0.7),
+        np.empty(0, np.float32),
+        _bits(two),
+    )
+    want = (xs[1].float() * np.float32(0.3) + b.float() * np.float32(0.7)).bfloat16()
+    assert torch.equal(two.view(torch.int16), want.view(torch.int16))
