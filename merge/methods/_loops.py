@@ -58,38 +58,21 @@ def _value(array, i):  # type: ignore[no-untyped-def]
 
 @_jit
 def all_finite_bfloat16(bits):  # type: ignore[no-untyped-def]
-    """Whether no bfloat16 (uint16 bits) is NaN or ±inf: all exponent bits set."""
-    bad = np.uint16(0)
-    for i in range(bits.shape[0]):
-        bad |= np.uint16((bits[i] & np.uint16(0x7F80)) == np.uint16(0x7F80))
+    """Whether no bfloat16 (uint16 bits) is NaN or ±inf: all 8 exponent bits set. Four values
+    per 64-bit word: adding 0x0080 to a value's exponent bits carries into its bit 15 exactly
+    when all of them are set, and never into the next value."""
+    n = bits.shape[0]
+    words = n // 4
+    packed = bits[: words * 4].view(np.uint64)
+    exponent = np.uint64(0x7F807F807F807F80)
+    carry = np.uint64(0x0080008000800080)
+    top = np.uint64(0x8000800080008000)
+    bad = np.uint64(0)
+    for i in range(words):
+        bad |= ((packed[i] & exponent) + carry) & top
+    for i in range(words * 4, n):
+        bad |= np.uint64((bits[i] & np.uint16(0x7F80)) == np.uint16(0x7F80))
     return bad == 0
-
-
-@numba.njit(inline="always")
-def mix32(x):  # type: ignore[no-untyped-def]
-    """C. Wellons' lowbias32 integer mixer on the low 32 bits (uint64 arithmetic, masked)."""
-    x = x ^ (x >> np.uint64(16))
-    x = (x * np.uint64(0x7FEB352D)) & _M32
-    x = x ^ (x >> np.uint64(15))
-    x = (x * np.uint64(0x846CA68B)) & _M32
-    return x ^ (x >> np.uint64(16))
-
-
-@_jit
-def counter_uniform(low, high, offset, out):  # type: ignore[no-untyped-def]
-    """out[i] = U[0, 1) draw of element offset + i under the seed (low, high): see
-    `_stream.ElementRandom`."""
-    for i in range(out.shape[0]):
-        out[i] = draw(offset + i, low, high)
-
-
-@numba.njit(inline="always")
-def draw(index, low, high):  # type: ignore[no-untyped-def]
-    """The U[0, 1) draw of flat element `index` under the seed (low, high)."""
-    g = np.uint64(index)
-    h = mix32((g & _M32) ^ low)
-    h = mix32(h ^ (g >> np.uint64(32)) ^ high)
-    return np.float32(h >> np.uint64(8)) * np.float32(1.0 / 16777216.0)
 
 
 @_jit

@@ -317,12 +317,16 @@ def test_loops_read_bfloat16_chunks_as_their_float32_values() -> None:
 def test_bfloat16_finite_check_and_store_of_nan_and_inf() -> None:
     from merge.methods._fused import loops
 
-    x = torch.randn(10_000).bfloat16()
-    assert loops().all_finite_bfloat16(_bits(x))
-    for bad in (float("nan"), float("inf"), -float("inf")):
-        y = x.clone()
-        y[9_999] = bad
-        assert not loops().all_finite_bfloat16(_bits(y))
+    for n in (10_000, 10_003):  # four values per word, and a tail
+        x = torch.randn(n).bfloat16()
+        x[:4] = torch.tensor([3.3895314e38, -3.3895314e38, 0.0, -1e-40])  # largest, tiny
+        assert loops().all_finite_bfloat16(_bits(x))
+        for bad, at in itertools.product(
+            (float("nan"), float("inf"), -float("inf")), (0, 5, n - 1)
+        ):
+            y = x.clone()
+            y[at] = bad
+            assert not loops().all_finite_bfloat16(_bits(y))
     values = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 1.0])
     values[1] = torch.tensor([0xFFC00001], dtype=torch.int64).to(torch.int32).view(torch.float32)
     store = torch.empty(5, dtype=torch.bfloat16)
