@@ -75,6 +75,33 @@ def all_finite_bfloat16(bits):  # type: ignore[no-untyped-def]
     return bad == 0
 
 
+@numba.njit(inline="always")
+def mix32(x):  # type: ignore[no-untyped-def]
+    """C. Wellons' lowbias32 integer mixer on the low 32 bits (uint64 arithmetic, masked)."""
+    x = x ^ (x >> np.uint64(16))
+    x = (x * np.uint64(0x7FEB352D)) & _M32
+    x = x ^ (x >> np.uint64(15))
+    x = (x * np.uint64(0x846CA68B)) & _M32
+    return x ^ (x >> np.uint64(16))
+
+
+@_jit
+def counter_uniform(low, high, offset, out):  # type: ignore[no-untyped-def]
+    """out[i] = U[0, 1) draw of element offset + i under the seed (low, high): see
+    `_stream.ElementRandom`."""
+    for i in range(out.shape[0]):
+        out[i] = draw(offset + i, low, high)
+
+
+@numba.njit(inline="always")
+def draw(index, low, high):  # type: ignore[no-untyped-def]
+    """The U[0, 1) draw of flat element `index` under the seed (low, high)."""
+    g = np.uint64(index)
+    h = mix32((g & _M32) ^ low)
+    h = mix32(h ^ (g >> np.uint64(32)) ^ high)
+    return np.float32(h >> np.uint64(8)) * np.float32(1.0 / 16777216.0)
+
+
 @_jit
 def abs_diff_high_histogram(x, b, hist):  # type: ignore[no-untyped-def]
     """hist[bits(|x_i − b_i|) >> 16] += 1 for every i (float32; bits order non-negative floats)."""
