@@ -420,3 +420,80 @@ def store_bfloat16(values, out):  # type: ignore[no-untyped-def]
         rounded = np.uint16((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16)
         out[i] = np.uint16(0xFFFF) if magnitude > np.uint32(0x7F800000) else rounded
     return bad == 0
+
+
+@_jit
+def _select(keys, lo, hi, k):  # type: ignore[no-untyped-def]
+    """The k-th smallest of the distinct keys[lo:hi] (k an index in [lo, hi)), found by
+    partitioning them in place (Hoare, median-of-three pivots): keys[lo:k] end up below it and
+    keys[k + 1:hi] above it."""
+    while hi - lo > 2:
+        mid = (lo + hi) // 2
+        a, b, c = keys[lo], keys[mid], keys[hi - 1]
+        pivot = max(min(a, b), min(max(a, b), c))
+        i, j = lo, hi - 1
+        while i <= j:
+            while keys[i] < pivot:
+                i += 1
+            while keys[j] > pivot:
+                j -= 1
+            if i <= j:
+                keys[i], keys[j] = keys[j], keys[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j + 1
+        elif k >= i:
+            lo = i
+        else:
+            return keys[k]
+    if hi - lo == 2 and keys[lo] > keys[lo + 1]:
+        keys[lo], keys[lo + 1] = keys[lo + 1], keys[lo]
+    return keys[k]
+
+
+@_jit
+def banded_merge(xs, b, row, n_top, n_keep, weight, normalize, total, scale, out):  # type: ignore[no-untyped-def]
+    """Model Breadcrumbs on whole rows of `row` elements (`sparsify.breadcrumbs_band`, paper,
+    then `_gta.combine` without election): per row and model, δ = x − b keeps its descending
+    magnitude ranks [n_top[j], n_top[j] + n_keep[j]), ties ranked by index (the int64 key
+    bits(|δ|)·row + (row − 1 − i) makes every key distinct), then out = b + scale · Σ w_j δ̃_j
+    (divided by `total` when normalize). The band's edges are two order statistics of the keys."""
+    n = b.shape[0]
+    k = len(xs)
+    delta = np.empty(row, np.float32)
+    magnitude = np.empty(row, np.float32)
+    bits = magnitude.view(np.uint32)
+    keys = np.empty(row, np.int64)
+    work = np.empty(row, np.int64)
+    mixed = np.empty(row, np.float32)
+    for s in range(0, n, row):
+        bb, ob = b[s : s + row], out[s : s + row]
+        for i in range(row):
+            mixed[i] = _ZERO
+        for j in range(k):
+            x = xs[j][s : s + row]
+            for i in range(row):
+                delta[i] = value(x, i) - value(bb, i)
+            top, keep = n_top[j], min(n_keep[j], row - n_top[j])
+            if keep <= 0:
+                for i in range(row):
+                    delta[i] = _ZERO
+            elif keep < row:
+                for i in range(row):
+                    magnitude[i] = abs(delta[i])
+                for i in range(row):
+                    keys[i] = np.int64(bits[i]) * row + (row - 1 - i)
+                    work[i] = keys[i]
+                first = row - top - keep  # 0-based rank of the lowest kept key
+                low = _select(work, 0, row, first)
+                high = _select(work, first, row, row - top - 1) if top > 0 else keys[0]
+                for i in range(row):
+                    inside = keys[i] >= low and (top == 0 or keys[i] <= high)
+                    delta[i] = delta[i] if inside else _ZERO
+            w = weight[j]
+            for i in range(row):
+                mixed[i] = mixed[i] + w * delta[i]
+        for i in range(row):
+            v = mixed[i] / total if normalize else mixed[i]
+            ob[i] = v * scale + value(bb, i)

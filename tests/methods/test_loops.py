@@ -380,3 +380,54 @@ def test_gram_of_differences_and_scaled_sum_match_their_torch_expressions() -> N
     )
     want = (xs[1].float() * np.float32(0.3) + b.float() * np.float32(0.7)).bfloat16()
     assert torch.equal(two.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.parametrize(
+    ("shape", "density", "gamma"),
+    [
+        ((37, 257), 0.9, 0.01),
+        ((16, 4096), 0.9, 0.01),
+        ((5, 64), 0.5, 0.25),
+        ((300,), 0.7, 0.0),
+        ((9, 33), 1.0, 0.1),
+        ((9, 33), 0.01, 0.01),  # ⌊density·n⌋ = 0: nothing kept
+        ((4, 50), 0.6, 0.5),  # the band is cut short by the top
+    ],
+)
+def test_breadcrumbs_loop_keeps_the_same_band_as_the_torch_path(
+    torch_path, shape: tuple[int, ...], density: float, gamma: float
+) -> None:
+    """One model at weight 1 gives base + δ̃ exactly, so the band (ties ranked by index on
+    quantised magnitudes) must match the torch path bit for bit; three models with weights,
+    normalize and scale agree to float32 rounding."""
+    from merge.methods.breadcrumbs import breadcrumbs
+
+    g = torch.Generator().manual_seed(len(shape) * 100 + shape[-1])
+    base = torch.randn(shape, generator=g)
+    models = [base + (torch.randn(shape, generator=g) * 4).round() / 64 for _ in range(3)]
+    kw = {"density": [density], "gamma": [gamma], "weight": [1.0]}
+    got = breadcrumbs(models[:1], base=base, **kw)
+    want = torch_path(lambda: breadcrumbs(models[:1], base=base, **kw))
+    assert torch.equal(got, want)
+
+    kw = {"density": [density, 0.8, 0.3], "gamma": [gamma, 0.05, 0.0], "weight": [0.5, 1.5, -1.0]}
+    for normalize in (False, True):
+        got = breadcrumbs(models, base=base, normalize=normalize, scale=0.7, **kw)
+        want = torch_path(
+            lambda: breadcrumbs(models, base=base, normalize=normalize, scale=0.7, **kw)
+        )
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_select_finds_every_order_statistic() -> None:
+    import numpy as np
+
+    from merge.methods._fused import loops
+
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 3, 10, 257):
+        keys = rng.permutation(n * 7)[:n].astype(np.int64)
+        for k in range(n):
+            work = keys.copy()
+            assert loops()._select(work, 0, n, k) == np.sort(keys)[k]
+            assert (work[:k] < work[k]).all() and (work[k + 1 :] > work[k]).all()
