@@ -414,7 +414,7 @@ def test_breadcrumbs_loop_keeps_the_same_band_as_the_torch_path(
     for normalize in (False, True):
         got = breadcrumbs(models, base=base, normalize=normalize, scale=0.7, **kw)
         want = torch_path(
-            lambda: breadcrumbs(models, base=base, normalize=normalize, scale=0.7, **kw)
+            lambda n=normalize: breadcrumbs(models, base=base, normalize=n, scale=0.7, **kw)
         )
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
