@@ -230,6 +230,38 @@ def _fused_merge(
 _ELECT_CODES = {None: 0, "sum": 1, "count": 2}
 
 
+def combine_codes(
+    weight: Sequence[float], elect: str | None, normalize: bool, method: str = "ties"
+) -> tuple[np.ndarray, int, bool, np.float32]:
+    """`combine`'s weight, elect and normalize as the loops' `_combine_into` takes them:
+    float32 weights, the elect code, whether to divide, and the weights' total."""
+    if elect is not None:
+        check_choice(method, "elect", elect, ELECT_CHOICES)
+    total = float(sum(float(w) for w in weight))
+    return (
+        np.asarray([float(w) for w in weight], dtype=np.float32),
+        _ELECT_CODES[elect],
+        bool(normalize and (elect is not None or abs(total) >= 1e-8)),
+        np.float32(total),
+    )
+
+
+def row_loop_operands(
+    tensors: Sequence[Tensor], base: Tensor, compat: str
+) -> tuple[list[Tensor], Tensor, int] | None:
+    """Flat views of a row-wise method's operands and its row length (the last dimension;
+    a 1-D tensor is one row) when its compiled loop takes them: paper arithmetic, CPU float32,
+    every model shaped as the base, at least one dimension and one element. None otherwise."""
+    if compat != "paper" or base.dim() == 0 or base.numel() == 0:
+        return None
+    if any(x.shape != base.shape for x in tensors):
+        return None
+    flats, flat_b = [x.reshape(-1) for x in tensors], base.reshape(-1)
+    if not usable(flat_b, *flats):
+        return None
+    return flats, flat_b, int(base.shape[-1]) if base.dim() > 1 else base.numel()
+
+
 def _looped_merge(
     flats: Sequence[Tensor],
     flat_b: Tensor,
@@ -265,12 +297,12 @@ def _looped_merge(
                 if p < 1.0:
                     drawn[i, start:stop] = uniform((stop - start,), generator, stream=i)
         uniforms = drawn.numpy()
-    total = float(sum(float(w) for w in weight))
+    weights, elect_code, divide, total = combine_codes(weight, elect, normalize)
     out = torch.empty(n, dtype=torch.float32)
     loops().task_vector_merge(
         tuple(as_array(x) for x in flats),
         as_array(flat_b),
-        np.asarray([float(w) for w in weight], dtype=np.float32),
+        weights,
         np.asarray(thr, dtype=np.float32),
         np.asarray(cut, dtype=np.int64),
         np.asarray(prob, dtype=np.float32),
@@ -278,9 +310,9 @@ def _looped_merge(
         seeds,
         draw_offset,
         offset,
-        _ELECT_CODES[elect],
-        bool(normalize and (elect is not None or abs(total) >= 1e-8)),
-        np.float32(total),
+        elect_code,
+        divide,
+        total,
         np.float32(scale),
         out.numpy(),
     )

@@ -214,44 +214,52 @@ def task_vector_merge(  # type: ignore[no-untyped-def]
                     ub = uniforms[j][s : s + m]
                     for i in range(m):
                         d[i] = d[i] * min(np.float32(np.floor(ub[i] + p)), _ONE) / p
-        if elect == 0:
-            for i in range(m):
-                mixed[i] = _ZERO
-            for j in range(k):
-                w = weight[j]
-                d = deltas[j]
-                for i in range(m):
-                    mixed[i] = mixed[i] + w * d[i]
-            for i in range(m):
-                v = mixed[i] / total if normalize else mixed[i]
-                ob[i] = v * scale + value(bb, i)
-            continue
+        _combine_into(deltas, m, weight, elect, normalize, total, scale, bb, ob, vote, mixed, count)
+
+
+@numba.njit(inline="always")
+def _combine_into(deltas, m, weight, elect, normalize, total, scale, bb, ob, vote, mixed, count):  # type: ignore[no-untyped-def]
+    """ob = bb + scale · merge_j(deltas[j][:m]) (`_gta.combine`, paper): elect 0 a weighted
+    sum (divided by `total` when normalize), 1 "sum", 2 "count" (the dis-mean)."""
+    k = deltas.shape[0]
+    if elect == 0:
         for i in range(m):
-            vote[i] = _ZERO
             mixed[i] = _ZERO
-            count[i] = _ZERO
-        for j in range(k):
-            d = deltas[j]
-            if elect == 1:
-                for i in range(m):
-                    vote[i] = vote[i] + d[i]
-            else:
-                for i in range(m):
-                    vote[i] = vote[i] + (np.float32(d[i] > _ZERO) - np.float32(d[i] < _ZERO))
-        for i in range(m):
-            vote[i] = np.float32(np.copysign(_ONE, vote[i]))  # a zero total elects +
         for j in range(k):
             w = weight[j]
             d = deltas[j]
             for i in range(m):
-                a = max(d[i] * vote[i], _ZERO)  # |δ| where its sign agrees; zeros never agree
-                mixed[i] = mixed[i] + w * a
-                count[i] = count[i] + np.float32(a > _ZERO)
+                mixed[i] = mixed[i] + w * d[i]
         for i in range(m):
-            v = mixed[i] * vote[i]
-            if normalize:
-                v = v / max(count[i], _ONE)
+            v = mixed[i] / total if normalize else mixed[i]
             ob[i] = v * scale + value(bb, i)
+        return
+    for i in range(m):
+        vote[i] = _ZERO
+        mixed[i] = _ZERO
+        count[i] = _ZERO
+    for j in range(k):
+        d = deltas[j]
+        if elect == 1:
+            for i in range(m):
+                vote[i] = vote[i] + d[i]
+        else:
+            for i in range(m):
+                vote[i] = vote[i] + (np.float32(d[i] > _ZERO) - np.float32(d[i] < _ZERO))
+    for i in range(m):
+        vote[i] = np.float32(np.copysign(_ONE, vote[i]))  # a zero total elects +
+    for j in range(k):
+        w = weight[j]
+        d = deltas[j]
+        for i in range(m):
+            a = max(d[i] * vote[i], _ZERO)  # |δ| where its sign agrees; zeros never agree
+            mixed[i] = mixed[i] + w * a
+            count[i] = count[i] + np.float32(a > _ZERO)
+    for i in range(m):
+        v = mixed[i] * vote[i]
+        if normalize:
+            v = v / max(count[i], _ONE)
+        ob[i] = v * scale + value(bb, i)
 
 
 @_jit
@@ -453,26 +461,26 @@ def _select(keys, lo, hi, k):  # type: ignore[no-untyped-def]
 
 
 @_jit
-def banded_merge(xs, b, row, n_top, n_keep, weight, normalize, total, scale, out):  # type: ignore[no-untyped-def]
+def banded_merge(xs, b, row, n_top, n_keep, weight, elect, normalize, total, scale, out):  # type: ignore[no-untyped-def]
     """Model Breadcrumbs on whole rows of `row` elements (`sparsify.breadcrumbs_band`, paper,
-    then `_gta.combine` without election): per row and model, δ = x − b keeps its descending
-    magnitude ranks [n_top[j], n_top[j] + n_keep[j]), ties ranked by index (the int64 key
-    bits(|δ|)·row + (row − 1 − i) makes every key distinct), then out = b + scale · Σ w_j δ̃_j
-    (divided by `total` when normalize). The band's edges are two order statistics of the keys."""
+    then `_gta.combine`): per row and model, δ = x − b keeps its descending magnitude ranks
+    [n_top[j], n_top[j] + n_keep[j]), ties ranked by index (the int64 key
+    bits(|δ|)·row + (row − 1 − i) makes every key distinct); then `_combine_into` with
+    `elect`. The band's edges are two order statistics of the keys."""
     n = b.shape[0]
     k = len(xs)
-    delta = np.empty(row, np.float32)
+    deltas = np.empty((k, row), np.float32)
     magnitude = np.empty(row, np.float32)
     bits = magnitude.view(np.uint32)
     keys = np.empty(row, np.int64)
     work = np.empty(row, np.int64)
+    vote = np.empty(row, np.float32)
     mixed = np.empty(row, np.float32)
+    count = np.empty(row, np.float32)
     for s in range(0, n, row):
         bb, ob = b[s : s + row], out[s : s + row]
-        for i in range(row):
-            mixed[i] = _ZERO
         for j in range(k):
-            x = xs[j][s : s + row]
+            x, delta = xs[j][s : s + row], deltas[j]
             for i in range(row):
                 delta[i] = value(x, i) - value(bb, i)
             top, keep = n_top[j], min(n_keep[j], row - n_top[j])
@@ -491,9 +499,90 @@ def banded_merge(xs, b, row, n_top, n_keep, weight, normalize, total, scale, out
                 for i in range(row):
                     inside = keys[i] >= low and (top == 0 or keys[i] <= high)
                     delta[i] = delta[i] if inside else _ZERO
-            w = weight[j]
+        _combine_into(
+            deltas, row, weight, elect, normalize, total, scale, bb, ob, vote, mixed, count
+        )
+
+
+_RADIX = 11  # bits per pass of the rank sort: three passes cover a float32 magnitude's 31 bits
+
+
+@_jit
+def _ascending_ranks(bits, ranks, keys, order, spare_keys, spare_order, counts):  # type: ignore[no-untyped-def]
+    """ranks[i] = the position of bits[i] (uint32) in ascending order, ties by index (an LSD
+    radix sort of (key, index) pairs: stable, three passes of 11 bits)."""
+    n = bits.shape[0]
+    for i in range(n):
+        keys[i] = bits[i]
+        order[i] = i
+    mask = np.uint32((1 << _RADIX) - 1)
+    for shift in range(0, 32, _RADIX):
+        for c in range(counts.shape[0]):
+            counts[c] = 0
+        for i in range(n):
+            counts[(keys[i] >> np.uint32(shift)) & mask] += 1
+        at = 0
+        for c in range(counts.shape[0]):
+            here = counts[c]
+            counts[c] = at
+            at += here
+        for i in range(n):
+            c = (keys[i] >> np.uint32(shift)) & mask
+            spare_keys[counts[c]] = keys[i]
+            spare_order[counts[c]] = order[i]
+            counts[c] += 1
+        keys, spare_keys = spare_keys, keys
+        order, spare_order = spare_order, order
+    for j in range(n):
+        ranks[order[j]] = j
+
+
+@_jit
+def della_merge(  # type: ignore[no-untyped-def]
+    xs, b, row, density, epsilon, rescale, seeds, draw_offset, weight, elect, normalize, total,
+    scale, out,
+):  # fmt: skip
+    """DELLA (paper) on whole rows of `row` elements (`sparsify.della_drop`, then
+    `_gta.combine`): per row and model with density[j] < 1, δ = x − b is kept with probability
+    p_i = (d − ε) + (2ε/(row − 1))·r_i, r_i its ascending magnitude rank in the row (ties by
+    index), by the counter draw u of element draw_offset + i under seeds[j]: keep ⌊u + p⌋
+    (at most 1), and δ·keep/p when `rescale`. Then `_combine_into` with `elect`."""
+    n = b.shape[0]
+    k = len(xs)
+    deltas = np.empty((k, row), np.float32)
+    magnitude = np.empty(row, np.float32)
+    bits = magnitude.view(np.uint32)
+    ranks = np.empty(row, np.int64)
+    keys, spare_keys = np.empty(row, np.uint32), np.empty(row, np.uint32)
+    order, spare_order = np.empty(row, np.int64), np.empty(row, np.int64)
+    counts = np.empty(1 << _RADIX, np.int64)
+    vote = np.empty(row, np.float32)
+    mixed = np.empty(row, np.float32)
+    count = np.empty(row, np.float32)
+    for s in range(0, n, row):
+        bb, ob = b[s : s + row], out[s : s + row]
+        for j in range(k):
+            x, delta = xs[j][s : s + row], deltas[j]
             for i in range(row):
-                mixed[i] = mixed[i] + w * delta[i]
-        for i in range(row):
-            v = mixed[i] / total if normalize else mixed[i]
-            ob[i] = v * scale + value(bb, i)
+                delta[i] = value(x, i) - value(bb, i)
+            d, e = density[j], epsilon[j]
+            if d >= 1.0:
+                continue
+            low, high = seeds[j, 0], seeds[j, 1]
+            if row == 1:
+                ranks[0] = 0
+                step, floor = _ZERO, np.float32(d)
+            else:
+                for i in range(row):
+                    magnitude[i] = abs(delta[i])
+                _ascending_ranks(bits, ranks, keys, order, spare_keys, spare_order, counts)
+                step = np.float32(2.0 * e / (row - 1))
+                floor = np.float32(d - e)
+            for i in range(row):
+                p = floor + step * np.float32(ranks[i])
+                u = draw(draw_offset + s + i, low, high)
+                kept = delta[i] * min(np.float32(np.floor(u + p)), _ONE)
+                delta[i] = kept / p if rescale else kept
+        _combine_into(
+            deltas, row, weight, elect, normalize, total, scale, bb, ob, vote, mixed, count
+        )

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from merge.methods._checks import check_compat, check_density, check_fraction
-from merge.methods._fused import loops, usable
-from merge.methods._gta import combine
+from merge.methods._fused import loops
+from merge.methods._gta import combine, combine_codes, row_loop_operands
 from merge.methods._registry import (
     MATRIX,
     ROWS,
@@ -83,16 +83,11 @@ def breadcrumbs(
 ) -> Tensor:
     """base + λ Σ w_i m_i⊙δ_i, m_i keeps magnitude ranks (γ, γ+density] of each row of δ_i."""
     _check_band("breadcrumbs", density, gamma, compat)
-    flats, flat_b = [x.reshape(-1) for x in tensors], base.reshape(-1)
-    if (
-        compat == "paper"
-        and base.dim() > 0
-        and all(x.shape == base.shape for x in tensors)
-        and flat_b.numel()
-        and usable(flat_b, *flats)
-    ):
-        out = _looped(flats, flat_b, base.shape, weight, density, gamma, normalize, scale)
-        return out.reshape(base.shape)
+    looped = _looped(
+        "breadcrumbs", tensors, base, weight, density, gamma, None, normalize, scale, compat
+    )
+    if looped is not None:
+        return looped
     deltas = _banded("breadcrumbs", tensors, base, density, gamma, compat, compute_dtype)
     return combine(
         "breadcrumbs",
@@ -107,21 +102,27 @@ def breadcrumbs(
 
 
 def _looped(
-    flats: Sequence[Tensor],
-    flat_b: Tensor,
-    shape: Sequence[int],
+    name: str,
+    tensors: Sequence[Tensor],
+    base: Tensor,
     weight: Sequence[float],
     density: Sequence[float],
     gamma: Sequence[float],
+    elect: str | None,
     normalize: bool,
     scale: float,
-) -> Tensor:
-    """`breadcrumbs` (paper) in one compiled loop over rows (`_loops.banded_merge`): the same
-    bands, the same float32 operations per element."""
-    row = int(shape[-1]) if len(shape) > 1 else flat_b.numel()
+    compat: str,
+) -> Tensor | None:
+    """`breadcrumbs`/`breadcrumbs_ties` (paper) in one compiled loop over rows
+    (`_loops.banded_merge`): the same bands, the same float32 operations per element. None when
+    the loop cannot take the operands."""
+    operands = row_loop_operands(tensors, base, compat)
+    if operands is None:
+        return None
+    flats, flat_b, row = operands
     n_top = [int(float(g) * row) for g in gamma]
     n_keep = [min(int(float(d) * row), row - t) for d, t in zip(density, n_top)]
-    total = float(sum(float(w) for w in weight))
+    weights, elect_code, divide, total = combine_codes(weight, elect, normalize, name)
     out = torch.empty(flat_b.numel(), dtype=torch.float32)
     loops().banded_merge(
         tuple(x.numpy() for x in flats),
@@ -129,13 +130,14 @@ def _looped(
         row,
         np.asarray(n_top, dtype=np.int64),
         np.asarray(n_keep, dtype=np.int64),
-        np.asarray([float(w) for w in weight], dtype=np.float32),
-        bool(normalize and abs(total) >= 1e-8),
-        np.float32(total),
+        weights,
+        elect_code,
+        divide,
+        total,
         np.float32(scale),
         out.numpy(),
     )
-    return out
+    return out.reshape(base.shape)
 
 
 @register(
@@ -160,6 +162,12 @@ def breadcrumbs_ties(
     compute_dtype: ComputeDtype | None = None,
 ) -> Tensor:
     """Breadcrumbs masks, then TIES sign election and disjoint merge."""
+    _check_band("breadcrumbs_ties", density, gamma, compat)
+    looped = _looped(
+        "breadcrumbs_ties", tensors, base, weight, density, gamma, elect, normalize, scale, compat
+    )
+    if looped is not None:
+        return looped
     deltas = _banded("breadcrumbs_ties", tensors, base, density, gamma, compat, compute_dtype)
     return combine(
         "breadcrumbs_ties",

@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor
 
 from merge.errors import UsageError
 from merge.methods._checks import check_compat, check_density
-from merge.methods._gta import combine
+from merge.methods._fused import loops
+from merge.methods._gta import combine, combine_codes, row_loop_operands
 from merge.methods._registry import (
     MATRIX,
     ROWS,
@@ -19,6 +22,7 @@ from merge.methods._registry import (
     NonNegative,
     register,
 )
+from merge.methods._stream import ElementRandom
 from merge.methods.selection import Random
 from merge.methods.sparsify import della_drop
 
@@ -35,6 +39,24 @@ def _dropped(
     compat: str,
     generator: Random,
 ) -> list[Tensor]:
+    _check_della(name, density, epsilon, compat)
+    return [
+        della_drop(
+            x - base,
+            float(d),
+            float(e),
+            rescale=rescale,
+            compat=compat,
+            generator=generator,
+            stream=i,
+        )
+        for i, (x, d, e) in enumerate(zip(tensors, density, epsilon))
+    ]
+
+
+def _check_della(
+    name: str, density: Sequence[float], epsilon: Sequence[float], compat: str
+) -> None:
     check_density(name, density)
     check_compat(name, compat)
     for i, (d, e) in enumerate(zip(density, epsilon)):
@@ -48,18 +70,50 @@ def _dropped(
                 f"probabilities span [{d - e:.3g}, {d + e:.3g}], which must lie inside (0, 1]; "
                 "lower `epsilon` or move `density` away from 0 and 1"
             )
-    return [
-        della_drop(
-            x - base,
-            float(d),
-            float(e),
-            rescale=rescale,
-            compat=compat,
-            generator=generator,
-            stream=i,
-        )
-        for i, (x, d, e) in enumerate(zip(tensors, density, epsilon))
-    ]
+
+
+def _looped(
+    name: str,
+    tensors: Sequence[Tensor],
+    base: Tensor,
+    weight: Sequence[float],
+    density: Sequence[float],
+    epsilon: Sequence[float],
+    rescale: bool,
+    elect: str | None,
+    normalize: bool,
+    scale: float,
+    compat: str,
+    generator: Random,
+) -> Tensor | None:
+    """DELLA (paper) in one compiled loop over rows (`_loops.della_merge`): ranks by a radix
+    sort per row, the counter draws of `ElementRandom` (model i on stream i), the same float32
+    operations per element. None when the loop cannot take the call (a torch generator, or
+    operands it cannot read)."""
+    operands = row_loop_operands(tensors, base, compat)
+    if operands is None or not isinstance(generator, ElementRandom):
+        return None
+    _check_della(name, density, epsilon, compat)
+    flats, flat_b, row = operands
+    weights, elect_code, divide, total = combine_codes(weight, elect, normalize, name)
+    out = torch.empty(flat_b.numel(), dtype=torch.float32)
+    loops().della_merge(
+        tuple(x.numpy() for x in flats),
+        flat_b.numpy(),
+        row,
+        np.asarray([float(d) for d in density], dtype=np.float64),
+        np.asarray([float(e) for e in epsilon], dtype=np.float64),
+        bool(rescale),
+        np.asarray([generator.seed(i) for i in range(len(flats))], dtype=np.uint64),
+        generator.offset,
+        weights,
+        elect_code,
+        divide,
+        total,
+        np.float32(scale),
+        out.numpy(),
+    )
+    return out.reshape(base.shape)
 
 
 def _shape(params: Mapping[str, Any]) -> str:
@@ -90,6 +144,12 @@ def della(
     generator: Random = None,
 ) -> Tensor:
     """MagPrune (p_i from row magnitude ranks, δ_i/p_i), TIES election, disjoint mean, λ."""
+    looped = _looped(
+        "della", tensors, base, weight, density, epsilon, rescale, elect, normalize, scale,
+        compat, generator,
+    )  # fmt: skip
+    if looped is not None:
+        return looped
     deltas = _dropped("della", tensors, base, density, epsilon, rescale, compat, generator)
     return combine(
         "della",
@@ -124,6 +184,12 @@ def della_linear(
     generator: Random = None,
 ) -> Tensor:
     """MagPrune then a plain weighted sum of the task vectors (no sign election)."""
+    looped = _looped(
+        "della_linear", tensors, base, weight, density, epsilon, rescale, None, normalize,
+        scale, compat, generator,
+    )  # fmt: skip
+    if looped is not None:
+        return looped
     deltas = _dropped("della_linear", tensors, base, density, epsilon, rescale, compat, generator)
     return combine(
         "della_linear",

@@ -164,15 +164,17 @@ _SAME_WIDTH_INT = {
 
 
 def della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
-    """Per-row keep probabilities p = d − ε + 2ε·(r − 1)/(n − 1), r = magnitude rank (1 = smallest)."""
+    """Per-row keep probabilities p = d − ε + 2ε·(r − 1)/(n − 1), r = magnitude rank (1 =
+    smallest; tied magnitudes rank by index)."""
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(-1, delta.shape[-1])
     n = rows.shape[-1]  # rows: (R, n)
     if n == 1:
         return torch.full_like(delta, density)
     # One sort per row; the rank is its inverse permutation. Non-negative floats order as their
-    # bits, and sorting those integers is 27% faster than sorting the floats.
+    # bits, and sorting those integers is 27% faster than sorting the floats. Stable: tied
+    # magnitudes rank by index, as the compiled loop's radix sort ranks them.
     a = rows.abs()
-    order = a.view(_SAME_WIDTH_INT[a.dtype]).argsort(dim=-1)
+    order = a.view(_SAME_WIDTH_INT[a.dtype]).argsort(dim=-1, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(n, device=delta.device).expand_as(order))
     p = (density - epsilon) + (2.0 * epsilon / (n - 1)) * ranks.to(delta.dtype)

@@ -431,3 +431,58 @@ def test_select_finds_every_order_statistic() -> None:
             work = keys.copy()
             assert loops()._select(work, 0, n, k) == np.sort(keys)[k]
             assert (work[:k] < work[k]).all() and (work[k + 1 :] > work[k]).all()
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+@pytest.mark.parametrize(
+    ("shape", "density", "epsilon"), [((23, 257), 0.5, 0.1), ((300,), 0.7, 0.3)]
+)
+def test_della_loop_draws_and_ranks_as_the_torch_path(
+    torch_path, method: str, shape: tuple[int, ...], density: float, epsilon: float
+) -> None:
+    """Ranks from the radix sort (ties by index, on quantised magnitudes), the same counter
+    draws and keep probabilities: one model at weight 1 gives the torch path's bytes; three
+    models with election agree to float32 rounding. A torch generator keeps the torch path."""
+    from merge.methods import della as della_module
+
+    fn = getattr(della_module, method)
+    g = torch.Generator().manual_seed(shape[-1])
+    base = torch.randn(shape, generator=g)
+    models = [base + (torch.randn(shape, generator=g) * 4).round() / 64 for _ in range(3)]
+    rng = ElementRandom(mix_seed(5, method), offset=1000)
+    kw = {"density": [density], "epsilon": [epsilon], "weight": [1.0], "generator": rng}
+    got = fn(models[:1], base=base, normalize=False, **kw)
+    assert torch.equal(got, torch_path(lambda: fn(models[:1], base=base, normalize=False, **kw)))
+
+    kw = {"density": [density, 1.0, 0.3], "epsilon": [epsilon, 0.0, 0.2], "weight": [0.5, 1.5, 1.0]}
+    for rescale in (True, False):
+        args = {"rescale": rescale, "scale": 0.7, "generator": rng, **kw}
+        got = fn(models, base=base, **args)
+        want = torch_path(lambda a=args: fn(models, base=base, **a))
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+
+
+def test_ascending_ranks_are_a_stable_sort() -> None:
+    import numpy as np
+
+    from merge.methods._fused import loops
+
+    rng = np.random.default_rng(4)
+    for n in (1, 2, 5, 4096):
+        bits = rng.integers(0, 1 << 31, n, dtype=np.uint32) >> rng.integers(
+            0, 31, n, dtype=np.uint32
+        )
+        bits[: n // 3] = bits[n // 2] if n > 2 else bits[0]  # ties
+        ranks = np.empty(n, np.int64)
+        spare = [
+            np.empty(n, np.uint32),
+            np.empty(n, np.int64),
+            np.empty(n, np.uint32),
+            np.empty(n, np.int64),
+        ]
+        loops()._ascending_ranks(
+            bits, ranks, spare[0], spare[1], spare[2], spare[3], np.empty(2048, np.int64)
+        )
+        want = np.empty(n, np.int64)
+        want[np.argsort(bits, kind="stable")] = np.arange(n)
+        assert np.array_equal(ranks, want)
