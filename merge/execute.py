@@ -536,7 +536,7 @@ class Engine:
         self, job: TensorJob, calls: Sequence[ResolvedCall], kernels: Mapping[int, Kernel]
     ) -> bool:
         """Whether a streamed job's chunks go to its kernel as read, in bfloat16: one call that
-        is the whole job (`ties(...)`, not `0.5 * ties(...) + a`), whose operands are inputs,
+        is the whole job (`m(a, b, base=c)`, not `0.5 * m(...) + a`), whose operands are inputs,
         all bfloat16, computed in float32 on the CPU by a kernel that widens them itself."""
         if self.device.type != "cpu" or not enabled() or self._graph_dtype(job) != torch.float32:
             return False
