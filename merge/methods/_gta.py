@@ -15,7 +15,7 @@ The result is base + λ·mixed with λ = `scale`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -230,20 +230,36 @@ def _fused_merge(
 _ELECT_CODES = {None: 0, "sum": 1, "count": 2}
 
 
-def combine_codes(
-    weight: Sequence[float], elect: str | None, normalize: bool, method: str = "ties"
-) -> tuple[np.ndarray, int, bool, np.float32]:
-    """`combine`'s weight, elect and normalize as the loops' `_combine_into` takes them:
-    float32 weights, the elect code, whether to divide, and the weights' total."""
+def run_merge_loop(
+    loop: Callable[..., None],
+    flats: Sequence[Tensor],
+    flat_b: Tensor,
+    sparsify: Sequence[object],
+    weight: Sequence[float],
+    elect: str | None,
+    normalize: bool,
+    scale: float,
+    method: str = "ties",
+) -> Tensor:
+    """A compiled task-vector merge: `loop(models, base, *sparsify, weights, elect code,
+    divide, total, scale, out)`, whose last step is `_loops._combine_into` (`combine`'s
+    weight, elect and normalize as it takes them). Returns the flat float32 output."""
     if elect is not None:
         check_choice(method, "elect", elect, ELECT_CHOICES)
     total = float(sum(float(w) for w in weight))
-    return (
+    out = torch.empty(flat_b.numel(), dtype=torch.float32)
+    loop(
+        tuple(as_array(x) for x in flats),
+        as_array(flat_b),
+        *sparsify,
         np.asarray([float(w) for w in weight], dtype=np.float32),
         _ELECT_CODES[elect],
         bool(normalize and (elect is not None or abs(total) >= 1e-8)),
         np.float32(total),
+        np.float32(scale),
+        out.numpy(),
     )
+    return out
 
 
 def row_loop_operands(
@@ -297,12 +313,7 @@ def _looped_merge(
                 if p < 1.0:
                     drawn[i, start:stop] = uniform((stop - start,), generator, stream=i)
         uniforms = drawn.numpy()
-    weights, elect_code, divide, total = combine_codes(weight, elect, normalize)
-    out = torch.empty(n, dtype=torch.float32)
-    loops().task_vector_merge(
-        tuple(as_array(x) for x in flats),
-        as_array(flat_b),
-        weights,
+    sparsify = (
         np.asarray(thr, dtype=np.float32),
         np.asarray(cut, dtype=np.int64),
         np.asarray(prob, dtype=np.float32),
@@ -310,10 +321,7 @@ def _looped_merge(
         seeds,
         draw_offset,
         offset,
-        elect_code,
-        divide,
-        total,
-        np.float32(scale),
-        out.numpy(),
     )
-    return out
+    return run_merge_loop(
+        loops().task_vector_merge, flats, flat_b, sparsify, weight, elect, normalize, scale
+    )

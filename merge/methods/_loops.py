@@ -151,7 +151,6 @@ def abs_diff_collect(x, b, lo, hi, start, vals_out, idx_out, filled, hist):  # t
 def task_vector_merge(  # type: ignore[no-untyped-def]
     xs,
     b,
-    weight,
     threshold,
     cut,
     keep_prob,
@@ -159,6 +158,7 @@ def task_vector_merge(  # type: ignore[no-untyped-def]
     seeds,
     draw_offset,
     offset,
+    weight,
     elect,
     normalize,
     total,

@@ -6,12 +6,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from merge.methods._checks import check_compat, check_density, check_fraction
 from merge.methods._fused import loops
-from merge.methods._gta import combine, combine_codes, row_loop_operands
+from merge.methods._gta import combine, row_loop_operands, run_merge_loop
 from merge.methods._registry import (
     MATRIX,
     ROWS,
@@ -122,20 +121,9 @@ def _looped(
     flats, flat_b, row = operands
     n_top = [int(float(g) * row) for g in gamma]
     n_keep = [min(int(float(d) * row), row - t) for d, t in zip(density, n_top)]
-    weights, elect_code, divide, total = combine_codes(weight, elect, normalize, name)
-    out = torch.empty(flat_b.numel(), dtype=torch.float32)
-    loops().banded_merge(
-        tuple(x.numpy() for x in flats),
-        flat_b.numpy(),
-        row,
-        np.asarray(n_top, dtype=np.int64),
-        np.asarray(n_keep, dtype=np.int64),
-        weights,
-        elect_code,
-        divide,
-        total,
-        np.float32(scale),
-        out.numpy(),
+    sparsify = (row, np.asarray(n_top, dtype=np.int64), np.asarray(n_keep, dtype=np.int64))
+    out = run_merge_loop(
+        loops().banded_merge, flats, flat_b, sparsify, weight, elect, normalize, scale, name
     )
     return out.reshape(base.shape)
 

@@ -6,13 +6,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from merge.errors import UsageError
 from merge.methods._checks import check_compat, check_density
 from merge.methods._fused import loops
-from merge.methods._gta import combine, combine_codes, row_loop_operands
+from merge.methods._gta import combine, row_loop_operands, run_merge_loop
 from merge.methods._registry import (
     MATRIX,
     ROWS,
@@ -95,23 +94,16 @@ def _looped(
         return None
     _check_della(name, density, epsilon, compat)
     flats, flat_b, row = operands
-    weights, elect_code, divide, total = combine_codes(weight, elect, normalize, name)
-    out = torch.empty(flat_b.numel(), dtype=torch.float32)
-    loops().della_merge(
-        tuple(x.numpy() for x in flats),
-        flat_b.numpy(),
+    sparsify = (
         row,
         np.asarray([float(d) for d in density], dtype=np.float64),
         np.asarray([float(e) for e in epsilon], dtype=np.float64),
         bool(rescale),
         np.asarray([generator.seed(i) for i in range(len(flats))], dtype=np.uint64),
         generator.offset,
-        weights,
-        elect_code,
-        divide,
-        total,
-        np.float32(scale),
-        out.numpy(),
+    )
+    out = run_merge_loop(
+        loops().della_merge, flats, flat_b, sparsify, weight, elect, normalize, scale, name
     )
     return out.reshape(base.shape)
 

@@ -285,10 +285,11 @@ def test_loops_read_bfloat16_chunks_as_their_float32_values() -> None:
     def merged(models, base):  # type: ignore[no-untyped-def]
         out = np.empty(n, np.float32)
         L.task_vector_merge(
-            models, base, np.asarray([1.0, 0.5, 0.25], np.float32),
+            models, base,
             np.asarray([0.5, np.nan, 0.1], np.float32), np.full(3, n, np.int64),
             np.asarray([0.7, 1.0, 0.4], np.float32), np.empty((0, 0), np.float32),
-            np.asarray([[1, 2], [3, 4], [5, 6]], np.uint64), 9, 0, 1, True,
+            np.asarray([[1, 2], [3, 4], [5, 6]], np.uint64), 9, 0,
+            np.asarray([1.0, 0.5, 0.25], np.float32), 1, True,
             np.float32(1.75), np.float32(0.8), out,
         )  # fmt: skip
         return out
