@@ -544,9 +544,8 @@ class Engine:
             return False
         (call,) = calls
         operands = [*call.models, *([] if call.base is None else [call.base])]
-        if not all(len(f.terms) == 1 and isinstance(f.terms[0][0], str) for f in operands):
-            return False
-        if any(f.terms[0][1] != 1.0 for f in operands):
+        if any(len(f.terms) != 1 or not isinstance(f.terms[0][0], str) or f.terms[0][1] != 1.0
+               for f in operands):  # fmt: skip
             return False
         dtypes = {self.plan.sources[name].meta(job.name).dtype for name in job.inputs}
         return dtypes == {torch.bfloat16} and type(kernels[id(call)]).reads_bfloat16

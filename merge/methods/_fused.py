@@ -45,3 +45,9 @@ def as_array(t: Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
+
+
+# The output a loop that writes float32 or bfloat16 (bits) does not write this time, and the
+# absent base of a loop that takes one.
+NO_FLOAT32 = np.empty(0, dtype=np.float32)
+NO_BFLOAT16 = np.empty(0, dtype=np.uint16)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 import merge.methods._stream as _stream
-from merge.methods._fused import as_array, loops, usable
+from merge.methods._fused import NO_FLOAT32, as_array, loops, usable
 
 
 def all_pairs(k: int) -> list[tuple[int, int]]:
@@ -113,10 +113,9 @@ class BlockGram:
             as_array(v.reshape(-1) if same else v.reshape(-1).to(torch.float32).contiguous())
             for v in vectors
         )
-        no_base = np.empty(0, dtype=np.float32)
         self._fill = loops().gram_blocks(
             arrays,
-            no_base if base is None else as_array(base.reshape(-1)),
+            NO_FLOAT32 if base is None else as_array(base.reshape(-1)),
             self._first,
             self._second,
             self._lanes,

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from merge.errors import MergeWarning
 from merge.methods._checks import check_compat, check_count, check_finite
-from merge.methods._fused import as_array, loops, usable
+from merge.methods._fused import NO_BFLOAT16, NO_FLOAT32, as_array, loops, usable
 from merge.methods._gram import BlockGram, all_pairs, row_gram
 from merge.methods._registry import ROWS, STATISTICS, Compat, register
 from merge.methods._stream import Kernel, run_whole
@@ -138,7 +138,7 @@ class ModelStockKernel(Kernel):
         n = len(models)
         if not self.rows and self._looped(models, base):
             out = torch.empty(base.shape, dtype=torch.float32)
-            self._scaled_sum(models, base, out.numpy(), _NO_BFLOAT16)
+            self._scaled_sum(models, base, out.numpy(), NO_BFLOAT16)
             return out
         models, base = self._widened(models, base)
         if not self.rows:
@@ -170,7 +170,7 @@ class ModelStockKernel(Kernel):
         assert base is not None
         if self.rows or not self._looped(models, base):
             return None
-        return self._scaled_sum(models, base, _NO_FLOAT32, as_array(out))
+        return self._scaled_sum(models, base, NO_FLOAT32, as_array(out))
 
     def _scaled_sum(
         self, models: Sequence[Tensor], base: Tensor, out: np.ndarray, out16: np.ndarray
@@ -193,11 +193,6 @@ class ModelStockKernel(Kernel):
             self._c_min = min(self._c_min, float(c.min()))
         if stop >= self.numel and self._neg:
             _warn_negative(self._c_min, self._neg, self._n_rows, self.tensor_name)
-
-
-# the unused output of the loops that write float32 or bfloat16
-_NO_FLOAT32 = np.empty(0, dtype=np.float32)
-_NO_BFLOAT16 = np.empty(0, dtype=np.uint16)
 
 
 def _shape(params: Mapping[str, Any]) -> str:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from merge.errors import UsageError
 from merge.methods._checks import check_compat, check_count, check_finite
-from merge.methods._fused import as_array, loops, usable
+from merge.methods._fused import NO_BFLOAT16, NO_FLOAT32, as_array, loops, usable
 from merge.methods._gram import (
     BlockGram,
     gram_matrix,
@@ -98,7 +98,7 @@ class SlerpKernel(Kernel):
         v0, v1 = _pair("slerp", models, base, with_base_as_v0=True)
         if self.coefs is not None and usable(v0, v1, widen=self.widen_bfloat16):
             out = torch.empty(v0.shape, dtype=torch.float32)
-            self._combine(v0, v1, out.numpy(), _NO_BFLOAT16)
+            self._combine(v0, v1, out.numpy(), NO_BFLOAT16)
             return out
         if self.widen_bfloat16:
             v0, v1 = v0.float(), v1.float()
@@ -113,17 +113,12 @@ class SlerpKernel(Kernel):
         v0, v1 = _pair("slerp", models, base, with_base_as_v0=True)
         if self.coefs is None or not usable(v0, v1, widen=self.widen_bfloat16):
             return None
-        return bool(self._combine(v0, v1, _NO_FLOAT32, as_array(out)))
+        return bool(self._combine(v0, v1, NO_FLOAT32, as_array(out)))
 
     def _combine(self, v0: Tensor, v1: Tensor, out: np.ndarray, out16: np.ndarray) -> bool:
         assert self.coefs is not None
         c0, c1 = (np.float32(c) for c in self.coefs)
         return bool(loops().combine_two(as_array(v0), as_array(v1), c0, c1, out, out16))
-
-
-# the unused output of the loops that write float32 or bfloat16
-_NO_FLOAT32 = np.empty(0, dtype=np.float32)
-_NO_BFLOAT16 = np.empty(0, dtype=np.uint16)
 
 
 @register(
