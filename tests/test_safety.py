@@ -82,6 +82,81 @@ def test_free_space_is_checked_before_writing(
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+def test_each_output_file_is_reserved_whole_before_its_bytes(
+    three_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fallocate(2) once per shard, for the file's final size, before any tensor is written."""
+    real = writer_mod._FALLOCATE
+    assert real is not None  # Linux with glibc: the machines the tests run on
+    reserved: list[tuple[int, int, int]] = []
+    written_before: list[int] = []
+    raw_writes = {"n": 0}
+    real_write = writer_mod.TensorFileWriter._raw_write
+
+    def counting(self: writer_mod.TensorFileWriter, data: bytes | memoryview) -> None:
+        raw_writes["n"] += 1
+        real_write(self, data)
+
+    def recording(fd: int, mode: int, offset: int, size: int) -> int:
+        reserved.append((mode, offset, size))
+        written_before.append(raw_writes["n"])
+        return int(real(fd, mode, offset, size))
+
+    monkeypatch.setattr(writer_mod, "_FALLOCATE", recording)
+    monkeypatch.setattr(writer_mod.TensorFileWriter, "_raw_write", counting)
+    merge_expression(EXPR, three_models, tmp_path / "out", shard_size="1KB")
+    shards = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert len(shards) > 1
+    assert sorted(size for _, _, size in reserved) == sorted(p.stat().st_size for p in shards)
+    assert all(mode == 0 and offset == 0 for mode, offset, _ in reserved)
+    # the first file is reserved before any byte of it is written (its header included)
+    assert written_before[0] == 0 and written_before == sorted(set(written_before))
+
+
+def test_a_disk_that_cannot_hold_the_output_is_refused_before_merging(
+    three_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ctypes
+
+    def full(fd: int, mode: int, offset: int, size: int) -> int:
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    tensors = {"n": 0}
+    real_write = writer_mod.TensorFileWriter.write
+
+    def counting(self: writer_mod.TensorFileWriter, name: str, data: object) -> None:
+        tensors["n"] += 1
+        real_write(self, name, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer_mod, "_FALLOCATE", full)
+    monkeypatch.setattr(writer_mod.TensorFileWriter, "write", counting)
+    with pytest.raises(
+        DiskFullError,
+        match=r"the disk cannot hold .*model.safetensors \(0.00 GB\), found before writing it; "
+        r"the partial output was removed; free some space or write elsewhere with -o",
+    ):
+        merge_expression(EXPR, three_models, tmp_path / "out")
+    assert tensors["n"] == 0  # refused before any tensor was merged
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_a_file_system_without_fallocate_writes_the_same_bytes(
+    three_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ctypes
+
+    merge_expression(EXPR, three_models, tmp_path / "reserved")
+
+    def unsupported(fd: int, mode: int, offset: int, size: int) -> int:
+        ctypes.set_errno(errno.EOPNOTSUPP)
+        return -1
+
+    monkeypatch.setattr(writer_mod, "_FALLOCATE", unsupported)
+    merge_expression(EXPR, three_models, tmp_path / "appended")
+    assert sha256_tree(tmp_path / "appended") == sha256_tree(tmp_path / "reserved")
+
+
 def test_existing_output_needs_force(three_models: dict[str, Path], tmp_path: Path) -> None:
     merge_expression(EXPR, three_models, tmp_path / "out")
     first = sha256_tree(tmp_path / "out")

@@ -8,6 +8,7 @@ into place only when complete; any exception, Ctrl-C or a full disk removes it.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import io
 import json
@@ -16,6 +17,7 @@ import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -168,6 +170,39 @@ def check_free_space(where: Path, needed: int) -> None:
         )
 
 
+def _libc_fallocate() -> Any:
+    """Linux's fallocate(2) through libc, or None (another system, or no libc found)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_FALLOCATE = _libc_fallocate()
+
+
+def reserve(fd: int, size: int, path: Path) -> None:
+    """Allocate a new file's `size` bytes before writing them: ext4/xfs then map its blocks
+    once instead of on every append (measured: a 2.5 GB output written in 0.6-0.9 s instead of
+    1.0-3.9 s), and a disk that cannot hold it is reported now, not after the merge's work.
+    The fallocate(2) system call, not posix_fallocate, whose fallback on file systems without
+    it writes the whole file an extra time; there nothing is reserved."""
+    if _FALLOCATE is None or size <= 0:
+        return
+    if _FALLOCATE(fd, 0, 0, size) == 0:
+        return
+    err = ctypes.get_errno()
+    if err in (errno.ENOSPC, errno.EDQUOT):
+        raise DiskFullError(
+            f"the disk cannot hold {path} ({size / 1e9:.2f} GB), found before writing it; the "
+            "partial output was removed; free some space or write elsewhere with -o"
+        )
+    # EOPNOTSUPP, EINVAL and the like: a file system without it; appends allocate as they go
+
+
 class TensorFileWriter:
     """Appends tensors, in plan order and possibly in chunks, to the files of a staged output."""
 
@@ -194,7 +229,9 @@ class TensorFileWriter:
             path = self.root / p.relpath if p.relpath else self.root
             path.parent.mkdir(parents=True, exist_ok=True)
             self._fh = io.FileIO(path, "wb")  # closed in _close_file
-            self._raw_write(p.header())
+            header = p.header()
+            reserve(self._fh.fileno(), len(header) + p.data_bytes, path)
+            self._raw_write(header)
 
     def _close_file(self) -> None:
         if self._fh is not None:
