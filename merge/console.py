@@ -11,9 +11,9 @@ collections: about 0.1 to 0.3 s off every command's start.
 
 from __future__ import annotations
 
-import gc
 import sys
 
+from merge.gcpause import collection_paused
 from merge.malloc import keep_freed_blocks
 from merge.signals import defer_signals, exit_code, raise_on_signals
 
@@ -21,12 +21,8 @@ from merge.signals import defer_signals, exit_code, raise_on_signals
 def main(args: list[str] | None = None, *, standalone_mode: bool = True) -> None:
     defer_signals()
     keep_freed_blocks()  # before torch's imports allocate: see merge.malloc
-    gc.disable()
-    try:
+    with collection_paused(freeze=True):
         from merge.cli import cli
-    finally:
-        gc.freeze()
-        gc.enable()
     pending = raise_on_signals()
     if pending is not None:
         from merge.errors import Terminated

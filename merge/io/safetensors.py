@@ -9,7 +9,6 @@ whereas a positioned read of a shrunken file returns short and becomes a clear e
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 
 from merge.errors import FormatError
+from merge.gcpause import collection_paused
 from merge.io.sources import FileSource, TensorMeta, check_finite
 
 # safetensors dtype codes -> torch dtypes (quantized formats are refused by detect.py).
@@ -275,13 +275,8 @@ class SafetensorsSource(FileSource):
         # Headers hold up to hundreds of thousands of small objects, all kept: pausing the
         # cyclic GC spares the repeated full collections their allocation would trigger
         # (in a large process each one walks every live object).
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with collection_paused():
             self._read_headers()
-        finally:
-            if was_enabled:
-                gc.enable()
 
     def _read_headers(self) -> None:
         for i, f in enumerate(self._files):

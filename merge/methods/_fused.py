@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from merge.gcpause import collection_paused
+
 # MERGE_NO_LOOPS=1 runs every pass as torch operations (the reference the loops are tested
 # against, and what CUDA tensors always use).
 NO_LOOPS = "MERGE_NO_LOOPS"
@@ -18,8 +20,11 @@ NO_LOOPS = "MERGE_NO_LOOPS"
 @cache
 def loops() -> ModuleType:
     """`merge.methods._loops`, imported on first use (numba's import and the compiled code's
-    load cost ~0.5 s, which a run without a streaming method never pays)."""
-    from merge.methods import _loops
+    load cost ~0.5 s, which a run without a streaming method never pays). numba's objects
+    live as long as the process: the collector does not walk them while they are created, nor
+    after."""
+    with collection_paused(freeze=True):
+        from merge.methods import _loops
 
     return _loops
 
