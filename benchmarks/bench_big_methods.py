@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_core import timed_external  # the same /usr/bin/time -v measurement
+from bench_core import COLD_PAGES_SECONDS, timed_external  # the same /usr/bin/time -v measurement
 
 HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 4096, 14336, 32, 8, 128256
 ROWS_PER_CHUNK = 2048  # rows per generated chunk: 8M elements of a 4096-wide matrix
@@ -136,8 +136,9 @@ def mergekit_configs(root: Path) -> dict[str, str]:
 
 
 def timed(cmd: list[str]) -> tuple[float, int] | None:
-    """Wall seconds and peak RSS of a fresh process, as `/usr/bin/time -v` reports it."""
-    return timed_external(cmd)
+    """Wall seconds and peak RSS of a fresh process, as `/usr/bin/time -v` reports it, started
+    once the previous run's freed memory has gone back to the host (every run cold)."""
+    return timed_external(cmd, wait=COLD_PAGES_SECONDS)
 
 
 def main() -> None:

@@ -156,17 +156,31 @@ def timed(cmd: list[str], out: Path | None = None) -> tuple[float, int]:
     return got
 
 
-def settle(out: Path | None = None) -> None:
+def settle(out: Path | None = None, wait: float = 0.0) -> None:
     """Start every timed run from the same state: the previous output removed and no dirty pages
     waiting for writeback. Otherwise a run pays for the previous run's writeback (dirty-page
-    throttling made the same 1 GB write take 0.2 s or 2.7 s on this machine)."""
+    throttling made the same 1 GB write take 0.2 s or 2.7 s on this machine). `wait`: seconds
+    more, for a VM's freed memory to go back to its host (see `COLD_PAGES_SECONDS`)."""
     if out is not None:
         shutil.rmtree(out, ignore_errors=True)
     os.sync()
+    time.sleep(wait)
 
 
-def timed_external(cmd: list[str], out: Path | None = None) -> tuple[float, int] | None:
-    settle(out)
+# A VM that reports free memory to its host (virtio free page reporting) pays a host fault on
+# the first touch of each reported page. Reporting starts ~2 s after pages are freed and takes
+# its time: after a process freed 16 GiB (mergekit's peak here), writing a new 2.5 GB file took
+# 0.6-0.8 s 0-5 s later (its pages still "hot"), 3.5 s after 10 s, 4.4 s after 15 s, 6.8 s after
+# 20 s and 7.7 s after 30 s. So a run started right after another one that freed gigabytes ran
+# up to twice as fast (8B-shaped SLERP: 5.9-6.3 s hot, 8.1-10.2 s cold). Waiting this long
+# before each run makes every run cold: the state a fresh process meets on this VM after idling.
+COLD_PAGES_SECONDS = 30.0
+
+
+def timed_external(
+    cmd: list[str], out: Path | None = None, wait: float = 0.0
+) -> tuple[float, int] | None:
+    settle(out, wait)
     t0 = time.perf_counter()
     res = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0
