@@ -926,9 +926,9 @@ def write_plan(
     started, copied = time.monotonic(), []
     with StagedOutput(output, is_dir=not layout.single_file, force=force, inputs=inputs) as staged:
         check_free_space(output, sum(p.data_bytes for p in plans))
-        writer = TensorFileWriter(staged.path(), plans)
-        engine.run(guard_float16(writer.write, float16_checked(plan)))
-        writer.finish()
+        with TensorFileWriter(staged.path(), plans) as writer:
+            engine.run(guard_float16(writer.write, float16_checked(plan)))
+            writer.finish()
         if not layout.single_file:
             for rel, obj in indexes.items():
                 write_json(staged.path(rel), obj)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import io
 import json
 import math
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from merge.dtypes import Sized
 from merge.errors import DiskFullError, ExecutionError, PlanError
+from merge.io.directio import SequentialFile
 from merge.io.output import StagedOutput
 from merge.io.safetensors import TORCH_TO_ST
 
@@ -204,7 +206,12 @@ def reserve(fd: int, size: int, path: Path) -> None:
 
 
 class TensorFileWriter:
-    """Appends tensors, in plan order and possibly in chunks, to the files of a staged output."""
+    """Appends tensors, in plan order and possibly in chunks, to the files of a staged output.
+
+    Files are written around the page cache where the file system allows (`SequentialFile`).
+    Use it as a context manager: leaving on an exception closes the open file without writing
+    what is staged (the staged output, and the file with it, is then removed).
+    """
 
     def __init__(self, root: Path, plans: Sequence[FilePlan]):
         self.root = root
@@ -216,7 +223,7 @@ class TensorFileWriter:
         self._file_idx = -1
         self._tensor_idx = 0
         self._written = 0  # bytes of the current tensor written so far
-        self._fh: io.FileIO | None = None
+        self._fh: SequentialFile | None = None
         self._open_next_file()
 
     def _open_next_file(self) -> None:
@@ -228,23 +235,39 @@ class TensorFileWriter:
             p = self.plans[self._file_idx]
             path = self.root / p.relpath if p.relpath else self.root
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = io.FileIO(path, "wb")  # closed in _close_file
+            self._fh = SequentialFile(path)  # closed in _close_file, or discarded in __exit__
             header = p.header()
             reserve(self._fh.fileno(), len(header) + p.data_bytes, path)
             self._raw_write(header)
 
     def _close_file(self) -> None:
         if self._fh is not None:
-            self._fh.close()
+            fh, self._fh = self._fh, None
+            with self._disk_errors():
+                fh.close()  # writes the staged tail; the descriptor is closed even if that fails
+
+    def __enter__(self) -> TensorFileWriter:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if kind is not None and self._fh is not None:
+            self._fh.discard()
             self._fh = None
 
     def _raw_write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
         assert self._fh is not None
+        with self._disk_errors():
+            self._fh.write(data)
+
+    @contextmanager
+    def _disk_errors(self) -> Iterator[None]:
         try:
-            while len(view):
-                n = self._fh.write(view) or 0
-                view = view[n:]
+            yield
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFullError(
@@ -315,10 +338,10 @@ def write_tensors(
     )
     with StagedOutput(dest, is_dir=not single, force=force) as staged:
         check_free_space(dest, sum(p.data_bytes for p in plans))
-        w = TensorFileWriter(staged.path(), plans)
-        for k, v in tensors.items():
-            w.write(k, v)
-        w.finish()
+        with TensorFileWriter(staged.path(), plans) as w:
+            for k, v in tensors.items():
+                w.write(k, v)
+            w.finish()
         if index is not None:
             write_json(staged.path("model.safetensors.index.json"), index)
         if not single:

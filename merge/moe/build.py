@@ -522,18 +522,18 @@ def write_moe(
     support = [(rel, src) for rel, src in base.source.support_files() if rel != "config.json"]
     with StagedOutput(Path(output), is_dir=True, force=force, inputs=inputs) as staged:
         check_free_space(Path(output), nbytes)
-        writer = TensorFileWriter(staged.path(), plans)
         bar = byte_progress(nbytes, "moe", quiet=quiet)
         buffers: dict[torch.dtype, Tensor] = {}
         try:
-            for e in entries:
-                for chunk in produce(e, out_dtype, seed, buffers):
-                    check_float16_range(e.name, chunk)
-                    writer.write(e.name, chunk)
-                    bar.update(chunk.numel() * chunk.element_size())
+            with TensorFileWriter(staged.path(), plans) as writer:
+                for e in entries:
+                    for chunk in produce(e, out_dtype, seed, buffers):
+                        check_float16_range(e.name, chunk)
+                        writer.write(e.name, chunk)
+                        bar.update(chunk.numel() * chunk.element_size())
+                writer.finish()
         finally:
             bar.close()
-        writer.finish()
         if index is not None:
             write_json(staged.path("model.safetensors.index.json"), index)
         write_json(staged.path("config.json"), config_json)
