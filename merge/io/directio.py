@@ -9,9 +9,10 @@ just freed, 3.2 to 10.4 s on cold ones, all of it system CPU taken from the merg
 cached pages alone, which multi-pass methods read again.
 
 O_DIRECT needs the buffer's address, the file offset and the length aligned to the device's
-logical block. The bytes are gathered in a page-aligned buffer of whole blocks; only full
-blocks go out directly, and the unaligned tail of the file is written through the page cache
-once O_DIRECT is cleared on the descriptor. A file system that refuses O_DIRECT (at open or at
+logical block. The bytes are gathered in page-aligned buffers of whole blocks; only full
+blocks go out directly, from a thread of their own so that the merge does not wait on the
+device, and the unaligned tail of the file is written through the page cache once O_DIRECT is
+cleared on the descriptor. A file system that refuses O_DIRECT (at open or at
 the first write) gets ordinary buffered writes; `MERGE_DIRECT_IO=0` asks for them everywhere.
 """
 
@@ -21,6 +22,7 @@ import errno
 import fcntl
 import mmap
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 __all__ = ["ALIGN", "DIRECT_IO_ENV", "STAGING_BYTES", "SequentialFile", "direct_io_wanted"]
@@ -28,7 +30,7 @@ __all__ = ["ALIGN", "DIRECT_IO_ENV", "STAGING_BYTES", "SequentialFile", "direct_
 DIRECT_IO_ENV = "MERGE_DIRECT_IO"
 ALIGN = 4096  # the largest logical block in use; a multiple of 512, so it suits those too
 # Measured (2.5 GB, this VM): 4 MiB writes 1.46-1.76 GB/s, 16 MiB 1.6, 64 MiB 1.9. 32 MiB is
-# near the top and is all the memory this adds.
+# near the top; two of them (one filling, one being written) are all the memory this adds.
 STAGING_BYTES = 32 << 20
 
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)  # Linux and a few others; 0 elsewhere
@@ -39,7 +41,12 @@ def direct_io_wanted() -> bool:
 
 
 class SequentialFile:
-    """A new file written front to back (`write`, then `close`); O_DIRECT where it can be."""
+    """A new file written front to back (`write`, then `close`); O_DIRECT where it can be.
+
+    Direct writes wait for the device, so they run on a thread of their own: `write` copies
+    into one of two staging buffers and returns, while the other buffer's bytes go out. An
+    error of a write in flight (ENOSPC included) is raised by the next `write` or by `close`.
+    """
 
     def __init__(self, path: Path, *, direct: bool | None = None, staging: int = STAGING_BYTES):
         if staging <= 0 or staging % ALIGN:
@@ -56,11 +63,14 @@ class SequentialFile:
                     raise
         if self.fd < 0:
             self.fd = os.open(path, flags, 0o644)
-        self.direct = self.fd >= 0 and want and self._has_direct()
-        # Only direct writes need the staging copy; buffered ones go straight to the kernel.
-        self._buf = mmap.mmap(-1, staging) if self.direct else None
-        self._view = memoryview(self._buf) if self._buf is not None else None
+        self.direct = want and self._has_direct()
+        # Only direct writes need staging; buffered ones go straight to the kernel.
+        self._bufs = [mmap.mmap(-1, staging) for _ in range(2)] if self.direct else []
+        self._views = [memoryview(b) for b in self._bufs]
+        self._current = 0  # the staging buffer being filled
         self._fill = 0
+        self._io: ThreadPoolExecutor | None = None
+        self._in_flight: list[Future[None] | None] = [None, None]  # a write per buffer
 
     def _has_direct(self) -> bool:
         return bool(fcntl.fcntl(self.fd, fcntl.F_GETFL) & _O_DIRECT)
@@ -71,37 +81,46 @@ class SequentialFile:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append `data`; raises OSError as os.write does (ENOSPC included)."""
         src = memoryview(data).cast("B")
-        if self._view is None:
+        if not self._views:
             self._write_all(src)
             return
-        size = len(self._view)
         while len(src):
-            n = min(len(src), size - self._fill)
-            self._view[self._fill : self._fill + n] = src[:n]
+            view = self._views[self._current]
+            n = min(len(src), len(view) - self._fill)
+            view[self._fill : self._fill + n] = src[:n]
             self._fill += n
             src = src[n:]
-            if self._fill == size:
-                self._flush_blocks()
+            if self._fill == len(view):
+                self._send()
 
-    def _flush_blocks(self) -> None:
-        """Write the staged whole blocks directly; keep the unaligned remainder staged."""
-        assert self._view is not None
-        whole = self._fill - self._fill % ALIGN
-        if not whole:
-            return
-        try:
-            self._write_all(self._view[:whole])
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            # Opened, but refused at the first write (some FUSE and network file systems):
-            # from here on through the page cache. Nothing was written by the failed call.
-            self._clear_direct()
-            self._write_all(self._view[:whole])
-        rest = self._fill - whole
-        if rest:
-            self._view[:rest] = self._view[whole : self._fill]
-        self._fill = rest
+    def _send(self) -> None:
+        """Hand the full staging buffer to the I/O thread and switch to the other one, once
+        that one's previous write is done."""
+        if self._io is None:
+            self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-io")
+        view = self._views[self._current]
+        self._in_flight[self._current] = self._io.submit(self._write_blocks, view)
+        self._current ^= 1
+        self._fill = 0
+        self._wait(self._current)
+
+    def _wait(self, which: int) -> None:
+        fut, self._in_flight[which] = self._in_flight[which], None
+        if fut is not None:
+            fut.result()
+
+    def _write_blocks(self, view: memoryview) -> None:
+        """Whole blocks, directly (on the I/O thread; writes run in submission order)."""
+        done = 0
+        while done < len(view):
+            try:
+                done += os.write(self.fd, view[done:])
+            except OSError as e:
+                if e.errno != errno.EINVAL or not self.direct:
+                    raise
+                # Opened, but refused at the first write (some FUSE and network file systems):
+                # from here on through the page cache. A refused call wrote nothing.
+                self._clear_direct()
 
     def _clear_direct(self) -> None:
         flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
@@ -118,22 +137,30 @@ class SequentialFile:
         if self.fd < 0:
             return
         try:
-            if self._view is not None and self._fill:
-                self._flush_blocks()
-                if self._fill:
+            if self._views:
+                self._wait(self._current ^ 1)
+                view = self._views[self._current]
+                whole = self._fill - self._fill % ALIGN
+                if whole:
+                    self._write_blocks(view[:whole])
+                if self._fill > whole:
                     if self.direct:
                         self._clear_direct()
-                    self._write_all(self._view[: self._fill])
-                    self._fill = 0
+                    self._write_all(view[whole : self._fill])
+                self._fill = 0
         finally:
             self.discard()
 
     def discard(self) -> None:
         """Close without writing what is staged (the run failed; the caller removes the file)."""
-        # The buffer is dropped, not closed: a failed write's traceback can still hold slices
-        # of it, and mmap refuses to close while they exist. It goes with its last reference.
-        self._view = None
-        self._buf = None
+        if self._io is not None:
+            self._io.shutdown(wait=True)  # a write in flight finishes (or fails) first
+            self._io = None
+        self._in_flight = [None, None]
+        # The buffers are dropped, not closed: a failed write's traceback can still hold slices
+        # of them, and mmap refuses to close while they exist. They go with their last reference.
+        self._views = []
+        self._bufs = []
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)

@@ -103,9 +103,35 @@ def test_a_file_system_refusing_direct_writes_falls_back_without_losing_bytes(
     assert f.direct
     f.write(data[:100])
     f.write(data[100:])
-    assert not f.direct and refused["n"] == 1
     f.close()
+    assert not f.direct and refused["n"] == 1
     assert (tmp_path / "f.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize("at_close", [True, False])
+def test_an_error_of_a_write_in_flight_is_raised_by_the_next_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at_close: bool
+) -> None:
+    """Direct writes run on the I/O thread; their failure must not be lost."""
+    real_write = os.write
+    calls = {"n": 0}
+
+    def full_on_second(fd: int, data: memoryview) -> int:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(directio.os, "write", full_on_second)
+    f = SequentialFile(tmp_path / "f.bin", staging=STAGING)
+    f.write(pattern(2 * STAGING, 4))  # two buffers sent; the second fails on the I/O thread
+    with pytest.raises(OSError, match="No space left on device"):
+        if at_close:
+            f.close()
+        else:
+            f.write(pattern(2 * STAGING, 5))  # waits for the failed buffer before reusing it
+    f.discard()
+    assert f.fileno() == -1
 
 
 def test_discard_writes_nothing_staged_and_closes(tmp_path: Path) -> None:
