@@ -42,6 +42,16 @@ def _float_from_bits(typingctx, bits):  # type: ignore[no-untyped-def]
     return types.float32(types.uint32), codegen
 
 
+@intrinsic
+def _bits_from_float(typingctx, x):  # type: ignore[no-untyped-def]
+    """The uint32 bits of the float32 `x` (a register reinterpretation)."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
 def value(array, i):  # type: ignore[no-untyped-def]
     """array[i] as a float32: a float32 array's element, or the float32 value of a bfloat16
     array's element, given as its uint16 bits (widened in a register: bfloat16 is float32's
@@ -372,22 +382,18 @@ def flush_lanes(lanes, sums):  # type: ignore[no-untyped-def]
 @_jit
 def combine_two(v0, v1, c0, c1, out, out16):  # type: ignore[no-untyped-def]
     """out = v0·c0 + v1·c1 in float32, rounded after each product as torch's `v0 * c0 + v1 * c1`;
-    with a non-empty `out16`, into it instead, rounded to bfloat16 (`store_bfloat16`). Returns
+    with a non-empty `out16`, into it instead, rounded to bfloat16 (`store_bfloat16`'s rounding,
+    in the same loop: one pass, 0.37 against 0.8 ns per value through a float32 block). Returns
     whether every value is finite (True when writing float32)."""
     if out16.shape[0] == 0:
         for i in range(out.shape[0]):
             out[i] = value(v0, i) * c0 + value(v1, i) * c1
         return True
-    n = out16.shape[0]
-    block = np.empty(_BLOCK, np.float32)
-    finite = True
-    for s in range(0, n, _BLOCK):
-        m = min(_BLOCK, n - s)
-        a, b = v0[s : s + m], v1[s : s + m]
-        for i in range(m):
-            block[i] = value(a, i) * c0 + value(b, i) * c1
-        finite &= store_bfloat16(block[:m], out16[s : s + m])
-    return finite
+    top = np.int32(0)
+    for i in range(out16.shape[0]):
+        out16[i], magnitude = round_bfloat16(value(v0, i) * c0 + value(v1, i) * c1)
+        top = max(top, magnitude)
+    return top < FINITE_BELOW
 
 
 @_jit
@@ -398,20 +404,46 @@ def scaled_sum(xs, base, keep, share, out, out16):  # type: ignore[no-untyped-de
     rounded = out16.shape[0] > 0
     n = out16.shape[0] if rounded else out.shape[0]
     block = np.empty(_BLOCK, np.float32)
-    finite = True
+    top = np.int32(0)
     for s in range(0, n, _BLOCK):
         m = min(_BLOCK, n - s)
         bb = base[s : s + m]
         ob = block[:m] if rounded else out[s : s + m]
         for i in range(m):
             ob[i] = value(bb, i) * keep
-        for j in range(len(xs)):
+        last = len(xs) - 1 if rounded and len(xs) else len(xs)
+        for j in range(last):
             x = xs[j][s : s + m]
             for i in range(m):
                 ob[i] = ob[i] + value(x, i) * share
-        if rounded:
-            finite &= store_bfloat16(ob, out16[s : s + m])
-    return finite
+        if rounded:  # the last model's add and the rounding in one loop
+            o16 = out16[s : s + m]
+            if last < len(xs):
+                x = xs[last][s : s + m]
+                for i in range(m):
+                    o16[i], magnitude = round_bfloat16(ob[i] + value(x, i) * share)
+                    top = max(top, magnitude)
+            else:
+                for i in range(m):
+                    o16[i], magnitude = round_bfloat16(ob[i])
+                    top = max(top, magnitude)
+    return top < FINITE_BELOW
+
+
+@numba.njit(inline="always")
+def round_bfloat16(x):  # type: ignore[no-untyped-def]
+    """(bfloat16 bits of float32 `x` rounded to nearest even, NaN as 0xFFFF, as torch's
+    vectorised conversion; `x`'s magnitude bits as a signed int32, whose running max tells
+    finiteness: below 0x7F800000 is finite). Loops take the max rather than OR-ing comparison
+    flags, which kept the compiler from vectorising them (0.48 against 0.22 ns per value)."""
+    u: int = _bits_from_float(x)  # type: ignore[call-arg]
+    magnitude = np.int32(u & np.uint32(0x7FFFFFFF))
+    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    bits = np.uint16(np.uint32(0xFFFF) if magnitude > np.int32(0x7F800000) else rounded)
+    return bits, magnitude
+
+
+FINITE_BELOW = np.int32(0x7F800000)  # magnitude bits of +inf: a running max below it is finite
 
 
 @_jit
@@ -419,15 +451,11 @@ def store_bfloat16(values, out):  # type: ignore[no-untyped-def]
     """out (bfloat16 bits, uint16) = values (float32) rounded to nearest even, NaN as 0xFFFF
     (torch's vectorised conversion, bit for bit); returns whether every value is finite.
     Branch-free, so it vectorises: ±inf rounds to itself by the same formula."""
-    bits = values.view(np.uint32)
-    bad = np.uint32(0)
+    top = np.int32(0)
     for i in range(values.shape[0]):
-        u = bits[i]
-        magnitude = u & np.uint32(0x7FFFFFFF)
-        bad |= np.uint32(magnitude >= np.uint32(0x7F800000))
-        rounded = np.uint16((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16)
-        out[i] = np.uint16(0xFFFF) if magnitude > np.uint32(0x7F800000) else rounded
-    return bad == 0
+        out[i], magnitude = round_bfloat16(values[i])
+        top = max(top, magnitude)
+    return top < FINITE_BELOW
 
 
 @_jit

@@ -367,6 +367,11 @@ def test_gram_of_differences_and_scaled_sum_match_their_torch_expressions() -> N
     rounded = torch.empty(n, dtype=torch.bfloat16)
     assert loops().scaled_sum(*args, np.empty(0, np.float32), _bits(rounded))
     assert torch.equal(rounded.view(torch.int16), ref.bfloat16().view(torch.int16))
+    # one model: its add and the rounding are the same single loop
+    one = torch.empty(n, dtype=torch.bfloat16)
+    assert loops().scaled_sum((_bits(xs[0]),), *args[1:], np.empty(0, np.float32), _bits(one))
+    want_one = (b.float() * 0.4 + xs[0].float() * np.float32(0.2)).bfloat16()
+    assert torch.equal(one.view(torch.int16), want_one.view(torch.int16))
     xs[1][7] = float("inf")
     args = (tuple(_bits(x) for x in xs), _bits(b), np.float32(0.4), np.float32(0.2))
     assert not loops().scaled_sum(*args, np.empty(0, np.float32), _bits(rounded))
