@@ -51,7 +51,6 @@ class SequentialFile:
     def __init__(self, path: Path, *, direct: bool | None = None, staging: int = STAGING_BYTES):
         if staging <= 0 or staging % ALIGN:
             raise ValueError(f"staging must be a positive multiple of {ALIGN}, got {staging}")
-        self.path = path
         want = direct_io_wanted() if direct is None else direct and bool(_O_DIRECT)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         self.fd = -1
@@ -61,9 +60,9 @@ class SequentialFile:
             except OSError as e:
                 if e.errno != errno.EINVAL:  # EINVAL: this file system does not take O_DIRECT
                     raise
-        if self.fd < 0:
+        self.direct = self.fd >= 0
+        if not self.direct:
             self.fd = os.open(path, flags, 0o644)
-        self.direct = want and self._has_direct()
         # Only direct writes need staging; buffered ones go straight to the kernel.
         self._bufs = [mmap.mmap(-1, staging) for _ in range(2)] if self.direct else []
         self._views = [memoryview(b) for b in self._bufs]
@@ -71,9 +70,6 @@ class SequentialFile:
         self._fill = 0
         self._io: ThreadPoolExecutor | None = None
         self._in_flight: list[Future[None] | None] = [None, None]  # a write per buffer
-
-    def _has_direct(self) -> bool:
-        return bool(fcntl.fcntl(self.fd, fcntl.F_GETFL) & _O_DIRECT)
 
     def fileno(self) -> int:
         return self.fd
@@ -99,7 +95,7 @@ class SequentialFile:
         if self._io is None:
             self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-io")
         view = self._views[self._current]
-        self._in_flight[self._current] = self._io.submit(self._write_blocks, view)
+        self._in_flight[self._current] = self._io.submit(self._write_all, view)
         self._current ^= 1
         self._fill = 0
         self._wait(self._current)
@@ -109,8 +105,9 @@ class SequentialFile:
         if fut is not None:
             fut.result()
 
-    def _write_blocks(self, view: memoryview) -> None:
-        """Whole blocks, directly (on the I/O thread; writes run in submission order)."""
+    def _write_all(self, view: memoryview) -> None:
+        """Every byte of `view`: whole blocks while the descriptor is direct (on the I/O thread,
+        in submission order), any bytes once it is not."""
         done = 0
         while done < len(view):
             try:
@@ -127,11 +124,6 @@ class SequentialFile:
         fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~_O_DIRECT)
         self.direct = False
 
-    def _write_all(self, view: memoryview) -> None:
-        while len(view):
-            n = os.write(self.fd, view)
-            view = view[n:]
-
     def close(self) -> None:
         """Write what is staged (the unaligned tail through the page cache) and close."""
         if self.fd < 0:
@@ -142,7 +134,7 @@ class SequentialFile:
                 view = self._views[self._current]
                 whole = self._fill - self._fill % ALIGN
                 if whole:
-                    self._write_blocks(view[:whole])
+                    self._write_all(view[:whole])
                 if self._fill > whole:
                     if self.direct:
                         self._clear_direct()
