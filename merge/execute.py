@@ -33,6 +33,7 @@ from merge.card import write_card
 from merge.dtypes import DTYPE_NAMES, dtype_name, guard_float16
 from merge.errors import ExecutionError, MergeError, PlanError, UsageError
 from merge.expr import Affine
+from merge.file_gram import RANGE_ELEMENTS, GramFiles, fill_gram
 from merge.io.layout import copy_support_files
 from merge.io.output import check_output
 from merge.io.sources import TensorSource
@@ -50,7 +51,7 @@ from merge.methods import get_method
 from merge.methods._checks import check_finite, is_finite
 from merge.methods._fused import as_array, enabled, loops, usable
 from merge.methods._registry import MATRIX, MODEL, ROWS, STATISTICS
-from merge.methods._stream import ElementRandom, Kernel, mix_seed, rows_of
+from merge.methods._stream import ElementRandom, GramPass, Kernel, mix_seed, rows_of
 from merge.model_scope import resolve_model_scope
 from merge.plan import Plan, ResolvedCall, TensorJob, format_form, output_layout
 from merge.progress import byte_progress, write_summary
@@ -252,6 +253,13 @@ def _method_call(
         ) from e
 
 
+def _input_of(operand: Affine) -> str:
+    """The input an operand of a `run.raw` call is (`_feeds_bfloat16` checked: 1 · input)."""
+    ((leaf, _),) = operand.terms
+    assert isinstance(leaf, str)
+    return leaf
+
+
 class _GraphRun:
     """One streamed graph job: a kernel per call, statistics passes inner calls first."""
 
@@ -290,6 +298,8 @@ class _Item:
     run: _GraphRun | None = None
     stats: ResolvedCall | None = None  # a statistics pass for this call: computes, writes nothing
     barrier: bool = False  # the last item of a statistics pass: what follows depends on it
+    # a whole statistics pass of Gram sums, read straight from the files (`_observe_files`)
+    gram: tuple[GramPass, GramFiles] | None = None
     # inputs whose chunk the reader found free of NaN and inf (streamed calls not yet checked)
     finite: frozenset[str] = frozenset()
     reading: float = 0.0  # seconds the reader spent reading (not converting) this item
@@ -385,6 +395,7 @@ class Engine:
         self._buffers: dict[str, Tensor] = {}  # reused: the accumulator and one output per slot
         self._coefs: dict[str, list[float]] = {}
         self._warned: dict[str, set[str]] = {}  # input -> tensors already reported non-finite
+        self._reader: ThreadPoolExecutor | None = None  # the reader thread, while `run` runs
 
     # -- reading -----------------------------------------------------------------------------------
     def _items(self) -> Iterator[_Item]:
@@ -398,6 +409,9 @@ class Engine:
                 size = max(run.row, min(self.chunk, GRAPH_CHUNK) // run.row * run.row)
                 bounds = [(s, min(j.numel, s + size)) for s in range(0, j.numel, size)]
                 while (call := run.pending()) is not None:
+                    if (gram := self._gram_files(run, call)) is not None:
+                        yield _Item(j, 0, j.numel, run=run, stats=call, barrier=True, gram=gram)
+                        continue
                     for i, (s, e) in enumerate(bounds):
                         yield _Item(j, s, e, run=run, stats=call, barrier=i == len(bounds) - 1)
                 for s, e in bounds:
@@ -414,6 +428,8 @@ class Engine:
         main thread, where the converted block is still in cache."""
         job = item.job
         out: dict[str, Tensor] = {}
+        if item.gram is not None:  # read by `_observe_files`
+            return out
         as_read = item.run is not None and item.run.raw
         convert = (
             item.run is not None
@@ -573,6 +589,9 @@ class Engine:
         """One chunk of a streamed graph job: a statistics observation, or output values."""
         job, run = item.job, item.run
         assert run is not None
+        if item.gram is not None:
+            self._observe_files(item)
+            return None
         work = self._graph_dtype(job)
         # Converted into reused buffers (the reader did it when it had time to spare): kernels
         # see them only during their call.
@@ -620,6 +639,52 @@ class Engine:
         if not finite:  # method inputs were refused; other terms:
             self._warn_non_finite(job, {k: cache[k] for k in job.inputs if k in cache})
         return out
+
+    def _gram_files(self, run: _GraphRun, call: ResolvedCall) -> tuple[GramPass, GramFiles] | None:
+        """The pending statistics pass as Gram sums to fill from the input files on two
+        threads (`merge.file_gram`): bfloat16 inputs as read (`run.raw`: the call is the job,
+        each operand an input), stored as-is in files (safetensors), a kernel whose pass is
+        only Gram sums, a tensor worth the second thread. None: the engine's chunks."""
+        job = run.job
+        if not run.raw or job.numel < 4 * RANGE_ELEMENTS:
+            return None
+        spans = {n: self.plan.sources[n].file_span(job.name) for n in job.inputs}
+        found = {n: span for n, span in spans.items() if span is not None}
+        if len(found) < len(spans):
+            return None
+        operands = [_input_of(f) for f in call.models]
+        base = None if call.base is None else _input_of(call.base)
+        wanted = run.kernels[id(call)].gram_pass(len(operands), base is not None)
+        if wanted is None:
+            return None
+        names = [*operands, *([] if base is None else [base])]
+        vectors = [found[names[i]] for i in wanted.vectors]
+        base_span = found[base] if wanted.minus_base and base is not None else None
+        return wanted, GramFiles(vectors, base_span, job.numel)
+
+    def _observe_files(self, item: _Item) -> None:
+        """A whole statistics pass summed straight from the input files by the main thread
+        and the reader thread (idle: the pass is a barrier); see `merge.file_gram`."""
+        job, run, call = item.job, item.run, item.stats
+        assert run is not None and call is not None and item.gram is not None
+        assert self._reader is not None
+        wanted, files = item.gram
+
+        def failed_range(start: int, stop: int) -> None:
+            # read the ordinary way: a truncated file or a read error raises here, naming the
+            # file; NaN/inf are refused as by any method call, naming the input
+            chunks = {
+                n: self.plan.sources[n].read_range(
+                    job.name, start, stop, out=torch.empty(stop - start, dtype=torch.bfloat16)
+                )  # into a buffer of ours: the check below is the one that speaks
+                for n in job.inputs
+            }
+            models, base = self._operands(call, chunks, item, {})
+            check_finite(call.method, models, base, tensor_name=job.name)
+
+        fill_gram(wanted.gram, files, self._reader, failed_range)
+        run.kernels[id(call)].end_pass()
+        run.checked.add(id(call))
 
     def _run_call(
         self,
@@ -755,6 +820,7 @@ class Engine:
         total = sum(self._job_bytes(j) for j in self.plan.jobs)
         bar = byte_progress(total, "merging", quiet=self.quiet)
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read")
+        self._reader = reader  # also the second thread of `_observe_files`
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-write")
         pending: deque[tuple[_Item, Future[None]]] = deque()  # submitted writes, oldest first
         # Streaming math is memory-bound: a second intra-op thread gains little and its spinning
@@ -796,7 +862,7 @@ class Engine:
                 t0 = time.perf_counter()
                 out = self._compute(item, data)
                 del data
-                if item.run is not None:
+                if item.run is not None and item.gram is None:
                     self._balance(item, time.perf_counter() - t0 - item.converting)
                 if out is not None:
                     pending.append((item, writer.submit(write, item.job.name, out)))

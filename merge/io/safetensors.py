@@ -304,6 +304,9 @@ class SafetensorsSource(FileSource):
                 self._fds[i] = open_regular(self._files[i])
             return self._fds[i]
 
+    def file_span(self, name: str) -> tuple[int, int] | None:
+        return self._fd(self._file_of[name]), self.meta(name).offset
+
     def read_range(self, name: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
         m = self.meta(name)
         n = stop - start

@@ -83,6 +83,12 @@ class TensorSource:
         """
         raise NotImplementedError
 
+    def file_span(self, name: str) -> tuple[int, int] | None:
+        """(open descriptor, byte offset) where the tensor's elements lie as stored, in order,
+        for a caller that reads them itself with pread (`merge.file_gram`); None when they
+        are computed or converted on reading. The descriptor stays the source's: never close it."""
+        return None
+
     def read(self, name: str) -> Tensor:
         m = self.meta(name)
         return self.read_range(name, 0, m.numel).view(m.shape)

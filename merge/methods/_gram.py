@@ -61,6 +61,8 @@ class BlockGram:
         self._flat_sums: np.ndarray | None = None
         self._first: np.ndarray | None = None
         self._second: np.ndarray | None = None
+        # `add_block_sums`' sums: (blocks, P) by first block index, added in block order by `total`
+        self._by_block: dict[int, np.ndarray] = {}
 
     def _buffers(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self._x is None or self._prod is None or self._sums is None:
@@ -106,8 +108,7 @@ class BlockGram:
         if self._lanes is None:
             self._lanes = np.zeros((len(self.pairs), loops().LANES), dtype=np.float64)
             self._flat_sums = np.zeros(len(self.pairs), dtype=np.float64)
-            self._first = np.asarray([i for i, _ in self.pairs], dtype=np.int64)
-            self._second = np.asarray([j for _, j in self.pairs], dtype=np.int64)
+            self._index_pairs()
         same = len({v.dtype for v in vectors}) == 1 and usable(*vectors, widen=True)
         arrays = tuple(
             as_array(v.reshape(-1) if same else v.reshape(-1).to(torch.float32).contiguous())
@@ -124,6 +125,26 @@ class BlockGram:
             self.size,
         )
 
+    def add_block_sums(self, first_block: int, sums: np.ndarray) -> None:
+        """Sums gathered elsewhere (`merge.file_gram`) of blocks first_block.. in order, one
+        row each ((blocks, P) float64, each the sum `add` flushes for that block: the same
+        loop): `total()` adds them in block order, the bits `add` gives. Flat sums only, not
+        mixed with `add`."""
+        assert self.cols == 1 and self._looped is not False and not self._fill
+        self._looped = True
+        self._by_block[first_block] = sums
+
+    def pair_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """The pairs as the compiled loops take them: (first, second) int64 arrays."""
+        self._index_pairs()
+        assert self._first is not None and self._second is not None
+        return self._first, self._second
+
+    def _index_pairs(self) -> None:
+        if self._first is None:
+            self._first = np.asarray([i for i, _ in self.pairs], dtype=np.int64)
+            self._second = np.asarray([j for _, j in self.pairs], dtype=np.int64)
+
     def _flush(self) -> None:
         x, prod, sums = self._x, self._prod, self._sums
         assert x is not None and prod is not None and sums is not None
@@ -135,6 +156,8 @@ class BlockGram:
 
     def total(self) -> Tensor:
         """(P, cols) float64 sums over every element added (zeros if none was)."""
+        if self._by_block:
+            return torch.from_numpy(self._block_total()).reshape(len(self.pairs), 1)
         if self._looped:
             assert self._lanes is not None and self._flat_sums is not None
             if self._fill:  # the last, partial block counts as one more block
@@ -148,6 +171,18 @@ class BlockGram:
             self._flush()
         assert self._sums is not None
         return self._sums.cpu()
+
+    def _block_total(self) -> np.ndarray:
+        """`add_block_sums`' rows added in block order (from zero, as `add` adds them)."""
+        total = np.zeros(len(self.pairs), dtype=np.float64)
+        expected = 0
+        for first in sorted(self._by_block):
+            assert first == expected, "add_block_sums: a range of blocks is missing"
+            sums = self._by_block[first]
+            for row in sums:
+                total += row
+            expected += sums.shape[0]
+        return total
 
 
 def gram_matrix(sums: Tensor, k: int, pairs: Sequence[tuple[int, int]] | None = None) -> Tensor:

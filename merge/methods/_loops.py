@@ -332,18 +332,39 @@ def gram_blocks(vectors, base, first, second, lanes, sums, fill, size):  # type:
     there) into lanes[p] (LANES of them) by the element's position in its block mod LANES,
     each lane summed in element order; a full block's lanes are added to sums[p] in a fixed
     order. `fill` is how far the current block is filled; returns the new fill. Nothing depends
-    on where the chunks are cut. Each vector is widened once per staging step, then every pair
-    reads the copies. A non-empty `base` makes the vectors x − base (the float32 difference,
-    then widened)."""
-    if lanes.shape[1] != LANES or lanes.shape[0] != first.shape[0]:
-        raise ValueError("gram_blocks: lanes must be (pairs, LANES)")  # unchecked indexing
+    on where the chunks are cut. A non-empty `base` makes the vectors x − base (the float32
+    difference, then widened)."""
+    _check_lanes(lanes, first)
+    staged = np.empty((len(vectors), LANES), np.float64)
     m = vectors[0].shape[0]
-    k = len(vectors)
-    staged = np.empty((k, LANES), np.float64)
     pos = 0
     while pos < m:
+        take = min(size - fill, m - pos)
+        _gram_in_block(
+            vectors, len(vectors), base, first, second, lanes, staged, pos, pos + take, fill
+        )
+        fill += take
+        pos += take
+        if fill == size:
+            flush_lanes(lanes, sums)
+            fill = 0
+    return fill
+
+
+@numba.njit(inline="always")
+def _check_lanes(lanes, first):  # type: ignore[no-untyped-def]
+    if lanes.shape[1] != LANES or lanes.shape[0] != first.shape[0]:
+        raise ValueError("gram: lanes must be (pairs, LANES)")  # unchecked indexing
+
+
+@numba.njit(inline="always")
+def _gram_in_block(vectors, k, base, first, second, lanes, staged, pos, stop, fill):  # type: ignore[no-untyped-def]
+    """Elements [pos, stop) of the first k vectors, which sit at `fill`.. of one block, into
+    the lanes. Each vector is widened once per staging step, then every pair reads the copies
+    (`merge.file_gram` sums its ranges by this loop too: the same bits)."""
+    while pos < stop:
         lane0 = fill % LANES
-        take = min(LANES - lane0, size - fill, m - pos)
+        take = min(LANES - lane0, stop - pos)
         for v in range(k):
             src = vectors[v][pos : pos + take]
             row = staged[v]
@@ -361,10 +382,6 @@ def gram_blocks(vectors, base, first, second, lanes, sums, fill, size):  # type:
                 lane[j] += a[j] * b[j]
         fill += take
         pos += take
-        if fill == size:
-            flush_lanes(lanes, sums)
-            fill = 0
-    return fill
 
 
 @_jit

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -121,6 +122,18 @@ class BlockSums:
         return torch.stack([p.cpu() for p in parts], dim=1).sum(dim=1)
 
 
+@dataclass(frozen=True)
+class GramPass:
+    """A statistics pass that only sums a Gram matrix of a call's operands (`Kernel.gram_pass`):
+    the sums to fill (a flat `_gram.BlockGram`, which imports this module), the operands
+    summed in the Gram's order (positions: models 0..n−1, the base n) and whether each is
+    taken minus the base (task vectors)."""
+
+    gram: Any
+    vectors: tuple[int, ...]
+    minus_base: bool
+
+
 class Kernel:
     """One method call on one tensor, evaluated over flat chunks in index order."""
 
@@ -146,6 +159,12 @@ class Kernel:
 
     def end_pass(self) -> None:
         """All chunks of a statistics pass have been observed."""
+
+    def gram_pass(self, models: int, has_base: bool) -> GramPass | None:
+        """When the pending statistics pass only sums a Gram matrix of the operands (flat
+        `BlockGram` sums): what it sums, for the engine to fill from the input files itself
+        (`merge.file_gram`) instead of calling `observe`; then `end_pass` as usual."""
+        return None
 
     def apply(self, start: int, models: Sequence[Tensor], base: Tensor | None) -> Tensor:
         """The output for chunk [start, start + m) (flat, float32)."""

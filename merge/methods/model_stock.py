@@ -21,7 +21,7 @@ from merge.methods._checks import check_compat, check_count, check_finite
 from merge.methods._fused import NO_BFLOAT16, NO_FLOAT32, as_array, loops, usable
 from merge.methods._gram import BlockGram, all_pairs, row_gram
 from merge.methods._registry import ROWS, STATISTICS, Compat, register
-from merge.methods._stream import Kernel, run_whole
+from merge.methods._stream import GramPass, Kernel, run_whole
 
 _POLE = 1e-6  # compat mergekit: |1 + (N−1)c| below this keeps the base (as mergekit 0.1.5)
 
@@ -108,6 +108,13 @@ class ModelStockKernel(Kernel):
             return
         models, base = self._widened(models, base)
         self.gram.add([x - base for x in models])
+
+    def gram_pass(self, models: int, has_base: bool) -> GramPass | None:
+        if self.rows or not has_base:
+            return None  # per-row sums; without a base the ordinary pass says what is wrong
+        check_count("model_stock", models, at_least=2)
+        self.gram = BlockGram(models)
+        return GramPass(self.gram, tuple(range(models)), minus_base=True)
 
     def _looped(self, models: Sequence[Tensor], base: Tensor) -> bool:
         """The compiled loops take the chunks: models of one dtype, float32 or (widened)

@@ -26,7 +26,7 @@ from merge.methods._gram import (
     span_combination,
 )
 from merge.methods._registry import ROWS, STATISTICS, Compat, register
-from merge.methods._stream import Kernel, run_whole
+from merge.methods._stream import GramPass, Kernel, run_whole
 
 DOT_THRESHOLD = 0.9995  # |cos Ω| above this: the vectors are (anti)parallel, so lerp instead
 _NORM_EPS = 1e-8  # below this a vector counts as zero and is not normalised
@@ -88,6 +88,10 @@ class SlerpKernel(Kernel):
 
     def observe(self, start: int, models: Sequence[Tensor], base: Tensor | None) -> None:
         self.gram.add(_pair("slerp", models, base, with_base_as_v0=True))
+
+    def gram_pass(self, models: int, has_base: bool) -> GramPass | None:
+        check_count("slerp", models, at_least=1 if has_base else 2, at_most=1 if has_base else 2)
+        return GramPass(self.gram, (models, 0) if has_base else (0, 1), minus_base=False)
 
     def end_pass(self) -> None:
         g00, g01, g11 = self.gram.total()[:, 0].tolist()
