@@ -10,7 +10,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from merge.methods._loops import LANES, _gram_in_block, all_finite_bfloat16, flush_lanes
+from merge.methods._loops import LANES, all_finite_bfloat16, flush_lanes, gram_in_block
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
@@ -95,7 +95,7 @@ def gram_from_files(  # type: ignore[no-untyped-def]
         base = scratch[k, :m] if has_base else scratch[k, :0]
         for b in range((m + size - 1) // size):
             lo = b * size
-            _gram_in_block(scratch, k, base, first, second, lanes, staged, lo, min(m, lo + size), 0)
+            gram_in_block(scratch, k, base, first, second, lanes, staged, lo, min(m, lo + size), 0)
             row = sums[r * per_range + b]
             row[:] = 0.0
             flush_lanes(lanes, row)

@@ -10,7 +10,7 @@ own small buffers and sums them while they are in its core's cache: no Python pe
 GIL, each byte read from memory once.
 
 The sums are `BlockGram`'s, bit for bit: every block of REDUCE_BLOCK elements is summed by
-the same loop (`_loops._gram_in_block`, lanes in element order), the blocks' sums are kept by
+the same loop (`_loops.gram_in_block`, lanes in element order), the blocks' sums are kept by
 block index and added in block order by `BlockGram.total`. Which thread read which range
 changes nothing.
 

@@ -340,7 +340,7 @@ def gram_blocks(vectors, base, first, second, lanes, sums, fill, size):  # type:
     pos = 0
     while pos < m:
         take = min(size - fill, m - pos)
-        _gram_in_block(
+        gram_in_block(
             vectors, len(vectors), base, first, second, lanes, staged, pos, pos + take, fill
         )
         fill += take
@@ -358,7 +358,7 @@ def _check_lanes(lanes, first):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always")
-def _gram_in_block(vectors, k, base, first, second, lanes, staged, pos, stop, fill):  # type: ignore[no-untyped-def]
+def gram_in_block(vectors, k, base, first, second, lanes, staged, pos, stop, fill):  # type: ignore[no-untyped-def]
     """Elements [pos, stop) of the first k vectors, which sit at `fill`.. of one block, into
     the lanes. Each vector is widened once per staging step, then every pair reads the copies
     (`merge.file_gram` sums its ranges by this loop too: the same bits)."""
