@@ -10,7 +10,15 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from merge.methods._loops import LANES, all_finite_bfloat16, flush_lanes, gram_in_block
+from merge.methods._loops import (
+    FINITE_BELOW,
+    LANES,
+    all_finite_bfloat16,
+    flush_lanes,
+    gram_in_block,
+    round_bfloat16,
+    value,
+)
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
@@ -101,3 +109,47 @@ def gram_from_files(  # type: ignore[no-untyped-def]
             flush_lanes(lanes, row)
         r += step
     return 0, -1
+
+
+@_jit
+def sum_from_files(  # type: ignore[no-untyped-def]
+    fds, offsets, coefs, start, stop, range_elements, first_range, step, out, scratch, stop_flag,
+):  # fmt: skip
+    """out (bfloat16 bits of elements [start, stop)) = Σ_v coefs[v]·x_v in float32, each
+    product rounded and added in operand order (acc = x_0·c_0, then acc = acc + x_v·c_v: the
+    arithmetic of `_loops.combine_two` and `scaled_sum`), rounded to bfloat16 as
+    `round_bfloat16`. Ranges first_range, first_range + step, ... of `range_elements`
+    elements, each operand read from fds[v] at offsets[v] into scratch[v]. Returns (status,
+    range, finite): status 0 when done, 2 when that range could not be read (`stop_flag[0]`
+    is then set and ends the other thread's loop)."""
+    k = fds.shape[0]
+    acc = np.empty(LANES, np.float32)
+    ranges = (stop - start + range_elements - 1) // range_elements
+    top = np.int32(0)
+    r = first_range
+    while r < ranges:
+        if stop_flag[0]:
+            return 0, -1, True
+        lo = r * range_elements
+        m = min(stop - start, lo + range_elements) - lo
+        for v in range(k):
+            if not _read_fully(fds[v], scratch[v], m * ITEM, offsets[v] + (start + lo) * ITEM):
+                stop_flag[0] = 1
+                return 2, r, True
+        for b in range(0, m, LANES):
+            n = min(LANES, m - b)
+            first = scratch[0, b : b + n]
+            c0 = coefs[0]
+            for j in range(n):
+                acc[j] = value(first, j) * c0
+            for v in range(1, k):
+                x = scratch[v, b : b + n]
+                c = coefs[v]
+                for j in range(n):
+                    acc[j] = acc[j] + value(x, j) * c
+            dest = out[lo + b : lo + b + n]
+            for j in range(n):
+                dest[j], magnitude = round_bfloat16(acc[j])
+                top = max(top, magnitude)
+        r += step
+    return 0, -1, top < FINITE_BELOW

@@ -33,7 +33,7 @@ from merge.card import write_card
 from merge.dtypes import DTYPE_NAMES, dtype_name, guard_float16
 from merge.errors import ExecutionError, MergeError, PlanError, UsageError
 from merge.expr import Affine
-from merge.file_gram import RANGE_ELEMENTS, GramFiles, fill_gram
+from merge.file_gram import RANGE_ELEMENTS, GramFiles, fill_gram, fill_sum
 from merge.io.layout import copy_support_files
 from merge.io.output import check_output
 from merge.io.sources import TensorSource
@@ -289,6 +289,10 @@ class _GraphRun:
         return next((c for c in self.calls if self.kernels[id(c)].needs_pass()), None)
 
 
+# An apply pass computed from the files: each operand's (descriptor, offset), coefficients.
+_SumFiles = tuple[list[tuple[int, int]], tuple[float, ...]]
+
+
 @dataclass
 class _Item:
     job: TensorJob
@@ -300,6 +304,7 @@ class _Item:
     barrier: bool = False  # the last item of a statistics pass: what follows depends on it
     # a whole statistics pass of Gram sums, read straight from the files (`_observe_files`)
     gram: tuple[GramPass, GramFiles] | None = None
+    sum_files: _SumFiles | None = None  # an apply chunk computed from the files
     # inputs whose chunk the reader found free of NaN and inf (streamed calls not yet checked)
     finite: frozenset[str] = frozenset()
     reading: float = 0.0  # seconds the reader spent reading (not converting) this item
@@ -414,8 +419,9 @@ class Engine:
                         continue
                     for i, (s, e) in enumerate(bounds):
                         yield _Item(j, s, e, run=run, stats=call, barrier=i == len(bounds) - 1)
+                summed = self._sum_files(run)  # the statistics passes are done here
                 for s, e in bounds:
-                    yield _Item(j, s, e, run=run)
+                    yield _Item(j, s, e, run=run, sum_files=summed)
             else:
                 for s in range(0, j.numel, self.chunk):
                     yield _Item(j, s, min(j.numel, s + self.chunk))
@@ -428,7 +434,7 @@ class Engine:
         main thread, where the converted block is still in cache."""
         job = item.job
         out: dict[str, Tensor] = {}
-        if item.gram is not None:  # read by `_observe_files`
+        if item.gram is not None or item.sum_files is not None:  # read by the compute itself
             return out
         as_read = item.run is not None and item.run.raw
         convert = (
@@ -592,6 +598,8 @@ class Engine:
         if item.gram is not None:
             self._observe_files(item)
             return None
+        if item.sum_files is not None:
+            return self._sum_from_files(item)
         work = self._graph_dtype(job)
         # Converted into reused buffers (the reader did it when it had time to spare): kernels
         # see them only during their call.
@@ -640,11 +648,13 @@ class Engine:
             self._warn_non_finite(job, {k: cache[k] for k in job.inputs if k in cache})
         return out
 
-    def _gram_files(self, run: _GraphRun, call: ResolvedCall) -> tuple[GramPass, GramFiles] | None:
-        """The pending statistics pass as Gram sums to fill from the input files on two
-        threads (`merge.file_gram`): bfloat16 inputs as read (`run.raw`: the call is the job,
-        each operand an input), stored as-is in files (safetensors), a kernel whose pass is
-        only Gram sums, a tensor worth the second thread. None: the engine's chunks."""
+    def _input_spans(
+        self, run: _GraphRun, call: ResolvedCall
+    ) -> tuple[list[str], dict[str, tuple[int, int]]] | None:
+        """A call's operands as input names (models, then the base) and every input's span in
+        its file, when its passes may read the files themselves (`merge.file_gram`): bfloat16
+        inputs as read (`run.raw`: the call is the job, each operand an input), stored as-is
+        (safetensors), on a tensor worth a second thread. None: the engine's chunks."""
         job = run.job
         if not run.raw or job.numel < 4 * RANGE_ELEMENTS:
             return None
@@ -652,15 +662,35 @@ class Engine:
         found = {n: span for n, span in spans.items() if span is not None}
         if len(found) < len(spans):
             return None
-        operands = [_input_of(f) for f in call.models]
-        base = None if call.base is None else _input_of(call.base)
-        wanted = run.kernels[id(call)].gram_pass(len(operands), base is not None)
+        names = [_input_of(f) for f in call.models]
+        return names + ([] if call.base is None else [_input_of(call.base)]), found
+
+    def _gram_files(self, run: _GraphRun, call: ResolvedCall) -> tuple[GramPass, GramFiles] | None:
+        """The pending statistics pass as Gram sums to fill from the files, if it is one."""
+        got = self._input_spans(run, call)
+        if got is None:
+            return None
+        names, spans = got
+        models = len(call.models)
+        wanted = run.kernels[id(call)].gram_pass(models, call.base is not None)
         if wanted is None:
             return None
-        names = [*operands, *([] if base is None else [base])]
-        vectors = [found[names[i]] for i in wanted.vectors]
-        base_span = found[base] if wanted.minus_base and base is not None else None
-        return wanted, GramFiles(vectors, base_span, job.numel)
+        vectors = [spans[names[i]] for i in wanted.vectors]
+        base = spans[names[models]] if wanted.minus_base and call.base is not None else None
+        return wanted, GramFiles(vectors, base, run.job.numel)
+
+    def _sum_files(self, run: _GraphRun) -> _SumFiles | None:
+        """The apply pass as an ordered sum to compute from the files, if it is one (and the
+        output is bfloat16, which the loop rounds to)."""
+        call = run.calls[0]
+        got = self._input_spans(run, call) if run.job.dtype == torch.bfloat16 else None
+        if got is None:
+            return None
+        names, spans = got
+        summed = run.kernels[id(call)].ordered_sum(len(call.models), call.base is not None)
+        if summed is None:
+            return None
+        return [spans[names[i]] for i in summed.operands], summed.coefs
 
     def _observe_files(self, item: _Item) -> None:
         """A whole statistics pass summed straight from the input files by the main thread
@@ -673,18 +703,38 @@ class Engine:
         def failed_range(start: int, stop: int) -> None:
             # read the ordinary way: a truncated file or a read error raises here, naming the
             # file; NaN/inf are refused as by any method call, naming the input
-            chunks = {
-                n: self.plan.sources[n].read_range(
-                    job.name, start, stop, out=torch.empty(stop - start, dtype=torch.bfloat16)
-                )  # into a buffer of ours: the check below is the one that speaks
-                for n in job.inputs
-            }
-            models, base = self._operands(call, chunks, item, {})
+            models, base = self._operands(call, self._reread(job, start, stop), item, {})
             check_finite(call.method, models, base, tensor_name=job.name)
 
         fill_gram(wanted.gram, files, self._reader, failed_range)
         run.kernels[id(call)].end_pass()
         run.checked.add(id(call))
+
+    def _sum_from_files(self, item: _Item) -> Tensor:
+        """One output chunk of an apply pass computed straight from the input files by the main
+        thread and the reader thread (whose loads of such items are empty); see
+        `merge.file_gram`. Inputs were checked finite by the statistics pass."""
+        job = item.job
+        assert item.sum_files is not None and self._reader is not None
+        spans, coefs = item.sum_files
+        out = self._buffer(f"out{item.slot}", item.stop - item.start, job.dtype)
+
+        def failed_range(start: int, stop: int) -> None:
+            self._reread(job, start, stop)
+
+        fill_sum(spans, coefs, item.start, item.stop, as_array(out), self._reader, failed_range)
+        return out
+
+    def _reread(self, job: TensorJob, start: int, stop: int) -> dict[str, Tensor]:
+        """A range of every input read the ordinary way (after a compiled loop's read failed:
+        a truncated file or a read error raises here, naming the file), into buffers of ours
+        so that no read warns: the caller's check is the one that speaks."""
+        return {
+            n: self.plan.sources[n].read_range(
+                job.name, start, stop, out=torch.empty(stop - start, dtype=torch.bfloat16)
+            )
+            for n in job.inputs
+        }
 
     def _run_call(
         self,
@@ -862,7 +912,7 @@ class Engine:
                 t0 = time.perf_counter()
                 out = self._compute(item, data)
                 del data
-                if item.run is not None and item.gram is None:
+                if item.run is not None and item.gram is None and item.sum_files is None:
                     self._balance(item, time.perf_counter() - t0 - item.converting)
                 if out is not None:
                     pending.append((item, writer.submit(write, item.job.name, out)))

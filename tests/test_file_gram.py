@@ -1,5 +1,6 @@
-"""Gram passes read straight from the files (`merge.file_gram`): the same bits as the engine's
-chunks and as `BlockGram.add`, NaN and truncated inputs refused by name."""
+"""Passes read straight from the files (`merge.file_gram`): Gram sums and ordered sums with the
+same bits as `BlockGram.add`, the kernels' loops and the engine's chunks; NaN and truncated
+inputs refused by name."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -16,8 +18,9 @@ from safetensors.torch import save_file
 from merge.api import plan_recipe
 from merge.errors import ExecutionError, FormatError
 from merge.execute import Engine
-from merge.file_gram import RANGE_ELEMENTS, GramFiles, fill_gram
+from merge.file_gram import RANGE_ELEMENTS, GramFiles, fill_gram, fill_sum
 from merge.io.safetensors import SafetensorsSource
+from merge.methods._fused import NO_FLOAT32, loops
 from merge.methods._gram import BlockGram
 from merge.methods.model_stock import model_stock
 from merge.methods.slerp import slerp
@@ -103,19 +106,57 @@ def test_a_file_truncated_after_opening_is_a_read_error_naming_it(tmp_path: Path
         fill_gram(BlockGram(2), GramFiles(found, None, NUMEL), helper, reread)
 
 
+def test_fill_sum_gives_the_kernels_loops_bits(tmp_path: Path):
+    paths = write_inputs(tmp_path, 4)
+    sources, found = spans(paths)
+    xs = [s.read("w").view(torch.int16).numpy().view(np.uint16) for s in sources]
+    start, stop = 70_001, NUMEL - 3  # ranges cut off the blocks and the tensor's ends
+    with ThreadPoolExecutor(1) as helper:
+        two = np.empty(stop - start, dtype=np.uint16)
+        assert fill_sum(found[:2], (0.75, -0.25), start, stop, two, helper, never)
+        four = np.empty(stop - start, dtype=np.uint16)
+        assert fill_sum(found, (0.4, 0.2, 0.2, 0.2), start, stop, four, helper, never)
+    cut = [x[start:stop] for x in xs]
+    expected = np.empty(stop - start, dtype=np.uint16)
+    f32 = np.float32
+    loops().combine_two(cut[0], cut[1], f32(0.75), f32(-0.25), NO_FLOAT32, expected)
+    assert np.array_equal(two, expected)
+    loops().scaled_sum(tuple(cut[1:]), cut[0], f32(0.4), f32(0.2), NO_FLOAT32, expected)
+    assert np.array_equal(four, expected)
+
+
+def test_fill_sum_of_a_truncated_file_is_a_read_error_naming_it(tmp_path: Path):
+    paths = write_inputs(tmp_path, 2)
+    sources, found = spans(paths)
+    os.truncate(paths[0], os.path.getsize(paths[0]) - RANGE_ELEMENTS)
+
+    def reread(start: int, stop: int) -> None:
+        sources[0].read_range("w", start, stop)
+
+    out = np.empty(NUMEL, dtype=np.uint16)
+    with ThreadPoolExecutor(1) as helper, pytest.raises(FormatError, match="the file ended"):
+        fill_sum(found, (0.5, 0.5), 0, NUMEL, out, helper, reread)
+
+
 def run_engine(recipe: dict[str, Any], monkeypatch: pytest.MonkeyPatch, files: bool) -> dict:
-    calls: list[int] = []
-    real: Callable[..., None] = fill_gram
+    calls: list[str] = []
 
-    def counted(*args: Any) -> None:
-        calls.append(1)
-        real(*args)
+    def counted(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            calls.append(name)
+            return real(*args)
 
-    monkeypatch.setattr("merge.execute.fill_gram", counted)
+        return call
+
+    monkeypatch.setattr("merge.execute.fill_gram", counted("gram", fill_gram))
+    monkeypatch.setattr("merge.execute.fill_sum", counted("sum", fill_sum))
     if not files:
         monkeypatch.setattr(Engine, "_gram_files", lambda self, run, call: None)
-    out = Engine(plan_recipe(recipe), quiet=True).to_memory()
-    assert len(calls) == (1 if files else 0)  # `w` only: `b` is too small to be worth it
+        monkeypatch.setattr(Engine, "_sum_files", lambda self, run: None)
+    # apply chunks of 200k elements: starts off the ranges and blocks
+    out = Engine(plan_recipe(recipe), chunk=200_000, quiet=True).to_memory()
+    # `w` only (`b` is too small to be worth it): one statistics pass, three apply chunks
+    assert calls == (["gram", "sum", "sum", "sum"] if files else [])
     monkeypatch.undo()
     return out
 

@@ -134,6 +134,17 @@ class GramPass:
     minus_base: bool
 
 
+@dataclass(frozen=True)
+class OrderedSum:
+    """An apply pass that is Σ_v coefs[v]·operand_v in float32, each product rounded and added
+    in order (acc = x_0·c_0, then acc = acc + x_v·c_v: `_loops.combine_two`'s and
+    `scaled_sum`'s arithmetic), rounded to bfloat16; operands by position (models 0..n−1, the
+    base n), coefficients float32 values."""
+
+    operands: tuple[int, ...]
+    coefs: tuple[float, ...]
+
+
 class Kernel:
     """One method call on one tensor, evaluated over flat chunks in index order."""
 
@@ -164,6 +175,12 @@ class Kernel:
         """When the pending statistics pass only sums a Gram matrix of the operands (flat
         `BlockGram` sums): what it sums, for the engine to fill from the input files itself
         (`merge.file_gram`) instead of calling `observe`; then `end_pass` as usual."""
+        return None
+
+    def ordered_sum(self, models: int, has_base: bool) -> OrderedSum | None:
+        """When the apply pass (its statistics passes done) is an `OrderedSum` of operands:
+        which, with which coefficients, for the engine to compute from the input files itself
+        (`merge.file_gram.fill_sum`) instead of calling `apply_bfloat16`, to the same bits."""
         return None
 
     def apply(self, start: int, models: Sequence[Tensor], base: Tensor | None) -> Tensor:

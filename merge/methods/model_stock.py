@@ -21,7 +21,7 @@ from merge.methods._checks import check_compat, check_count, check_finite
 from merge.methods._fused import NO_BFLOAT16, NO_FLOAT32, as_array, loops, usable
 from merge.methods._gram import BlockGram, all_pairs, row_gram
 from merge.methods._registry import ROWS, STATISTICS, Compat, register
-from merge.methods._stream import GramPass, Kernel, run_whole
+from merge.methods._stream import GramPass, Kernel, OrderedSum, run_whole
 
 _POLE = 1e-6  # compat mergekit: |1 + (N−1)c| below this keeps the base (as mergekit 0.1.5)
 
@@ -116,6 +116,17 @@ class ModelStockKernel(Kernel):
         self.gram = BlockGram(models)
         return GramPass(self.gram, tuple(range(models)), minus_base=True)
 
+    def ordered_sum(self, models: int, has_base: bool) -> OrderedSum | None:
+        if self.rows or self.t is None or not has_base:
+            return None
+        keep, share = self._weights(models)
+        return OrderedSum((models, *range(models)), (keep, *[share] * models))
+
+    def _weights(self, models: int) -> tuple[float, float]:
+        """(1 − t, t/N) as the float32 values the loops multiply by."""
+        assert self.t is not None
+        return float(np.float32(1.0 - self.t)), float(np.float32(self.t / models))
+
     def _looped(self, models: Sequence[Tensor], base: Tensor) -> bool:
         """The compiled loops take the chunks: models of one dtype, float32 or (widened)
         bfloat16, on the CPU; whole-tensor, not per row."""
@@ -184,8 +195,7 @@ class ModelStockKernel(Kernel):
     ) -> bool:
         """(1 − t)·base + (t/N)·Σ x_i by the compiled loop, into `out` or rounded into `out16`."""
         check_count("model_stock", len(models), at_least=2)
-        assert self.t is not None
-        keep, share = np.float32(1.0 - self.t), np.float32(self.t / len(models))
+        keep, share = (np.float32(w) for w in self._weights(len(models)))
         xs = tuple(as_array(x) for x in models)
         return bool(loops().scaled_sum(xs, as_array(base), keep, share, out, out16))
 

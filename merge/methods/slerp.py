@@ -26,7 +26,7 @@ from merge.methods._gram import (
     span_combination,
 )
 from merge.methods._registry import ROWS, STATISTICS, Compat, register
-from merge.methods._stream import GramPass, Kernel, run_whole
+from merge.methods._stream import GramPass, Kernel, OrderedSum, run_whole
 
 DOT_THRESHOLD = 0.9995  # |cos Ω| above this: the vectors are (anti)parallel, so lerp instead
 _NORM_EPS = 1e-8  # below this a vector counts as zero and is not normalised
@@ -92,6 +92,12 @@ class SlerpKernel(Kernel):
     def gram_pass(self, models: int, has_base: bool) -> GramPass | None:
         check_count("slerp", models, at_least=1 if has_base else 2, at_most=1 if has_base else 2)
         return GramPass(self.gram, (models, 0) if has_base else (0, 1), minus_base=False)
+
+    def ordered_sum(self, models: int, has_base: bool) -> OrderedSum | None:
+        if self.coefs is None:
+            return None  # a lerp (near-parallel vectors): torch's formula
+        c0, c1 = (float(np.float32(c)) for c in self.coefs)
+        return OrderedSum((models, 0) if has_base else (0, 1), (c0, c1))
 
     def end_pass(self) -> None:
         g00, g01, g11 = self.gram.total()[:, 0].tolist()
