@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_core import COLD_PAGES_SECONDS, timed_external  # the same /usr/bin/time -v measurement
+from bench_core import COLD_PAGES_SECONDS, timed_external, warm  # the same /usr/bin/time -v
 
 HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 4096, 14336, 32, 8, 128256
 ROWS_PER_CHUNK = 2048  # rows per generated chunk: 8M elements of a 4096-wide matrix
@@ -135,9 +135,12 @@ def mergekit_configs(root: Path) -> dict[str, str]:
     }
 
 
-def timed(cmd: list[str]) -> tuple[float, int] | None:
-    """Wall seconds and peak RSS of a fresh process, as `/usr/bin/time -v` reports it, started
-    once the previous run's freed memory has gone back to the host (every run cold)."""
+def timed(cmd: list[str], inputs: list[Path]) -> tuple[float, int] | None:
+    """Wall seconds and peak RSS of a fresh process, as `/usr/bin/time -v` reports it, with
+    the inputs read into the page cache first (mergekit's runs peak at 7-23 GiB on this 24 GiB
+    machine and evict some of them: the run after one read them from disk) and started once the
+    previous run's freed memory has gone back to the host (every run cold)."""
+    warm(inputs)
     return timed_external(cmd, wait=COLD_PAGES_SECONDS)
 
 
@@ -166,6 +169,7 @@ def main() -> None:
         print(f"building {root / n} ...", file=sys.stderr, flush=True)
         build(root / n, i)
     size = sum(f.stat().st_size for f in (root / "base").glob("*.safetensors"))
+    inputs = [root / n for n in ("base", "ft1", "ft2", "ft3")]
     out = root / "out"
     rows = []
     theirs: dict[str, tuple[float, int]] = {}
@@ -188,7 +192,7 @@ def main() -> None:
             continue
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-m", "merge", "run", str(recipe), "-o", str(out), "--force", "-q"]
-        got = timed(cmd)
+        got = timed(cmd, inputs)
         if got is not None:
             print(f"{name}: {got[0]:.1f} s, {got[1] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
             rows.append((name, *got))
@@ -196,7 +200,7 @@ def main() -> None:
             config = root / f"mergekit-{name.split()[0]}.yaml"
             config.write_text(mergekit_configs(root)[name])
             shutil.rmtree(out, ignore_errors=True)
-            mk = timed(["mergekit-yaml", str(config), str(out)])
+            mk = timed(["mergekit-yaml", str(config), str(out)], inputs)
             if mk is not None:
                 print(f"  mergekit: {mk[0]:.1f} s, {mk[1] / 2**30:.2f} GiB", file=sys.stderr)
                 theirs[name] = mk
