@@ -30,6 +30,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from merge.gcpause import collection_paused
 from merge.methods._gram import BlockGram
 
 # 128K elements per range: 256 KiB of bfloat16 per input, so a range of four inputs stays in
@@ -55,8 +56,10 @@ class GramFiles:
 
 @cache
 def _loop() -> ModuleType:
-    """The compiled loop, imported on first use (numba's import costs ~0.5 s)."""
-    from merge import _file_gram_loop
+    """The compiled loop, imported on first use (numba's import costs ~0.5 s); its objects live
+    as long as the process, so the collector is paused while they are created (`loops()`)."""
+    with collection_paused(freeze=True):
+        from merge import _file_gram_loop
 
     return _file_gram_loop
 
