@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from collections import deque
@@ -656,8 +657,8 @@ class Engine:
         inputs as read (`run.raw`: the call is the job, each operand an input), stored as-is
         (safetensors), on a tensor worth a second thread. None: the engine's chunks."""
         job = run.job
-        if not run.raw or job.numel < 4 * RANGE_ELEMENTS:
-            return None
+        if not run.raw or job.numel < 4 * RANGE_ELEMENTS or not hasattr(os, "pread"):
+            return None  # (the compiled loops call the C library's pread: POSIX only)
         spans = {n: self.plan.sources[n].file_span(job.name) for n in job.inputs}
         found = {n: span for n, span in spans.items() if span is not None}
         if len(found) < len(spans):
