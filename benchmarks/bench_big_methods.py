@@ -77,19 +77,19 @@ def build(dest: Path, model: int) -> None:
     spec = [OutputTensor(n, s, torch.bfloat16) for n, s in tensors()]
     plans, index = plan_files(spec, shard_size=5 * 10**9)
     with StagedOutput(dest, is_dir=True, force=True) as staged:
-        w = TensorFileWriter(staged.path(), plans)
-        for ti, t in enumerate(spec):
-            rows = t.shape[0]
-            width = t.shape[1] if len(t.shape) > 1 else 1
-            for c, r0 in enumerate(range(0, rows, ROWS_PER_CHUNK)):
-                n = min(ROWS_PER_CHUNK, rows - r0) * width
-                g = torch.Generator().manual_seed(1000 * ti + c)
-                x = torch.randn(n, generator=g).mul_(0.02)
-                if model:
-                    g.manual_seed(10**6 * model + 1000 * ti + c)
-                    x.add_(torch.randn(n, generator=g).mul_(0.002))
-                w.write(t.name, x.to(torch.bfloat16))
-        w.finish()
+        with TensorFileWriter(staged.path(), plans) as w:  # a failure releases its buffers
+            for ti, t in enumerate(spec):
+                rows = t.shape[0]
+                width = t.shape[1] if len(t.shape) > 1 else 1
+                for c, r0 in enumerate(range(0, rows, ROWS_PER_CHUNK)):
+                    n = min(ROWS_PER_CHUNK, rows - r0) * width
+                    g = torch.Generator().manual_seed(1000 * ti + c)
+                    x = torch.randn(n, generator=g).mul_(0.02)
+                    if model:
+                        g.manual_seed(10**6 * model + 1000 * ti + c)
+                        x.add_(torch.randn(n, generator=g).mul_(0.002))
+                    w.write(t.name, x.to(torch.bfloat16))
+            w.finish()
         if index:
             write_json(staged.path("model.safetensors.index.json"), index)
         staged.commit()

@@ -89,15 +89,15 @@ def build_checkpoint(
     plans, index = plan_files(tensors, shard_size=10**9)
     g = torch.Generator().manual_seed(seed)
     with StagedOutput(dest, is_dir=True) as staged:
-        w = TensorFileWriter(staged.path(), plans)
-        for t in tensors:
-            w.write(
-                t.name,
-                torch.randn(t.shape, generator=g, dtype=torch.float32)
-                .mul_(0.02)
-                .to(torch.bfloat16),
-            )
-        w.finish()
+        with TensorFileWriter(staged.path(), plans) as w:  # a failure releases its buffers
+            for t in tensors:
+                w.write(
+                    t.name,
+                    torch.randn(t.shape, generator=g, dtype=torch.float32)
+                    .mul_(0.02)
+                    .to(torch.bfloat16),
+                )
+            w.finish()
         if index:
             write_json(staged.path("model.safetensors.index.json"), index)
         staged.commit()
@@ -122,14 +122,14 @@ CHUNK = 1 << 23
 bufs = [torch.empty(CHUNK * 2, dtype=torch.uint8) for _ in srcs]
 t0 = time.perf_counter()
 with StagedOutput(out, is_dir=True, force=True) as st:
-    w = TensorFileWriter(st.path(), plans)
-    for n in names:
-        m = srcs[0].meta(n)
-        for s in range(0, m.numel, CHUNK):
-            e = min(m.numel, s + CHUNK)
-            views = [s_.read_range(n, s, e, out=b[: (e - s) * 2].view(m.dtype)) for s_, b in zip(srcs, bufs)]
-            w.write(n, views[0])
-    w.finish()
+    with TensorFileWriter(st.path(), plans) as w:
+        for n in names:
+            m = srcs[0].meta(n)
+            for s in range(0, m.numel, CHUNK):
+                e = min(m.numel, s + CHUNK)
+                views = [s_.read_range(n, s, e, out=b[: (e - s) * 2].view(m.dtype)) for s_, b in zip(srcs, bufs)]
+                w.write(n, views[0])
+        w.finish()
     st.commit()
 print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "inner": time.perf_counter() - t0}))
 """
