@@ -24,6 +24,9 @@ _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
 ITEM = 2  # bytes per bfloat16 element
 
+# How a thread's loop ended (its first return value).
+DONE, NOT_FINITE, READ_FAILED = 0, 1, 2
+
 
 @intrinsic
 def _pread(typingctx, fd, array, at, count, offset):  # type: ignore[no-untyped-def]
@@ -69,14 +72,14 @@ def _read_fully(fd, row, nbytes, offset):  # type: ignore[no-untyped-def]
 @_jit
 def gram_from_files(  # type: ignore[no-untyped-def]
     fds, offsets, base_fd, base_offset, numel, range_elements, first_range, step,
-    first, second, size, sums, scratch, stop,
+    first, second, size, sums, scratch, stop_flag,
 ):  # fmt: skip
     """Ranges first_range, first_range + step, ... of `range_elements` elements: each read
     from every vector's file (fds[v] at offsets[v]) and the base's (base_fd ≥ 0) into the rows
     of `scratch`, checked finite, and its blocks of `size` elements summed into sums[block]
-    (`_loops.gram_block_sums`' bits). Returns (status, range): 0 when done, 1 when that
-    range holds NaN/inf, 2 when it could not be read; `stop[0]` is set on a failure and
-    ends the other thread's loop at its next range."""
+    (each the sum `_loops.gram_blocks` flushes for that block: the same inner loop). Returns
+    (status, range): DONE, NOT_FINITE when that range holds NaN/inf, READ_FAILED when it could
+    not be read; `stop_flag[0]` is then set and ends the other thread's loop at its next range."""
     k = fds.shape[0]
     has_base = base_fd >= 0
     lanes = np.zeros((first.shape[0], LANES), np.float64)
@@ -85,8 +88,8 @@ def gram_from_files(  # type: ignore[no-untyped-def]
     per_range = range_elements // size
     r = first_range
     while r < ranges:
-        if stop[0]:
-            return 0, -1
+        if stop_flag[0]:
+            return DONE, -1
         start = r * range_elements
         m = min(numel, start + range_elements) - start
         for v in range(k + 1):
@@ -95,11 +98,11 @@ def gram_from_files(  # type: ignore[no-untyped-def]
             fd = base_fd if v == k else fds[v]
             offset = (base_offset if v == k else offsets[v]) + start * ITEM
             if not _read_fully(fd, scratch[v], m * ITEM, offset):
-                stop[0] = 1
-                return 2, r
+                stop_flag[0] = 1
+                return READ_FAILED, r
             if not all_finite_bfloat16(scratch[v, :m]):
-                stop[0] = 1
-                return 1, r
+                stop_flag[0] = 1
+                return NOT_FINITE, r
         base = scratch[k, :m] if has_base else scratch[k, :0]
         for b in range((m + size - 1) // size):
             lo = b * size
@@ -108,7 +111,7 @@ def gram_from_files(  # type: ignore[no-untyped-def]
             row[:] = 0.0
             flush_lanes(lanes, row)
         r += step
-    return 0, -1
+    return DONE, -1
 
 
 @_jit
@@ -120,8 +123,8 @@ def sum_from_files(  # type: ignore[no-untyped-def]
     arithmetic of `_loops.combine_two` and `scaled_sum`), rounded to bfloat16 as
     `round_bfloat16`. Ranges first_range, first_range + step, ... of `range_elements`
     elements, each operand read from fds[v] at offsets[v] into scratch[v]. Returns (status,
-    range, finite): status 0 when done, 2 when that range could not be read (`stop_flag[0]`
-    is then set and ends the other thread's loop)."""
+    range, finite): DONE, or READ_FAILED when that range could not be read (`stop_flag[0]` is
+    then set and ends the other thread's loop)."""
     k = fds.shape[0]
     acc = np.empty(LANES, np.float32)
     ranges = (stop - start + range_elements - 1) // range_elements
@@ -129,13 +132,13 @@ def sum_from_files(  # type: ignore[no-untyped-def]
     r = first_range
     while r < ranges:
         if stop_flag[0]:
-            return 0, -1, True
+            return DONE, -1, True
         lo = r * range_elements
         m = min(stop - start, lo + range_elements) - lo
         for v in range(k):
             if not _read_fully(fds[v], scratch[v], m * ITEM, offsets[v] + (start + lo) * ITEM):
                 stop_flag[0] = 1
-                return 2, r, True
+                return READ_FAILED, r, True
         for b in range(0, m, LANES):
             n = min(LANES, m - b)
             first = scratch[0, b : b + n]
@@ -152,4 +155,4 @@ def sum_from_files(  # type: ignore[no-untyped-def]
                 dest[j], magnitude = round_bfloat16(acc[j])
                 top = max(top, magnitude)
         r += step
-    return 0, -1, top < FINITE_BELOW
+    return DONE, -1, top < FINITE_BELOW

@@ -311,6 +311,12 @@ class _Item:
     reading: float = 0.0  # seconds the reader spent reading (not converting) this item
     converting: float = 0.0  # seconds the main thread spent converting its inputs
 
+    @property
+    def reads_files(self) -> bool:
+        """Its compute reads the input files itself (`merge.file_gram`): the reader loads
+        nothing for it."""
+        return self.gram is not None or self.sum_files is not None
+
 
 # Items in flight: one being read, one being computed, one being written. Each owns a slot of
 # buffers, so the writer may lag one item behind the compute without either waiting.
@@ -435,7 +441,7 @@ class Engine:
         main thread, where the converted block is still in cache."""
         job = item.job
         out: dict[str, Tensor] = {}
-        if item.gram is not None or item.sum_files is not None:  # read by the compute itself
+        if item.reads_files:
             return out
         as_read = item.run is not None and item.run.raw
         convert = (
@@ -714,7 +720,7 @@ class Engine:
     def _sum_from_files(self, item: _Item) -> Tensor:
         """One output chunk of an apply pass computed straight from the input files by the main
         thread and the reader thread (whose loads of such items are empty); see
-        `merge.file_gram`. Inputs were checked finite by the statistics pass."""
+        `merge.file_gram`. A non-finite output is reported as the chunked pass reports it."""
         job = item.job
         assert item.sum_files is not None and self._reader is not None
         spans, coefs = item.sum_files
@@ -723,7 +729,10 @@ class Engine:
         def failed_range(start: int, stop: int) -> None:
             self._reread(job, start, stop)
 
-        fill_sum(spans, coefs, item.start, item.stop, as_array(out), self._reader, failed_range)
+        if not fill_sum(
+            spans, coefs, item.start, item.stop, as_array(out), self._reader, failed_range
+        ):
+            self._warn_non_finite(job, self._reread(job, item.start, item.stop))
         return out
 
     def _reread(self, job: TensorJob, start: int, stop: int) -> dict[str, Tensor]:
@@ -913,7 +922,7 @@ class Engine:
                 t0 = time.perf_counter()
                 out = self._compute(item, data)
                 del data
-                if item.run is not None and item.gram is None and item.sum_files is None:
+                if item.run is not None and not item.reads_files:
                     self._balance(item, time.perf_counter() - t0 - item.converting)
                 if out is not None:
                     pending.append((item, writer.submit(write, item.job.name, out)))

@@ -40,9 +40,6 @@ RANGE_ELEMENTS = 1 << 17
 
 _R = TypeVar("_R")
 
-# How a thread's loop ended (its first return value).
-DONE, NOT_FINITE, READ_FAILED = 0, 1, 2
-
 
 @dataclass(frozen=True)
 class GramFiles:
@@ -81,11 +78,11 @@ def fill_gram(
     base_fd, base_offset = files.base if files.base is not None else (-1, 0)
     sums = np.zeros((-(-files.numel // gram.size), len(gram.pairs)), dtype=np.float64)
 
-    def run(thread: int, stop: np.ndarray) -> tuple[int, int]:
+    def run(thread: int, flag: np.ndarray) -> tuple[int, int]:
         scratch = np.empty((k + 1, RANGE_ELEMENTS), dtype=np.uint16)
         status, at = _loop().gram_from_files(
             fds, offsets, base_fd, base_offset, files.numel, RANGE_ELEMENTS, thread, 2,
-            first, second, gram.size, sums, scratch, stop,
+            first, second, gram.size, sums, scratch, flag,
         )  # fmt: skip
         return int(status), int(at)
 
@@ -145,7 +142,7 @@ def _on_two_threads(run: Callable[[int, np.ndarray], _R], helper: Executor) -> l
 def _raise_for(
     status: int, at: int, start: int, stop: int, failed_range: Callable[[int, int], None]
 ) -> None:
-    if status == DONE:
+    if status == _loop().DONE:
         return
     lo = start + at * RANGE_ELEMENTS
     hi = min(stop, lo + RANGE_ELEMENTS)

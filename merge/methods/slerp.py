@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -60,14 +60,22 @@ def slerp_coefficients(
     return math.sin((1.0 - t) * omega) / s, math.sin(t * omega) / s
 
 
+_V = TypeVar("_V")  # a tensor, or an operand's position
+
+
 def _pair(
-    name: str, tensors: Sequence[Tensor], base: Tensor | None, *, with_base_as_v0: bool
-) -> tuple[Tensor, Tensor]:
+    name: str, tensors: Sequence[_V], base: _V | None, *, with_base_as_v0: bool
+) -> tuple[_V, _V]:
     if base is not None and with_base_as_v0:
         check_count(name, len(tensors), at_least=1, at_most=1)
         return base, tensors[0]
     check_count(name, len(tensors), at_least=2, at_most=2)
     return tensors[0], tensors[1]
+
+
+def _pair_positions(models: int, has_base: bool) -> tuple[int, int]:
+    """`_pair`'s (v0, v1) as operand positions (models 0..n−1, the base n), with its checks."""
+    return _pair("slerp", list(range(models)), models if has_base else None, with_base_as_v0=True)
 
 
 class SlerpKernel(Kernel):
@@ -90,14 +98,13 @@ class SlerpKernel(Kernel):
         self.gram.add(_pair("slerp", models, base, with_base_as_v0=True))
 
     def gram_pass(self, models: int, has_base: bool) -> GramPass | None:
-        check_count("slerp", models, at_least=1 if has_base else 2, at_most=1 if has_base else 2)
-        return GramPass(self.gram, (models, 0) if has_base else (0, 1), minus_base=False)
+        return GramPass(self.gram, _pair_positions(models, has_base), minus_base=False)
 
     def ordered_sum(self, models: int, has_base: bool) -> OrderedSum | None:
         if self.coefs is None:
             return None  # a lerp (near-parallel vectors): torch's formula
         c0, c1 = (float(np.float32(c)) for c in self.coefs)
-        return OrderedSum((models, 0) if has_base else (0, 1), (c0, c1))
+        return OrderedSum(_pair_positions(models, has_base), (c0, c1))
 
     def end_pass(self) -> None:
         g00, g01, g11 = self.gram.total()[:, 0].tolist()
